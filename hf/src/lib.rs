@@ -1,0 +1,41 @@
+//! HF model directories without libtorch: CodeGen's config.json, tensors read from any HF weight
+//! layout (safetensors, pytorch_model.bin, sharded indexes), and sharded safetensors writing.
+
+pub mod config;
+pub mod dtype;
+pub mod read;
+pub mod tokenizer;
+pub mod write;
+
+pub use config::CodeGenConfig;
+pub use dtype::Dtype;
+pub use read::{RawTensor, WeightFiles};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading or writing a model directory, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not valid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "{dir}: no model weights found (looked for model.safetensors, model.safetensors.index.json, \
+         pytorch_model.bin, pytorch_model.bin.index.json)"
+    )]
+    NoWeights { dir: PathBuf },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Error {
+    Error::Invalid { path: path.into(), message: message.into() }
+}

@@ -1,0 +1,245 @@
+//! Reads tensors by name from an HF model directory, whatever the layout: `model.safetensors`,
+//! `pytorch_model.bin` (torch.save zip + pickle), or either sharded behind an `*.index.json`.
+//! Files are memory-mapped and each tensor is read on demand, so the whole model is never held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::{invalid, io_err, Dtype, Error, Result};
+
+/// One tensor's bytes, little-endian, C-contiguous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self { dtype: Dtype::F32, shape, data }
+    }
+
+    /// The values widened to f32 (float dtypes only).
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        let chunks = |n| self.data.chunks_exact(n);
+        Some(match self.dtype {
+            Dtype::F32 => chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F16 => chunks(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::Bf16 => chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F64 => chunks(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            _ => return None,
+        })
+    }
+}
+
+/// Where one tensor lives: which mapped file, at which byte range.
+#[derive(Clone, Debug)]
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The weight files of a model directory, indexed by tensor name.
+pub struct WeightFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl WeightFiles {
+    /// Finds and indexes the weights in `dir`, preferring safetensors like HF does.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let candidates = [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        ];
+        let found = candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file());
+        let Some(first) = found else {
+            if !dir.is_dir() {
+                return Err(invalid(dir, "model directory does not exist"));
+            }
+            return Err(Error::NoWeights { dir: dir.into() });
+        };
+        let files = if first.extension().is_some_and(|e| e == "json") {
+            shard_files(&first)?
+        } else {
+            vec![first]
+        };
+        let mut weights = Self { paths: vec![], maps: vec![], entries: BTreeMap::new() };
+        for path in files {
+            weights.add_file(&path)?;
+        }
+        Ok(weights)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: checkpoint files are not modified while a run reads them.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let index = self.maps.len();
+        let entries = if path.extension().is_some_and(|e| e == "safetensors") {
+            safetensors_entries(path, &map, index)?
+        } else {
+            pth_entries(path, &map, index)?
+        };
+        for (name, entry) in entries {
+            if entry.end > map.len() {
+                return Err(invalid(
+                    path,
+                    format!("tensor {name} needs bytes up to {} but the file has {}: truncated file?", entry.end, map.len()),
+                ));
+            }
+            self.entries.insert(name, entry);
+        }
+        self.paths.push(path.into());
+        self.maps.push(map);
+        Ok(())
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Dtype and shape of `name` without reading it.
+    pub fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.entries.get(name).map(|e| (e.dtype, e.shape.as_slice()))
+    }
+
+    /// The bytes of `name` as stored (borrowed from the mapping).
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.entries.get(name).map(|e| &self.maps[e.file][e.start..e.end])
+    }
+
+    /// The file holding `name`, for error messages.
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|e| self.paths[e.file].as_path())
+    }
+
+    pub fn read(&self, name: &str) -> Option<RawTensor> {
+        let entry = self.entries.get(name)?;
+        let data = self.maps[entry.file][entry.start..entry.end].to_vec();
+        Some(RawTensor { dtype: entry.dtype, shape: entry.shape.clone(), data })
+    }
+}
+
+/// The distinct shard files named by an HF `*.index.json` weight map, in order of appearance.
+fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index_path).map_err(io_err(index_path))?;
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.into(), source })?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid(index_path, "no \"weight_map\" object"))?;
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = vec![];
+    for file in map.values() {
+        let file = file.as_str().ok_or_else(|| invalid(index_path, "weight_map values must be file names"))?;
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                return Err(invalid(index_path, format!("names shard {file}, which is missing")));
+            }
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+fn safetensors_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(map)
+        .map_err(|e| invalid(path, format!("not a valid safetensors file: {e}")))?;
+    let base = 8 + header_len;
+    let mut entries = vec![];
+    for (name, info) in metadata.tensors() {
+        let dtype = Dtype::from_safetensors(info.dtype)
+            .ok_or_else(|| invalid(path, format!("tensor {name} has unsupported dtype {:?}", info.dtype)))?;
+        let (start, end) = info.data_offsets;
+        entries.push((name, Entry { file, dtype, shape: info.shape.clone(), start: base + start, end: base + end }));
+    }
+    Ok(entries)
+}
+
+/// Indexes a torch.save zip: the pickle names each tensor's storage record, dtype, shape,
+/// strides and offset; records are stored uncompressed, so tensors are slices of the mapping.
+fn pth_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+    use candle_core::pickle::{Object, Stack};
+    let bad = |message: String| invalid(path, message);
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(map))
+        .map_err(|e| bad(format!("not a torch.save zip archive ({e}); legacy non-zip .bin files are not supported")))?;
+    let pkl = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i)?.ok().map(|n| n.into_owned()))
+        .find(|n| n.ends_with("data.pkl"))
+        .ok_or_else(|| bad("no data.pkl in the archive".into()))?;
+    let dir = pkl.strip_suffix(".pkl").unwrap_or("data").to_string();
+    let object = {
+        let reader = zip.by_name(&pkl).map_err(|e| bad(format!("{pkl}: {e}")))?;
+        let mut reader = std::io::BufReader::new(reader);
+        let mut stack = Stack::empty();
+        stack.read_loop(&mut reader).map_err(|e| bad(format!("cannot unpickle {pkl}: {e}")))?;
+        stack.finalize().map_err(|e| bad(format!("cannot unpickle {pkl}: {e}")))?
+    };
+    let Object::Dict(items) = object else {
+        return Err(bad("the pickle is not a state dict (expected a dict of tensors)".into()));
+    };
+    // Storage record name -> (offset of its bytes in the file, stored length).
+    let mut records: HashMap<String, (usize, usize)> = HashMap::new();
+    for i in 0..zip.len() {
+        let entry = zip.by_index_raw(i).map_err(|e| bad(format!("zip entry {i}: {e}")))?;
+        if entry.compression() != zip::CompressionMethod::Stored {
+            continue;
+        }
+        let (Some(start), Ok(name)) = (entry.data_start(), entry.name()) else { continue };
+        records.insert(name.into_owned(), (start as usize, entry.size() as usize));
+    }
+    let mut entries = vec![];
+    for (name, value) in items {
+        let Object::Unicode(ref key) = name else { continue };
+        // Legacy buffers (bool masks, masked_bias) are not parameters.
+        if key.ends_with("attn.causal_mask") || key.ends_with("attn.masked_bias") || key.ends_with(".attn.bias") {
+            continue;
+        }
+        let key = key.clone();
+        let info = match value.into_tensor_info(name, Path::new(&dir)) {
+            Ok(Some(info)) => info,
+            Ok(None) => continue,
+            Err(e) => return Err(bad(format!("tensor {key}: {e}"))),
+        };
+        let dtype = Dtype::from_candle(info.dtype)
+            .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", info.dtype)))?;
+        if !info.layout.is_contiguous() {
+            return Err(bad(format!("tensor {key} is stored non-contiguous; re-save it with save_pretrained")));
+        }
+        let record = info.path.replace('\\', "/");
+        let (start, len) = *records
+            .get(&record)
+            .ok_or_else(|| bad(format!("tensor {key}: storage {record} missing or compressed")))?;
+        let offset = start + info.layout.start_offset() * dtype.size();
+        let shape = info.layout.dims().to_vec();
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        if info.layout.start_offset() * dtype.size() + bytes > len {
+            return Err(bad(format!("tensor {key}: storage {record} is shorter than the tensor (truncated file?)")));
+        }
+        entries.push((key, Entry { file, dtype, shape, start: offset, end: offset + bytes }));
+    }
+    Ok(entries)
+}

@@ -1,0 +1,88 @@
+//! The job plan a worker receives at registration: plain, validated data (the coordinator has
+//! already resolved flags, ds_config.json and "auto" values), serialised as JSON on the wire.
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker needs to train, besides the batches themselves.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPlan {
+    /// Where the initial weights come from.
+    pub model: ModelSource,
+    /// Parameter / activation precision on the device.
+    pub precision: Precision,
+    /// AdamW hyper-parameters (torch.optim.AdamW semantics).
+    pub optimizer: AdamW,
+    /// Learning-rate schedule over the whole run.
+    pub schedule: Schedule,
+    /// Global-norm gradient clipping threshold; 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// Dynamic loss scaling, used only with `Precision::Fp16`.
+    pub loss_scaler: LossScaler,
+    /// Seed for initialisation and dropout.
+    pub seed: u64,
+    /// Micro-batches per optimizer step (for loss averaging).
+    pub gradient_accumulation_steps: u32,
+}
+
+/// Initial weights: a checkpoint directory, or a fresh model from a config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// An HF-layout CodeGen directory (config.json + weights) readable by the worker.
+    Pretrained { dir: String },
+    /// Random initialisation (HF `_init_weights`) of this config.json content.
+    Scratch { config: serde_json::Value },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Linear,
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub kind: ScheduleKind,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+}
+
+/// DeepSpeed's dynamic loss scaler settings (`fp16` block of ds_config.json).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// Initial scale is 2^initial_scale_power.
+    pub initial_scale_power: u32,
+    /// Clean steps before the scale doubles.
+    pub window: u32,
+    /// Overflows tolerated (per window) before the scale halves.
+    pub hysteresis: u32,
+    pub min_scale: f64,
+    /// Stop the run when an overflow happens at the minimum scale.
+    pub abort_at_min_scale: bool,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        Self { initial_scale_power: 16, window: 1000, hysteresis: 2, min_scale: 1.0, abort_at_min_scale: true }
+    }
+}

@@ -1,0 +1,34 @@
+//! The worker's errors, each a sentence that tells the user what went wrong and what to do.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] zerotune_hf::Error),
+    #[error("{dir}: the checkpoint lacks {count} tensor(s) the config needs, e.g. {first}")]
+    MissingTensors { dir: PathBuf, count: usize, first: String },
+    #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?} (a checkpoint of another size or a resized vocabulary?)")]
+    ShapeMismatch { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor {name} is stored as {dtype:?}, which is not a floating-point type")]
+    NotFloat { path: PathBuf, name: String, dtype: zerotune_hf::Dtype },
+    #[error("the loss became {loss} at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]
+    NonFiniteLoss { step: u64, loss: f64 },
+    #[error(transparent)]
+    LossScale(#[from] crate::optim::loss_scale::AtMinimum),
+    #[error("device {0:?} is not available: {1}")]
+    Device(String, String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Tokenizer(String),
+}
+
+pub type Result<T> = std::result::Result<T, WorkerError>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
+    let path = path.into();
+    move |source| WorkerError::Io { path, source }
+}

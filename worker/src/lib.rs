@@ -1,0 +1,13 @@
+//! The worker: one process per GPU or CPU rank. It runs CodeGen through tch, trains with AdamW on
+//! fp32 master weights, writes checkpoints in HF layout, and generates text.
+
+pub mod agent;
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod optim;
+pub mod train;
+
+pub use error::{Result, WorkerError};

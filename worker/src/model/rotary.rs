@@ -1,0 +1,75 @@
+//! GPT-J style rotary position embedding as CodeGen uses it (HF `create_sinusoidal_positions`,
+//! `rotate_every_two`, `apply_rotary_pos_emb`): channel pairs (2i, 2i+1) of the first
+//! `rotary_dim` channels, theta_i = pos * 10000^(-2i/rotary_dim).
+
+use tch::{Device, Kind, Tensor};
+
+/// Sine and cosine tables for every position, (n_positions, rotary_dim/2) each.
+pub struct Rotary {
+    sin: Tensor,
+    cos: Tensor,
+    rotary_dim: i64,
+}
+
+impl Rotary {
+    /// Computes the tables in f32 with the same ops as HF, then keeps them in `kind` on `device`.
+    pub fn new(n_positions: i64, rotary_dim: i64, kind: Kind, device: Device) -> Self {
+        let exponent = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+            / rotary_dim as f64;
+        let inv_freq = Tensor::from(10000f32).pow(&exponent).reciprocal();
+        let positions = Tensor::arange(n_positions, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
+        let angles = positions.outer(&inv_freq);
+        Self {
+            sin: angles.sin().to_kind(kind).to_device(device),
+            cos: angles.cos().to_kind(kind).to_device(device),
+            rotary_dim,
+        }
+    }
+
+    pub fn rotary_dim(&self) -> i64 {
+        self.rotary_dim
+    }
+
+    /// Rotates the first `rotary_dim` channels of every head.  xs: (B, T, H, D) -> (B, T, H, D)
+    pub fn apply(&self, xs: &Tensor, start: i64) -> Tensor {
+        let (_, t, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
+        let rd = self.rotary_dim;
+        if rd == 0 {
+            return xs.shallow_clone();
+        }
+        let table = |table: &Tensor| table.narrow(0, start, t).repeat_interleave_self_int(2, Some(1), None).view([1, t, 1, rd]);
+        let (sin, cos) = (table(&self.sin), table(&self.cos));
+        let rot = xs.narrow(3, 0, rd);
+        let rotated = &rot * &cos + rotate_every_two(&rot) * &sin;
+        if rd == d {
+            rotated
+        } else {
+            Tensor::cat(&[rotated, xs.narrow(3, rd, d - rd)], 3)
+        }
+    }
+}
+
+/// (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) along the last axis.
+fn rotate_every_two(xs: &Tensor) -> Tensor {
+    let even = xs.slice(-1, 0, None, 2);
+    let odd = xs.slice(-1, 1, None, 2);
+    Tensor::stack(&[-odd, even], -1).flatten(-2, -1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_by_position_zero_is_identity_and_preserves_norm() {
+        let rotary = Rotary::new(16, 4, Kind::Float, Device::Cpu);
+        let xs = Tensor::randn([1, 3, 2, 6], (Kind::Float, Device::Cpu));
+        let out = rotary.apply(&xs, 0);
+        // Position 0 has angle 0: unchanged.
+        assert!(out.narrow(1, 0, 1).allclose(&xs.narrow(1, 0, 1), 1e-6, 1e-6, false));
+        // A rotation keeps the norm of each pair; channels past rotary_dim pass through.
+        let pair_norm = |t: &Tensor| t.narrow(3, 0, 4).square().sum_dim_intlist(3, false, Kind::Float);
+        assert!(pair_norm(&out).allclose(&pair_norm(&xs), 1e-5, 1e-5, false));
+        assert!(out.narrow(3, 4, 2).equal(&xs.narrow(3, 4, 2)));
+    }
+}
