@@ -86,6 +86,13 @@ impl WeightFiles {
         Ok(weights)
     }
 
+    /// Indexes a single `.safetensors` or `.bin` file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let mut weights = Self { paths: vec![], maps: vec![], entries: BTreeMap::new() };
+        weights.add_file(path)?;
+        Ok(weights)
+    }
+
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(io_err(path))?;
         // SAFETY: checkpoint files are not modified while a run reads them.

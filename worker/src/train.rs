@@ -88,6 +88,11 @@ impl Trainer {
         Ok(Self { config, plan, device, params, model, grad_acc, grad_host, adam: AdamState::new(master), segments, scaler, step: 0 })
     }
 
+    /// The fp32 master weights (flat, in the layout of `slots`).
+    pub fn master(&self) -> &[f32] {
+        &self.adam.master
+    }
+
     pub fn device(&self) -> Device {
         self.device
     }

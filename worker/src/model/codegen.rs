@@ -145,8 +145,8 @@ impl CodeGen {
         let normed = block.ln_1.forward(xs);
         let attn = self.attention(block, &normed, start, cache, train);
         let hidden = normed.linear(&block.fc_in_weight, Some(&block.fc_in_bias)).gelu("tanh");
-        let mlp = hidden.linear(&block.fc_out_weight, Some(&block.fc_out_bias));
-        xs + (attn + mlp).dropout(self.config.resid_pdrop, train)
+        let mlp = hidden.linear(&block.fc_out_weight, Some(&block.fc_out_bias)).dropout(self.config.resid_pdrop, train);
+        xs + attn + mlp
     }
 
     /// Causal self-attention with CodeGen's qkv layout.  xs: (B, T, C) -> (B, T, C)
@@ -175,6 +175,7 @@ impl CodeGen {
         }
         let dropout = if train { self.config.attn_pdrop } else { 0.0 };
         let out = Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false);
-        out.permute([0, 2, 1, 3]).reshape([b, t, c]).linear::<Tensor>(&block.out_proj, None)
+        let out = out.permute([0, 2, 1, 3]).reshape([b, t, c]).linear::<Tensor>(&block.out_proj, None);
+        out.dropout(self.config.resid_pdrop, train)
     }
 }

@@ -1,0 +1,126 @@
+//! The model and training loop against HF transformers + PyTorch, rung by rung: logits, loss and
+//! every gradient; fp16 .bin loading; 10 AdamW steps with accumulation, warmup/decay and clipping;
+//! HF loading what we save; greedy generation.
+
+mod common;
+
+use common::{fixtures, meta, rel_err, tensor_from, Reference};
+use tch::{Device, Kind, Tensor};
+use zerotune_proto::plan::{AdamW, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
+use zerotune_worker::generate::{generate, Sampling};
+use zerotune_worker::model::CodeGen;
+use zerotune_worker::train::{load_params, Trainer};
+
+/// Tolerances, fp32 (STYLE.md: written down once).
+const LOGITS_REL: f64 = 1e-5;
+const GRAD_REL: f64 = 1e-4;
+const TRAIN_LOSS_REL: f64 = 1e-4;
+const TRAIN_PARAM_REL: f64 = 1e-5;
+
+fn pretrained(dir: &str) -> ModelSource {
+    ModelSource::Pretrained { dir: fixtures().join(dir).to_string_lossy().into_owned() }
+}
+
+#[test]
+fn logits_loss_and_gradients_match_hf() {
+    let reference = Reference::load();
+    let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, true, 0).unwrap();
+    let model = CodeGen::new(&config, &params);
+    let ids = reference.tensor("input_ids");
+    let logits = model.forward(&ids, false);
+    assert!(rel_err("logits", &logits, &reference.tensor("logits")) < LOGITS_REL);
+    let loss = model.loss(&ids, false);
+    assert!(rel_err("loss", &loss.reshape([1]), &reference.tensor("loss")) < LOGITS_REL);
+    loss.backward();
+    for (slot, tensor) in params.slots.iter().zip(&params.tensors) {
+        let err = rel_err(&slot.name, &tensor.grad(), &reference.tensor(&format!("grad.{}", slot.name)));
+        assert!(err < GRAD_REL, "gradient of {} differs: {err:.3e}", slot.name);
+    }
+}
+
+#[test]
+fn fp16_pytorch_model_bin_with_legacy_buffers_loads() {
+    let reference = Reference::load();
+    let (config, params) = load_params(&pretrained("tiny-bin"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let logits = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+    assert!(rel_err("logits from fp16 .bin", &logits, &reference.tensor("logits_fp16_weights")) < LOGITS_REL);
+}
+
+fn train_plan() -> WorkerPlan {
+    let t = &meta()["train"];
+    let f = |k: &str| t[k].as_f64().unwrap();
+    WorkerPlan {
+        model: pretrained("tiny"),
+        precision: Precision::Fp32,
+        optimizer: AdamW { lr: f("lr"), beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
+        schedule: Schedule { kind: ScheduleKind::Linear, warmup_steps: f("warmup_steps") as u64, total_steps: f("total_steps") as u64 },
+        max_grad_norm: f("max_grad_norm"),
+        loss_scaler: LossScaler::default(),
+        seed: 0,
+        gradient_accumulation_steps: f("accumulation") as u32,
+    }
+}
+
+#[test]
+fn ten_training_steps_match_a_pytorch_loop() {
+    let reference = Reference::load();
+    let plan = train_plan();
+    let accumulation = plan.gradient_accumulation_steps as i64;
+    let mut trainer = Trainer::new(plan.clone(), Device::Cpu).unwrap();
+    let batches = reference.tensor("train_batches");
+    let losses = reference.tensor("train_losses");
+    let norms = reference.tensor("train_grad_norms");
+    for step in 0..plan.schedule.total_steps as i64 {
+        let micro: Vec<Tensor> = (0..accumulation).map(|k| batches.get(step * accumulation + k)).collect();
+        let outcome = trainer.train_step(&micro).unwrap();
+        let want = losses.double_value(&[step]);
+        let norm = norms.double_value(&[step]);
+        println!("step {step}: loss {} vs {want}, norm {} vs {norm}", outcome.loss, outcome.grad_norm);
+        assert!(((outcome.loss - want) / want).abs() < TRAIN_LOSS_REL, "step {step} loss");
+        assert!(((outcome.grad_norm - norm) / norm).abs() < TRAIN_LOSS_REL, "step {step} grad norm");
+        assert!(norm > plan.max_grad_norm, "the fixture must exercise clipping");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    trainer.save_model(dir.path()).unwrap();
+    let (config, params) = load_params(&ModelSource::Pretrained { dir: dir.path().to_string_lossy().into() }, Kind::Float, Device::Cpu, false, 0).unwrap();
+    for (slot, tensor) in params.slots.iter().zip(&params.tensors) {
+        let want = reference.tensor(&format!("final.{}", slot.name));
+        let err = rel_err(&slot.name, tensor, &want);
+        assert!(err < TRAIN_PARAM_REL, "final {} differs: {err:.3e}", slot.name);
+    }
+
+    // HF from_pretrained loads what we wrote and computes our logits.
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
+    let out = dir.path().join("hf_logits.safetensors");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_forward.py");
+    let status = std::process::Command::new(python)
+        .args([script, &dir.path().to_string_lossy(), &fixtures().join("reference.safetensors").to_string_lossy(), &out.to_string_lossy()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "HF could not load the saved model");
+    let hf = tensor_from(&zerotune_hf::WeightFiles::open_file(&out).unwrap(), "logits");
+    let ours = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+    assert!(rel_err("HF logits of our checkpoint", &ours, &hf) < LOGITS_REL);
+}
+
+#[test]
+fn greedy_generation_matches_hf_generate() {
+    let reference = Reference::load();
+    let tokenizer = zerotune_hf::tokenizer::load(&fixtures().join("tiny")).unwrap();
+    let prompt = meta()["prompt"].as_str().unwrap().to_string();
+    let ids: Vec<i64> = tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
+    assert_eq!(ids, Vec::<i64>::try_from(reference.tensor("prompt_ids")).unwrap(), "tokenizer ids differ from Python's");
+    let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let model = CodeGen::new(&config, &params);
+    let sampling = Sampling { max_new_tokens: 20, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_id: Some(0) };
+    let new_ids = generate(&model, &ids, &sampling, Device::Cpu);
+    assert_eq!(new_ids, Vec::<i64>::try_from(reference.tensor("greedy_new_ids")).unwrap());
+}
+
+#[test]
+fn legacy_vocab_merges_tokenizer_equals_tokenizer_json() {
+    let json = zerotune_hf::tokenizer::load(&fixtures().join("tiny")).unwrap();
+    let legacy = zerotune_hf::tokenizer::load(&fixtures().join("tokenizer-legacy")).unwrap();
+    let text = "class Stack:\n    def push(self, x):\n        self.items.append(x)  # ünïcode\n";
+    assert_eq!(json.encode(text, false).unwrap().get_ids(), legacy.encode(text, false).unwrap().get_ids());
+}
