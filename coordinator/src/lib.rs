@@ -1,1 +1,17 @@
-//! placeholder
+//! The coordinator: one per job. It turns run_clm-style flags and ds_config.json into a plan,
+//! prepares and caches the token blocks, launches the workers, serves them over gRPC and records
+//! what they report (metrics, checkpoints, the final model).
+
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod files2jsonl;
+pub mod job;
+pub mod launch;
+pub mod prepare;
+pub mod progress;
+pub mod sampler;
+pub mod service;
+
+pub use error::{CoordinatorError, Result};

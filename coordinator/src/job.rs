@@ -1,0 +1,312 @@
+//! One training job from the coordinator's side: prepare data, serve gRPC on loopback, launch the
+//! workers, stream them their commands (steps, evaluations, saves, finish), and turn their reports
+//! into progress, metrics.jsonl, complete checkpoints and the final model.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+use tonic::Status;
+use zerotune_proto::plan::{ModelSource, Schedule, WorkerPlan};
+use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, TrainStep};
+
+use crate::checkpoint::{self, checkpoint_dir};
+use crate::config::{ModelChoice, TrainPlan};
+use crate::dataset::TokenCache;
+use crate::error::{io_err, CoordinatorError, Result};
+use crate::launch;
+use crate::prepare::{prepare, Prepared};
+use crate::progress::Progress;
+use crate::sampler::Sampler;
+use crate::service::{Event, JobService};
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct Outcome {
+    pub output_dir: PathBuf,
+    pub steps: u64,
+    pub eval_loss: Option<f64>,
+    pub perplexity: Option<f64>,
+}
+
+/// When to evaluate and save, as plain numbers.
+#[derive(Clone, Debug)]
+struct Cadence {
+    total_steps: u64,
+    eval_steps: Option<u64>,
+    do_eval: bool,
+    save_steps: Option<u64>,
+    eval_batch: usize,
+    output_dir: PathBuf,
+}
+
+pub async fn run(plan: TrainPlan) -> Result<Outcome> {
+    check_output_dir(&plan)?;
+    let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
+    std::fs::create_dir_all(&plan.output_dir).map_err(io_err(&plan.output_dir))?;
+    let output_dir = plan.output_dir.canonicalize().map_err(io_err(&plan.output_dir))?;
+    let worker_plan = worker_plan(&plan, &prepared)?;
+    write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
+    eprintln!(
+        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}",
+        prepared.config.num_parameters(),
+        prepared.total_steps,
+        prepared.sampler.steps_per_epoch(),
+        plan.micro_batch,
+        plan.accumulation,
+        plan.world_size,
+        prepared.block_size,
+        plan.device
+    );
+
+    let world = plan.world_size as u32;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let cache = Arc::new(prepared.cache);
+    let cadence = Cadence {
+        total_steps: prepared.total_steps,
+        eval_steps: plan.eval_steps,
+        do_eval: plan.do_eval && cache.validation_blocks > 0,
+        save_steps: plan.save_steps,
+        eval_batch: plan.eval_batch,
+        output_dir: output_dir.clone(),
+    };
+    let mut receivers = vec![];
+    for rank in 0..world {
+        let (tx, rx) = mpsc::channel(4);
+        receivers.push(rx);
+        let (cache, cadence, sampler) = (cache.clone(), cadence.clone(), prepared.sampler);
+        tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, tx));
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Server(format!("cannot listen on loopback: {e}")))?;
+    let url = format!("http://{}", listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?);
+    let secret = launch::job_secret()?;
+    let service = JobService::new(serde_json::to_string(&worker_plan).expect("plan serialises"), receivers, events_tx.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server(secret.clone()))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    for rank in 0..world {
+        launch::spawn_local(&plan.worker_bin, &url, rank, world, &plan.device, &secret, events_tx.clone())?;
+    }
+    drop(events_tx);
+
+    let mut progress = Progress::new(&output_dir, prepared.total_steps, prepared.sampler.steps_per_epoch() as u64, plan.logging_steps)?;
+    let mut job = Job {
+        world,
+        output_dir: output_dir.clone(),
+        tokenizer_files: prepared.tokenizer_files,
+        plan: &plan,
+        total_steps: prepared.total_steps,
+        sampler: prepared.sampler,
+        hosts: BTreeMap::new(),
+        saves: BTreeMap::new(),
+        evals: BTreeMap::new(),
+        finished: 0,
+        exited: 0,
+    };
+    let result = tokio::select! {
+        r = job.drive(&mut events, &mut progress) => r,
+        _ = tokio::signal::ctrl_c() => Err(CoordinatorError::Flag("interrupted; the last complete checkpoint is kept".into())),
+    };
+    let _ = stop_tx.send(());
+    drop(events); // workers still running see their launcher go and are killed
+    let _ = server.await;
+    result?;
+    let last_eval = progress.last_eval();
+    Ok(Outcome {
+        output_dir,
+        steps: prepared.total_steps,
+        eval_loss: last_eval.and_then(|e| e["eval_loss"].as_f64()),
+        perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
+    })
+}
+
+/// HF refuses a non-empty output_dir unless told to overwrite; so do we.
+fn check_output_dir(plan: &TrainPlan) -> Result<()> {
+    let dir = &plan.output_dir;
+    let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if non_empty && !plan.overwrite_output_dir {
+        return Err(CoordinatorError::Flag(format!(
+            "--output_dir {} exists and is not empty; pass --overwrite_output_dir to train into it anyway",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
+    let model = match &plan.model {
+        ModelChoice::Pretrained(dir) => {
+            let dir = dir.canonicalize().map_err(io_err(dir))?;
+            ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() }
+        }
+        ModelChoice::Scratch(_) => ModelSource::Scratch { config: prepared.config.to_hf_json("float32") },
+    };
+    Ok(WorkerPlan {
+        model,
+        precision: plan.precision,
+        optimizer: plan.optimizer,
+        schedule: Schedule { kind: plan.schedule, warmup_steps: prepared.warmup_steps, total_steps: prepared.total_steps },
+        max_grad_norm: plan.max_grad_norm,
+        loss_scaler: plan.loss_scaler,
+        seed: plan.seed,
+        gradient_accumulation_steps: plan.accumulation as u32,
+    })
+}
+
+fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, worker: &WorkerPlan) -> Result<()> {
+    let run = json!({
+        "train_file": plan.train_file,
+        "validation_file": plan.validation_file,
+        "token_cache": prepared.cache.path,
+        "train_blocks": prepared.cache.train_blocks,
+        "validation_blocks": prepared.cache.validation_blocks,
+        "block_size": prepared.block_size,
+        "world_size": plan.world_size,
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "total_steps": prepared.total_steps,
+        "device": plan.device,
+        "zero_optimization": plan.zero,
+        "model_config": prepared.config.to_hf_json("float32"),
+        "worker_plan": worker,
+    });
+    zerotune_hf::write::write_json(&output_dir.join("run.json"), &run)?;
+    Ok(())
+}
+
+/// The ordered commands for one rank; stops early if the rank's stream is gone.
+fn produce_commands(sampler: &Sampler, cache: &TokenCache, cadence: &Cadence, rank: u32, world: u32, tx: mpsc::Sender<std::result::Result<Command, Status>>) {
+    let send = |kind: command::Kind| tx.blocking_send(Ok(Command { kind: Some(kind) })).is_ok();
+    let batch = |blocks: &[usize], read: &dyn Fn(usize) -> Vec<u32>| Batch {
+        rows: blocks.len() as u32,
+        cols: cache.block_size as u32,
+        tokens: blocks.iter().flat_map(|&b| read(b)).collect(),
+    };
+    let eval_blocks: Vec<usize> = (rank as usize..cache.validation_blocks).step_by(world as usize).collect();
+    let evaluate = |step: u64| {
+        let batches = eval_blocks.chunks(cadence.eval_batch).map(|c| batch(c, &|b| cache.validation_block(b))).collect();
+        command::Kind::Evaluate(Evaluate { step, batches })
+    };
+    for step in 1..=cadence.total_steps {
+        let micro_batches = sampler.step_batches(step - 1, rank as usize).iter().map(|m| batch(m, &|b| cache.train_block(b))).collect();
+        if !send(command::Kind::Step(TrainStep { step, micro_batches })) {
+            return;
+        }
+        if cadence.do_eval && cadence.eval_steps.is_some_and(|n| step % n == 0) && step != cadence.total_steps && !send(evaluate(step)) {
+            return;
+        }
+        if cadence.save_steps.is_some_and(|n| step % n == 0) {
+            let dir = checkpoint_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
+            if !send(command::Kind::Save(Save { step, dir })) {
+                return;
+            }
+        }
+    }
+    if cadence.do_eval && !send(evaluate(cadence.total_steps)) {
+        return;
+    }
+    let dir = cadence.output_dir.to_string_lossy().into_owned();
+    send(command::Kind::Finish(Finish { step: cadence.total_steps, dir }));
+}
+
+/// The driver's bookkeeping while workers run.
+struct Job<'a> {
+    world: u32,
+    output_dir: PathBuf,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    plan: &'a TrainPlan,
+    total_steps: u64,
+    sampler: Sampler,
+    hosts: BTreeMap<u32, String>,
+    /// Acknowledgements per saved step.
+    saves: BTreeMap<u64, u32>,
+    /// (loss sum, tokens, ranks) per evaluated step.
+    evals: BTreeMap<u64, (f64, u64, u32)>,
+    finished: u32,
+    exited: u32,
+}
+
+impl Job<'_> {
+    async fn drive(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, progress: &mut Progress) -> Result<()> {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Registered { rank, host, device, pid } => {
+                    progress.note(&format!("rank {rank} joined: {host} {device} pid {pid}"));
+                    self.hosts.insert(rank, host);
+                }
+                Event::Step(report) => {
+                    if report.rank == 0 {
+                        progress.step(report)?;
+                    }
+                }
+                Event::Eval(report) => {
+                    let entry = self.evals.entry(report.step).or_default();
+                    entry.0 += report.loss_sum;
+                    entry.1 += report.tokens;
+                    entry.2 += 1;
+                    if entry.2 == self.world {
+                        let (sum, tokens, _) = *entry;
+                        progress.eval(report.step, sum, tokens)?;
+                    }
+                }
+                Event::Saved(report) => {
+                    let acks = self.saves.entry(report.step).or_default();
+                    *acks += 1;
+                    if *acks < self.world {
+                        continue;
+                    }
+                    if Path::new(&report.dir) == self.output_dir {
+                        checkpoint::write_files(&self.output_dir, &self.tokenizer_files)?;
+                        self.finished = self.world;
+                        progress.note(&format!("saved the final model to {}", self.output_dir.display()));
+                    } else {
+                        let state = self.trainer_state(report.step, progress);
+                        checkpoint::finalize(&self.output_dir, report.step, &self.tokenizer_files, &state, self.plan.save_total_limit)?;
+                        progress.note(&format!("saved checkpoint-{}", report.step));
+                    }
+                }
+                Event::Failed { rank, message } => {
+                    return Err(CoordinatorError::Worker { rank, host: self.host(rank), message });
+                }
+                Event::Exited { rank, success, status } => {
+                    if !success || self.finished < self.world {
+                        let message = format!("the worker process exited ({status}) before the run finished");
+                        return Err(CoordinatorError::Worker { rank, host: self.host(rank), message });
+                    }
+                    self.exited += 1;
+                    if self.exited == self.world {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Err(CoordinatorError::Server("all workers disconnected before the run finished".into()))
+    }
+
+    fn host(&self, rank: u32) -> String {
+        self.hosts.get(&rank).cloned().unwrap_or_else(|| "not registered".into())
+    }
+
+    /// HF-style trainer_state.json plus what an exact resume needs.
+    fn trainer_state(&self, step: u64, progress: &Progress) -> serde_json::Value {
+        let per_epoch = self.sampler.steps_per_epoch() as u64;
+        json!({
+            "global_step": step,
+            "epoch": progress.epoch(step),
+            "max_steps": self.total_steps,
+            "train_batch_size": self.plan.micro_batch,
+            "gradient_accumulation_steps": self.plan.accumulation,
+            "world_size": self.world,
+            "sampler": {"seed": self.sampler.seed, "epoch": step / per_epoch, "step_in_epoch": step % per_epoch, "blocks": self.sampler.blocks},
+            "log_history": progress.history,
+        })
+    }
+}

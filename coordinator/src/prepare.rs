@@ -1,0 +1,150 @@
+//! Everything decided before a worker starts: the tokenizer (loaded or trained), the model config
+//! checked against it, the block size, the token cache, and the step arithmetic.
+
+use std::path::PathBuf;
+
+use tokenizers::Tokenizer;
+use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
+
+use crate::config::{ModelChoice, TokenizerChoice, TrainPlan};
+use crate::dataset::{self, CacheKey, TokenCache};
+use crate::error::{io_err, CoordinatorError, Result};
+use crate::sampler::Sampler;
+
+/// The data and model facts a run needs, all checked.
+pub struct Prepared {
+    pub config: CodeGenConfig,
+    /// Tokenizer files (name, bytes) to copy next to every saved model.
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
+    pub cache: TokenCache,
+    pub block_size: usize,
+    pub sampler: Sampler,
+    pub total_steps: u64,
+    pub warmup_steps: u64,
+}
+
+fn flag(message: String) -> CoordinatorError {
+    CoordinatorError::Flag(message)
+}
+
+pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
+    let mut docs = dataset::load_documents(&plan.train_file, &plan.text_column, &plan.filter)?;
+    if docs.is_empty() {
+        return Err(CoordinatorError::Data { path: plan.train_file.clone(), message: "has no documents: the training set is empty".into() });
+    }
+    let (train_docs, val_docs) = match &plan.validation_file {
+        Some(path) => (std::mem::take(&mut docs), dataset::load_documents(path, &plan.text_column, &plan.filter)?),
+        None => dataset::split_by_documents(docs, plan.validation_split_percentage, plan.seed),
+    };
+
+    let (tok, tokenizer_files) = match &plan.tokenizer {
+        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, read_tokenizer_files(dir)?),
+        TokenizerChoice::Train { vocab_size } => {
+            let tok = tokenizer::train(train_docs.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
+            let json = tok.to_string(true).map_err(|e| flag(format!("cannot serialise the trained tokenizer: {e}")))?;
+            eprintln!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
+            (tok, vec![("tokenizer.json".to_string(), json.into_bytes())])
+        }
+    };
+    let tokenizer_json = tok.to_string(false).map_err(|e| flag(format!("cannot serialise the tokenizer: {e}")))?;
+    let config = model_config(plan, &tok)?;
+    let eos = tokenizer::eos_id(&tok).unwrap_or(config.eos_token_id as u32);
+
+    let block_size = plan.block_size.unwrap_or(config.n_positions.min(1024));
+    if block_size > config.n_positions {
+        return Err(flag(format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions)));
+    }
+    if block_size < 2 {
+        return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
+    }
+
+    let key = CacheKey { train: &train_docs, validation: &val_docs, tokenizer_json: &tokenizer_json, block_size, eos };
+    std::fs::create_dir_all(&plan.cache_dir).map_err(io_err(&plan.cache_dir))?;
+    let path = plan.cache_dir.join(format!("{}.tokens", key.hash()));
+    let cache = if path.is_file() {
+        let cache = TokenCache::open(&path)?;
+        eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks);
+        cache
+    } else {
+        let started = std::time::Instant::now();
+        let train = dataset::tokenize_blocks(&train_docs, &tok, eos, block_size)?;
+        let val = dataset::tokenize_blocks(&val_docs, &tok, eos, block_size)?;
+        let cache = TokenCache::write(&path, block_size, config.vocab_size, &train, &val)?;
+        eprintln!(
+            "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {:.1}s ({})",
+            train_docs.len(),
+            val_docs.len(),
+            cache.train_blocks,
+            cache.validation_blocks,
+            started.elapsed().as_secs_f64(),
+            path.display()
+        );
+        cache
+    };
+    if cache.train_blocks == 0 {
+        return Err(CoordinatorError::Data {
+            path: plan.train_file.clone(),
+            message: format!("its training split makes no complete block of {block_size} tokens; add data or lower --block_size"),
+        });
+    }
+    if plan.do_eval && cache.validation_blocks == 0 {
+        eprintln!("warning: the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
+    }
+
+    let sampler = Sampler { blocks: cache.train_blocks, world: plan.world_size, micro_batch: plan.micro_batch, accumulation: plan.accumulation, seed: plan.seed };
+    let per_epoch = sampler.steps_per_epoch() as u64;
+    if per_epoch == 0 {
+        return Err(flag(format!(
+            "{} training blocks are fewer than one optimizer step needs: world {} x micro {} x accumulation {} = {}; lower --per_device_train_batch_size, --gradient_accumulation_steps or --block_size",
+            cache.train_blocks, plan.world_size, plan.micro_batch, plan.accumulation, plan.world_size * plan.micro_batch * plan.accumulation
+        )));
+    }
+    let total_steps = plan.max_steps.unwrap_or_else(|| (plan.epochs * per_epoch as f64).ceil().max(1.0) as u64);
+    if let Some(ds_total) = plan.ds_total_steps {
+        if ds_total != total_steps {
+            return Err(flag(format!("ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\"")));
+        }
+    }
+    let warmup_steps = plan.warmup_steps(total_steps);
+    Ok(Prepared { config, tokenizer_files, cache, block_size, sampler, total_steps, warmup_steps })
+}
+
+/// The model config, with its vocabulary checked against the tokenizer.
+fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
+    let ids = tok.get_vocab_size(true);
+    let (config, source) = match &plan.model {
+        ModelChoice::Pretrained(dir) => {
+            let config = CodeGenConfig::from_dir(dir)?;
+            WeightFiles::open(dir)?; // fail before launching anything
+            (config, dir.join("config.json").display().to_string())
+        }
+        ModelChoice::Scratch(config) => {
+            let mut config = config.clone();
+            if matches!(plan.tokenizer, TokenizerChoice::Train { .. }) {
+                // A fresh tokenizer: size the embedding to it (rounded up to a multiple of 64).
+                config.vocab_size = ids.div_ceil(64) * 64;
+                config.eos_token_id = tokenizer::eos_id(tok).unwrap_or(0) as i64;
+                config.bos_token_id = config.eos_token_id;
+            }
+            (config, "--config_name".to_string())
+        }
+    };
+    if ids > config.vocab_size {
+        return Err(flag(format!(
+            "the tokenizer has {ids} ids but {source} gives the embedding only {} rows (vocab_size); use the model's own tokenizer",
+            config.vocab_size
+        )));
+    }
+    Ok(config)
+}
+
+fn read_tokenizer_files(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = vec![];
+    for name in tokenizer::TOKENIZER_FILES {
+        let path: PathBuf = dir.join(name);
+        if path.is_file() {
+            files.push((name.to_string(), std::fs::read(&path).map_err(io_err(&path))?));
+        }
+    }
+    Ok(files)
+}

@@ -1,0 +1,143 @@
+//! What the user sees and what is logged: a progress line (loss, lr, tokens/s, ETA) on stderr, and
+//! `metrics.jsonl` with one JSON object per logging step and per evaluation (HF's log_history).
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use zerotune_proto::v1::StepReport;
+
+use crate::error::{io_err, Result};
+
+pub struct Progress {
+    total_steps: u64,
+    steps_per_epoch: u64,
+    logging_steps: u64,
+    metrics: std::io::BufWriter<std::fs::File>,
+    metrics_path: std::path::PathBuf,
+    /// Every logged record, for trainer_state.json.
+    pub history: Vec<Value>,
+    started: Option<(Instant, u64)>,
+    tokens: u64,
+    window: Vec<StepReport>,
+    tty: bool,
+}
+
+impl Progress {
+    pub fn new(output_dir: &Path, total_steps: u64, steps_per_epoch: u64, logging_steps: u64) -> Result<Self> {
+        let metrics_path = output_dir.join("metrics.jsonl");
+        let file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+        Ok(Self {
+            total_steps,
+            steps_per_epoch,
+            logging_steps,
+            metrics: std::io::BufWriter::new(file),
+            metrics_path,
+            history: vec![],
+            started: None,
+            tokens: 0,
+            window: vec![],
+            tty: std::io::stderr().is_terminal(),
+        })
+    }
+
+    pub fn epoch(&self, step: u64) -> f64 {
+        step as f64 / self.steps_per_epoch as f64
+    }
+
+    /// Tokens/s since the first step finished (start-up excluded).
+    fn throughput(&self) -> Option<f64> {
+        let (t0, tokens0) = self.started?;
+        let secs = t0.elapsed().as_secs_f64();
+        (secs > 0.0).then(|| (self.tokens - tokens0) as f64 / secs)
+    }
+
+    pub fn step(&mut self, report: StepReport) -> Result<()> {
+        self.tokens += report.tokens;
+        if self.started.is_none() {
+            self.started = Some((Instant::now(), self.tokens));
+        }
+        let step = report.step;
+        self.window.push(report);
+        let tps = self.throughput();
+        let last = self.window.last().expect("just pushed");
+        let eta = tps.filter(|_| step > 1).map(|_| {
+            let (t0, _) = self.started.expect("started");
+            t0.elapsed().as_secs_f64() / (step - 1) as f64 * (self.total_steps - step) as f64
+        });
+        let line = format!(
+            "step {step}/{} [{}] loss {:.4} lr {:.3e} {} ETA {}",
+            self.total_steps,
+            bar(step, self.total_steps, 20),
+            last.loss,
+            last.learning_rate,
+            tps.map_or("-".into(), |t| format!("{:.0} tok/s", t)),
+            eta.map_or("-".into(), format_secs),
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        }
+        if step % self.logging_steps == 0 || step == self.total_steps {
+            let n = self.window.len() as f64;
+            let mut record = json!({
+                "step": step,
+                "epoch": self.epoch(step),
+                "loss": self.window.iter().map(|r| r.loss).sum::<f64>() / n,
+                "learning_rate": last.learning_rate,
+                "grad_norm": last.grad_norm,
+                "tokens_per_second": tps,
+            });
+            let skipped = self.window.iter().filter(|r| r.skipped).count();
+            if last.loss_scale != 1.0 {
+                record["loss_scale"] = last.loss_scale.into();
+                record["skipped_steps"] = skipped.into();
+            }
+            self.window.clear();
+            if !self.tty {
+                eprintln!("{line}");
+            }
+            self.record(record)?;
+        }
+        Ok(())
+    }
+
+    pub fn eval(&mut self, step: u64, loss_sum: f64, tokens: u64) -> Result<()> {
+        let loss = loss_sum / tokens.max(1) as f64;
+        let perplexity = loss.exp();
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!("eval at step {step}: loss {loss:.4}, perplexity {perplexity:.2}");
+        self.record(json!({"step": step, "epoch": self.epoch(step), "eval_loss": loss, "perplexity": perplexity}))
+    }
+
+    pub fn note(&self, message: &str) {
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!("{message}");
+    }
+
+    fn record(&mut self, record: Value) -> Result<()> {
+        let io = io_err(&self.metrics_path);
+        serde_json::to_writer(&mut self.metrics, &record).expect("JSON values serialise");
+        self.metrics.write_all(b"\n").and_then(|_| self.metrics.flush()).map_err(io)?;
+        self.history.push(record);
+        Ok(())
+    }
+
+    pub fn last_eval(&self) -> Option<&Value> {
+        self.history.iter().rev().find(|r| r.get("eval_loss").is_some())
+    }
+}
+
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = (done as usize * width) / total.max(1) as usize;
+    format!("{}{}", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+fn format_secs(secs: f64) -> String {
+    let s = secs.round() as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}

@@ -1,0 +1,100 @@
+//! The gRPC service workers talk to: registration, the per-rank command streams, and reports,
+//! which it forwards as plain `Event`s to the job driver. Every call must carry the job secret.
+
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use zerotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use zerotune_proto::v1::*;
+use zerotune_proto::SECRET_HEADER;
+
+/// What workers tell the driver.
+#[derive(Debug)]
+pub enum Event {
+    Registered { rank: u32, host: String, device: String, pid: u32 },
+    Step(StepReport),
+    Eval(EvalReport),
+    Saved(SavedReport),
+    Failed { rank: u32, message: String },
+    /// A worker process ended (from the launcher, not the network).
+    Exited { rank: u32, success: bool, status: String },
+}
+
+/// Shared state behind the RPCs.
+pub struct JobService {
+    plan_json: String,
+    world_size: u32,
+    /// Each rank's command stream, taken once by that rank's `Commands` call.
+    commands: Mutex<Vec<Option<mpsc::Receiver<Result<Command, Status>>>>>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl JobService {
+    pub fn new(plan_json: String, commands: Vec<mpsc::Receiver<Result<Command, Status>>>, events: mpsc::UnboundedSender<Event>) -> Self {
+        let world_size = commands.len() as u32;
+        Self { plan_json, world_size, commands: Mutex::new(commands.into_iter().map(Some).collect()), events }
+    }
+
+    /// The tonic service, refusing calls without `secret`.
+    pub fn into_server(self, secret: String) -> tonic::service::interceptor::InterceptedService<CoordinatorServer<Self>, impl tonic::service::Interceptor + Clone> {
+        let check = move |req: Request<()>| {
+            match req.metadata().get(SECRET_HEADER) {
+                Some(value) if value.as_bytes() == secret.as_bytes() => Ok(req),
+                _ => Err(Status::unauthenticated("missing or wrong job secret")),
+            }
+        };
+        CoordinatorServer::with_interceptor(self, check)
+    }
+
+    fn rank(&self, rank: u32) -> Result<usize, Status> {
+        if rank < self.world_size {
+            Ok(rank as usize)
+        } else {
+            Err(Status::invalid_argument(format!("rank {rank} is outside the world of {}", self.world_size)))
+        }
+    }
+
+    fn send(&self, event: Event) -> Result<Response<Ack>, Status> {
+        self.events.send(event).map_err(|_| Status::unavailable("the job is shutting down"))?;
+        Ok(Response::new(Ack {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for JobService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        let r = request.into_inner();
+        self.rank(r.rank)?;
+        self.send(Event::Registered { rank: r.rank, host: r.host, device: r.device, pid: r.pid })?;
+        Ok(Response::new(RegisterReply { plan_json: self.plan_json.clone(), world_size: self.world_size }))
+    }
+
+    type CommandsStream = ReceiverStream<Result<Command, Status>>;
+
+    async fn commands(&self, request: Request<CommandsRequest>) -> Result<Response<Self::CommandsStream>, Status> {
+        let rank = self.rank(request.into_inner().rank)?;
+        let receiver = self.commands.lock().expect("commands lock")[rank]
+            .take()
+            .ok_or_else(|| Status::already_exists(format!("rank {rank} already holds its command stream")))?;
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
+        self.send(Event::Step(request.into_inner()))
+    }
+
+    async fn report_eval(&self, request: Request<EvalReport>) -> Result<Response<Ack>, Status> {
+        self.send(Event::Eval(request.into_inner()))
+    }
+
+    async fn report_saved(&self, request: Request<SavedReport>) -> Result<Response<Ack>, Status> {
+        self.send(Event::Saved(request.into_inner()))
+    }
+
+    async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
+        let r = request.into_inner();
+        self.send(Event::Failed { rank: r.rank, message: r.message })
+    }
+}
