@@ -21,6 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join a job: register with the coordinator and execute its commands.
+    #[command(rename_all = "snake_case")]
     Run {
         /// Coordinator address, e.g. http://127.0.0.1:50051.
         #[arg(long)]
@@ -33,6 +34,7 @@ enum Command {
         device: String,
     },
     /// Complete a prompt with a saved model (greedy unless --temperature > 0).
+    #[command(rename_all = "snake_case")]
     Generate {
         /// HF-layout model directory (config.json, weights, tokenizer files).
         #[arg(long)]

@@ -1,0 +1,49 @@
+//! Helpers for the end-to-end tests: the real `coordinator` and `worker` binaries, the HF
+//! fixtures from tests/fixtures/make_fixtures.py, and a small real dataset (this repo's source).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/<profile>/<name>`, next to the test executable's `deps/` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(path.is_file(), "{} is missing: run scripts/test.sh (or cargo build --workspace --bins) first", path.display());
+    path
+}
+
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
+    assert!(dir.join("meta.json").is_file(), "no fixtures in {}: run scripts/test.sh", dir.display());
+    dir
+}
+
+/// A directory of real source files to train on.
+pub fn source_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../coordinator/src")
+}
+
+/// `coordinator train` with the given flags plus a private token cache; returns its output.
+pub fn train(cache: &Path, args: &[&str]) -> Output {
+    let out = Command::new(binary("coordinator"))
+        .arg("train")
+        .args(["--device", "cpu", "--cache_dir", &cache.to_string_lossy()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "a panic reached the user:\n{stderr}");
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn s(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
