@@ -113,7 +113,7 @@ pub fn split_by_documents(docs: Vec<Document>, percent: u32, seed: u64) -> (Vec<
 /// Token ids of all documents, each followed by EOS, cut into full blocks (the ragged tail dropped).
 pub fn tokenize_blocks(docs: &[Document], tokenizer: &Tokenizer, eos: u32, block_size: usize) -> Result<Vec<u32>> {
     let mut ids: Vec<u32> = vec![];
-    for chunk in docs.chunks(1024) {
+    for chunk in docs.chunks(16384) {
         let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
         let encodings = tokenizer
             .encode_batch_fast(texts, false)

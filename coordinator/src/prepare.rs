@@ -1,13 +1,14 @@
 //! Everything decided before a worker starts: the tokenizer (loaded or trained), the model config
 //! checked against it, the block size, the token cache, and the step arithmetic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
 
 use crate::config::{ModelChoice, TokenizerChoice, TrainPlan};
-use crate::dataset::{self, CacheKey, TokenCache};
+use crate::dataset::{self, CacheKey, Document, TokenCache};
+use crate::files2jsonl::Filter;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::sampler::Sampler;
 
@@ -28,15 +29,7 @@ fn flag(message: String) -> CoordinatorError {
 }
 
 pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
-    let mut docs = dataset::load_documents(&plan.train_file, &plan.text_column, &plan.filter)?;
-    if docs.is_empty() {
-        return Err(CoordinatorError::Data { path: plan.train_file.clone(), message: "has no documents: the training set is empty".into() });
-    }
-    let (train_docs, val_docs) = match &plan.validation_file {
-        Some(path) => (std::mem::take(&mut docs), dataset::load_documents(path, &plan.text_column, &plan.filter)?),
-        None => dataset::split_by_documents(docs, plan.validation_split_percentage, plan.seed),
-    };
-
+    let (train_docs, val_docs) = load_split(&plan.train_file, plan.validation_file.as_deref(), &plan.text_column, plan.validation_split_percentage, plan.seed, &plan.filter)?;
     let (tok, tokenizer_files) = match &plan.tokenizer {
         TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, read_tokenizer_files(dir)?),
         TokenizerChoice::Train { vocab_size } => {
@@ -46,7 +39,6 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
             (tok, vec![("tokenizer.json".to_string(), json.into_bytes())])
         }
     };
-    let tokenizer_json = tok.to_string(false).map_err(|e| flag(format!("cannot serialise the tokenizer: {e}")))?;
     let config = model_config(plan, &tok)?;
     let eos = tokenizer::eos_id(&tok).unwrap_or(config.eos_token_id as u32);
 
@@ -54,33 +46,7 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
     if block_size > config.n_positions {
         return Err(flag(format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions)));
     }
-    if block_size < 2 {
-        return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
-    }
-
-    let key = CacheKey { train: &train_docs, validation: &val_docs, tokenizer_json: &tokenizer_json, block_size, eos };
-    std::fs::create_dir_all(&plan.cache_dir).map_err(io_err(&plan.cache_dir))?;
-    let path = plan.cache_dir.join(format!("{}.tokens", key.hash()));
-    let cache = if path.is_file() {
-        let cache = TokenCache::open(&path)?;
-        eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks);
-        cache
-    } else {
-        let started = std::time::Instant::now();
-        let train = dataset::tokenize_blocks(&train_docs, &tok, eos, block_size)?;
-        let val = dataset::tokenize_blocks(&val_docs, &tok, eos, block_size)?;
-        let cache = TokenCache::write(&path, block_size, config.vocab_size, &train, &val)?;
-        eprintln!(
-            "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {:.1}s ({})",
-            train_docs.len(),
-            val_docs.len(),
-            cache.train_blocks,
-            cache.validation_blocks,
-            started.elapsed().as_secs_f64(),
-            path.display()
-        );
-        cache
-    };
+    let cache = tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, config.vocab_size, &plan.cache_dir)?;
     if cache.train_blocks == 0 {
         return Err(CoordinatorError::Data {
             path: plan.train_file.clone(),
@@ -107,6 +73,48 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
     }
     let warmup_steps = plan.warmup_steps(total_steps);
     Ok(Prepared { config, tokenizer_files, cache, block_size, sampler, total_steps, warmup_steps })
+}
+
+/// Training and validation documents: `validation` when given, else a split of `train`.
+pub fn load_split(train: &Path, validation: Option<&Path>, column: &str, percent: u32, seed: u64, filter: &Filter) -> Result<(Vec<Document>, Vec<Document>)> {
+    let docs = dataset::load_documents(train, column, filter)?;
+    if docs.is_empty() {
+        return Err(CoordinatorError::Data { path: train.into(), message: "has no documents: the training set is empty".into() });
+    }
+    Ok(match validation {
+        Some(path) => (docs, dataset::load_documents(path, column, filter)?),
+        None => dataset::split_by_documents(docs, percent, seed),
+    })
+}
+
+/// The token blocks of both splits, from the cache when this exact data was tokenized before.
+pub fn tokenize_cached(train: &[Document], val: &[Document], tok: &Tokenizer, eos: u32, block_size: usize, vocab: usize, cache_dir: &Path) -> Result<TokenCache> {
+    if block_size < 2 {
+        return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
+    }
+    let tokenizer_json = tok.to_string(false).map_err(|e| flag(format!("cannot serialise the tokenizer: {e}")))?;
+    let key = CacheKey { train, validation: val, tokenizer_json: &tokenizer_json, block_size, eos };
+    std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
+    let path = cache_dir.join(format!("{}.tokens", key.hash()));
+    if path.is_file() {
+        let cache = TokenCache::open(&path)?;
+        eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks);
+        return Ok(cache);
+    }
+    let started = std::time::Instant::now();
+    let train_ids = dataset::tokenize_blocks(train, tok, eos, block_size)?;
+    let val_ids = dataset::tokenize_blocks(val, tok, eos, block_size)?;
+    let cache = TokenCache::write(&path, block_size, vocab, &train_ids, &val_ids)?;
+    eprintln!(
+        "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {:.2}s ({})",
+        train.len(),
+        val.len(),
+        cache.train_blocks,
+        cache.validation_blocks,
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(cache)
 }
 
 /// The model config, with its vocabulary checked against the tokenizer.

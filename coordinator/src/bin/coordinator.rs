@@ -1,11 +1,11 @@
 //! `coordinator`: `train` runs a fine-tuning job; `files2jsonl` turns a source tree into JSON Lines.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use zerotune_coordinator::config::{TrainArgs, TrainPlan};
 use zerotune_coordinator::files2jsonl::{self, Filter};
-use zerotune_coordinator::job;
+use zerotune_coordinator::{config, job, prepare};
 
 #[derive(Parser)]
 #[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]
@@ -18,6 +18,27 @@ struct Cli {
 enum Command {
     /// Fine-tune (or train from scratch) with run_clm.py / HF Trainer flags.
     Train(Box<TrainArgs>),
+    /// Prepare the token cache a `train` run with the same data flags would use, and stop.
+    #[command(rename_all = "snake_case")]
+    Tokenize {
+        #[arg(long)]
+        train_file: PathBuf,
+        #[arg(long)]
+        validation_file: Option<PathBuf>,
+        #[arg(long, default_value = "text")]
+        text_column_name: String,
+        #[arg(long, default_value_t = 5)]
+        validation_split_percentage: u32,
+        /// Directory holding tokenizer.json or vocab.json + merges.txt.
+        #[arg(long)]
+        tokenizer_name: PathBuf,
+        #[arg(long)]
+        block_size: usize,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Turn a source directory into JSON Lines of {"text", "url"}.
     #[command(rename_all = "snake_case")]
     Files2jsonl {
@@ -40,6 +61,9 @@ enum Command {
 fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
+        Command::Tokenize { train_file, validation_file, text_column_name, validation_split_percentage, tokenizer_name, block_size, cache_dir, seed } => {
+            tokenize(&train_file, validation_file.as_deref(), &text_column_name, validation_split_percentage, &tokenizer_name, block_size, cache_dir, seed)
+        }
         Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes } => {
             files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude))
         }
@@ -58,6 +82,28 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         (Some(loss), Some(ppl)) => println!("done: {} steps, eval loss {loss:.4}, perplexity {ppl:.2}; model in {}", outcome.steps, outcome.output_dir.display()),
         _ => println!("done: {} steps; model in {}", outcome.steps, outcome.output_dir.display()),
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tokenize(train: &Path, validation: Option<&Path>, column: &str, percent: u32, tokenizer_dir: &Path, block_size: usize, cache_dir: Option<PathBuf>, seed: u64) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let (train_docs, val_docs) = prepare::load_split(train, validation, column, percent, seed, &Filter::default())?;
+    let tok = zerotune_hf::tokenizer::load(tokenizer_dir)?;
+    let eos = zerotune_hf::tokenizer::eos_id(&tok).ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
+    let cache_dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+    let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &cache_dir)?;
+    let bytes: usize = train_docs.iter().chain(&val_docs).map(|d| d.text.len()).sum();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}: {} bytes -> {} train / {} validation blocks of {block_size} in {secs:.2}s ({:.1} MB/s) -> {}",
+        train.display(),
+        bytes,
+        cache.train_blocks,
+        cache.validation_blocks,
+        bytes as f64 / secs / 1e6,
+        cache.path.display()
+    );
     Ok(())
 }
 

@@ -1,0 +1,69 @@
+"""CPU training throughput, steady state: `coordinator train` vs a PyTorch + HF CodeGenForCausalLM loop.
+
+Same model (bench/codegen-4x256.json: 4 layers, n_embd 256, vocab 2048), block 256, micro-batch 8,
+no accumulation, AdamW + clipping + linear schedule, fp32, the same torch threads (the default:
+all cores), same machine, same run. Steady state = every step after the first.
+
+    .venv/bin/python bench/cpu_train.py DATA.jsonl WORKDIR [STEPS]
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import CodeGenConfig, CodeGenForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "bench/codegen-4x256.json"
+MICRO, BLOCK = 8, 256
+
+
+def ours(data: Path, work: Path, steps: int) -> float:
+    out = work / "ours"
+    subprocess.run([str(ROOT / "target/debug/coordinator"), "train", "--config_name", str(CONFIG),
+                    "--train_tokenizer", "2048", "--train_file", str(data), "--output_dir", str(out),
+                    "--overwrite_output_dir", "--do_train", "--device", "cpu", "--block_size", str(BLOCK),
+                    "--per_device_train_batch_size", str(MICRO), "--learning_rate", "1e-3", "--max_steps", str(steps),
+                    "--logging_steps", str(steps), "--save_steps", "0", "--cache_dir", str(work / "cache")],
+                   check=True, capture_output=True)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    return last["tokens_per_second"]
+
+
+def pytorch(steps: int) -> float:
+    config = CodeGenConfig(**json.loads(CONFIG.read_text()))
+    torch.manual_seed(0)
+    model = CodeGenForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
+    start = None
+    for step in range(steps):
+        ids = torch.randint(0, config.vocab_size, (MICRO, BLOCK))
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if step == 0:
+            start = time.perf_counter()
+    return (steps - 1) * MICRO * BLOCK / (time.perf_counter() - start)
+
+
+def main(data: Path, work: Path, steps: int):
+    ours_tps = ours(data, work, steps)
+    torch_tps = pytorch(steps)
+    print(f"\nCPU training, {torch.get_num_threads()} torch threads, 4x256 CodeGen, block {BLOCK}, micro {MICRO}, {steps} steps")
+    print("| trainer | tokens/s (steady state) |")
+    print("|---|---|")
+    print(f"| zerotune coordinator + worker (tch, host AdamW) | {ours_tps:,.0f} |")
+    print(f"| PyTorch + HF CodeGenForCausalLM + fused AdamW (baseline) | {torch_tps:,.0f} |")
+    print(f"ratio: {ours_tps / torch_tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 40)
