@@ -280,6 +280,23 @@ mod tests {
     }
 
     #[test]
+    fn documents_join_with_eos_and_the_ragged_tail_is_dropped() {
+        let texts = ["fn a() {}", "fn bb() { return; }", "let c = 1;"];
+        let tok = zerotune_hf::tokenizer::train(texts.iter().copied(), 300).unwrap();
+        let eos = zerotune_hf::tokenizer::eos_id(&tok).unwrap();
+        let docs: Vec<Document> = texts.iter().map(|t| Document { text: t.to_string() }).collect();
+        let mut joined = vec![];
+        for t in texts {
+            joined.extend_from_slice(tok.encode(t, false).unwrap().get_ids());
+            joined.push(eos);
+        }
+        let blocks = tokenize_blocks(&docs, &tok, eos, 4).unwrap();
+        assert_eq!(blocks.len(), joined.len() / 4 * 4);
+        assert_eq!(blocks[..], joined[..blocks.len()]);
+        assert_eq!(blocks.iter().filter(|&&t| t == eos).count(), joined[..blocks.len()].iter().filter(|&&t| t == eos).count());
+    }
+
+    #[test]
     fn cache_round_trip_and_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.tokens");

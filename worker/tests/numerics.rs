@@ -124,3 +124,64 @@ fn legacy_vocab_merges_tokenizer_equals_tokenizer_json() {
     let text = "class Stack:\n    def push(self, x):\n        self.items.append(x)  # ünïcode\n";
     assert_eq!(json.encode(text, false).unwrap().get_ids(), legacy.encode(text, false).unwrap().get_ids());
 }
+
+#[test]
+fn sharded_safetensors_and_sharded_bin_checkpoints_load() {
+    let reference = Reference::load();
+    for dir in ["tiny-sharded", "tiny-sharded-bin"] {
+        let (config, params) = load_params(&pretrained(dir), Kind::Float, Device::Cpu, false, 0).unwrap();
+        let logits = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+        assert!(rel_err(dir, &logits, &reference.tensor("logits")) < LOGITS_REL);
+    }
+}
+
+/// bf16 compute with fp32 master weights stays close to the fp32 reference losses.
+const BF16_LOSS_REL: f64 = 1e-2;
+
+#[test]
+fn bf16_training_tracks_the_fp32_reference() {
+    let reference = Reference::load();
+    let plan = WorkerPlan { precision: Precision::Bf16, ..train_plan() };
+    let accumulation = plan.gradient_accumulation_steps as i64;
+    let mut trainer = Trainer::new(plan, Device::Cpu).unwrap();
+    let batches = reference.tensor("train_batches");
+    for step in 0..4 {
+        let micro: Vec<Tensor> = (0..accumulation).map(|k| batches.get(step * accumulation + k)).collect();
+        let outcome = trainer.train_step(&micro).unwrap();
+        let want = reference.tensor("train_losses").double_value(&[step]);
+        println!("bf16 step {step}: {} vs fp32 {want}", outcome.loss);
+        assert!(((outcome.loss - want) / want).abs() < BF16_LOSS_REL);
+    }
+}
+
+#[test]
+fn fp16_overflow_skips_the_step_and_lowers_the_scale() {
+    let reference = Reference::load();
+    // 2^40 makes every fp16 gradient overflow; hysteresis 2 spends one overflow before halving.
+    let scaler = LossScaler { initial_scale_power: 40, window: 1000, hysteresis: 2, min_scale: 1.0, abort_at_min_scale: true };
+    let plan = WorkerPlan { precision: Precision::Fp16, loss_scaler: scaler, ..train_plan() };
+    let mut trainer = Trainer::new(plan, Device::Cpu).unwrap();
+    let batch = vec![reference.tensor("train_batches").get(0)];
+    let before = trainer.master().to_vec();
+    let first = trainer.train_step(&batch).unwrap();
+    assert!(first.skipped && first.loss_scale == 2f64.powi(40), "{first:?}");
+    let second = trainer.train_step(&batch).unwrap();
+    assert!(second.skipped && second.loss_scale == 2f64.powi(39), "{second:?}");
+    assert_eq!(trainer.master(), &before[..], "skipped steps leave the weights alone");
+    let mut scale = second.loss_scale;
+    for _ in 0..40 {
+        let o = trainer.train_step(&batch).unwrap();
+        if !o.skipped {
+            assert_eq!(o.loss_scale, scale, "a clean step keeps the scale inside the window");
+            // Skipped steps do not advance the schedule: the first applied step is warmup step 0.
+            assert_eq!(o.learning_rate, 0.0);
+            let next = trainer.train_step(&batch).unwrap();
+            assert!(!next.skipped && next.learning_rate > 0.0, "{next:?}");
+            assert_ne!(trainer.master(), &before[..], "an applied step with lr > 0 moves the weights");
+            return;
+        }
+        assert_eq!(o.loss_scale, scale / 2.0);
+        scale = o.loss_scale;
+    }
+    panic!("the scale never came down to a usable value");
+}

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 use zerotune_hf::{Dtype, WeightFiles};
 
 /// Must equal FIXTURE_VERSION in tests/fixtures/make_fixtures.py.
-pub const FIXTURE_VERSION: u64 = 2;
+pub const FIXTURE_VERSION: u64 = 3;
 
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("ZEROTUNE_FIXTURES")
