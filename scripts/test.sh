@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 export ZEROTUNE_PYTHON="$PWD/.venv/bin/python"
 export ZEROTUNE_FIXTURES="$PWD/target/fixtures"
-PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 "$ZEROTUNE_PYTHON" tests/fixtures/make_fixtures.py "$ZEROTUNE_FIXTURES" 2>&1 | grep -v "Writing model shards" || true
-[[ -f "$ZEROTUNE_FIXTURES/meta.json" ]] || { echo "test: fixture generation failed" >&2; exit 1; }
-HF_HUB_OFFLINE=1 cargo test --workspace -- "$@"
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error PYTHONWARNINGS=ignore
+rm -rf "$ZEROTUNE_FIXTURES"
+"$ZEROTUNE_PYTHON" tests/fixtures/make_fixtures.py "$ZEROTUNE_FIXTURES"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace -- "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i - 1); if ($(i) ~ /^failed/) f += $(i - 1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"

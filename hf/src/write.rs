@@ -1,8 +1,7 @@
 //! Writes tensors as HF does: `model.safetensors`, or shards of at most 5 GB named
 //! `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use crate::{invalid, io_err, Dtype, RawTensor, Result};
@@ -10,71 +9,100 @@ use crate::{invalid, io_err, Dtype, RawTensor, Result};
 /// HF's default `max_shard_size` ("5GB", decimal).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-struct View<'a>(&'a RawTensor);
+/// One tensor of a safetensors file, described before its bytes exist.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
 
-impl safetensors::View for View<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.0.dtype.to_safetensors()
-    }
-    fn shape(&self) -> &[usize] {
-        &self.0.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.0.data)
-    }
-    fn data_len(&self) -> usize {
-        self.0.data.len()
+impl Entry {
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
     }
 }
 
 /// Writes `tensors` into `dir` as (possibly sharded) safetensors with `{"format": "pt"}` metadata,
 /// which `from_pretrained` requires. Returns the file names written.
 pub fn write_safetensors(dir: &Path, tensors: &[(String, RawTensor)], max_shard_bytes: usize) -> Result<Vec<String>> {
-    let mut shards: Vec<Vec<&(String, RawTensor)>> = vec![vec![]];
+    let entries: Vec<Entry> =
+        tensors.iter().map(|(name, t)| Entry { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    stream_safetensors(dir, &entries, max_shard_bytes, |i| Ok(tensors[i].1.data.clone()))
+}
+
+/// Like `write_safetensors`, but asks `produce(i)` for entry i's bytes only when writing it, so
+/// a model larger than memory streams through. Shards hold whole tensors, in entry order.
+pub fn stream_safetensors(
+    dir: &Path,
+    entries: &[Entry],
+    max_shard_bytes: usize,
+    mut produce: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<Vec<String>> {
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut shard_bytes = 0;
-    for item in tensors {
-        let bytes = item.1.data.len();
-        if shard_bytes > 0 && shard_bytes + bytes > max_shard_bytes {
+    for (i, entry) in entries.iter().enumerate() {
+        if shard_bytes > 0 && shard_bytes + entry.bytes() > max_shard_bytes {
             shards.push(vec![]);
             shard_bytes = 0;
         }
-        shards.last_mut().expect("one shard").push(item);
-        shard_bytes += bytes;
+        shards.last_mut().expect("one shard").push(i);
+        shard_bytes += entry.bytes();
     }
     let n = shards.len();
-    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let mut names = vec![];
     let mut weight_map = serde_json::Map::new();
     for (k, shard) in shards.iter().enumerate() {
         let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
         let path = dir.join(&name);
-        let views = shard.iter().map(|(tensor_name, t)| (tensor_name.as_str(), View(t)));
-        safetensors::serialize_to_file(views, metadata.clone(), &path)
-            .map_err(|e| invalid(&path, format!("cannot write: {e}")))?;
-        for (tensor_name, _) in shard {
-            weight_map.insert(tensor_name.clone(), name.clone().into());
+        write_shard(&path, entries, shard, &mut produce)?;
+        for &i in shard {
+            weight_map.insert(entries[i].name.clone(), name.clone().into());
         }
         names.push(name);
     }
     if n > 1 {
-        let total: usize = tensors.iter().map(|(_, t)| t.data.len()).sum();
+        let total: usize = entries.iter().map(Entry::bytes).sum();
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let path = dir.join("model.safetensors.index.json");
-        write_json(&path, &index)?;
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
         names.push("model.safetensors.index.json".into());
     }
     Ok(names)
+}
+
+/// The safetensors layout: u64 LE header length, a JSON header padded with spaces to 8 bytes,
+/// then the tensors' bytes back to back.
+fn write_shard(path: &Path, entries: &[Entry], shard: &[usize], produce: &mut impl FnMut(usize) -> Result<Vec<u8>>) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0;
+    for &i in shard {
+        let e = &entries[i];
+        let dtype = serde_json::to_value(e.dtype.to_safetensors()).expect("dtype serialises");
+        header.insert(e.name.clone(), serde_json::json!({"dtype": dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes()]}));
+        offset += e.bytes();
+    }
+    let mut header = serde_json::to_vec(&header).expect("header serialises");
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let file = std::fs::File::create(path).map_err(io_err(path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let io = |e| crate::Error::Io { path: path.into(), source: e };
+    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for &i in shard {
+        let bytes = produce(i)?;
+        if bytes.len() != entries[i].bytes() {
+            return Err(invalid(path, format!("tensor {} has {} bytes, expected {}", entries[i].name, bytes.len(), entries[i].bytes())));
+        }
+        w.write_all(&bytes).map_err(io)?;
+    }
+    w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io_err(path))
 }
 
 /// Writes pretty JSON with a trailing newline.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
     std::fs::write(path, text).map_err(io_err(path))
-}
-
-/// The dtype name HF puts in config.json for tensors of `dtype`.
-pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
-    dtype.torch_name()
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ pub enum WorkerError {
     NotFloat { path: PathBuf, name: String, dtype: zerotune_hf::Dtype },
     #[error("the loss became {loss} at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]
     NonFiniteLoss { step: u64, loss: f64 },
+    #[error("the gradients became non-finite (norm {norm}) at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]
+    NonFiniteGradients { step: u64, norm: f64 },
     #[error(transparent)]
     LossScale(#[from] crate::optim::loss_scale::AtMinimum),
     #[error("device {0:?} is not available: {1}")]
@@ -22,8 +24,9 @@ pub enum WorkerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Input that is not what the worker was promised (a config, a batch); the text says which.
     #[error("{0}")]
-    Tokenizer(String),
+    Invalid(String),
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

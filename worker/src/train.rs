@@ -57,7 +57,7 @@ pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: 
         }
         ModelSource::Scratch { config } => {
             let config = CodeGenConfig::from_value(config.clone())
-                .map_err(|m| WorkerError::Tokenizer(format!("invalid model config: {m}")))?;
+                .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?;
             let mut params = ParamSet::zeros(&config, kind, device, trainable);
             params.init_like_hf(&config, seed);
             Ok((config, params))
@@ -149,7 +149,7 @@ impl Trainer {
         }
         let grad_norm = sum_of_squares(grad).sqrt() / scale;
         if !grad_norm.is_finite() {
-            return Err(WorkerError::NonFiniteLoss { step: self.step, loss: grad_norm });
+            return Err(WorkerError::NonFiniteGradients { step: self.step, norm: grad_norm });
         }
         let max_norm = self.plan.max_grad_norm;
         let clip = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
@@ -247,7 +247,7 @@ fn host_slice(tensor: &Tensor) -> &[f32] {
 pub fn batch_tensor(rows: u32, cols: u32, tokens: &[u32], device: Device) -> Result<Tensor> {
     let expected = rows as usize * cols as usize;
     if tokens.len() != expected {
-        return Err(WorkerError::Tokenizer(format!("batch has {} tokens, expected {rows} x {cols}", tokens.len())));
+        return Err(WorkerError::Invalid(format!("a batch has {} tokens, expected {rows} x {cols}", tokens.len())));
     }
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     Ok(Tensor::from_slice(&ids).view([rows as i64, cols as i64]).to_device(device))

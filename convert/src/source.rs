@@ -1,0 +1,72 @@
+//! The input side: a CodeGen directory (or a trainer `checkpoint-<step>/`), its config checked for
+//! what the conversion needs, and tensors read one at a time in a chosen dtype.
+
+use std::path::{Path, PathBuf};
+
+use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
+
+use crate::{ConvertError, Result};
+
+pub struct Source {
+    pub dir: PathBuf,
+    pub config: CodeGenConfig,
+    pub weights: WeightFiles,
+}
+
+impl Source {
+    /// Opens `dir`; a zerotune `checkpoint-<step>/` is read through its `model/` directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let dir = if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() { dir.join("model") } else { dir.to_path_buf() };
+        let config = CodeGenConfig::from_dir(&dir)?;
+        let weights = WeightFiles::open(&dir)?;
+        for (name, shape) in config.parameter_shapes() {
+            match weights.info(&name) {
+                None => return Err(ConvertError::Invalid(format!("{}: missing tensor {name}", dir.display()))),
+                Some((_, found)) if found != shape.as_slice() => {
+                    return Err(ConvertError::Invalid(format!("{}: tensor {name} has shape {found:?}, config.json implies {shape:?}", dir.display())))
+                }
+                Some((dtype, _)) if !dtype.is_float() => {
+                    return Err(ConvertError::Invalid(format!("{}: tensor {name} is {dtype:?}, not a float type", dir.display())))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Self { dir, config, weights })
+    }
+
+    /// The dtype most parameters are stored in (the "source precision").
+    pub fn dtype(&self) -> Dtype {
+        self.weights.info("transformer.wte.weight").map_or(Dtype::F32, |(d, _)| d)
+    }
+
+    /// Tensor `name` converted to `dtype` (a plain copy when it already is).
+    pub fn read(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<RawTensor> {
+        let raw = self.weights.read(name).ok_or_else(|| zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") })?;
+        Ok(cast(raw, dtype))
+    }
+}
+
+/// Converts a float tensor's bytes to `dtype` (round to nearest even, as torch does).
+pub fn cast(raw: RawTensor, dtype: Dtype) -> RawTensor {
+    if raw.dtype == dtype {
+        return raw;
+    }
+    let values = raw.to_f32().expect("checked float on open");
+    let data = match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        other => panic!("cannot convert weights to {other:?}"),
+    };
+    RawTensor { dtype, shape: raw.shape, data }
+}
+
+/// Parses `fp32|fp16|bf16` (and torch spellings).
+pub fn parse_dtype(name: &str) -> Result<Dtype> {
+    match name {
+        "fp32" | "float32" => Ok(Dtype::F32),
+        "fp16" | "float16" => Ok(Dtype::F16),
+        "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+        other => Err(ConvertError::Invalid(format!("--dtype {other:?}: expected fp32, fp16 or bf16"))),
+    }
+}

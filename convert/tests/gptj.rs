@@ -1,0 +1,87 @@
+//! `convert gptj` against HF transformers: GPTJForCausalLM on our output gives CodeGen's logits.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use zerotune_hf::{Dtype, WeightFiles};
+
+const LOGITS_REL: f64 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
+    assert!(dir.join("meta.json").is_file(), "no fixtures in {}: run scripts/test.sh", dir.display());
+    dir
+}
+
+fn convert(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_convert")).args(args).output().unwrap()
+}
+
+/// HF's logits (via AutoModelForCausalLM) for the fixture inputs.
+fn hf_logits(model: &Path) -> Vec<f32> {
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
+    let out = model.with_extension("logits.safetensors");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_forward.py");
+    let reference = fixtures().join("reference.safetensors");
+    let status = Command::new(python).args([script, &model.to_string_lossy(), &reference.to_string_lossy(), &out.to_string_lossy()]).status().unwrap();
+    assert!(status.success(), "HF could not load {}", model.display());
+    WeightFiles::open_file(&out).unwrap().read("logits").unwrap().to_f32().unwrap()
+}
+
+fn reference(name: &str) -> Vec<f32> {
+    WeightFiles::open_file(&fixtures().join("reference.safetensors")).unwrap().read(name).unwrap().to_f32().unwrap()
+}
+
+fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let diff = ours.iter().zip(reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let scale = reference.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
+    diff / scale
+}
+
+#[test]
+fn gptj_output_reproduces_codegen_logits_in_hf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("gptj");
+    let run = convert(&["gptj", &fixtures().join("tiny").to_string_lossy(), &out.to_string_lossy()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gptj");
+    assert_eq!(config["torch_dtype"], "float32", "the source precision is kept");
+    assert!(out.join("tokenizer.json").is_file());
+    let err = rel_err(&hf_logits(&out), &reference("logits"));
+    println!("GPT-J vs CodeGen logits: rel {err:.3e}");
+    assert!(err < LOGITS_REL);
+}
+
+#[test]
+fn fp16_release_checkpoint_keeps_fp16_or_converts_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (keep, fp32) = (tmp.path().join("keep"), tmp.path().join("fp32"));
+    let input = fixtures().join("tiny-bin");
+    assert!(convert(&["gptj", &input.to_string_lossy(), &keep.to_string_lossy()]).status.success());
+    let weights = WeightFiles::open(&keep).unwrap();
+    assert_eq!(weights.info("transformer.h.0.attn.q_proj.weight").unwrap().0, Dtype::F16);
+    assert!(!weights.contains("transformer.h.0.attn.causal_mask"), "legacy buffers are not converted");
+    let run = convert(&["gptj", &input.to_string_lossy(), &fp32.to_string_lossy(), "--dtype", "fp32"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(rel_err(&hf_logits(&fp32), &reference("logits_fp16_weights")) < LOGITS_REL);
+}
+
+#[test]
+fn refuses_existing_output_and_non_codegen_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("exists");
+    std::fs::create_dir(&out).unwrap();
+    let run = convert(&["gptj", &fixtures().join("tiny").to_string_lossy(), &out.to_string_lossy()]);
+    assert!(!run.status.success() && String::from_utf8_lossy(&run.stderr).contains("--force"));
+
+    let gptj = tmp.path().join("gptj");
+    assert!(convert(&["gptj", &fixtures().join("tiny").to_string_lossy(), &gptj.to_string_lossy()]).status.success());
+    let again = convert(&["gptj", &gptj.to_string_lossy(), &tmp.path().join("x").to_string_lossy()]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("model_type is \"gptj\""), "{err}");
+    assert!(!err.contains("panicked"));
+}
