@@ -16,14 +16,21 @@ pub struct Source {
 impl Source {
     /// Opens `dir`; a zerotune `checkpoint-<step>/` is read through its `model/` directory.
     pub fn open(dir: &Path) -> Result<Self> {
-        let dir = if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() { dir.join("model") } else { dir.to_path_buf() };
+        let dir = if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() {
+            dir.join("model")
+        } else {
+            dir.to_path_buf()
+        };
         let config = CodeGenConfig::from_dir(&dir)?;
         let weights = WeightFiles::open(&dir)?;
         for (name, shape) in config.parameter_shapes() {
             match weights.info(&name) {
                 None => return Err(ConvertError::Invalid(format!("{}: missing tensor {name}", dir.display()))),
                 Some((_, found)) if found != shape.as_slice() => {
-                    return Err(ConvertError::Invalid(format!("{}: tensor {name} has shape {found:?}, config.json implies {shape:?}", dir.display())))
+                    return Err(ConvertError::Invalid(format!(
+                        "{}: tensor {name} has shape {found:?}, config.json implies {shape:?}",
+                        dir.display()
+                    )))
                 }
                 Some((dtype, _)) if !dtype.is_float() => {
                     return Err(ConvertError::Invalid(format!("{}: tensor {name} is {dtype:?}, not a float type", dir.display())))
@@ -41,7 +48,10 @@ impl Source {
 
     /// Tensor `name` converted to `dtype` (a plain copy when it already is).
     pub fn read(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<RawTensor> {
-        let raw = self.weights.read(name).ok_or_else(|| zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") })?;
+        let raw = self
+            .weights
+            .read(name)
+            .ok_or_else(|| zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") })?;
         Ok(cast(raw, dtype))
     }
 }

@@ -25,7 +25,10 @@ fn hf_logits(model: &Path) -> Vec<f32> {
     let out = model.with_extension("logits.safetensors");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_forward.py");
     let reference = fixtures().join("reference.safetensors");
-    let status = Command::new(python).args([script, &model.to_string_lossy(), &reference.to_string_lossy(), &out.to_string_lossy()]).status().unwrap();
+    let status = Command::new(python)
+        .args([script, &model.to_string_lossy(), &reference.to_string_lossy(), &out.to_string_lossy()])
+        .status()
+        .unwrap();
     assert!(status.success(), "HF could not load {}", model.display());
     WeightFiles::open_file(&out).unwrap().read("logits").unwrap().to_f32().unwrap()
 }

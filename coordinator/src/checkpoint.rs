@@ -24,7 +24,13 @@ pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
 }
 
 /// Completes checkpoint `step` after all ranks acknowledged it.
-pub fn finalize(output_dir: &Path, step: u64, tokenizer_files: &[(String, Vec<u8>)], trainer_state: &Value, keep: Option<usize>) -> Result<()> {
+pub fn finalize(
+    output_dir: &Path,
+    step: u64,
+    tokenizer_files: &[(String, Vec<u8>)],
+    trainer_state: &Value,
+    keep: Option<usize>,
+) -> Result<()> {
     let dir = checkpoint_dir(output_dir, step);
     write_files(&dir.join("model"), tokenizer_files)?;
     let state = dir.join("trainer_state.json");

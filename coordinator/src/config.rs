@@ -124,7 +124,7 @@ pub struct TrainArgs {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelChoice {
     Pretrained(PathBuf),
-    Scratch(CodeGenConfig),
+    Scratch(Box<CodeGenConfig>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -197,14 +197,18 @@ impl TrainPlan {
         }
         let model = match (&args.model_name_or_path, &args.config_name) {
             (Some(dir), None) => ModelChoice::Pretrained(dir.clone()),
-            (None, Some(name)) => ModelChoice::Scratch(config_by_name(name)?),
-            (Some(_), Some(_)) => return Err(flag("pass either --model_name_or_path (fine-tune) or --config_name (from scratch), not both")),
+            (None, Some(name)) => ModelChoice::Scratch(Box::new(config_by_name(name)?)),
+            (Some(_), Some(_)) => {
+                return Err(flag("pass either --model_name_or_path (fine-tune) or --config_name (from scratch), not both"))
+            }
             (None, None) => return Err(flag("no model: pass --model_name_or_path DIR, or --config_name tiny to train from scratch")),
         };
         let tokenizer = match (&args.train_tokenizer, &args.tokenizer_name, &model) {
             (Some(_), Some(_), _) => return Err(flag("pass either --tokenizer_name or --train_tokenizer, not both")),
             (Some(vocab_size), None, _) if *vocab_size < 300 => {
-                return Err(flag(format!("--train_tokenizer {vocab_size}: a byte-level BPE needs at least 300 tokens (256 bytes + merges)")))
+                return Err(flag(format!(
+                    "--train_tokenizer {vocab_size}: a byte-level BPE needs at least 300 tokens (256 bytes + merges)"
+                )))
             }
             (Some(vocab_size), None, _) => TokenizerChoice::Train { vocab_size: *vocab_size },
             (None, Some(dir), _) => TokenizerChoice::Dir(dir.clone()),
@@ -225,7 +229,11 @@ impl TrainPlan {
             return Err(flag(format!("--warmup_ratio {} must be in [0, 1)", args.warmup_ratio)));
         }
         let warmup = if args.warmup_steps > 0 { Warmup::Steps(args.warmup_steps) } else { Warmup::Ratio(args.warmup_ratio) };
-        for (name, value) in [("--per_device_train_batch_size", args.per_device_train_batch_size), ("--per_device_eval_batch_size", args.per_device_eval_batch_size), ("--gradient_accumulation_steps", args.gradient_accumulation_steps)] {
+        for (name, value) in [
+            ("--per_device_train_batch_size", args.per_device_train_batch_size),
+            ("--per_device_eval_batch_size", args.per_device_eval_batch_size),
+            ("--gradient_accumulation_steps", args.gradient_accumulation_steps),
+        ] {
             if value == 0 {
                 return Err(flag(format!("{name} must be at least 1")));
             }
@@ -252,7 +260,13 @@ impl TrainPlan {
             warmup,
             schedule,
             ds_total_steps: None,
-            optimizer: AdamW { lr: args.learning_rate, beta1: args.adam_beta1, beta2: args.adam_beta2, eps: args.adam_epsilon, weight_decay: args.weight_decay },
+            optimizer: AdamW {
+                lr: args.learning_rate,
+                beta1: args.adam_beta1,
+                beta2: args.adam_beta2,
+                eps: args.adam_epsilon,
+                weight_decay: args.weight_decay,
+            },
             max_grad_norm: args.max_grad_norm,
             precision: Precision::Fp32,
             loss_scaler: LossScaler::default(),
@@ -366,7 +380,11 @@ fn apply_ds_config(plan: &mut TrainPlan, args: &TrainArgs, path: &Path, fp16: bo
     check("train_micro_batch_size_per_gpu", "per_device_train_batch_size", args.per_device_train_batch_size.into());
     check("gradient_accumulation_steps", "gradient_accumulation_steps", args.gradient_accumulation_steps.into());
     let global = world * args.per_device_train_batch_size * args.gradient_accumulation_steps;
-    check("train_batch_size", &format!("world {world} x micro {} x accumulation {}", args.per_device_train_batch_size, args.gradient_accumulation_steps), global.into());
+    check(
+        "train_batch_size",
+        &format!("world {world} x micro {} x accumulation {}", args.per_device_train_batch_size, args.gradient_accumulation_steps),
+        global.into(),
+    );
     check("gradient_clipping", "max_grad_norm", args.max_grad_norm.into());
     check("optimizer.params.lr", "learning_rate", args.learning_rate.into());
     check("optimizer.params.betas", "adam_beta1/adam_beta2", serde_json::json!([args.adam_beta1, args.adam_beta2]));
@@ -376,7 +394,10 @@ fn apply_ds_config(plan: &mut TrainPlan, args: &TrainArgs, path: &Path, fp16: bo
     check("bf16.enabled", "bf16", bf16.into());
     check("scheduler.params.warmup_max_lr", "learning_rate", args.learning_rate.into());
     if !mismatches.is_empty() {
-        return Err(bad(format!("values that mismatch the command line (set them to \"auto\" or make them agree):\n{}", mismatches.join("\n"))));
+        return Err(bad(format!(
+            "values that mismatch the command line (set them to \"auto\" or make them agree):\n{}",
+            mismatches.join("\n")
+        )));
     }
     if let Some(kind) = lookup(&ds, "optimizer.type").and_then(Value::as_str) {
         if !matches!(kind, "Adam" | "AdamW") {
@@ -454,7 +475,22 @@ mod tests {
     }
 
     fn parse(extra: &[&str]) -> TrainArgs {
-        let mut argv = vec!["x", "--config_name", "tiny", "--train_tokenizer", "400", "--train_file", "d.jsonl", "--output_dir", "o", "--do_train", "--device", "cpu", "--worker_bin", "/bin/true"];
+        let mut argv = vec![
+            "x",
+            "--config_name",
+            "tiny",
+            "--train_tokenizer",
+            "400",
+            "--train_file",
+            "d.jsonl",
+            "--output_dir",
+            "o",
+            "--do_train",
+            "--device",
+            "cpu",
+            "--worker_bin",
+            "/bin/true",
+        ];
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).args
     }
@@ -473,7 +509,8 @@ mod tests {
             "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
             "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#);
-        let plan = TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
+        let plan =
+            TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
         assert_eq!((plan.micro_batch, plan.optimizer.lr), (2, 1e-3));
         assert_eq!(plan.zero, Zero { stage: 2, offload_optimizer: true });
     }
@@ -481,7 +518,10 @@ mod tests {
     #[test]
     fn mismatches_name_every_factor() {
         let (_d, path) = ds(r#"{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 96, "gradient_accumulation_steps": 8}"#);
-        let err = TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8"])).unwrap_err().to_string();
+        let err =
+            TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8"]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("train_batch_size=96 vs hf world 1 x micro 4 x accumulation 8=32"), "{err}");
         assert!(!err.contains("train_micro_batch_size_per_gpu="), "{err}");
     }

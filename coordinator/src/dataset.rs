@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::files2jsonl::{self, Filter};
 
-/// One document and where it came from (for messages).
+/// One training document (a source file, a JSON row, a .txt file).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Document {
     pub text: String,
@@ -76,13 +76,13 @@ fn text_of(row: &serde_json::Value, column: &str) -> std::result::Result<Documen
 fn read_csv(path: &Path, file: std::fs::File, column: &str) -> Result<Vec<Document>> {
     let mut reader = csv::Reader::from_reader(file);
     let headers = reader.headers().map_err(|e| data(path, format!("cannot read the CSV header: {e}")))?.clone();
-    let index = headers
-        .iter()
-        .position(|h| h == column)
-        .ok_or_else(|| data(path, format!("no {column:?} column among {:?} (set --text_column_name)", headers.iter().collect::<Vec<_>>())))?;
+    let index = headers.iter().position(|h| h == column).ok_or_else(|| {
+        data(path, format!("no {column:?} column among {:?} (set --text_column_name)", headers.iter().collect::<Vec<_>>()))
+    })?;
     let mut docs = vec![];
     for (i, record) in reader.records().enumerate() {
-        let record = record.map_err(|e| CoordinatorError::Line { path: path.into(), line: i + 2, message: format!("malformed CSV: {e}") })?;
+        let record =
+            record.map_err(|e| CoordinatorError::Line { path: path.into(), line: i + 2, message: format!("malformed CSV: {e}") })?;
         docs.push(Document { text: record.get(index).unwrap_or_default().to_string() });
     }
     Ok(docs)
@@ -105,7 +105,11 @@ pub fn split_by_documents(docs: Vec<Document>, percent: u32, seed: u64) -> (Vec<
     };
     let (mut train, mut val) = (vec![], vec![]);
     for (doc, val_doc) in docs.into_iter().zip(is_val) {
-        if val_doc { val.push(doc) } else { train.push(doc) }
+        if val_doc {
+            val.push(doc)
+        } else {
+            train.push(doc)
+        }
     }
     (train, val)
 }
@@ -115,9 +119,8 @@ pub fn tokenize_blocks(docs: &[Document], tokenizer: &Tokenizer, eos: u32, block
     let mut ids: Vec<u32> = vec![];
     for chunk in docs.chunks(16384) {
         let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
-        let encodings = tokenizer
-            .encode_batch_fast(texts, false)
-            .map_err(|e| CoordinatorError::Flag(format!("tokenization failed: {e}")))?;
+        let encodings =
+            tokenizer.encode_batch_fast(texts, false).map_err(|e| CoordinatorError::Flag(format!("tokenization failed: {e}")))?;
         for encoding in encodings {
             ids.extend_from_slice(encoding.get_ids());
             ids.push(eos);
@@ -186,7 +189,10 @@ impl TokenCache {
                 let r = if width == 2 { w.write_all(&(t as u16).to_le_bytes()) } else { w.write_all(&t.to_le_bytes()) };
                 r.map_err(io)?;
             }
-            w.into_inner().map_err(|e| CoordinatorError::Io { path: tmp.clone(), source: e.into_error() })?.sync_all().map_err(io_err(&tmp))?;
+            w.into_inner()
+                .map_err(|e| CoordinatorError::Io { path: tmp.clone(), source: e.into_error() })?
+                .sync_all()
+                .map_err(io_err(&tmp))?;
         }
         std::fs::rename(&tmp, path).map_err(io_err(path))?;
         Self::open(path)

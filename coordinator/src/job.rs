@@ -80,18 +80,20 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
         tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, tx));
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| CoordinatorError::Server(format!("cannot listen on loopback: {e}")))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CoordinatorError::Server(format!("cannot listen on loopback: {e}")))?;
     let url = format!("http://{}", listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?);
     let secret = launch::job_secret()?;
     let service = JobService::new(serde_json::to_string(&worker_plan).expect("plan serialises"), receivers, events_tx.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service.into_server(secret.clone()))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+    let server =
+        tokio::spawn(tonic::transport::Server::builder().add_service(service.into_server(secret.clone())).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
                 let _ = stop_rx.await;
-            }),
-    );
+            },
+        ));
     for rank in 0..world {
         launch::spawn_local(&plan.worker_bin, &url, rank, world, &plan.device, &secret, events_tx.clone())?;
     }
@@ -183,7 +185,14 @@ fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, work
 }
 
 /// The ordered commands for one rank; stops early if the rank's stream is gone.
-fn produce_commands(sampler: &Sampler, cache: &TokenCache, cadence: &Cadence, rank: u32, world: u32, tx: mpsc::Sender<std::result::Result<Command, Status>>) {
+fn produce_commands(
+    sampler: &Sampler,
+    cache: &TokenCache,
+    cadence: &Cadence,
+    rank: u32,
+    world: u32,
+    tx: mpsc::Sender<std::result::Result<Command, Status>>,
+) {
     let send = |kind: command::Kind| tx.blocking_send(Ok(Command { kind: Some(kind) })).is_ok();
     let batch = |blocks: &[usize], read: &dyn Fn(usize) -> Vec<u32>| Batch {
         rows: blocks.len() as u32,

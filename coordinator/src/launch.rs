@@ -10,7 +10,15 @@ use crate::error::{CoordinatorError, Result};
 use crate::service::Event;
 
 /// One local worker process for `rank`; its exit status arrives later as `Event::Exited`.
-pub fn spawn_local(worker: &Path, coordinator_url: &str, rank: u32, world: u32, device: &str, secret: &str, events: mpsc::UnboundedSender<Event>) -> Result<u32> {
+pub fn spawn_local(
+    worker: &Path,
+    coordinator_url: &str,
+    rank: u32,
+    world: u32,
+    device: &str,
+    secret: &str,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<u32> {
     let mut child = tokio::process::Command::new(worker)
         .args(["run", "--coordinator", coordinator_url, "--rank", &rank.to_string(), "--device", device])
         .env(zerotune_proto::SECRET_ENV, secret)

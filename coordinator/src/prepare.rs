@@ -8,8 +8,8 @@ use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
 
 use crate::config::{ModelChoice, TokenizerChoice, TrainPlan};
 use crate::dataset::{self, CacheKey, Document, TokenCache};
-use crate::files2jsonl::Filter;
 use crate::error::{io_err, CoordinatorError, Result};
+use crate::files2jsonl::Filter;
 use crate::sampler::Sampler;
 
 /// The data and model facts a run needs, all checked.
@@ -29,7 +29,14 @@ fn flag(message: String) -> CoordinatorError {
 }
 
 pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
-    let (train_docs, val_docs) = load_split(&plan.train_file, plan.validation_file.as_deref(), &plan.text_column, plan.validation_split_percentage, plan.seed, &plan.filter)?;
+    let (train_docs, val_docs) = load_split(
+        &plan.train_file,
+        plan.validation_file.as_deref(),
+        &plan.text_column,
+        plan.validation_split_percentage,
+        plan.seed,
+        &plan.filter,
+    )?;
     let (tok, tokenizer_files) = match &plan.tokenizer {
         TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, read_tokenizer_files(dir)?),
         TokenizerChoice::Train { vocab_size } => {
@@ -44,7 +51,10 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
 
     let block_size = plan.block_size.unwrap_or(config.n_positions.min(1024));
     if block_size > config.n_positions {
-        return Err(flag(format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions)));
+        return Err(flag(format!(
+            "--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it",
+            config.n_positions
+        )));
     }
     let cache = tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, config.vocab_size, &plan.cache_dir)?;
     if cache.train_blocks == 0 {
@@ -57,7 +67,13 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         eprintln!("warning: the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
     }
 
-    let sampler = Sampler { blocks: cache.train_blocks, world: plan.world_size, micro_batch: plan.micro_batch, accumulation: plan.accumulation, seed: plan.seed };
+    let sampler = Sampler {
+        blocks: cache.train_blocks,
+        world: plan.world_size,
+        micro_batch: plan.micro_batch,
+        accumulation: plan.accumulation,
+        seed: plan.seed,
+    };
     let per_epoch = sampler.steps_per_epoch() as u64;
     if per_epoch == 0 {
         return Err(flag(format!(
@@ -68,7 +84,9 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
     let total_steps = plan.max_steps.unwrap_or_else(|| (plan.epochs * per_epoch as f64).ceil().max(1.0) as u64);
     if let Some(ds_total) = plan.ds_total_steps {
         if ds_total != total_steps {
-            return Err(flag(format!("ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\"")));
+            return Err(flag(format!(
+                "ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\""
+            )));
         }
     }
     let warmup_steps = plan.warmup_steps(total_steps);
@@ -76,7 +94,14 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
 }
 
 /// Training and validation documents: `validation` when given, else a split of `train`.
-pub fn load_split(train: &Path, validation: Option<&Path>, column: &str, percent: u32, seed: u64, filter: &Filter) -> Result<(Vec<Document>, Vec<Document>)> {
+pub fn load_split(
+    train: &Path,
+    validation: Option<&Path>,
+    column: &str,
+    percent: u32,
+    seed: u64,
+    filter: &Filter,
+) -> Result<(Vec<Document>, Vec<Document>)> {
     let docs = dataset::load_documents(train, column, filter)?;
     if docs.is_empty() {
         return Err(CoordinatorError::Data { path: train.into(), message: "has no documents: the training set is empty".into() });
@@ -88,7 +113,15 @@ pub fn load_split(train: &Path, validation: Option<&Path>, column: &str, percent
 }
 
 /// The token blocks of both splits, from the cache when this exact data was tokenized before.
-pub fn tokenize_cached(train: &[Document], val: &[Document], tok: &Tokenizer, eos: u32, block_size: usize, vocab: usize, cache_dir: &Path) -> Result<TokenCache> {
+pub fn tokenize_cached(
+    train: &[Document],
+    val: &[Document],
+    tok: &Tokenizer,
+    eos: u32,
+    block_size: usize,
+    vocab: usize,
+    cache_dir: &Path,
+) -> Result<TokenCache> {
     if block_size < 2 {
         return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
     }
@@ -127,7 +160,7 @@ fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
             (config, dir.join("config.json").display().to_string())
         }
         ModelChoice::Scratch(config) => {
-            let mut config = config.clone();
+            let mut config = (**config).clone();
             if matches!(plan.tokenizer, TokenizerChoice::Train { .. }) {
                 // A fresh tokenizer: size the embedding to it (rounded up to a multiple of 64).
                 config.vocab_size = ids.div_ceil(64) * 64;

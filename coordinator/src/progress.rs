@@ -78,7 +78,7 @@ impl Progress {
         if self.tty {
             eprint!("\r{line}\x1b[K");
         }
-        if step % self.logging_steps == 0 || step == self.total_steps {
+        if step.is_multiple_of(self.logging_steps) || step == self.total_steps {
             let n = self.window.len() as f64;
             let mut record = json!({
                 "step": step,
@@ -139,5 +139,9 @@ fn bar(done: u64, total: u64, width: usize) -> String {
 
 fn format_secs(secs: f64) -> String {
     let s = secs.round() as u64;
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
 }

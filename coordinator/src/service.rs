@@ -13,37 +13,53 @@ use zerotune_proto::SECRET_HEADER;
 /// What workers tell the driver.
 #[derive(Debug)]
 pub enum Event {
-    Registered { rank: u32, host: String, device: String, pid: u32 },
+    Registered {
+        rank: u32,
+        host: String,
+        device: String,
+        pid: u32,
+    },
     Step(StepReport),
     Eval(EvalReport),
     Saved(SavedReport),
-    Failed { rank: u32, message: String },
+    Failed {
+        rank: u32,
+        message: String,
+    },
     /// A worker process ended (from the launcher, not the network).
-    Exited { rank: u32, success: bool, status: String },
+    Exited {
+        rank: u32,
+        success: bool,
+        status: String,
+    },
 }
+
+/// One rank's ordered commands, as the `Commands` RPC streams them.
+pub type CommandReceiver = mpsc::Receiver<Result<Command, Status>>;
 
 /// Shared state behind the RPCs.
 pub struct JobService {
     plan_json: String,
     world_size: u32,
     /// Each rank's command stream, taken once by that rank's `Commands` call.
-    commands: Mutex<Vec<Option<mpsc::Receiver<Result<Command, Status>>>>>,
+    commands: Mutex<Vec<Option<CommandReceiver>>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
 impl JobService {
-    pub fn new(plan_json: String, commands: Vec<mpsc::Receiver<Result<Command, Status>>>, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(plan_json: String, commands: Vec<CommandReceiver>, events: mpsc::UnboundedSender<Event>) -> Self {
         let world_size = commands.len() as u32;
         Self { plan_json, world_size, commands: Mutex::new(commands.into_iter().map(Some).collect()), events }
     }
 
     /// The tonic service, refusing calls without `secret`.
-    pub fn into_server(self, secret: String) -> tonic::service::interceptor::InterceptedService<CoordinatorServer<Self>, impl tonic::service::Interceptor + Clone> {
-        let check = move |req: Request<()>| {
-            match req.metadata().get(SECRET_HEADER) {
-                Some(value) if value.as_bytes() == secret.as_bytes() => Ok(req),
-                _ => Err(Status::unauthenticated("missing or wrong job secret")),
-            }
+    pub fn into_server(
+        self,
+        secret: String,
+    ) -> tonic::service::interceptor::InterceptedService<CoordinatorServer<Self>, impl tonic::service::Interceptor + Clone> {
+        let check = move |req: Request<()>| match req.metadata().get(SECRET_HEADER) {
+            Some(value) if value.as_bytes() == secret.as_bytes() => Ok(req),
+            _ => Err(Status::unauthenticated("missing or wrong job secret")),
         };
         CoordinatorServer::with_interceptor(self, check)
     }

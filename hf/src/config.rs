@@ -66,8 +66,7 @@ impl CodeGenConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
         Self::from_value(value).map_err(|message| invalid(path, message))
     }
 

@@ -61,12 +61,7 @@ pub struct WeightFiles {
 impl WeightFiles {
     /// Finds and indexes the weights in `dir`, preferring safetensors like HF does.
     pub fn open(dir: &Path) -> Result<Self> {
-        let candidates = [
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-        ];
+        let candidates = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"];
         let found = candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file());
         let Some(first) = found else {
             if !dir.is_dir() {
@@ -74,11 +69,7 @@ impl WeightFiles {
             }
             return Err(Error::NoWeights { dir: dir.into() });
         };
-        let files = if first.extension().is_some_and(|e| e == "json") {
-            shard_files(&first)?
-        } else {
-            vec![first]
-        };
+        let files = if first.extension().is_some_and(|e| e == "json") { shard_files(&first)? } else { vec![first] };
         let mut weights = Self { paths: vec![], maps: vec![], entries: BTreeMap::new() };
         for path in files {
             weights.add_file(&path)?;
@@ -151,12 +142,8 @@ impl WeightFiles {
 /// The distinct shard files named by an HF `*.index.json` weight map, in order of appearance.
 fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index_path).map_err(io_err(index_path))?;
-    let index: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.into(), source })?;
-    let map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| invalid(index_path, "no \"weight_map\" object"))?;
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index_path.into(), source })?;
+    let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| invalid(index_path, "no \"weight_map\" object"))?;
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = vec![];
     for file in map.values() {
@@ -173,8 +160,8 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn safetensors_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(map)
-        .map_err(|e| invalid(path, format!("not a valid safetensors file: {e}")))?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(map).map_err(|e| invalid(path, format!("not a valid safetensors file: {e}")))?;
     let base = 8 + header_len;
     let mut entries = vec![];
     for (name, info) in metadata.tensors() {
@@ -231,15 +218,12 @@ fn pth_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entr
             Ok(None) => continue,
             Err(e) => return Err(bad(format!("tensor {key}: {e}"))),
         };
-        let dtype = Dtype::from_candle(info.dtype)
-            .ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", info.dtype)))?;
+        let dtype = Dtype::from_candle(info.dtype).ok_or_else(|| bad(format!("tensor {key} has unsupported dtype {:?}", info.dtype)))?;
         if !info.layout.is_contiguous() {
             return Err(bad(format!("tensor {key} is stored non-contiguous; re-save it with save_pretrained")));
         }
         let record = info.path.replace('\\', "/");
-        let (start, len) = *records
-            .get(&record)
-            .ok_or_else(|| bad(format!("tensor {key}: storage {record} missing or compressed")))?;
+        let (start, len) = *records.get(&record).ok_or_else(|| bad(format!("tensor {key}: storage {record} missing or compressed")))?;
         let offset = start + info.layout.start_offset() * dtype.size();
         let shape = info.layout.dims().to_vec();
         let bytes = shape.iter().product::<usize>() * dtype.size();

@@ -113,9 +113,8 @@ mod tests {
     #[test]
     fn sharded_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let tensors: Vec<(String, RawTensor)> = (0..5)
-            .map(|i| (format!("t{i}"), RawTensor::from_f32(vec![2, 3], &[i as f32; 6])))
-            .collect();
+        let tensors: Vec<(String, RawTensor)> =
+            (0..5).map(|i| (format!("t{i}"), RawTensor::from_f32(vec![2, 3], &[i as f32; 6]))).collect();
         let names = write_safetensors(dir.path(), &tensors, 50).unwrap();
         // Five 24-byte tensors, at most two per 50-byte shard: three shards plus the index.
         assert_eq!(names.len(), 4, "{names:?}");

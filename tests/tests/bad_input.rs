@@ -11,7 +11,8 @@ use common::{fixtures, s, source_dir, stderr, train};
 fn refuses(data: &Path, extra: &[&str], want: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let mut args = vec!["--train_file".to_string(), s(data), "--output_dir".into(), s(&out), "--do_train".into(), "--max_steps".into(), "2".into()];
+    let mut args =
+        vec!["--train_file".to_string(), s(data), "--output_dir".into(), s(&out), "--do_train".into(), "--max_steps".into(), "2".into()];
     if !extra.contains(&"--model_name_or_path") {
         args.extend(["--config_name", "tiny", "--train_tokenizer", "300"].map(String::from));
     }
@@ -81,7 +82,10 @@ fn non_empty_output_dir_needs_overwrite() {
     let out = tmp.path().join("run");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "precious").unwrap();
-    let run = train(&tmp.path().join("cache"), &["--config_name", "tiny", "--train_tokenizer", "300", "--train_file", &s(&source_dir()), "--output_dir", &s(&out), "--do_train"]);
+    let run = train(
+        &tmp.path().join("cache"),
+        &["--config_name", "tiny", "--train_tokenizer", "300", "--train_file", &s(&source_dir()), "--output_dir", &s(&out), "--do_train"],
+    );
     assert!(!run.status.success());
     assert!(stderr(&run).contains("--output_dir") && stderr(&run).contains("--overwrite_output_dir"), "{}", stderr(&run));
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "precious");
@@ -92,11 +96,34 @@ fn non_empty_output_dir_needs_overwrite() {
 fn a_loss_that_turns_nan_stops_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let run = train(&tmp.path().join("cache"), &[
-        "--config_name", "tiny", "--train_tokenizer", "300", "--train_file", &s(&source_dir()), "--output_dir", &s(&out),
-        "--do_train", "--block_size", "16", "--per_device_train_batch_size", "2", "--max_steps", "5",
-        "--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--save_steps", "1",
-    ]);
+    let run = train(
+        &tmp.path().join("cache"),
+        &[
+            "--config_name",
+            "tiny",
+            "--train_tokenizer",
+            "300",
+            "--train_file",
+            &s(&source_dir()),
+            "--output_dir",
+            &s(&out),
+            "--do_train",
+            "--block_size",
+            "16",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "5",
+            "--learning_rate",
+            "1e30",
+            "--lr_scheduler_type",
+            "constant",
+            "--max_grad_norm",
+            "0",
+            "--save_steps",
+            "1",
+        ],
+    );
     let err = stderr(&run);
     assert!(!run.status.success(), "{err}");
     assert!(err.contains("worker rank 0") && err.contains("the loss became"), "{err}");

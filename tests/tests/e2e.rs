@@ -13,11 +13,36 @@ fn train_from_scratch_writes_model_checkpoints_and_metrics_then_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let (out, cache) = (tmp.path().join("run"), tmp.path().join("cache"));
     let args = [
-        "--config_name", "tiny", "--train_tokenizer", "400", "--train_file", &s(&source_dir()),
-        "--output_dir", &s(&out), "--do_train", "--do_eval", "--block_size", "64",
-        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--learning_rate", "1e-3", "--max_steps", "6", "--warmup_steps", "2",
-        "--logging_steps", "1", "--eval_steps", "3", "--save_steps", "3", "--save_total_limit", "1",
+        "--config_name",
+        "tiny",
+        "--train_tokenizer",
+        "400",
+        "--train_file",
+        &s(&source_dir()),
+        "--output_dir",
+        &s(&out),
+        "--do_train",
+        "--do_eval",
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "6",
+        "--warmup_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "3",
+        "--save_total_limit",
+        "1",
     ];
     let run = train(&cache, &args);
     assert!(run.status.success(), "{}", stderr(&run));
@@ -28,17 +53,20 @@ fn train_from_scratch_writes_model_checkpoints_and_metrics_then_generates() {
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "checkpoint-6\n");
     assert!(!out.join("checkpoint-3").exists(), "save_total_limit 1 prunes checkpoint-3");
     let ckpt = out.join("checkpoint-6");
-    for file in ["model/model.safetensors", "model/config.json", "model/tokenizer.json", "optimizer/layout.json", "optimizer/rank-00000-of-00001.safetensors"] {
+    for file in [
+        "model/model.safetensors",
+        "model/config.json",
+        "model/tokenizer.json",
+        "optimizer/layout.json",
+        "optimizer/rank-00000-of-00001.safetensors",
+    ] {
         assert!(ckpt.join(file).is_file(), "checkpoint lacks {file}");
     }
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
     assert_eq!(state["global_step"], 6);
 
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let steps: Vec<u64> = metrics.iter().filter(|m| m.get("loss").is_some()).map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
     let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("eval_loss").is_some()).collect();
@@ -89,15 +117,36 @@ fn fine_tunes_a_pretrained_fp16_bin_checkpoint_with_a_deepspeed_config() {
     let tmp = tempfile::tempdir().unwrap();
     let (out, cache) = (tmp.path().join("run"), tmp.path().join("cache"));
     let ds = tmp.path().join("ds_config.json");
-    std::fs::write(&ds, r#"{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    std::fs::write(
+        &ds,
+        r#"{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto", "gradient_clipping": "auto",
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": true}}}"#).unwrap();
-    let run = train(&cache, &[
-        "--model_name_or_path", &s(&fixtures().join("tiny-bin")), "--train_file", &s(&source_dir()),
-        "--output_dir", &s(&out), "--do_train", "--block_size", "32", "--per_device_train_batch_size", "2",
-        "--max_steps", "2", "--save_steps", "0", "--deepspeed", &s(&ds),
-    ]);
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": true}}}"#,
+    )
+    .unwrap();
+    let run = train(
+        &cache,
+        &[
+            "--model_name_or_path",
+            &s(&fixtures().join("tiny-bin")),
+            "--train_file",
+            &s(&source_dir()),
+            "--output_dir",
+            &s(&out),
+            "--do_train",
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "0",
+            "--deepspeed",
+            &s(&ds),
+        ],
+    );
     assert!(run.status.success(), "{}", stderr(&run));
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 1003, "the embedding keeps its rows (never resized to the tokenizer)");

@@ -14,7 +14,9 @@ use zerotune_proto::SECRET_HEADER;
 
 use crate::train::{batch_tensor, Trainer};
 
-type Client = CoordinatorClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>>;
+/// Adds the job secret to every request.
+type AddSecret = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = CoordinatorClient<InterceptedService<Channel, AddSecret>>;
 
 /// How to reach the coordinator and who this worker is.
 pub struct AgentArgs {
@@ -43,11 +45,10 @@ async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator))?;
     let secret: MetadataValue<_> = args.secret.parse()?;
-    let interceptor: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-        Box::new(move |mut req: tonic::Request<()>| {
-            req.metadata_mut().insert(SECRET_HEADER, secret.clone());
-            Ok(req)
-        });
+    let interceptor: AddSecret = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        Ok(req)
+    });
     Ok(CoordinatorClient::with_interceptor(channel, interceptor).max_decoding_message_size(256 << 20))
 }
 

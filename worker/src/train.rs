@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::CodeGenConfig;
 use zerotune_hf::write::write_json;
+use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::{ModelSource, Precision, WorkerPlan};
 
 use crate::checkpoint::{flat_to_f32, load_weights, save_model};
@@ -203,12 +203,8 @@ impl Trainer {
         zerotune_hf::write::write_safetensors(&tmp, &state, usize::MAX)?;
         std::fs::rename(tmp.join("model.safetensors"), &file).map_err(io_err(&file))?;
         std::fs::remove_dir(&tmp).map_err(io_err(&tmp))?;
-        let slots: Vec<_> = self
-            .params
-            .slots
-            .iter()
-            .map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset}))
-            .collect();
+        let slots: Vec<_> =
+            self.params.slots.iter().map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset})).collect();
         let layout = serde_json::json!({
             "world_size": world_size,
             "numel": n,

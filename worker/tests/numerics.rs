@@ -82,7 +82,8 @@ fn ten_training_steps_match_a_pytorch_loop() {
     }
     let dir = tempfile::tempdir().unwrap();
     trainer.save_model(dir.path()).unwrap();
-    let (config, params) = load_params(&ModelSource::Pretrained { dir: dir.path().to_string_lossy().into() }, Kind::Float, Device::Cpu, false, 0).unwrap();
+    let (config, params) =
+        load_params(&ModelSource::Pretrained { dir: dir.path().to_string_lossy().into() }, Kind::Float, Device::Cpu, false, 0).unwrap();
     for (slot, tensor) in params.slots.iter().zip(&params.tensors) {
         let want = reference.tensor(&format!("final.{}", slot.name));
         let err = rel_err(&slot.name, tensor, &want);

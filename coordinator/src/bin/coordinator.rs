@@ -61,9 +61,25 @@ enum Command {
 fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
-        Command::Tokenize { train_file, validation_file, text_column_name, validation_split_percentage, tokenizer_name, block_size, cache_dir, seed } => {
-            tokenize(&train_file, validation_file.as_deref(), &text_column_name, validation_split_percentage, &tokenizer_name, block_size, cache_dir, seed)
-        }
+        Command::Tokenize {
+            train_file,
+            validation_file,
+            text_column_name,
+            validation_split_percentage,
+            tokenizer_name,
+            block_size,
+            cache_dir,
+            seed,
+        } => tokenize(
+            &train_file,
+            validation_file.as_deref(),
+            &text_column_name,
+            validation_split_percentage,
+            &tokenizer_name,
+            block_size,
+            cache_dir,
+            seed,
+        ),
         Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes } => {
             files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude))
         }
@@ -79,18 +95,30 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(job::run(plan))?;
     match (outcome.eval_loss, outcome.perplexity) {
-        (Some(loss), Some(ppl)) => println!("done: {} steps, eval loss {loss:.4}, perplexity {ppl:.2}; model in {}", outcome.steps, outcome.output_dir.display()),
+        (Some(loss), Some(ppl)) => {
+            println!("done: {} steps, eval loss {loss:.4}, perplexity {ppl:.2}; model in {}", outcome.steps, outcome.output_dir.display())
+        }
         _ => println!("done: {} steps; model in {}", outcome.steps, outcome.output_dir.display()),
     }
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tokenize(train: &Path, validation: Option<&Path>, column: &str, percent: u32, tokenizer_dir: &Path, block_size: usize, cache_dir: Option<PathBuf>, seed: u64) -> anyhow::Result<()> {
+fn tokenize(
+    train: &Path,
+    validation: Option<&Path>,
+    column: &str,
+    percent: u32,
+    tokenizer_dir: &Path,
+    block_size: usize,
+    cache_dir: Option<PathBuf>,
+    seed: u64,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let (train_docs, val_docs) = prepare::load_split(train, validation, column, percent, seed, &Filter::default())?;
     let tok = zerotune_hf::tokenizer::load(tokenizer_dir)?;
-    let eos = zerotune_hf::tokenizer::eos_id(&tok).ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
+    let eos = zerotune_hf::tokenizer::eos_id(&tok)
+        .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
     let cache_dir = cache_dir.unwrap_or_else(config::default_cache_dir);
     let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &cache_dir)?;
     let bytes: usize = train_docs.iter().chain(&val_docs).map(|d| d.text.len()).sum();

@@ -67,11 +67,8 @@ impl CodeGen {
     /// Binds the model to `params` (which must follow `config`'s layout).
     pub fn new(config: &CodeGenConfig, params: &ParamSet) -> Self {
         let eps = config.layer_norm_epsilon;
-        let ln = |prefix: &str| LayerNorm {
-            weight: params.get(&format!("{prefix}.weight")),
-            bias: params.get(&format!("{prefix}.bias")),
-            eps,
-        };
+        let ln =
+            |prefix: &str| LayerNorm { weight: params.get(&format!("{prefix}.weight")), bias: params.get(&format!("{prefix}.bias")), eps };
         let blocks = (0..config.n_layer)
             .map(|l| {
                 let p = format!("transformer.h.{l}");

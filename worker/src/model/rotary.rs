@@ -14,16 +14,11 @@ pub struct Rotary {
 impl Rotary {
     /// Computes the tables in f32 with the same ops as HF, then keeps them in `kind` on `device`.
     pub fn new(n_positions: i64, rotary_dim: i64, kind: Kind, device: Device) -> Self {
-        let exponent = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
-            / rotary_dim as f64;
+        let exponent = Tensor::arange_start_step(0, rotary_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / rotary_dim as f64;
         let inv_freq = Tensor::from(10000f32).pow(&exponent).reciprocal();
         let positions = Tensor::arange(n_positions, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
         let angles = positions.outer(&inv_freq);
-        Self {
-            sin: angles.sin().to_kind(kind).to_device(device),
-            cos: angles.cos().to_kind(kind).to_device(device),
-            rotary_dim,
-        }
+        Self { sin: angles.sin().to_kind(kind).to_device(device), cos: angles.cos().to_kind(kind).to_device(device), rotary_dim }
     }
 
     pub fn rotary_dim(&self) -> i64 {

@@ -118,13 +118,7 @@ fn parallel_reduce(values: &[f32], f: impl Fn(&[f32]) -> f64 + Sync) -> f64 {
     })
 }
 
-fn parallel_chunks4(
-    a: &mut [f32],
-    b: &mut [f32],
-    c: &mut [f32],
-    d: &[f32],
-    f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync,
-) {
+fn parallel_chunks4(a: &mut [f32], b: &mut [f32], c: &mut [f32], d: &[f32], f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync) {
     let chunk = chunk_len(a.len());
     if a.len() <= chunk {
         return f(a, b, c, d);

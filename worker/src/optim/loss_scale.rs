@@ -65,7 +65,13 @@ mod tests {
     }
 
     fn run(s: &mut LossScaler, overflows: &[bool]) -> Vec<f64> {
-        overflows.iter().map(|&o| { s.update(o).unwrap(); s.scale }).collect()
+        overflows
+            .iter()
+            .map(|&o| {
+                s.update(o).unwrap();
+                s.scale
+            })
+            .collect()
     }
 
     #[test]

@@ -14,9 +14,19 @@ fn multiplier(s: &Schedule, step: u64) -> f64 {
     let warm = step / warmup.max(1.0);
     match s.kind {
         ScheduleKind::Constant => 1.0,
-        ScheduleKind::ConstantWithWarmup => if in_warmup { warm } else { 1.0 },
+        ScheduleKind::ConstantWithWarmup => {
+            if in_warmup {
+                warm
+            } else {
+                1.0
+            }
+        }
         ScheduleKind::Linear => {
-            if in_warmup { warm } else { ((total - step) / (total - warmup).max(1.0)).max(0.0) }
+            if in_warmup {
+                warm
+            } else {
+                ((total - step) / (total - warmup).max(1.0)).max(0.0)
+            }
         }
         ScheduleKind::Cosine => {
             if in_warmup {
