@@ -16,11 +16,7 @@ pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
 /// Writes `files` (name, bytes) into `dir`.
 pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    for (name, bytes) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(io_err(&path))?;
-    }
-    Ok(())
+    Ok(zerotune_hf::tokenizer::write_files(dir, files)?)
 }
 
 /// Completes checkpoint `step` after all ranks acknowledged it.

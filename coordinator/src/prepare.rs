@@ -1,7 +1,7 @@
 //! Everything decided before a worker starts: the tokenizer (loaded or trained), the model config
 //! checked against it, the block size, the token cache, and the step arithmetic.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
@@ -38,7 +38,7 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         &plan.filter,
     )?;
     let (tok, tokenizer_files) = match &plan.tokenizer {
-        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, read_tokenizer_files(dir)?),
+        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?),
         TokenizerChoice::Train { vocab_size } => {
             let tok = tokenizer::train(train_docs.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
             let json = tok.to_string(true).map_err(|e| flag(format!("cannot serialise the trained tokenizer: {e}")))?;
@@ -177,15 +177,4 @@ fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
         )));
     }
     Ok(config)
-}
-
-fn read_tokenizer_files(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut files = vec![];
-    for name in tokenizer::TOKENIZER_FILES {
-        let path: PathBuf = dir.join(name);
-        if path.is_file() {
-            files.push((name.to_string(), std::fs::read(&path).map_err(io_err(&path))?));
-        }
-    }
-    Ok(files)
 }

@@ -74,18 +74,25 @@ pub fn eos_id(tokenizer: &Tokenizer) -> Option<u32> {
     tokenizer.token_to_id(EOS_TOKEN)
 }
 
-/// Copies whichever tokenizer files exist in `from` into `to`; returns how many.
-pub fn copy_files(from: &Path, to: &Path) -> Result<usize> {
-    let mut copied = 0;
+/// The tokenizer files present in `dir`, as (name, bytes), to write next to a saved model.
+pub fn read_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = vec![];
     for name in TOKENIZER_FILES {
-        let src = from.join(name);
-        if src.is_file() {
-            let dst = to.join(name);
-            std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
-            copied += 1;
+        let path = dir.join(name);
+        if path.is_file() {
+            files.push((name.to_string(), std::fs::read(&path).map_err(io_err(&path))?));
         }
     }
-    Ok(copied)
+    Ok(files)
+}
+
+/// Writes (name, bytes) files into `dir`.
+pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(io_err(&path))?;
+    }
+    Ok(())
 }
 
 fn path_str(path: &Path) -> Result<String> {

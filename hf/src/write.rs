@@ -31,6 +31,14 @@ pub fn write_safetensors(dir: &Path, tensors: &[(String, RawTensor)], max_shard_
     stream_safetensors(dir, &entries, max_shard_bytes, |i| Ok(tensors[i].1.data.clone()))
 }
 
+/// Writes `tensors` into one safetensors file at `path`, whatever its size or name.
+pub fn write_file(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
+    let entries: Vec<Entry> =
+        tensors.iter().map(|(name, t)| Entry { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let all: Vec<usize> = (0..entries.len()).collect();
+    write_shard(path, &entries, &all, &mut |i| Ok(tensors[i].1.data.clone()))
+}
+
 /// Like `write_safetensors`, but asks `produce(i)` for entry i's bytes only when writing it, so
 /// a model larger than memory streams through. Shards hold whole tensors, in entry order.
 pub fn stream_safetensors(

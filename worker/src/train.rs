@@ -102,22 +102,24 @@ impl Trainer {
         self.step += 1;
         let accumulation = micro_batches.len() as f64;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-        let mut loss_sum = 0.0;
+        // Summed on the device and read once per step: no host sync per micro-batch.
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
         let mut tokens = 0u64;
         for ids in micro_batches {
             let (b, t) = ids.size2()?;
             tokens += (b * t) as u64;
             let loss = self.model.loss(ids, true);
-            let value = loss.f_double_value(&[])?;
-            if !value.is_finite() && self.scaler.is_none() {
-                return Err(WorkerError::NonFiniteLoss { step: self.step, loss: value });
-            }
-            loss_sum += value;
+            loss_sum += loss.detach().to_kind(Kind::Double);
             (loss * scale / accumulation).f_backward()?;
             self.accumulate_grads()?;
         }
-        let loss = loss_sum / accumulation;
-        self.grad_host.f_copy_(&self.grad_acc)?;
+        let loss = loss_sum.f_double_value(&[])? / accumulation;
+        if !loss.is_finite() && self.scaler.is_none() {
+            return Err(WorkerError::NonFiniteLoss { step: self.step, loss });
+        }
+        if self.device != Device::Cpu {
+            self.grad_host.f_copy_(&self.grad_acc)?; // on CPU they are the same buffer
+        }
         let outcome = self.optimizer_step(scale, loss, tokens);
         let _ = self.grad_acc.f_zero_()?;
         outcome
@@ -198,11 +200,7 @@ impl Trainer {
         let state = [("master", &self.adam.master), ("exp_avg", &self.adam.exp_avg), ("exp_avg_sq", &self.adam.exp_avg_sq)]
             .map(|(name, values)| (name.to_string(), RawTensor::from_f32(vec![n], values)));
         let file = dir.join(format!("rank-{rank:05}-of-{world_size:05}.safetensors"));
-        let tmp = dir.join(format!("rank-{rank:05}.tmp"));
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        zerotune_hf::write::write_safetensors(&tmp, &state, usize::MAX)?;
-        std::fs::rename(tmp.join("model.safetensors"), &file).map_err(io_err(&file))?;
-        std::fs::remove_dir(&tmp).map_err(io_err(&tmp))?;
+        zerotune_hf::write::write_file(&file, &state)?;
         let slots: Vec<_> =
             self.params.slots.iter().map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset})).collect();
         let layout = serde_json::json!({
