@@ -1,9 +1,12 @@
 //! Offline conversion of a CodeGen checkpoint (ours or Salesforce's, any HF weight layout) into
-//! what FauxPilot serves. Today: HF GPT-J. FasterTransformer and Triton come next (issue 3).
+//! what FauxPilot serves: HF GPT-J, FasterTransformer GPT-J files, and the Triton model dir.
 
+pub mod ft;
 pub mod gptj;
+pub mod output;
 pub mod qkv;
 pub mod source;
+pub mod triton;
 
 /// Conversion errors, each naming the file or flag at fault.
 #[derive(Debug, thiserror::Error)]

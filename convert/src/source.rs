@@ -48,27 +48,48 @@ impl Source {
 
     /// Tensor `name` converted to `dtype` (a plain copy when it already is).
     pub fn read(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<RawTensor> {
-        let raw = self
-            .weights
-            .read(name)
-            .ok_or_else(|| zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") })?;
-        Ok(cast(raw, dtype))
+        let shape = self.weights.info(name).ok_or_else(|| self.missing(name))?.1.to_vec();
+        let data = self.bytes(name, dtype)?;
+        Ok(RawTensor { dtype, shape, data })
+    }
+
+    /// The bytes of tensor `name` in `dtype`, cast straight from the mapping, whose pages are
+    /// then released: a one-pass conversion stays one tensor deep in memory.
+    pub fn bytes(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<Vec<u8>> {
+        let (from, _) = self.weights.info(name).ok_or_else(|| self.missing(name))?;
+        let stored = self.weights.bytes(name).ok_or_else(|| self.missing(name))?;
+        let data = cast_bytes(stored, from, dtype);
+        self.weights.release(name);
+        Ok(data)
+    }
+
+    fn missing(&self, name: &str) -> zerotune_hf::Error {
+        zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") }
     }
 }
 
-/// Converts a float tensor's bytes to `dtype` (round to nearest even, as torch does).
-pub fn cast(raw: RawTensor, dtype: Dtype) -> RawTensor {
-    if raw.dtype == dtype {
-        return raw;
+/// Little-endian float bytes from one dtype to another, rounding to nearest even as torch does
+/// (a copy when they are the same).
+pub fn cast_bytes(data: &[u8], from: Dtype, to: Dtype) -> Vec<u8> {
+    if from == to {
+        return data.to_vec();
     }
-    let values = raw.to_f32().expect("checked float on open");
-    let data = match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        other => panic!("cannot convert weights to {other:?}"),
+    let mut out = Vec::with_capacity(data.len() / from.size() * to.size());
+    let decode: fn(&[u8]) -> f32 = match from {
+        Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        Dtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::Bf16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        Dtype::F64 => |b| f64::from_le_bytes(b.try_into().unwrap()) as f32,
+        other => panic!("cannot convert {other:?} weights (checked float on open)"),
     };
-    RawTensor { dtype, shape: raw.shape, data }
+    let values = data.chunks_exact(from.size()).map(decode);
+    match to {
+        Dtype::F32 => values.for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F16 => values.for_each(|v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+        Dtype::Bf16 => values.for_each(|v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
+        other => panic!("cannot convert weights to {other:?}"),
+    }
+    out
 }
 
 /// Parses `fp32|fp16|bf16` (and torch spellings).

@@ -1,47 +1,14 @@
 //! `convert gptj` against HF transformers: GPTJForCausalLM on our output gives CodeGen's logits.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::{convert, fixtures, python_logits, reference, rel_err};
 use zerotune_hf::{Dtype, WeightFiles};
 
 const LOGITS_REL: f64 = 1e-5;
 
-fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
-    assert!(dir.join("meta.json").is_file(), "no fixtures in {}: run scripts/test.sh", dir.display());
-    dir
-}
-
-fn convert(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_convert")).args(args).output().unwrap()
-}
-
-/// HF's logits (via AutoModelForCausalLM) for the fixture inputs.
-fn hf_logits(model: &Path) -> Vec<f32> {
-    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
-    let out = model.with_extension("logits.safetensors");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_forward.py");
-    let reference = fixtures().join("reference.safetensors");
-    let status = Command::new(python)
-        .args([script, &model.to_string_lossy(), &reference.to_string_lossy(), &out.to_string_lossy()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "HF could not load {}", model.display());
-    WeightFiles::open_file(&out).unwrap().read("logits").unwrap().to_f32().unwrap()
-}
-
-fn reference(name: &str) -> Vec<f32> {
-    WeightFiles::open_file(&fixtures().join("reference.safetensors")).unwrap().read(name).unwrap().to_f32().unwrap()
-}
-
-fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let diff = ours.iter().zip(reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-    let scale = reference.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
-    diff / scale
+fn hf_logits(model: &std::path::Path) -> Vec<f32> {
+    python_logits("hf_forward.py", model)
 }
 
 #[test]

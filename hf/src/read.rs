@@ -132,6 +132,17 @@ impl WeightFiles {
         self.entries.get(name).map(|e| self.paths[e.file].as_path())
     }
 
+    /// Lets the kernel drop the mapped pages behind `name` (they stay in the page cache): a
+    /// one-pass reader calls this after each tensor so its resident size stays one tensor deep.
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: the mapping is a read-only MAP_SHARED view of a file nobody modifies, so a
+            // dropped page faults back in with the same bytes for any borrower. Advice only; a
+            // failure just leaves the pages resident.
+            let _ = unsafe { self.maps[e.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        }
+    }
+
     pub fn read(&self, name: &str) -> Option<RawTensor> {
         let entry = self.entries.get(name)?;
         let data = self.maps[entry.file][entry.start..entry.end].to_vec();
@@ -161,7 +172,7 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
 
 fn safetensors_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let (header_len, metadata) =
-        safetensors::SafeTensors::read_metadata(map).map_err(|e| invalid(path, format!("not a valid safetensors file: {e}")))?;
+        safetensors::SafeTensors::read_metadata(map).map_err(|e| invalid(path, format!("not a valid safetensors file, truncated or corrupt? ({e})")))?;
     let base = 8 + header_len;
     let mut entries = vec![];
     for (name, info) in metadata.tensors() {

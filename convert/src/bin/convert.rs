@@ -1,13 +1,16 @@
-//! `convert`: a CodeGen checkpoint -> HF GPT-J (FasterTransformer and Triton outputs: issue 3).
+//! `convert`: a CodeGen checkpoint -> HF GPT-J, FasterTransformer GPT-J, or a FauxPilot model dir.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use zerotune_convert::ft::{self, FtModel};
+use zerotune_convert::output::Staged;
 use zerotune_convert::source::{parse_dtype, Source};
+use zerotune_convert::triton::{self, TritonPaths};
 use zerotune_convert::{gptj, ConvertError};
 
 #[derive(Parser)]
-#[command(version, about = "zerotune convert: CodeGen -> GPT-J for FauxPilot")]
+#[command(version, about = "zerotune convert: CodeGen -> GPT-J, FasterTransformer and Triton/FauxPilot")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +27,46 @@ enum Command {
         /// fp32, fp16 or bf16 (default: the source's precision).
         #[arg(long)]
         dtype: Option<String>,
-        /// Write into an existing output directory.
+        /// Replace an existing output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write FasterTransformer GPT-J weights into OUTPUT/<N>-gpu/.
+    Fastertransformer {
+        /// CodeGen directory (HF layout, or a zerotune checkpoint-<step>/).
+        input: PathBuf,
+        /// The directory that gets <N>-gpu/.
+        output: PathBuf,
+        /// Tensor-parallel degree N (1, 2, 4 or 8).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// fp32 (FauxPilot's FT reads only fp32) or fp16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        /// Replace an existing <N>-gpu/ directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write the complete FauxPilot model dir <store>/<name>-<N>gpu/ and its .env lines.
+    Triton {
+        /// CodeGen directory (HF layout, or a zerotune checkpoint-<step>/).
+        input: PathBuf,
+        /// FauxPilot's models directory.
+        #[arg(long)]
+        model_store: PathBuf,
+        /// Tensor-parallel degree N = number of GPUs (1, 2, 4 or 8).
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Model name (default: the input directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Where the model dir is mounted in the Triton container, e.g. /model.
+        #[arg(long)]
+        rebase: Option<String>,
+        /// fp32 (FauxPilot's FT reads only fp32) or fp16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
+        /// Replace an existing <name>-<N>gpu/ directory.
         #[arg(long)]
         force: bool,
     },
@@ -38,6 +80,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     match cli.command {
         Command::Gptj { input, output, dtype, force } => {
             let source = Source::open(&input)?;
@@ -45,18 +88,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(name) => parse_dtype(&name)?,
                 None => source.dtype(),
             };
-            prepare_output(&output, force)?;
-            gptj::convert(&source, &output, dtype)?;
+            let staged = Staged::new(&output, force)?;
+            gptj::convert(&source, staged.path(), dtype)?;
+            staged.commit()?;
             println!("{} -> {} (GPT-J, {})", input.display(), output.display(), dtype.torch_name());
-            Ok(())
+        }
+        Command::Fastertransformer { input, output, tp, dtype, force } => {
+            let (source, model) = plan(&input, tp, &dtype)?;
+            let target = output.join(format!("{tp}-gpu"));
+            let staged = Staged::new(&target, force)?;
+            ft::write(&source, &model, staged.path(), &target)?;
+            staged.commit()?;
+            println!("{} -> {} (FasterTransformer GPT-J, tp {tp}, {})", input.display(), target.display(), model.weight_data_type());
+        }
+        Command::Triton { input, model_store, tp, name, rebase, dtype, force } => {
+            let (source, model) = plan(&input, tp, &dtype)?;
+            let name = name.unwrap_or_else(|| triton::default_name(&input));
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(ConvertError::Invalid(format!("--name {name:?}: use letters, digits, '.', '_' and '-' only")).into());
+            }
+            let paths = TritonPaths::new(&model_store, &name, tp, rebase.as_deref())
+                .map_err(|e| anyhow::anyhow!("--model-store {}: {e}", model_store.display()))?;
+            std::fs::create_dir_all(&model_store).map_err(|e| anyhow::anyhow!("--model-store {}: {e}", model_store.display()))?;
+            let staged = Staged::new(&paths.model_dir, force)?;
+            let weights = staged.path().join(TritonPaths::weights_subdir(tp));
+            std::fs::create_dir_all(&weights).map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
+            ft::write(&source, &model, &weights, &paths.model_dir.join(TritonPaths::weights_subdir(tp)))?;
+            write(&staged.path().join("fastertransformer/config.pbtxt"), &triton::config_pbtxt(&model, &name, &paths.checkpoint_path))?;
+            staged.commit()?;
+            let env = triton::env_file(&name, &paths.model_dir, tp);
+            let env_path = paths.model_dir.with_file_name(format!("{name}-{tp}gpu.env"));
+            write(&env_path, &env)?;
+            println!("{} -> {} (FauxPilot model '{name}', {tp} GPU(s), {} weights)", input.display(), paths.model_dir.display(), model.weight_data_type());
+            println!("FauxPilot .env (also written to {}):\n{env}", env_path.display());
         }
     }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
-fn prepare_output(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
-    if dir.exists() && !force {
-        return Err(ConvertError::Invalid(format!("{} already exists; pass --force to write into it", dir.display())).into());
+/// Opens the source and checks it splits `tp` ways in `dtype`; says when vocab rows are padded.
+fn plan(input: &Path, tp: usize, dtype: &str) -> anyhow::Result<(Source, FtModel)> {
+    let dtype = parse_dtype(dtype)?;
+    let source = Source::open(input)?;
+    let model = FtModel::plan(&source, tp, dtype)?;
+    if model.vocab_size != model.source_vocab_size {
+        eprintln!(
+            "note: {} vocab rows padded to {} (a multiple of {}): zero embedding and lm_head rows, lm_head bias {} so padded ids are never chosen",
+            model.source_vocab_size,
+            model.vocab_size,
+            ft::VOCAB_MULTIPLE,
+            ft::PAD_LOGIT_BIAS
+        );
     }
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    Ok(())
+    Ok((source, model))
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
