@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use zerotune_hf::{tokenizer, Dtype};
 
+use crate::cast::{cast_into, transpose_into, Transpose};
 use crate::qkv::{split_qkv, MP_NUM};
 use crate::source::Source;
 use crate::{ConvertError, Result};
@@ -87,7 +88,11 @@ impl FtModel {
 
     /// `fp32` or `fp16`, as config.ini spells it.
     pub fn weight_data_type(&self) -> &'static str {
-        if self.dtype == Dtype::F16 { "fp16" } else { "fp32" }
+        if self.dtype == Dtype::F16 {
+            "fp16"
+        } else {
+            "fp32"
+        }
     }
 }
 
@@ -161,12 +166,10 @@ pub fn write(source: &Source, model: &FtModel, dir: &Path, final_dir: &Path) -> 
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
+                let mut scratch = vec![];
                 while !failed.load(Ordering::Relaxed) {
                     let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else { break };
-                    let written = run_job(source, model, job).and_then(|files| {
-                        files.into_iter().try_for_each(|(name, bytes)| write_file(&dir.join(name), &bytes))
-                    });
-                    if let Err(err) = written {
+                    if let Err(err) = run_job(source, model, job, dir, &mut scratch) {
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap().get_or_insert(err);
                     }
@@ -184,88 +187,74 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| ConvertError::Invalid(format!("cannot write {}: {e}", path.display())))
 }
 
-/// The (file name, bytes) pairs one job produces.
-fn run_job(source: &Source, model: &FtModel, job: &Job) -> Result<Vec<(String, Vec<u8>)>> {
-    let (n, dtype, elem) = (model.tp, model.dtype, model.dtype.size());
-    let shape_of = |name: &str| source.weights.info(name).map(|(_, s)| s.to_vec()).unwrap_or_default();
-    Ok(match job {
-        Job::Replicated { src, out, pad } => {
-            let mut data = source.bytes(src, dtype)?;
+/// Converts one source tensor into its FT file(s) in `dir`, through `scratch` (reused across
+/// jobs, so each thread faults in its largest output once).
+fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mut Vec<u8>) -> Result<()> {
+    let (n, to, elem) = (model.tp, model.dtype, model.dtype.size());
+    let src = match job {
+        Job::Replicated { src, .. } | Job::Columns { src, .. } | Job::Rows { src, .. } => src.clone(),
+        Job::Qkv(l) => format!("transformer.h.{l}.attn.qkv_proj.weight"),
+    };
+    let (from, shape, data) = source.stored(&src)?;
+    let zeroed = |scratch: &mut Vec<u8>, len: usize| {
+        scratch.clear();
+        scratch.resize(len, 0);
+    };
+    match job {
+        Job::Replicated { out, pad, .. } => {
+            cast_into(scratch, data, from, to);
             let rows = model.vocab_size - model.source_vocab_size;
             match pad {
                 Pad::None => {}
-                Pad::ZeroRows => data.resize(data.len() + rows * model.n_embd() * elem, 0),
+                Pad::ZeroRows => scratch.resize(scratch.len() + rows * model.n_embd() * elem, 0),
                 Pad::NegativeBias => {
-                    let value = crate::source::cast_bytes(&PAD_LOGIT_BIAS.to_le_bytes(), Dtype::F32, dtype);
-                    (0..rows).for_each(|_| data.extend_from_slice(&value));
+                    let mut value = vec![];
+                    cast_into(&mut value, &PAD_LOGIT_BIAS.to_le_bytes(), Dtype::F32, to);
+                    (0..rows).for_each(|_| scratch.extend_from_slice(&value));
                 }
             }
-            vec![(format!("{out}.bin"), data)]
+            write_file(&dir.join(format!("{out}.bin")), scratch)?;
         }
         Job::Qkv(l) => {
+            // q, k, v in the source dtype; rank r's output rows of each, transposed and
+            // interleaved into [in, 3 (q, k, v), out/N].
             let e = model.n_embd();
-            let qkv = source.bytes(&format!("transformer.h.{l}.attn.qkv_proj.weight"), dtype)?;
-            let (q, k, v) = split_qkv(&qkv, e, elem);
-            let chunk = e * e / n * elem;
-            (0..n)
-                .map(|r| {
-                    // Each projection's output rows for rank r, transposed to [in, out/N] ...
-                    let t: Vec<Vec<u8>> = [&q, &k, &v].iter().map(|m| transpose(&m[r * chunk..][..chunk], e / n, e, elem)).collect();
-                    // ... then interleaved row by row into [in, 3 (q, k, v), out/N].
-                    let row = e / n * elem;
-                    let mut data = Vec::with_capacity(3 * chunk);
-                    for i in 0..e {
-                        t.iter().for_each(|m| data.extend_from_slice(&m[i * row..][..row]));
-                    }
-                    (format!("model.layers.{l}.attention.query_key_value.weight.{r}.bin"), data)
-                })
-                .collect()
-        }
-        Job::Columns { src, out } => {
-            let shape = shape_of(src);
-            let data = source.bytes(src, dtype)?;
-            let piece = data.len() / n;
-            (0..n)
-                .map(|r| {
-                    let part = &data[r * piece..][..piece];
-                    let bytes = if shape.len() == 2 { transpose(part, shape[0] / n, shape[1], elem) } else { part.to_vec() };
-                    (format!("{out}.{r}.bin"), bytes)
-                })
-                .collect()
-        }
-        Job::Rows { src, out } => {
-            let shape = shape_of(src);
-            let t = transpose(&source.bytes(src, dtype)?, shape[0], shape[1], elem);
-            let piece = t.len() / n;
-            (0..n).map(|r| (format!("{out}.{r}.bin"), t[r * piece..][..piece].to_vec())).collect()
-        }
-    })
-}
-
-/// The transpose of a row-major [rows, cols] matrix of `elem`-byte values.
-pub fn transpose(data: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
-    match elem {
-        2 => transpose_width::<2>(data, rows, cols),
-        4 => transpose_width::<4>(data, rows, cols),
-        _ => unreachable!("FT weights are fp16 or fp32"),
-    }
-}
-
-fn transpose_width<const W: usize>(data: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    const TILE: usize = 32;
-    let (src, rest) = data.as_chunks::<W>();
-    assert!(rest.is_empty() && src.len() == rows * cols, "matrix bytes do not match its shape");
-    let mut out = vec![[0u8; W]; rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = src[r * cols + c];
+            let (q, k, v) = split_qkv(data, e, from.size());
+            let rows = e / n;
+            let part = rows * e * from.size();
+            for r in 0..n {
+                zeroed(scratch, 3 * rows * e * elem);
+                for (j, m) in [&q, &k, &v].into_iter().enumerate() {
+                    let t = Transpose { rows, cols: e, ld: 3 * rows, offset: j * rows };
+                    transpose_into(scratch, &m[r * part..][..part], t, from, to);
                 }
+                write_file(&dir.join(format!("model.layers.{l}.attention.query_key_value.weight.{r}.bin")), scratch)?;
+            }
+        }
+        Job::Columns { out, .. } => {
+            let part = data.len() / n;
+            for r in 0..n {
+                let piece = &data[r * part..][..part];
+                if let [rows, cols] = *shape {
+                    zeroed(scratch, rows / n * cols * elem);
+                    transpose_into(scratch, piece, Transpose::plain(rows / n, cols), from, to);
+                } else {
+                    cast_into(scratch, piece, from, to);
+                }
+                write_file(&dir.join(format!("{out}.{r}.bin")), scratch)?;
+            }
+        }
+        Job::Rows { out, .. } => {
+            let [rows, cols] = *shape else { unreachable!("row-split tensors are matrices") };
+            zeroed(scratch, rows * cols * elem);
+            transpose_into(scratch, data, Transpose::plain(rows, cols), from, to);
+            for (r, piece) in scratch.chunks(scratch.len() / n).enumerate() {
+                write_file(&dir.join(format!("{out}.{r}.bin")), piece)?;
             }
         }
     }
-    out.into_flattened()
+    source.release(&src);
+    Ok(())
 }
 
 /// config.ini: `[gpt]` as FauxPilot's converter writes it (its arguments and the GPT-J config)
@@ -318,23 +307,4 @@ pub fn config_ini(source: &Source, model: &FtModel, dir: &Path) -> String {
         writeln!(ini, "{key} = {value}").unwrap();
     }
     ini
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transpose_moves_every_element() {
-        let (rows, cols) = (37, 70); // not multiples of the tile
-        let m: Vec<u8> = (0..rows * cols).flat_map(|i| (i as u32).to_le_bytes()).collect();
-        let t = transpose(&m, rows, cols, 4);
-        for r in 0..rows {
-            for c in 0..cols {
-                let at = u32::from_le_bytes(t[(c * rows + r) * 4..][..4].try_into().unwrap());
-                assert_eq!(at as usize, r * cols + c);
-            }
-        }
-        assert_eq!(transpose(&t, cols, rows, 4), m);
-    }
 }

@@ -1,6 +1,7 @@
 //! Offline conversion of a CodeGen checkpoint (ours or Salesforce's, any HF weight layout) into
 //! what FauxPilot serves: HF GPT-J, FasterTransformer GPT-J files, and the Triton model dir.
 
+pub mod cast;
 pub mod ft;
 pub mod gptj;
 pub mod output;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
 
+use crate::cast::cast_into;
 use crate::{ConvertError, Result};
 
 pub struct Source {
@@ -58,38 +59,26 @@ impl Source {
     pub fn bytes(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<Vec<u8>> {
         let (from, _) = self.weights.info(name).ok_or_else(|| self.missing(name))?;
         let stored = self.weights.bytes(name).ok_or_else(|| self.missing(name))?;
-        let data = cast_bytes(stored, from, dtype);
+        let mut data = vec![];
+        cast_into(&mut data, stored, from, dtype);
         self.weights.release(name);
         Ok(data)
+    }
+
+    /// Tensor `name` as stored: dtype, shape and the mapped bytes. Call `release` when done.
+    pub fn stored(&self, name: &str) -> zerotune_hf::Result<(Dtype, &[usize], &[u8])> {
+        let (dtype, shape) = self.weights.info(name).ok_or_else(|| self.missing(name))?;
+        Ok((dtype, shape, self.weights.bytes(name).ok_or_else(|| self.missing(name))?))
+    }
+
+    /// Drops the mapped pages of `name` from this process (a one-pass reader is done with them).
+    pub fn release(&self, name: &str) {
+        self.weights.release(name);
     }
 
     fn missing(&self, name: &str) -> zerotune_hf::Error {
         zerotune_hf::Error::Invalid { path: self.dir.clone(), message: format!("missing tensor {name}") }
     }
-}
-
-/// Little-endian float bytes from one dtype to another, rounding to nearest even as torch does
-/// (a copy when they are the same).
-pub fn cast_bytes(data: &[u8], from: Dtype, to: Dtype) -> Vec<u8> {
-    if from == to {
-        return data.to_vec();
-    }
-    let mut out = Vec::with_capacity(data.len() / from.size() * to.size());
-    let decode: fn(&[u8]) -> f32 = match from {
-        Dtype::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        Dtype::F16 => |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::Bf16 => |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::F64 => |b| f64::from_le_bytes(b.try_into().unwrap()) as f32,
-        other => panic!("cannot convert {other:?} weights (checked float on open)"),
-    };
-    let values = data.chunks_exact(from.size()).map(decode);
-    match to {
-        Dtype::F32 => values.for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        Dtype::F16 => values.for_each(|v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
-        Dtype::Bf16 => values.for_each(|v| out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())),
-        other => panic!("cannot convert weights to {other:?}"),
-    }
-    out
 }
 
 /// Parses `fp32|fp16|bf16` (and torch spellings).

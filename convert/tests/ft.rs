@@ -49,7 +49,10 @@ fn ft_files_reproduce_codegen_logits_for_tp_1_2_4() {
         convert_ok(&["fastertransformer", &s(&fixtures().join("tiny")), &s(tmp.path()), "--tp", &n.to_string()]);
         let dir = tmp.path().join(format!("{n}-gpu"));
         assert_eq!(file_count(&dir), 5 + 2 * (3 + 5 * n), "5 + L(3 + 5N) files");
-        assert_eq!(std::fs::metadata(dir.join("model.layers.1.attention.query_key_value.weight.0.bin")).unwrap().len() as usize, 64 * 3 * 64 / n * 4);
+        assert_eq!(
+            std::fs::metadata(dir.join("model.layers.1.attention.query_key_value.weight.0.bin")).unwrap().len() as usize,
+            64 * 3 * 64 / n * 4
+        );
         assert_eq!(ini_value(&dir, "gptj", "tensor_para_size"), n.to_string());
         assert_eq!(ini_value(&dir, "gptj", "weight_data_type"), "fp32");
         let err = rel_err(&unpadded(&ft_logits(&dir), 1024), &reference);
@@ -93,7 +96,8 @@ fn pbtxt_parameters(text: &str) -> BTreeMap<String, String> {
 /// fixture tokenizer.
 fn random_codegen(dir: &Path, vocab: usize, n_inner: usize) {
     std::fs::create_dir_all(dir).unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny/config.json")).unwrap()).unwrap();
     config["vocab_size"] = vocab.into();
     config["n_inner"] = n_inner.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -209,7 +213,9 @@ fn bad_inputs_are_refused_with_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("store");
     let tiny = s(&fixtures().join("tiny"));
-    let triton = |extra: &[&str]| [&["triton", tiny.as_str(), "--model-store", &s(&store)], extra].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let triton = |extra: &[&str]| {
+        [&["triton", tiny.as_str(), "--model-store", &s(&store)], extra].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
     let run = |args: Vec<String>, needle: &str| refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), &store, needle);
     run(triton(&["--tp", "3"]), "--tp 3: FasterTransformer needs a power of two from 1 to 8");
     run(triton(&["--tp", "16"]), "--tp 16");

@@ -171,8 +171,8 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn safetensors_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
-    let (header_len, metadata) =
-        safetensors::SafeTensors::read_metadata(map).map_err(|e| invalid(path, format!("not a valid safetensors file, truncated or corrupt? ({e})")))?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(map)
+        .map_err(|e| invalid(path, format!("not a valid safetensors file, truncated or corrupt? ({e})")))?;
     let base = 8 + header_len;
     let mut entries = vec![];
     for (name, info) in metadata.tensors() {

@@ -119,7 +119,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let env = triton::env_file(&name, &paths.model_dir, tp);
             let env_path = paths.model_dir.with_file_name(format!("{name}-{tp}gpu.env"));
             write(&env_path, &env)?;
-            println!("{} -> {} (FauxPilot model '{name}', {tp} GPU(s), {} weights)", input.display(), paths.model_dir.display(), model.weight_data_type());
+            println!(
+                "{} -> {} (FauxPilot model '{name}', {tp} GPU(s), {} weights)",
+                input.display(),
+                paths.model_dir.display(),
+                model.weight_data_type()
+            );
             println!("FauxPilot .env (also written to {}):\n{env}", env_path.display());
         }
     }
