@@ -51,11 +51,11 @@ impl FtModel {
         if !matches!(dtype, Dtype::F32 | Dtype::F16) {
             return invalid(format!("--dtype {}: FasterTransformer GPT-J weights are fp32 or fp16", dtype.torch_name()));
         }
-        if c.n_head % MP_NUM != 0 {
+        if !c.n_head.is_multiple_of(MP_NUM) {
             return invalid(format!("{}: n_head {} is not divisible by {MP_NUM}, CodeGen's qkv layout", source.dir.display(), c.n_head));
         }
         let inter_size = source.weights.info("transformer.h.0.mlp.fc_in.weight").map_or(c.inner_dim(), |(_, shape)| shape[0]);
-        if c.n_head % tp != 0 || inter_size % tp != 0 {
+        if !c.n_head.is_multiple_of(tp) || !inter_size.is_multiple_of(tp) {
             return invalid(format!("--tp {tp} must divide n_head ({}) and the MLP width ({inter_size})", c.n_head));
         }
         let (start_id, end_id) = match eos_from_tokenizer(&source.dir)? {
