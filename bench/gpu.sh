@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU checks and benchmark in one call (prepare with bench/gpu_prepare.sh on the build machine).
+# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu.
+# 2. Training throughput and peak GPU memory, codegen-350M-multi shape from scratch, block 2048,
+#    micro 1, accumulation 8: zerotune (ZeRO-2 + CPU offload, world size 1) in fp16 and bf16, and
+#    DeepSpeed ZeRO-2 + offload (../shared/anchors/gpu, the seed's config) in the same call.
+# Peak memory is sampled with nvidia-smi for both (process total), and DeepSpeed's own
+# torch.cuda.max_memory_allocated is shown too.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+PY=${PY:-/opt/torch/.venv/bin/python}
+DEVICE=${DEVICE:-cuda}
+CONFIG=${CONFIG:-codegen-350M}
+BLOCK=${BLOCK:-2048}
+STEPS=${STEPS:-8}
+ANCHOR=${ANCHOR_SPECS:-1}
+export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+BIN=$PWD/.gpu/bin
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+
+sample_start() { (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null; sleep 0.2; done) > "$1" & SAMPLER=$!; }
+sample_stop() { kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; sort -n "$1" | tail -1; }
+
+echo "== 1. CUDA greedy ids vs CPU (tiny fixture)"
+for dev in cpu "$DEVICE"; do
+  "$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n' --max_new_tokens 20 --device "$dev" --json \
+    > "$OUT/generate-$dev.json" 2> "$OUT/generate-$dev.err" || cat "$OUT/generate-$dev.err"
+done
+if cmp -s "$OUT/generate-cpu.json" "$OUT/generate-$DEVICE.json"; then GEN=same; else GEN=DIFFERENT; fi
+echo "greedy ids cpu vs $DEVICE: $GEN"; cat "$OUT/generate-$DEVICE.json"
+
+echo "== 2. data"
+"$PY" - "$OUT/data.txt" <<'PYEOF'
+import random, sys
+random.seed(0)
+words = ["".join(random.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(random.randint(2, 9))) for _ in range(5000)]
+lines = [f"def {random.choice(words)}({', '.join(random.sample(words, 3))}):\n    return {' + '.join(random.sample(words, 4))}\n"
+         for _ in range(60000)]
+open(sys.argv[1], "w").write("".join(lines))
+PYEOF
+cat > "$OUT/ds_config.json" <<'JSON'
+{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": true},
+  "overlap_comm": true, "reduce_scatter": true, "contiguous_gradients": true},
+ "fp16": {"enabled": "auto", "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
+ "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+ "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+JSON
+
+declare -A TPS MEM
+for dt in fp16 bf16; do
+  echo "== 3. zerotune $dt"
+  sample_start "$OUT/mem-ours-$dt.txt"
+  timeout 200 "$BIN/coordinator" train --config_name "$CONFIG" --train_tokenizer 2048 --train_file "$OUT/data.txt" \
+    --output_dir "$OUT/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
+    --deepspeed "$OUT/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
+    --gradient_accumulation_steps 8 --max_steps "$STEPS" --logging_steps "$STEPS" --save_steps 100000 \
+    --learning_rate 2e-5 --max_grad_norm 1.0 > "$OUT/ours-$dt.log" 2>&1; rc=$?
+  MEM[$dt]=$(sample_stop "$OUT/mem-ours-$dt.txt")
+  tail -3 "$OUT/ours-$dt.log"
+  TPS[$dt]=$(tail -1 "$OUT/run-$dt/metrics.jsonl" 2>/dev/null | "$PY" -c 'import json,sys; print(round(json.loads(sys.stdin.read())["tokens_per_second"]))' 2>/dev/null || echo "failed rc=$rc")
+done
+
+declare -A DS DSMEM
+if [ "$ANCHOR" = 1 ]; then
+  for dt in fp16 bf16; do
+    echo "== 4. DeepSpeed $dt"
+    sample_start "$OUT/mem-ds-$dt.txt"
+    bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "200 ds --dtype $dt --micro 1 --ga 8 --steps 3 --warmup 1" > "$OUT/ds-$dt.log" 2>&1
+    DSMEM[$dt]=$(sample_stop "$OUT/mem-ds-$dt.txt")
+    cat "$OUT/ds-$dt.log"
+    DS[$dt]=$(grep RESULT "$OUT/ds-$dt.log" | sed 's/RESULT //' | "$PY" -c 'import json,sys; r=json.loads(sys.stdin.read()); print(round(r["tokens_per_s"]), "%.1f" % r["peak_gpu_gib"])' 2>/dev/null || echo "failed -")
+  done
+fi
+
+echo
+echo "greedy ids, tiny fixture, cpu vs $DEVICE: $GEN"
+echo "| run ($CONFIG shape, block $BLOCK, micro 1, accumulation 8) | tokens/s | peak GPU MiB (nvidia-smi) | torch max allocated GiB |"
+echo "|---|---|---|---|"
+for dt in fp16 bf16; do
+  echo "| zerotune ZeRO-2 + CPU offload, $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | - |"
+  [ "$ANCHOR" = 1 ] && set -- ${DS[$dt]} && echo "| DeepSpeed ZeRO-2 + CPU offload, $dt | $1 | ${DSMEM[$dt]:--} | $2 |"
+done
