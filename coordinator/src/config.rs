@@ -118,6 +118,18 @@ pub struct TrainArgs {
     /// The worker binary (default: `worker` next to this executable).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+    /// GPU ranks on this machine (one worker process per GPU, like `deepspeed --num_gpus`).
+    #[arg(long)]
+    pub num_gpus: Option<usize>,
+    /// CPU ranks on this machine (one worker process each), for machines without GPUs.
+    #[arg(long)]
+    pub num_workers: Option<usize>,
+    /// Continue from a checkpoint: a `checkpoint-<step>` directory, or `latest` (in --output_dir).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// If a worker fails, resume from the latest checkpoint up to this many times.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: u32,
 }
 
 /// Where the initial weights come from.
@@ -139,7 +151,7 @@ pub enum Warmup {
     Ratio(f64),
 }
 
-/// ZeRO settings from ds_config.json (partitioning itself arrives with multi-rank training).
+/// ZeRO settings from ds_config.json.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Zero {
     pub stage: u8,
@@ -183,6 +195,8 @@ pub struct TrainPlan {
     pub device: String,
     pub worker_bin: PathBuf,
     pub zero: Zero,
+    pub resume_from_checkpoint: Option<String>,
+    pub max_restarts: u32,
 }
 
 fn flag(message: impl Into<String>) -> CoordinatorError {
@@ -217,7 +231,19 @@ impl TrainPlan {
                 return Err(flag("--config_name needs a tokenizer: pass --tokenizer_name DIR or --train_tokenizer VOCAB_SIZE"))
             }
         };
-        let world_size = 1;
+        let device = resolve_device(&args.device)?;
+        let world_size = match (args.num_gpus, args.num_workers) {
+            (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
+            (Some(0), _) | (_, Some(0)) => return Err(flag("--num_gpus / --num_workers must be at least 1")),
+            (Some(n), None) if device == "cpu" => {
+                return Err(flag(format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks")))
+            }
+            (None, Some(n)) if device != "cpu" && n > 1 => {
+                return Err(flag(format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs")))
+            }
+            (Some(n), None) | (None, Some(n)) => n,
+            (None, None) => 1,
+        };
         let schedule = match args.lr_scheduler_type.as_str() {
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
@@ -238,7 +264,6 @@ impl TrainPlan {
                 return Err(flag(format!("{name} must be at least 1")));
             }
         }
-        let device = resolve_device(&args.device)?;
         let mut plan = Self {
             model,
             tokenizer,
@@ -281,7 +306,11 @@ impl TrainPlan {
                 Some(path) => path.clone(),
                 None => sibling_binary("worker")?,
             },
-            zero: Zero { stage: 0, offload_optimizer: false },
+            // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
+            // already in host memory, so it runs the host kernel.
+            zero: Zero { stage: 0, offload_optimizer: device == "cpu" },
+            resume_from_checkpoint: args.resume_from_checkpoint.clone(),
+            max_restarts: args.max_restarts,
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::Status;
-use zerotune_proto::plan::{ModelSource, Schedule, WorkerPlan};
+use zerotune_proto::plan::{ModelSource, Resume, Schedule, WorkerPlan};
 use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, TrainStep};
 
 use crate::checkpoint::{self, checkpoint_dir};
@@ -43,14 +43,20 @@ struct Cadence {
 }
 
 pub async fn run(plan: TrainPlan) -> Result<Outcome> {
-    check_output_dir(&plan)?;
+    let mut resume = match &plan.resume_from_checkpoint {
+        Some(spec) => Some(resolve_checkpoint(&plan.output_dir, spec)?),
+        None => {
+            check_output_dir(&plan)?;
+            None
+        }
+    };
     let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
     std::fs::create_dir_all(&plan.output_dir).map_err(io_err(&plan.output_dir))?;
     let output_dir = plan.output_dir.canonicalize().map_err(io_err(&plan.output_dir))?;
     let worker_plan = worker_plan(&plan, &prepared)?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
-        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}",
+        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}{}",
         prepared.config.num_parameters(),
         prepared.total_steps,
         prepared.sampler.steps_per_epoch(),
@@ -58,26 +64,105 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
         plan.accumulation,
         plan.world_size,
         prepared.block_size,
-        plan.device
+        plan.device,
+        if plan.world_size > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
     );
+    let run = Run {
+        cadence: Cadence {
+            total_steps: prepared.total_steps,
+            eval_steps: plan.eval_steps,
+            do_eval: plan.do_eval && prepared.cache.validation_blocks > 0,
+            save_steps: plan.save_steps,
+            eval_batch: plan.eval_batch,
+            output_dir: output_dir.clone(),
+        },
+        sampler: prepared.sampler,
+        total_steps: prepared.total_steps,
+        tokenizer_files: prepared.tokenizer_files,
+        cache: Arc::new(prepared.cache),
+        worker_plan,
+    };
+    let mut restarts = 0;
+    loop {
+        match attempt(&plan, &run, resume.clone()).await {
+            Err(CoordinatorError::Worker { rank, host, message }) if restarts < plan.max_restarts => {
+                restarts += 1;
+                eprintln!("worker rank {rank} ({host}) failed: {message}");
+                resume = latest_checkpoint(&output_dir)?;
+                let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
+                eprintln!("restart {restarts} of {}: resuming from {from}", plan.max_restarts);
+            }
+            other => return other,
+        }
+    }
+}
 
+/// What every attempt of a run shares.
+struct Run {
+    cadence: Cadence,
+    sampler: Sampler,
+    total_steps: u64,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    cache: Arc<TokenCache>,
+    worker_plan: WorkerPlan,
+}
+
+/// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), checked complete.
+fn resolve_checkpoint(output_dir: &Path, spec: &str) -> Result<Resume> {
+    let dir = if spec == "latest" {
+        let pointer = output_dir.join("latest");
+        let name = std::fs::read_to_string(&pointer).map_err(|e| {
+            CoordinatorError::Flag(format!(
+                "--resume_from_checkpoint latest: cannot read {}: {e} (no complete checkpoint yet?)",
+                pointer.display()
+            ))
+        })?;
+        output_dir.join(name.trim())
+    } else {
+        PathBuf::from(spec)
+    };
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: cannot read {}: {e}", spec, state_path.display())))?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} is not valid JSON: {e}", state_path.display())))?;
+    let step = state["global_step"]
+        .as_u64()
+        .ok_or_else(|| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} has no global_step", state_path.display())))?;
+    if !dir.join("optimizer/layout.json").is_file() {
+        return Err(CoordinatorError::Flag(format!(
+            "--resume_from_checkpoint: {} has no optimizer/layout.json (incomplete checkpoint?)",
+            dir.display()
+        )));
+    }
+    let dir = dir.canonicalize().map_err(io_err(&dir))?;
+    Ok(Resume { dir: dir.to_string_lossy().into_owned(), step })
+}
+
+/// The checkpoint `latest` names, if any.
+fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
+    if !output_dir.join("latest").is_file() {
+        return Ok(None);
+    }
+    resolve_checkpoint(output_dir, "latest").map(Some)
+}
+
+/// One launch of all workers, from `resume` or the start, until the run ends or a rank fails.
+async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<Outcome> {
+    let output_dir = run.cadence.output_dir.clone();
+    let first_step = resume.as_ref().map_or(1, |r| r.step + 1);
+    if let Some(r) = &resume {
+        eprintln!("resuming from {} at step {}", r.dir, r.step);
+    }
+    let worker_plan = WorkerPlan { resume, ..run.worker_plan.clone() };
     let world = plan.world_size as u32;
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let cache = Arc::new(prepared.cache);
-    let cadence = Cadence {
-        total_steps: prepared.total_steps,
-        eval_steps: plan.eval_steps,
-        do_eval: plan.do_eval && cache.validation_blocks > 0,
-        save_steps: plan.save_steps,
-        eval_batch: plan.eval_batch,
-        output_dir: output_dir.clone(),
-    };
     let mut receivers = vec![];
     for rank in 0..world {
         let (tx, rx) = mpsc::channel(4);
         receivers.push(rx);
-        let (cache, cadence, sampler) = (cache.clone(), cadence.clone(), prepared.sampler);
-        tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, tx));
+        let (cache, cadence, sampler) = (run.cache.clone(), run.cadence.clone(), run.sampler);
+        tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, first_step, tx));
     }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -94,19 +179,21 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
                 let _ = stop_rx.await;
             },
         ));
+    let mut watchers = vec![];
     for rank in 0..world {
-        launch::spawn_local(&plan.worker_bin, &url, rank, world, &plan.device, &secret, events_tx.clone())?;
+        watchers.push(launch::spawn_local(&plan.worker_bin, &url, rank, world, &plan.device, &secret, events_tx.clone())?);
     }
     drop(events_tx);
 
-    let mut progress = Progress::new(&output_dir, prepared.total_steps, prepared.sampler.steps_per_epoch() as u64, plan.logging_steps)?;
+    let steps_per_epoch = run.sampler.steps_per_epoch() as u64;
+    let mut progress = Progress::new(&output_dir, run.total_steps, steps_per_epoch, plan.logging_steps, first_step > 1)?;
     let mut job = Job {
         world,
         output_dir: output_dir.clone(),
-        tokenizer_files: prepared.tokenizer_files,
-        plan: &plan,
-        total_steps: prepared.total_steps,
-        sampler: prepared.sampler,
+        tokenizer_files: &run.tokenizer_files,
+        plan,
+        total_steps: run.total_steps,
+        sampler: run.sampler,
         hosts: BTreeMap::new(),
         saves: BTreeMap::new(),
         evals: BTreeMap::new(),
@@ -119,12 +206,15 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
     };
     let _ = stop_tx.send(());
     drop(events); // workers still running see their launcher go and are killed
+    for watcher in watchers {
+        let _ = watcher.await; // every worker process is gone before a restart
+    }
     let _ = server.await;
     result?;
     let last_eval = progress.last_eval();
     Ok(Outcome {
         output_dir,
-        steps: prepared.total_steps,
+        steps: run.total_steps,
         eval_loss: last_eval.and_then(|e| e["eval_loss"].as_f64()),
         perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
     })
@@ -160,6 +250,9 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         loss_scaler: plan.loss_scaler,
         seed: plan.seed,
         gradient_accumulation_steps: plan.accumulation as u32,
+        zero_stage: plan.zero.stage,
+        offload_optimizer: plan.zero.offload_optimizer,
+        resume: None,
     })
 }
 
@@ -191,6 +284,7 @@ fn produce_commands(
     cadence: &Cadence,
     rank: u32,
     world: u32,
+    first_step: u64,
     tx: mpsc::Sender<std::result::Result<Command, Status>>,
 ) {
     let send = |kind: command::Kind| tx.blocking_send(Ok(Command { kind: Some(kind) })).is_ok();
@@ -204,7 +298,7 @@ fn produce_commands(
         let batches = eval_blocks.chunks(cadence.eval_batch).map(|c| batch(c, &|b| cache.validation_block(b))).collect();
         command::Kind::Evaluate(Evaluate { step, batches })
     };
-    for step in 1..=cadence.total_steps {
+    for step in first_step..=cadence.total_steps {
         let micro_batches = sampler.step_batches(step - 1, rank as usize).iter().map(|m| batch(m, &|b| cache.train_block(b))).collect();
         if !send(command::Kind::Step(TrainStep { step, micro_batches })) {
             return;
@@ -230,13 +324,13 @@ fn produce_commands(
 struct Job<'a> {
     world: u32,
     output_dir: PathBuf,
-    tokenizer_files: Vec<(String, Vec<u8>)>,
+    tokenizer_files: &'a [(String, Vec<u8>)],
     plan: &'a TrainPlan,
     total_steps: u64,
     sampler: Sampler,
     hosts: BTreeMap<u32, String>,
-    /// Acknowledgements per saved step.
-    saves: BTreeMap<u64, u32>,
+    /// Acknowledgements per (step, directory) saved.
+    saves: BTreeMap<(u64, String), u32>,
     /// (loss sum, tokens, ranks) per evaluated step.
     evals: BTreeMap<u64, (f64, u64, u32)>,
     finished: u32,
@@ -267,18 +361,18 @@ impl Job<'_> {
                     }
                 }
                 Event::Saved(report) => {
-                    let acks = self.saves.entry(report.step).or_default();
+                    let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
                     *acks += 1;
                     if *acks < self.world {
                         continue;
                     }
                     if Path::new(&report.dir) == self.output_dir {
-                        checkpoint::write_files(&self.output_dir, &self.tokenizer_files)?;
+                        checkpoint::write_files(&self.output_dir, self.tokenizer_files)?;
                         self.finished = self.world;
                         progress.note(&format!("saved the final model to {}", self.output_dir.display()));
                     } else {
                         let state = self.trainer_state(report.step, progress);
-                        checkpoint::finalize(&self.output_dir, report.step, &self.tokenizer_files, &state, self.plan.save_total_limit)?;
+                        checkpoint::finalize(&self.output_dir, report.step, self.tokenizer_files, &state, self.plan.save_total_limit)?;
                         progress.note(&format!("saved checkpoint-{}", report.step));
                     }
                 }

@@ -25,9 +25,16 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(output_dir: &Path, total_steps: u64, steps_per_epoch: u64, logging_steps: u64) -> Result<Self> {
+    /// Progress of a run; a resumed run (`append`) continues the existing metrics.jsonl.
+    pub fn new(output_dir: &Path, total_steps: u64, steps_per_epoch: u64, logging_steps: u64, append: bool) -> Result<Self> {
         let metrics_path = output_dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&metrics_path)
+            .map_err(io_err(&metrics_path))?;
         Ok(Self {
             total_steps,
             steps_per_epoch,

@@ -44,12 +44,22 @@ pub struct JobService {
     /// Each rank's command stream, taken once by that rank's `Commands` call.
     commands: Mutex<Vec<Option<CommandReceiver>>>,
     events: mpsc::UnboundedSender<Event>,
+    /// Rendezvous requests so far, by rank; the reply is published once all are in.
+    rendezvous: Mutex<Vec<Option<RendezvousRequest>>>,
+    rendezvous_done: tokio::sync::watch::Sender<Option<RendezvousReply>>,
 }
 
 impl JobService {
     pub fn new(plan_json: String, commands: Vec<CommandReceiver>, events: mpsc::UnboundedSender<Event>) -> Self {
         let world_size = commands.len() as u32;
-        Self { plan_json, world_size, commands: Mutex::new(commands.into_iter().map(Some).collect()), events }
+        Self {
+            plan_json,
+            world_size,
+            commands: Mutex::new(commands.into_iter().map(Some).collect()),
+            events,
+            rendezvous: Mutex::new(vec![None; world_size as usize]),
+            rendezvous_done: tokio::sync::watch::channel(None).0,
+        }
     }
 
     /// The tonic service, refusing calls without `secret`.
@@ -85,6 +95,26 @@ impl Coordinator for JobService {
         self.rank(r.rank)?;
         self.send(Event::Registered { rank: r.rank, host: r.host, device: r.device, pid: r.pid })?;
         Ok(Response::new(RegisterReply { plan_json: self.plan_json.clone(), world_size: self.world_size }))
+    }
+
+    async fn rendezvous(&self, request: Request<RendezvousRequest>) -> Result<Response<RendezvousReply>, Status> {
+        let r = request.into_inner();
+        let rank = self.rank(r.rank)?;
+        let mut done = self.rendezvous_done.subscribe();
+        {
+            let mut arrived = self.rendezvous.lock().expect("rendezvous lock");
+            arrived[rank] = Some(r);
+            if arrived.iter().all(Option::is_some) {
+                let all: Vec<&RendezvousRequest> = arrived.iter().flatten().collect();
+                let reply = RendezvousReply {
+                    ring_addresses: all.iter().map(|r| r.ring_address.clone()).collect(),
+                    nccl_id: all[0].nccl_id.clone(),
+                };
+                self.rendezvous_done.send_replace(Some(reply));
+            }
+        }
+        let reply = done.wait_for(Option::is_some).await.map_err(|_| Status::unavailable("the job is shutting down"))?;
+        Ok(Response::new(reply.clone().expect("published")))
     }
 
     type CommandsStream = ReceiverStream<Result<Command, Status>>;

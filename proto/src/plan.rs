@@ -22,6 +22,28 @@ pub struct WorkerPlan {
     pub seed: u64,
     /// Micro-batches per optimizer step (for loss averaging).
     pub gradient_accumulation_steps: u32,
+    /// ZeRO stage: 0 replicates the optimizer on every rank; 1 and 2 partition it (2 also
+    /// reduce-scatters gradients every micro-step, so no rank holds the full gradient).
+    #[serde(default)]
+    pub zero_stage: u8,
+    /// Run AdamW on fp32 master weights and moments in host memory (ZeRO-Offload); otherwise
+    /// with torch ops on the compute device.
+    #[serde(default = "yes")]
+    pub offload_optimizer: bool,
+    /// Continue from this checkpoint instead of the model's initial weights.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A complete checkpoint to resume from: `dir` is `checkpoint-<step>/`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    pub dir: String,
+    pub step: u64,
 }
 
 /// Initial weights: a checkpoint directory, or a fresh model from a config.

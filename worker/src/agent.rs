@@ -9,9 +9,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zerotune_proto::plan::WorkerPlan;
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
-use zerotune_proto::v1::{command, Batch, CommandsRequest, EvalReport, FailureReport, RegisterRequest, SavedReport, StepReport};
+use zerotune_proto::v1::{
+    command, Batch, CommandsRequest, EvalReport, FailureReport, RegisterRequest, RendezvousRequest, SavedReport, StepReport,
+};
 use zerotune_proto::SECRET_HEADER;
 
+use crate::comm::ring::TcpRing;
+use crate::comm::{nccl, Collective, Single};
 use crate::train::{batch_tensor, Trainer};
 
 /// Adds the job secret to every request.
@@ -57,13 +61,14 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id() };
     let reply = rt.block_on(client.register(register))?.into_inner();
     let plan: WorkerPlan = serde_json::from_str(&reply.plan_json)?;
-    let world_size = reply.world_size;
-    let mut trainer = Trainer::new(plan, args.device)?;
+    let comm = rt.block_on(collectives(client, args, reply.world_size as usize))?;
+    let mut trainer = Trainer::with_comm(plan, args.device, comm)?;
     let mut stream = rt.block_on(client.commands(CommandsRequest { rank: args.rank }))?.into_inner();
     let rank = args.rank;
     while let Some(cmd) = rt.block_on(stream.message())? {
         match cmd.kind {
             Some(command::Kind::Step(step)) => {
+                fault_injection(rank, step.step);
                 let batches = tensors(&step.micro_batches, args.device)?;
                 let o = trainer.train_step(&batches)?;
                 let report = StepReport {
@@ -85,16 +90,12 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
             }
             Some(command::Kind::Save(save)) => {
                 let dir = Path::new(&save.dir);
-                if rank == 0 {
-                    trainer.save_model(&dir.join("model"))?;
-                }
-                trainer.save_optimizer(&dir.join("optimizer"), rank, world_size)?;
+                trainer.save_model(&dir.join("model"))?;
+                trainer.save_optimizer(&dir.join("optimizer"))?;
                 rt.block_on(client.report_saved(SavedReport { rank, step: save.step, dir: save.dir }))?;
             }
             Some(command::Kind::Finish(finish)) => {
-                if rank == 0 {
-                    trainer.save_model(Path::new(&finish.dir))?;
-                }
+                trainer.save_model(Path::new(&finish.dir))?;
                 rt.block_on(client.report_saved(SavedReport { rank, step: finish.step, dir: finish.dir }))?;
                 return Ok(());
             }
@@ -102,6 +103,49 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
         }
     }
     anyhow::bail!("the coordinator closed the command stream before the run finished")
+}
+
+/// Opens this rank's collectives through the coordinator's rendezvous: NCCL between GPUs (rank 0
+/// makes the id), a TCP ring between CPU ranks (each listens where it reaches the coordinator).
+async fn collectives(client: &mut Client, args: &AgentArgs, world: usize) -> anyhow::Result<Box<dyn Collective>> {
+    if world == 1 {
+        return Ok(Box::new(Single));
+    }
+    let rank = args.rank;
+    if args.device != Device::Cpu {
+        let nccl_id = if rank == 0 { nccl::unique_id()? } else { vec![] };
+        let reply = client.rendezvous(RendezvousRequest { rank, ring_address: String::new(), nccl_id }).await?.into_inner();
+        return Ok(Box::new(tokio::task::block_in_place(|| nccl::Nccl::join(&reply.nccl_id, rank as usize, world))?));
+    }
+    let host = reachable_ip(&args.coordinator)?;
+    let listener = std::net::TcpListener::bind((host, 0)).map_err(|e| anyhow::anyhow!("cannot listen for the ring on {host}: {e}"))?;
+    let ring_address = listener.local_addr()?.to_string();
+    let reply = client.rendezvous(RendezvousRequest { rank, ring_address, nccl_id: vec![] }).await?.into_inner();
+    let ring = tokio::task::block_in_place(|| {
+        TcpRing::connect(listener, rank as usize, reply.ring_addresses, &args.secret, std::time::Duration::from_secs(120))
+    })?;
+    Ok(Box::new(ring))
+}
+
+/// The local address this machine uses to reach `url`'s host: peers on the same network reach
+/// us there (no packet is sent).
+fn reachable_ip(url: &str) -> anyhow::Result<std::net::IpAddr> {
+    let authority = url.split("://").last().unwrap_or(url).trim_end_matches('/');
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(authority).map_err(|e| anyhow::anyhow!("cannot resolve the coordinator address {authority}: {e}"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER` makes that rank SIGKILL itself
+/// when it starts that step, once (the marker file records that it happened).
+fn fault_injection(rank: u32, step: u64) {
+    let Ok(spec) = std::env::var("ZEROTUNE_FAULT") else { return };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(r), Some(s), Some(marker)) = (parts.next(), parts.next(), parts.next()) else { return };
+    if r.parse() == Ok(rank) && s.parse() == Ok(step) && std::fs::File::create_new(marker).is_ok() {
+        // SAFETY: sends a signal to this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
 }
 
 fn tensors(batches: &[Batch], device: Device) -> anyhow::Result<Vec<Tensor>> {

@@ -24,6 +24,9 @@ pub enum WorkerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective failed because another rank went away.
+    #[error("collective failed: {0}")]
+    Peer(String),
     /// Input that is not what the worker was promised (a config, a batch); the text says which.
     #[error("{0}")]
     Invalid(String),

@@ -3,11 +3,13 @@
 
 pub mod agent;
 pub mod checkpoint;
+pub mod comm;
 pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod train;
+pub mod zero;
 
 pub use error::{Result, WorkerError};

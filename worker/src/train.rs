@@ -1,21 +1,27 @@
-//! One rank's training state and step: forward/backward per micro-batch with gradients added to
-//! an fp32 flat accumulator, then at the accumulation boundary the fp16 overflow check, global
-//! norm, clipping and AdamW on fp32 master weights in host memory, and the new weights written
-//! back into the flat compute buffer (the ZeRO-2 + offload step at world size 1).
+//! One rank's training state and step, ZeRO-style (DESIGN.md): every micro-batch's gradients go
+//! into fp32 flat buffers (stage 2: reduce-scattered at once into this rank's partition); at the
+//! accumulation boundary one all-reduce carries the global norm (and so the fp16 overflow flag)
+//! and the loss; AdamW updates only the rank's fp32 master partition, in host memory (offload)
+//! or with torch ops on the device; the 16-bit partitions are then all-gathered. World size 1
+//! is the same code with identity collectives.
 
+use std::ops::Range;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use zerotune_hf::write::write_json;
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::{CodeGenConfig, RawTensor, WeightFiles};
 use zerotune_proto::plan::{ModelSource, Precision, WorkerPlan};
 
-use crate::checkpoint::{flat_to_f32, load_weights, save_model};
+use crate::checkpoint::{load_weights, save_model};
+use crate::comm::{Collective, Single};
 use crate::error::{io_err, Result, WorkerError};
 use crate::model::{CodeGen, ParamSet};
-use crate::optim::adamw::{all_finite, sum_of_squares, AdamState, Segment};
+use crate::optim::adamw::{AdamState, Segment};
+use crate::optim::device_adam::DeviceAdam;
 use crate::optim::loss_scale::LossScaler;
 use crate::optim::schedule::learning_rate;
+use crate::zero::ShardMap;
 
 /// What one optimizer step did, for the coordinator's metrics.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,69 +34,133 @@ pub struct StepOutcome {
     pub loss_scale: f64,
 }
 
+/// Gradient buffers per ZeRO stage (all fp32 on the device).
+enum Grads {
+    /// Stage 0: the full accumulator, all-reduced at the boundary.
+    Replicated { acc: Tensor },
+    /// Stage 1: the full accumulator, reduce-scattered into `part` at the boundary.
+    Partitioned { acc: Tensor, part: Tensor },
+    /// Stage 2: each micro-step's gradients (`micro`) reduce-scattered into `incoming` and added
+    /// to the partition accumulator `part`.
+    Streamed { micro: Tensor, incoming: Tensor, part: Tensor },
+}
+
+/// fp32 master weights and moments of the owned range.
+enum Optimizer {
+    Host { adam: AdamState, grad_host: Tensor },
+    Device(DeviceAdam),
+}
+
 pub struct Trainer {
     pub config: CodeGenConfig,
     plan: WorkerPlan,
     device: Device,
     params: ParamSet,
     model: CodeGen,
-    /// Sum over the current accumulation window of each micro-batch's gradient, fp32, on device.
-    grad_acc: Tensor,
-    /// Host copy of `grad_acc` for the optimizer (the accumulator itself on CPU).
-    grad_host: Tensor,
-    adam: AdamState,
+    comm: Box<dyn Collective>,
+    shard: ShardMap,
+    /// Elements this rank's optimizer updates: its partition (stages 1, 2) or all (stage 0).
+    owned: Range<usize>,
+    grads: Grads,
+    optimizer: Optimizer,
+    /// Weight-decay runs within `owned`, relative to its start.
     segments: Vec<Segment>,
     scaler: Option<LossScaler>,
     /// Optimizer steps processed, skipped ones included.
     pub step: u64,
 }
 
-/// Loads `source` into a fresh `ParamSet` of `kind` on `device`.
+/// Loads `source` into a fresh `ParamSet` of `kind` on `device`, its flat buffer `len` long.
 pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(CodeGenConfig, ParamSet)> {
+    let config = match source {
+        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
+        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
+            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
+    };
+    let params = load_params_padded(source, &config, kind, device, trainable, seed, 0)?;
+    Ok((config, params))
+}
+
+fn load_params_padded(
+    source: &ModelSource,
+    config: &CodeGenConfig,
+    kind: Kind,
+    device: Device,
+    trainable: bool,
+    seed: u64,
+    len: usize,
+) -> Result<ParamSet> {
+    let mut params = ParamSet::zeros_padded(config, kind, device, trainable, len);
     match source {
-        ModelSource::Pretrained { dir } => {
-            let dir = Path::new(dir);
-            let config = CodeGenConfig::from_dir(dir)?;
-            let mut params = ParamSet::zeros(&config, kind, device, trainable);
-            load_weights(&mut params, dir)?;
-            Ok((config, params))
-        }
-        ModelSource::Scratch { config } => {
-            let config = CodeGenConfig::from_value(config.clone())
-                .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?;
-            let mut params = ParamSet::zeros(&config, kind, device, trainable);
-            params.init_like_hf(&config, seed);
-            Ok((config, params))
-        }
+        ModelSource::Pretrained { dir } => load_weights(&mut params, Path::new(dir))?,
+        ModelSource::Scratch { .. } => params.init_like_hf(config, seed),
     }
+    Ok(params)
 }
 
 impl Trainer {
+    /// A single-rank trainer.
     pub fn new(plan: WorkerPlan, device: Device) -> Result<Self> {
+        Self::with_comm(plan, device, Box::new(Single))
+    }
+
+    /// A trainer for rank `comm.rank()` of `comm.world()`; every rank must call this together.
+    pub fn with_comm(plan: WorkerPlan, device: Device, mut comm: Box<dyn Collective>) -> Result<Self> {
         let kind = match plan.precision {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
             Precision::Fp16 => Kind::Half,
         };
         tch::manual_seed(plan.seed as i64);
-        let (config, params) = load_params(&plan.model, kind, device, true, plan.seed)?;
-        let master = flat_to_f32(&params);
-        let n = master.len() as i64;
-        let grad_acc = Tensor::zeros([n], (Kind::Float, device));
-        let grad_host = if device == Device::Cpu {
-            grad_acc.shallow_clone()
-        } else {
-            Tensor::zeros([n], (Kind::Float, Device::Cpu)).pin_memory(device)
+        let config = match &plan.model {
+            ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
+            ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
+                .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
         };
-        let segments = decay_segments(&params);
+        let numel = config.num_parameters();
+        let shard = ShardMap::new(numel, comm.world());
+        let params = load_params_padded(&plan.model, &config, kind, device, true, plan.seed, shard.padded())?;
+        let owned = if plan.zero_stage == 0 { 0..numel } else { shard.range(comm.rank()) };
+        let f32_zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
+        let grads = match plan.zero_stage {
+            0 => Grads::Replicated { acc: f32_zeros(shard.padded()) },
+            1 => Grads::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
+            _ => {
+                Grads::Streamed { micro: f32_zeros(shard.padded()), incoming: f32_zeros(shard.partition), part: f32_zeros(shard.partition) }
+            }
+        };
+        let master = params.flat.narrow(0, owned.start as i64, owned.len() as i64).to_kind(Kind::Float);
+        let optimizer = if plan.offload_optimizer {
+            let master_host = master.to_device(Device::Cpu).contiguous();
+            let mut values = vec![0f32; owned.len()];
+            master_host.copy_data(&mut values, owned.len());
+            let grad_host = match device {
+                Device::Cpu => Tensor::zeros([0], (Kind::Float, Device::Cpu)), // gradients are already in host memory
+                _ => Tensor::zeros([owned.len() as i64], (Kind::Float, Device::Cpu)).pin_memory(device),
+            };
+            Optimizer::Host { adam: AdamState::new(values), grad_host }
+        } else {
+            Optimizer::Device(DeviceAdam::new(master))
+        };
+        let segments = ShardMap::clip(&decay_segments(&params), &owned);
         let scaler = (plan.precision == Precision::Fp16).then(|| LossScaler::new(plan.loss_scaler));
         let model = CodeGen::new(&config, &params);
-        Ok(Self { config, plan, device, params, model, grad_acc, grad_host, adam: AdamState::new(master), segments, scaler, step: 0 })
+        let resume = plan.resume.clone();
+        let mut trainer =
+            Self { config, plan, device, params, model, comm: Box::new(Single), shard, owned, grads, optimizer, segments, scaler, step: 0 };
+        std::mem::swap(&mut trainer.comm, &mut comm);
+        if let Some(resume) = resume {
+            trainer.resume(Path::new(&resume.dir), resume.step)?;
+        }
+        Ok(trainer)
     }
 
-    /// The fp32 master weights (flat, in the layout of `slots`).
-    pub fn master(&self) -> &[f32] {
-        &self.adam.master
+    /// The fp32 master weights of the owned range (all of them on a single rank).
+    pub fn master(&self) -> Vec<f32> {
+        match &self.optimizer {
+            Optimizer::Host { adam, .. } => adam.master.clone(),
+            Optimizer::Device(d) => Vec::<f32>::try_from(d.master.to_device(Device::Cpu)).expect("f32 master"),
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -100,7 +170,7 @@ impl Trainer {
     /// One optimizer step over `micro_batches` (each (B, T) int64 on the device).
     pub fn train_step(&mut self, micro_batches: &[Tensor]) -> Result<StepOutcome> {
         self.step += 1;
-        let accumulation = micro_batches.len() as f64;
+        let divisor = (micro_batches.len() * self.comm.world()) as f64;
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
         // Summed on the device and read once per step: no host sync per micro-batch.
         let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
@@ -110,38 +180,82 @@ impl Trainer {
             tokens += (b * t) as u64;
             let loss = self.model.loss(ids, true);
             loss_sum += loss.detach().to_kind(Kind::Double);
-            (loss * scale / accumulation).f_backward()?;
+            (loss * (scale / divisor)).f_backward()?;
             self.accumulate_grads()?;
         }
-        let loss = loss_sum.f_double_value(&[])? / accumulation;
-        if !loss.is_finite() && self.scaler.is_none() {
-            return Err(WorkerError::NonFiniteLoss { step: self.step, loss });
-        }
-        if self.device != Device::Cpu {
-            self.grad_host.f_copy_(&self.grad_acc)?; // on CPU they are the same buffer
-        }
-        let outcome = self.optimizer_step(scale, loss, tokens);
-        let _ = self.grad_acc.f_zero_()?;
+        let outcome = self.optimizer_step(scale, loss_sum, divisor, tokens);
+        self.zero_grads()?;
         outcome
     }
 
+    /// Adds this micro-batch's parameter gradients into the stage's buffers.
     fn accumulate_grads(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let target = match &mut self.grads {
+            Grads::Replicated { acc } | Grads::Partitioned { acc, .. } => acc.shallow_clone(),
+            Grads::Streamed { micro, .. } => {
+                let _ = micro.f_zero_()?;
+                micro.shallow_clone()
+            }
+        };
         for (slot, tensor) in self.params.slots.iter().zip(&self.params.tensors) {
             let grad = tensor.grad();
             if grad.defined() {
-                let _ = self.grad_acc.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
+                let _ = target.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
             }
         }
         self.params.zero_grads();
+        if let Grads::Streamed { micro, incoming, part } = &mut self.grads {
+            self.comm.reduce_scatter(micro, incoming)?;
+            let _ = part.f_add_(incoming)?;
+        }
         Ok(())
     }
 
-    fn optimizer_step(&mut self, scale: f64, loss: f64, tokens: u64) -> Result<StepOutcome> {
-        let grad = host_slice(&self.grad_host);
+    fn zero_grads(&mut self) -> Result<()> {
+        let _ = match &mut self.grads {
+            Grads::Replicated { acc } => acc.f_zero_()?,
+            Grads::Partitioned { acc, part } => {
+                let _ = acc.f_zero_()?;
+                part.f_zero_()?
+            }
+            Grads::Streamed { part, .. } => part.f_zero_()?,
+        };
+        Ok(())
+    }
+
+    /// The reduced gradients of the owned range, and of the range this rank alone accounts for
+    /// in the global norm.
+    fn reduced_grads(&mut self) -> Result<(Tensor, Tensor)> {
+        let (rank, n) = (self.comm.rank(), self.owned.len() as i64);
+        let unique = self.shard.range(rank);
+        Ok(match &mut self.grads {
+            Grads::Replicated { acc } => {
+                self.comm.all_reduce(acc)?;
+                (acc.narrow(0, 0, n), acc.narrow(0, unique.start as i64, unique.len() as i64))
+            }
+            Grads::Partitioned { acc, part } => {
+                self.comm.reduce_scatter(acc, part)?;
+                (part.narrow(0, 0, n), part.narrow(0, 0, n))
+            }
+            Grads::Streamed { part, .. } => (part.narrow(0, 0, n), part.narrow(0, 0, n)),
+        })
+    }
+
+    fn optimizer_step(&mut self, scale: f64, loss_sum: Tensor, divisor: f64, tokens: u64) -> Result<StepOutcome> {
+        let (grad, unique) = self.reduced_grads()?;
+        // One all-reduce for the squared norm (non-finite iff some gradient overflowed) and the loss.
+        let sum_sq = unique.f_linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)?.f_square()?;
+        let mut stats = Tensor::f_stack(&[sum_sq, loss_sum], 0)?;
+        self.comm.all_reduce(&mut stats)?;
+        let stats = Vec::<f64>::try_from(stats.to_device(Device::Cpu))?;
+        let (sum_sq, loss) = (stats[0], stats[1] / divisor);
+        if !loss.is_finite() && self.scaler.is_none() {
+            return Err(WorkerError::NonFiniteLoss { step: self.step, loss });
+        }
         let mut outcome = StepOutcome { loss, learning_rate: 0.0, grad_norm: 0.0, tokens, skipped: false, loss_scale: scale };
         if let Some(scaler) = self.scaler.as_mut() {
-            let overflow = !all_finite(grad);
+            let overflow = !sum_sq.is_finite();
             scaler.update(overflow)?;
             outcome.loss_scale = scaler.scale;
             if overflow {
@@ -149,29 +263,50 @@ impl Trainer {
                 return Ok(outcome);
             }
         }
-        let grad_norm = sum_of_squares(grad).sqrt() / scale;
+        let grad_norm = sum_sq.sqrt() / scale;
         if !grad_norm.is_finite() {
             return Err(WorkerError::NonFiniteGradients { step: self.step, norm: grad_norm });
         }
         let max_norm = self.plan.max_grad_norm;
         let clip = if max_norm > 0.0 { (max_norm / (grad_norm + 1e-6)).min(1.0) } else { 1.0 };
-        let lr = learning_rate(self.plan.optimizer.lr, &self.plan.schedule, self.adam.steps);
-        self.adam.step(grad, ((1.0 / scale) * clip) as f32, lr, &self.plan.optimizer, &self.segments);
-        self.upload_master()?;
+        let grad_scale = (1.0 / scale) * clip;
+        let hyper = self.plan.optimizer;
+        let lr = learning_rate(hyper.lr, &self.plan.schedule, self.optimizer_steps());
+        let mut owned = self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64);
+        let _guard = tch::no_grad_guard();
+        match &mut self.optimizer {
+            Optimizer::Host { adam, grad_host } => {
+                let grad = if self.device == Device::Cpu {
+                    grad
+                } else {
+                    grad_host.f_copy_(&grad)?;
+                    grad_host.shallow_clone()
+                };
+                adam.step(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments);
+                // SAFETY: `adam.master` outlives `host`, which only the copy below reads.
+                let host = unsafe {
+                    Tensor::f_from_blob(adam.master.as_ptr() as *const u8, &[adam.master.len() as i64], &[1], Kind::Float, Device::Cpu)?
+                };
+                owned.f_copy_(&host)?;
+            }
+            Optimizer::Device(adam) => {
+                adam.step(&grad, grad_scale, lr, &hyper, &self.segments)?;
+                owned.f_copy_(&adam.master)?;
+            }
+        }
+        if self.plan.zero_stage > 0 {
+            self.comm.all_gather(&mut self.params.flat)?;
+        }
         outcome.learning_rate = lr;
         outcome.grad_norm = grad_norm;
         Ok(outcome)
     }
 
-    /// Writes the fp32 master weights into the compute buffer (cast to its dtype).
-    fn upload_master(&mut self) -> Result<()> {
-        let master = &self.adam.master;
-        // SAFETY: `master` outlives `host`, which is only read by the copy below.
-        let host = unsafe { Tensor::f_from_blob(master.as_ptr() as *const u8, &[master.len() as i64], &[1], Kind::Float, Device::Cpu)? };
-        let host = if self.params.flat.kind() == Kind::Float { host } else { host.f_to_kind(self.params.flat.kind())? };
-        let _guard = tch::no_grad_guard();
-        self.params.flat.f_copy_(&host)?;
-        Ok(())
+    fn optimizer_steps(&self) -> u64 {
+        match &self.optimizer {
+            Optimizer::Host { adam, .. } => adam.steps,
+            Optimizer::Device(d) => d.steps,
+        }
     }
 
     /// Summed token loss and token count over `batches`, without gradients.
@@ -187,33 +322,159 @@ impl Trainer {
         Ok((sum, tokens))
     }
 
-    /// Writes the model (HF layout, fp32 master weights) into `dir`.
-    pub fn save_model(&self, dir: &Path) -> Result<()> {
-        save_model(dir, &self.config, &self.params, &self.adam.master)
+    /// (master, exp_avg, exp_avg_sq) of the owned range as host tensors.
+    fn state_tensors(&self) -> [Tensor; 3] {
+        match &self.optimizer {
+            Optimizer::Host { adam, .. } => [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| Tensor::from_slice(v)),
+            Optimizer::Device(d) => [&d.master, &d.exp_avg, &d.exp_avg_sq].map(|t| t.to_device(Device::Cpu)),
+        }
     }
 
-    /// Writes this rank's optimizer slice (master, exp_avg, exp_avg_sq) and its layout into `dir`.
-    pub fn save_optimizer(&self, dir: &Path, rank: u32, world_size: u32) -> Result<()> {
-        use zerotune_hf::RawTensor;
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let n = self.adam.master.len();
-        let state = [("master", &self.adam.master), ("exp_avg", &self.adam.exp_avg), ("exp_avg_sq", &self.adam.exp_avg_sq)]
-            .map(|(name, values)| (name.to_string(), RawTensor::from_f32(vec![n], values)));
-        let file = dir.join(format!("rank-{rank:05}-of-{world_size:05}.safetensors"));
-        zerotune_hf::write::write_file(&file, &state)?;
-        let slots: Vec<_> =
-            self.params.slots.iter().map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset})).collect();
-        let layout = serde_json::json!({
-            "world_size": world_size,
-            "numel": n,
-            "partitions": [[0, n]],
-            "adam_steps": self.adam.steps,
-            "loss_scaler": self.scaler,
-            "slots": slots,
-        });
-        write_json(&dir.join("layout.json"), &layout)?;
+    /// The whole fp32 master on rank 0 (None elsewhere). Every rank must call this together:
+    /// with a partitioned optimizer the partitions are all-gathered in bounded chunks.
+    fn full_master(&mut self) -> Result<Option<Vec<f32>>> {
+        let [master, ..] = self.state_tensors();
+        let (rank, world, numel) = (self.comm.rank(), self.comm.world(), self.shard.numel);
+        if self.plan.zero_stage == 0 || world == 1 {
+            return Ok((rank == 0).then(|| Vec::<f32>::try_from(master).expect("f32 master")));
+        }
+        let p = self.shard.partition;
+        let chunk = p.min(1 << 26);
+        let mut buffer = Tensor::zeros([(world * chunk) as i64], (Kind::Float, self.device));
+        let mut full = if rank == 0 { vec![0f32; numel] } else { vec![] };
+        for start in (0..p).step_by(chunk) {
+            let len = chunk.min(p - start);
+            let _ = buffer.f_zero_()?;
+            let mine = start.min(master.numel())..(start + len).min(master.numel());
+            if !mine.is_empty() {
+                buffer.narrow(0, (rank * chunk) as i64, mine.len() as i64).f_copy_(&master.narrow(
+                    0,
+                    mine.start as i64,
+                    mine.len() as i64,
+                ))?;
+            }
+            self.comm.all_gather(&mut buffer)?;
+            if rank == 0 {
+                let host = Vec::<f32>::try_from(buffer.to_device(Device::Cpu))?;
+                for r in 0..world {
+                    let at = (r * p + start).min(numel);
+                    let n = len.min(numel - at);
+                    full[at..at + n].copy_from_slice(&host[r * chunk..r * chunk + n]);
+                }
+            }
+        }
+        Ok((rank == 0).then_some(full))
+    }
+
+    /// Writes the model (HF layout, fp32 master weights) into `dir` from rank 0; every rank
+    /// must call this together.
+    pub fn save_model(&mut self, dir: &Path) -> Result<()> {
+        if let Some(master) = self.full_master()? {
+            save_model(dir, &self.config, &self.params, &master)?;
+        }
         Ok(())
     }
+
+    /// Writes this rank's optimizer slice (master, exp_avg, exp_avg_sq over its partition of the
+    /// flat parameters) into `dir`, and from rank 0 the layout that joins the slices: they
+    /// concatenate in rank order to the full state, so any world size can resume from them.
+    pub fn save_optimizer(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let unique = self.shard.range(rank);
+        let at = (unique.start - self.owned.start) as i64;
+        let names = ["master", "exp_avg", "exp_avg_sq"];
+        let state: Vec<(String, RawTensor)> = names
+            .iter()
+            .zip(self.state_tensors())
+            .map(|(name, t)| {
+                let values = Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state");
+                (name.to_string(), RawTensor::from_f32(vec![values.len()], &values))
+            })
+            .collect();
+        zerotune_hf::write::write_file(&dir.join(slice_file(rank, world)), &state)?;
+        if rank == 0 {
+            let partitions: Vec<[usize; 2]> = (0..world).map(|r| self.shard.range(r)).map(|r| [r.start, r.end]).collect();
+            let slots: Vec<_> =
+                self.params.slots.iter().map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset})).collect();
+            let layout = serde_json::json!({
+                "world_size": world,
+                "numel": self.shard.numel,
+                "partitions": partitions,
+                "adam_steps": self.optimizer_steps(),
+                "loss_scaler": self.scaler,
+                "slots": slots,
+            });
+            write_json(&dir.join("layout.json"), &layout)?;
+        }
+        Ok(())
+    }
+
+    /// Restores the state saved in `dir` (a `checkpoint-<step>/`) for the owned range, whatever
+    /// world size wrote it, then fills the compute buffer from the fp32 master.
+    fn resume(&mut self, dir: &Path, step: u64) -> Result<()> {
+        let optimizer = dir.join("optimizer");
+        let layout_path = optimizer.join("layout.json");
+        let text = std::fs::read_to_string(&layout_path).map_err(io_err(&layout_path))?;
+        let layout: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| WorkerError::Invalid(format!("{}: {e}", layout_path.display())))?;
+        let bad = |m: &str| WorkerError::Invalid(format!("{}: {m}", layout_path.display()));
+        if layout["numel"].as_u64() != Some(self.shard.numel as u64) {
+            return Err(bad(&format!("holds {} parameters, the model has {} (another model size?)", layout["numel"], self.shard.numel)));
+        }
+        let partitions: Vec<[usize; 2]> = serde_json::from_value(layout["partitions"].clone()).map_err(|_| bad("no partitions list"))?;
+        let world = partitions.len();
+        let mut state = [vec![0f32; self.owned.len()], vec![0f32; self.owned.len()], vec![0f32; self.owned.len()]];
+        for (r, [start, end]) in partitions.into_iter().enumerate() {
+            let (from, to) = (start.max(self.owned.start), end.min(self.owned.end));
+            if from >= to {
+                continue;
+            }
+            let path = optimizer.join(slice_file(r, world));
+            let files = WeightFiles::open_file(&path)?;
+            for (values, name) in state.iter_mut().zip(["master", "exp_avg", "exp_avg_sq"]) {
+                let bytes = files.bytes(name).ok_or_else(|| WorkerError::Invalid(format!("{}: no tensor {name}", path.display())))?;
+                if bytes.len() != (end - start) * 4 {
+                    return Err(WorkerError::Invalid(format!(
+                        "{}: {name} has {} bytes, layout.json implies {}",
+                        path.display(),
+                        bytes.len(),
+                        (end - start) * 4
+                    )));
+                }
+                let src = &bytes[(from - start) * 4..(to - start) * 4];
+                for (dst, b) in values[from - self.owned.start..to - self.owned.start].iter_mut().zip(src.chunks_exact(4)) {
+                    *dst = f32::from_le_bytes(b.try_into().unwrap());
+                }
+            }
+        }
+        let steps = layout["adam_steps"].as_u64().unwrap_or(step);
+        let [master, exp_avg, exp_avg_sq] = state;
+        match &mut self.optimizer {
+            Optimizer::Host { adam, .. } => *adam = AdamState { master, exp_avg, exp_avg_sq, steps },
+            Optimizer::Device(d) => {
+                let on = |v: Vec<f32>| Tensor::from_slice(&v).to_device(self.device);
+                *d = DeviceAdam { master: on(master), exp_avg: on(exp_avg), exp_avg_sq: on(exp_avg_sq), steps };
+            }
+        }
+        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), layout.get("loss_scaler").filter(|v| !v.is_null())) {
+            *scaler = serde_json::from_value(saved.clone()).map_err(|_| bad("unreadable loss_scaler"))?;
+        }
+        self.step = step;
+        tch::manual_seed(self.plan.seed.wrapping_add(step) as i64);
+        let [master, ..] = self.state_tensors();
+        let _guard = tch::no_grad_guard();
+        self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64).f_copy_(&master)?;
+        if self.plan.zero_stage > 0 {
+            self.comm.all_gather(&mut self.params.flat)?;
+        }
+        Ok(())
+    }
+}
+
+/// `rank-XXXXX-of-XXXXX.safetensors`: one rank's optimizer slice.
+fn slice_file(rank: usize, world: usize) -> String {
+    format!("rank-{rank:05}-of-{world:05}.safetensors")
 }
 
 /// Runs of parameters with the same weight-decay rule, in flat order.

@@ -51,8 +51,14 @@ pub struct ParamSet {
 impl ParamSet {
     /// Zero-filled parameters of `config`, `kind` on `device`, tracking gradients when `trainable`.
     pub fn zeros(config: &CodeGenConfig, kind: Kind, device: Device, trainable: bool) -> Self {
+        Self::zeros_padded(config, kind, device, trainable, 0)
+    }
+
+    /// Like `zeros`, with the flat buffer at least `len` long (ZeRO pads it to world x partition;
+    /// the padding belongs to no parameter).
+    pub fn zeros_padded(config: &CodeGenConfig, kind: Kind, device: Device, trainable: bool, len: usize) -> Self {
         let slots = layout(config);
-        let total = slots.last().map_or(0, |s| s.offset + s.numel);
+        let total = slots.last().map_or(0, |s| s.offset + s.numel).max(len);
         let flat = Tensor::zeros([total as i64], (kind, device));
         let tensors = slots
             .iter()

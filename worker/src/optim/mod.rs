@@ -3,5 +3,6 @@
 //! dynamic fp16 loss scaler.
 
 pub mod adamw;
+pub mod device_adam;
 pub mod loss_scale;
 pub mod schedule;

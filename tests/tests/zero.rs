@@ -1,0 +1,179 @@
+//! Distributed training through real coordinator and worker processes on CPU ranks (TCP ring):
+//! ZeRO stages and offload give the weights of single-rank training on the same global batches;
+//! resume continues exactly, also on another world size; a killed worker stops the job with its
+//! name, and `--max_restarts` finishes the run from the last checkpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{binary, fixtures, s, source_dir, stderr, train};
+use zerotune_hf::WeightFiles;
+
+const REL: f64 = 1e-5;
+
+/// A ds_config selecting the ZeRO stage and optimizer offload (batch values are "auto").
+fn ds_config(dir: &Path, stage: u8, offload: bool) -> PathBuf {
+    let path = dir.join(format!("ds-{stage}-{offload}.json"));
+    let device = if offload { "cpu" } else { "none" };
+    let config = serde_json::json!({
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": device}},
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// Fine-tunes the tiny fixture for `steps` on `world` CPU ranks; returns the output dir.
+fn run(tmp: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
+    let out = tmp.join(name);
+    let (w, a) = (world.to_string(), accumulation.to_string());
+    let (tiny, data, out_s, ds) = (s(&fixtures().join("tiny")), s(&source_dir()), s(&out), s(ds));
+    let base: Vec<&str> = vec![
+        "--model_name_or_path",
+        &tiny,
+        "--train_file",
+        &data,
+        "--output_dir",
+        &out_s,
+        "--do_train",
+        "--num_workers",
+        &w,
+        "--gradient_accumulation_steps",
+        &a,
+        "--per_device_train_batch_size",
+        "1",
+        "--block_size",
+        "32",
+        "--learning_rate",
+        "2e-3",
+        "--weight_decay",
+        "0.1",
+        "--adam_epsilon",
+        "1e-6",
+        "--warmup_steps",
+        "2",
+        "--max_grad_norm",
+        "0.5",
+        "--logging_steps",
+        "1",
+        "--deepspeed",
+        &ds,
+    ];
+    let args = [base.as_slice(), extra].concat();
+    let result = train(&tmp.join("cache"), &args);
+    assert!(result.status.success(), "{name}: {}", stderr(&result));
+    out
+}
+
+/// max |a - b| / max |b| over every tensor of two model dirs.
+fn weights_rel_err(ours: &Path, reference: &Path) -> f64 {
+    let (a, b) = (WeightFiles::open(ours).unwrap(), WeightFiles::open(reference).unwrap());
+    let mut worst: f64 = 0.0;
+    for name in b.names() {
+        let (x, y) = (a.read(name).unwrap().to_f32().unwrap(), b.read(name).unwrap().to_f32().unwrap());
+        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
+        let scale = y.iter().map(|q| q.abs() as f64).fold(0.0, f64::max).max(1e-12);
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+/// Weights moved from the start: the comparison is not between two untouched copies.
+fn moved(out: &Path) -> f64 {
+    weights_rel_err(out, &fixtures().join("tiny"))
+}
+
+#[test]
+fn zero_ranks_equal_single_rank_training_on_the_same_global_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let steps = ["--max_steps", "8", "--save_steps", "0"];
+    for world in [1, 2, 3] {
+        let reference = run(t, &format!("single-acc{}", 4 * world), 1, 4 * world, &ds_config(t, 0, true), &steps);
+        assert!(moved(&reference) > 1e-3, "training changed the weights");
+        let mut cases = vec![(2, true), (2, false)];
+        if world == 2 {
+            cases.extend([(0, true), (1, false)]);
+        }
+        for (stage, offload) in cases {
+            let out = run(t, &format!("w{world}-s{stage}-o{offload}"), world, 4, &ds_config(t, stage, offload), &steps);
+            let err = weights_rel_err(&out, &reference);
+            println!("world {world} stage {stage} offload {offload}: rel {err:.2e} vs 1 rank x accumulation {}", 4 * world);
+            assert!(err < REL, "world {world} stage {stage} offload {offload}: rel {err}");
+        }
+    }
+}
+
+#[test]
+fn resume_continues_exactly_on_the_same_or_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    let full = run(t, "uninterrupted", 2, 3, &ds, &["--max_steps", "12", "--save_steps", "6"]);
+    let checkpoint = s(&full.join("checkpoint-6"));
+    assert!(full.join("checkpoint-6/optimizer/rank-00001-of-00002.safetensors").is_file());
+    // Same world size, and 3 ranks from a 2-rank checkpoint (global batch kept: 2 x 3 = 3 x 2).
+    for (world, accumulation) in [(2, 3), (3, 2)] {
+        let name = format!("resumed-w{world}");
+        let out =
+            run(t, &name, world, accumulation, &ds, &["--max_steps", "12", "--save_steps", "6", "--resume_from_checkpoint", &checkpoint]);
+        let err = weights_rel_err(&out, &full);
+        println!("resumed at 6 on {world} ranks -> 12: rel {err:.2e}");
+        assert!(err < REL, "{name}: rel {err}");
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert!(!metrics.contains("\"step\":6,") && metrics.contains("\"step\":7,"), "the resumed run starts at step 7");
+    }
+}
+
+#[test]
+fn a_killed_worker_stops_the_job_by_name_and_restarts_resume_from_latest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    let steps = ["--max_steps", "12", "--save_steps", "4"];
+    let full = run(t, "uninterrupted", 2, 2, &ds, &steps);
+
+    // Rank 1 SIGKILLs itself at the start of step 7, with no restarts allowed.
+    let out = t.join("killed");
+    let fault = format!("1:7:{}", s(&t.join("fault-1")));
+    let result = Command::new(binary("coordinator"))
+        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
+        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&out)])
+        .args(["--do_train", "--num_workers", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1"])
+        .args(["--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1", "--adam_epsilon", "1e-6"])
+        .args(["--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1", "--deepspeed", &s(&ds)])
+        .args(steps)
+        .env("ZEROTUNE_FAULT", &fault)
+        .output()
+        .unwrap();
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(err.contains("worker rank 1 (") && err.contains("SIGKILL"), "names the rank, host and cause: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap().trim(), "checkpoint-4", "the checkpoint before the fault is kept");
+
+    // The same fault with --max_restarts 1: resumed from checkpoint-4, the run ends with the
+    // weights of the uninterrupted run.
+    let out = t.join("restarted");
+    let fault = format!("1:7:{}", s(&t.join("fault-2")));
+    let mut child = Command::new(binary("coordinator"))
+        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache")), "--max_restarts", "1"])
+        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&out)])
+        .args(["--do_train", "--num_workers", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1"])
+        .args(["--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1", "--adam_epsilon", "1e-6"])
+        .args(["--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1", "--deepspeed", &s(&ds)])
+        .args(steps)
+        .env("ZEROTUNE_FAULT", &fault)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap).collect();
+    assert!(child.wait().unwrap().success(), "{}", lines.join("\n"));
+    assert!(lines.iter().any(|l| l.contains("restart 1 of 1: resuming from checkpoint-4")), "{}", lines.join("\n"));
+    let err = weights_rel_err(&out, &full);
+    assert!(err < REL, "restarted run vs uninterrupted: rel {err}");
+}
