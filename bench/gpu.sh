@@ -18,6 +18,8 @@ STEPS=${STEPS:-8}
 ANCHOR=${ANCHOR_SPECS:-1}
 export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 BIN=$PWD/.gpu/bin
+declare -A TINY
+if [ "$DEVICE" = cpu ]; then NUM_GPUS=""; else NUM_GPUS="--num_gpus 1"; fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 
 sample_start() { (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null; sleep 0.2; done) > "$1" & SAMPLER=$!; }
@@ -48,11 +50,32 @@ cat > "$OUT/ds_config.json" <<'JSON'
  "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
 JSON
 
+echo "== 3. ZeRO-2 over NCCL (--num_gpus 1) on the tiny fixture, fp32: GPU vs CPU final weights"
+TINY_ARGS=(--model_name_or_path .gpu/fixtures/tiny --train_file "$OUT/data.txt" --do_train --block_size 64
+  --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --max_steps 8 --save_steps 0 --learning_rate 1e-3
+  --weight_decay 0.1 --adam_epsilon 1e-6 --warmup_steps 2 --logging_steps 8 --overwrite_output_dir)
+for offload in cpu none; do
+  printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-tiny-$offload.json"
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --device cpu --num_workers 1 --deepspeed "$OUT/ds-tiny-$offload.json" \
+    --output_dir "$OUT/tiny-cpu-$offload" > "$OUT/tiny-cpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-cpu-$offload.log"
+  if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" "${GPU_FLAGS[@]}" --deepspeed "$OUT/ds-tiny-$offload.json" \
+    --output_dir "$OUT/tiny-gpu-$offload" > "$OUT/tiny-gpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-gpu-$offload.log"
+  TINY[$offload]=$("$PY" - "$OUT/tiny-gpu-$offload/model.safetensors" "$OUT/tiny-cpu-$offload/model.safetensors" <<'PYEOF' 2>&1 | tail -1
+import sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+print("%.2e" % max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b))
+PYEOF
+)
+  echo "offload $offload: GPU (NCCL) vs CPU final weights rel ${TINY[$offload]}"
+done
+
 declare -A TPS MEM
 for dt in fp16 bf16; do
-  echo "== 3. zerotune $dt"
+  echo "== 4. zerotune $dt"
   sample_start "$OUT/mem-ours-$dt.txt"
-  timeout 200 "$BIN/coordinator" train --config_name "$CONFIG" --train_tokenizer 2048 --train_file "$OUT/data.txt" \
+  timeout 200 "$BIN/coordinator" train --config_name "$CONFIG" $NUM_GPUS --train_tokenizer 2048 --train_file "$OUT/data.txt" \
     --output_dir "$OUT/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
     --deepspeed "$OUT/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 8 --max_steps "$STEPS" --logging_steps "$STEPS" --save_steps 100000 \
@@ -65,7 +88,7 @@ done
 declare -A DS DSMEM
 if [ "$ANCHOR" = 1 ]; then
   for dt in fp16 bf16; do
-    echo "== 4. DeepSpeed $dt"
+    echo "== 5. DeepSpeed $dt"
     sample_start "$OUT/mem-ds-$dt.txt"
     bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "200 ds --dtype $dt --micro 1 --ga 8 --steps 3 --warmup 1" > "$OUT/ds-$dt.log" 2>&1
     DSMEM[$dt]=$(sample_stop "$OUT/mem-ds-$dt.txt")
@@ -76,9 +99,10 @@ fi
 
 echo
 echo "greedy ids, tiny fixture, cpu vs $DEVICE: $GEN"
+echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
 echo "| run ($CONFIG shape, block $BLOCK, micro 1, accumulation 8) | tokens/s | peak GPU MiB (nvidia-smi) | torch max allocated GiB |"
 echo "|---|---|---|---|"
 for dt in fp16 bf16; do
-  echo "| zerotune ZeRO-2 + CPU offload, $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | - |"
+  echo "| zerotune ZeRO-2 + CPU offload (NCCL, --num_gpus 1), $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | - |"
   [ "$ANCHOR" = 1 ] && set -- ${DS[$dt]} && echo "| DeepSpeed ZeRO-2 + CPU offload, $dt | $1 | ${DSMEM[$dt]:--} | $2 |"
 done

@@ -197,6 +197,8 @@ pub struct TrainPlan {
     pub zero: Zero,
     pub resume_from_checkpoint: Option<String>,
     pub max_restarts: u32,
+    /// `--num_gpus` was given: GPU ranks talk over NCCL even when there is one.
+    pub num_gpus_given: bool,
 }
 
 fn flag(message: impl Into<String>) -> CoordinatorError {
@@ -311,6 +313,7 @@ impl TrainPlan {
             zero: Zero { stage: 0, offload_optimizer: device == "cpu" },
             resume_from_checkpoint: args.resume_from_checkpoint.clone(),
             max_restarts: args.max_restarts,
+            num_gpus_given: args.num_gpus.is_some(),
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::Status;
-use zerotune_proto::plan::{ModelSource, Resume, Schedule, WorkerPlan};
+use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
 use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, TrainStep};
 
 use crate::checkpoint::{self, checkpoint_dir};
@@ -253,6 +253,13 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         zero_stage: plan.zero.stage,
         offload_optimizer: plan.zero.offload_optimizer,
         resume: None,
+        collectives: match (plan.device.as_str(), plan.num_gpus_given) {
+            ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
+            ("cpu", _) => Collectives::None,
+            (_, true) => Collectives::Nccl,
+            _ if plan.world_size > 1 => Collectives::Nccl,
+            _ => Collectives::None,
+        },
     })
 }
 

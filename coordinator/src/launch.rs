@@ -31,11 +31,9 @@ pub fn spawn_local(
     } else {
         // One process per GPU, like the deepspeed launcher: it sees only its own device.
         command.env("CUDA_VISIBLE_DEVICES", rank.to_string());
-        if world > 1 {
-            if let Some(dir) = nccl_shim() {
-                let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-                command.env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()));
-            }
+        if let Some(dir) = nccl_shim() {
+            let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+            command.env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()));
         }
         "cuda:0".to_string()
     };

@@ -33,6 +33,22 @@ pub struct WorkerPlan {
     /// Continue from this checkpoint instead of the model's initial weights.
     #[serde(default)]
     pub resume: Option<Resume>,
+    /// How ranks talk to each other.
+    #[serde(default)]
+    pub collectives: Collectives,
+}
+
+/// The collectives backend of a job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collectives {
+    /// One rank, nothing to exchange.
+    #[default]
+    None,
+    /// CPU ranks: a TCP ring.
+    Ring,
+    /// GPU ranks: NCCL (also for a single GPU launched with --num_gpus, as DeepSpeed does).
+    Nccl,
 }
 
 fn yes() -> bool {

@@ -7,7 +7,7 @@ use tch::{Device, Tensor};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use zerotune_proto::plan::WorkerPlan;
+use zerotune_proto::plan::{Collectives, WorkerPlan};
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
 use zerotune_proto::v1::{
     command, Batch, CommandsRequest, EvalReport, FailureReport, RegisterRequest, RendezvousRequest, SavedReport, StepReport,
@@ -61,7 +61,7 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id() };
     let reply = rt.block_on(client.register(register))?.into_inner();
     let plan: WorkerPlan = serde_json::from_str(&reply.plan_json)?;
-    let comm = rt.block_on(collectives(client, args, reply.world_size as usize))?;
+    let comm = rt.block_on(collectives(client, args, plan.collectives, reply.world_size as usize))?;
     let mut trainer = Trainer::with_comm(plan, args.device, comm)?;
     let mut stream = rt.block_on(client.commands(CommandsRequest { rank: args.rank }))?.into_inner();
     let rank = args.rank;
@@ -107,12 +107,15 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
 
 /// Opens this rank's collectives through the coordinator's rendezvous: NCCL between GPUs (rank 0
 /// makes the id), a TCP ring between CPU ranks (each listens where it reaches the coordinator).
-async fn collectives(client: &mut Client, args: &AgentArgs, world: usize) -> anyhow::Result<Box<dyn Collective>> {
-    if world == 1 {
+async fn collectives(client: &mut Client, args: &AgentArgs, backend: Collectives, world: usize) -> anyhow::Result<Box<dyn Collective>> {
+    let rank = args.rank;
+    if backend == Collectives::None || (backend == Collectives::Ring && world == 1) {
         return Ok(Box::new(Single));
     }
-    let rank = args.rank;
-    if args.device != Device::Cpu {
+    if backend == Collectives::Nccl {
+        if args.device == Device::Cpu {
+            anyhow::bail!("NCCL collectives need a GPU, but this rank runs on the CPU");
+        }
         let nccl_id = if rank == 0 { nccl::unique_id()? } else { vec![] };
         let reply = client.rendezvous(RendezvousRequest { rank, ring_address: String::new(), nccl_id }).await?.into_inner();
         return Ok(Box::new(tokio::task::block_in_place(|| nccl::Nccl::join(&reply.nccl_id, rank as usize, world))?));

@@ -6,7 +6,7 @@ mod common;
 
 use common::{fixtures, meta, rel_err, tensor_from, Reference};
 use tch::{Device, Kind, Tensor};
-use zerotune_proto::plan::{AdamW, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
+use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
 use zerotune_worker::generate::{generate, Sampling};
 use zerotune_worker::model::CodeGen;
 use zerotune_worker::train::{load_params, Trainer};
@@ -61,6 +61,7 @@ fn train_plan() -> WorkerPlan {
         zero_stage: 0,
         offload_optimizer: true,
         resume: None,
+        collectives: Collectives::None,
     }
 }
 
