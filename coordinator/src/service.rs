@@ -144,3 +144,65 @@ impl Coordinator for JobService {
         self.send(Event::Failed { rank: r.rank, message: r.message })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerotune_proto::v1::coordinator_client::CoordinatorClient;
+
+    /// Serves a one-rank job on a real loopback socket; returns its URL.
+    async fn serve(secret: &str) -> (String, mpsc::UnboundedReceiver<Event>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let (_tx, commands) = mpsc::channel(1);
+        let service = JobService::new("{}".into(), vec![commands], events);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tonic::transport::Server::builder().add_service(service.into_server(secret.into()));
+        tokio::spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+        (url, rx)
+    }
+
+    fn register() -> Request<RegisterRequest> {
+        Request::new(RegisterRequest { rank: 0, host: "h".into(), device: "cpu".into(), pid: 1 })
+    }
+
+    #[tokio::test]
+    async fn calls_without_the_job_secret_are_refused() {
+        let (url, mut events) = serve("s3cret").await;
+        let mut client = CoordinatorClient::connect(url).await.unwrap();
+        let refused = client.register(register()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let mut wrong = register();
+        wrong.metadata_mut().insert(SECRET_HEADER, "guess".parse().unwrap());
+        assert_eq!(client.register(wrong).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert!(events.try_recv().is_err(), "a refused call reaches nothing");
+
+        let mut right = register();
+        right.metadata_mut().insert(SECRET_HEADER, "s3cret".parse().unwrap());
+        let reply = client.register(right).await.unwrap().into_inner();
+        assert_eq!(reply.world_size, 1);
+        assert!(matches!(events.recv().await, Some(Event::Registered { rank: 0, .. })));
+    }
+
+    #[tokio::test]
+    async fn rendezvous_answers_once_every_rank_arrived() {
+        let (events, _rx) = mpsc::unbounded_channel();
+        let commands = (0..3).map(|_| mpsc::channel(1).1).collect();
+        let service = std::sync::Arc::new(JobService::new("{}".into(), commands, events));
+        let calls: Vec<_> = (0..3u32)
+            .map(|rank| {
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let nccl_id = if rank == 0 { vec![7; 128] } else { vec![] };
+                    let request = RendezvousRequest { rank, ring_address: format!("10.0.0.{rank}:1"), nccl_id };
+                    service.rendezvous(Request::new(request)).await.unwrap().into_inner()
+                })
+            })
+            .collect();
+        for call in calls {
+            let reply = call.await.unwrap();
+            assert_eq!(reply.ring_addresses, ["10.0.0.0:1", "10.0.0.1:1", "10.0.0.2:1"]);
+            assert_eq!(reply.nccl_id, vec![7; 128], "rank 0's NCCL id goes to everyone");
+        }
+    }
+}
