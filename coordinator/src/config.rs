@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use zerotune_hf::CodeGenConfig;
+
+use crate::hosts::{self, Node, Placement};
+use crate::launch::Launcher;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind};
 
 use crate::error::{CoordinatorError, Result};
@@ -130,6 +133,31 @@ pub struct TrainArgs {
     /// If a worker fails, resume from the latest checkpoint up to this many times.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: u32,
+    /// DeepSpeed hostfile: one `hostname slots=N` per line; ranks are node-major in its order.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Use the first N hosts of the hostfile.
+    #[arg(long)]
+    pub num_nodes: Option<usize>,
+    /// Only these hosts/slots, e.g. `worker-0@worker-1:0,2` or `localhost:1,2`.
+    #[arg(long)]
+    pub include: Option<String>,
+    /// All but these hosts/slots (same syntax as --include).
+    #[arg(long)]
+    pub exclude: Option<String>,
+    /// Address workers use to reach the coordinator (multi-node; default: this host's name).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port the coordinator listens on for a multi-node job (0: any free port).
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
+    /// local, ssh, slurm or manual (print the worker commands); default: ssh when the hostfile
+    /// names another machine, otherwise local.
+    #[arg(long)]
+    pub launcher: Option<String>,
+    /// The remote shell for --launcher ssh (any program called as `CMD host script`).
+    #[arg(long, default_value = "ssh -o BatchMode=yes")]
+    pub ssh_command: String,
 }
 
 /// Where the initial weights come from.
@@ -199,6 +227,79 @@ pub struct TrainPlan {
     pub max_restarts: u32,
     /// `--num_gpus` was given: GPU ranks talk over NCCL even when there is one.
     pub num_gpus_given: bool,
+    /// Where each rank runs (global rank order).
+    pub placements: Vec<Placement>,
+    pub launcher: Launcher,
+    pub master_addr: Option<String>,
+    pub master_port: u16,
+}
+
+/// The ranks (hostfile or this machine, narrowed by --include/--exclude/--num_nodes/--num_gpus)
+/// and how to start them.
+fn placements_and_launcher(args: &TrainArgs, device: &str) -> Result<(Vec<Placement>, Launcher)> {
+    let (gpus, workers) = (args.num_gpus, args.num_workers);
+    match (gpus, workers) {
+        (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
+        (Some(0), _) | (_, Some(0)) => return Err(flag("--num_gpus / --num_workers must be at least 1")),
+        (Some(n), None) if device == "cpu" => {
+            return Err(flag(format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks")))
+        }
+        (None, Some(n)) if device != "cpu" => {
+            return Err(flag(format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs")))
+        }
+        _ => {}
+    }
+    let per_node = gpus.or(workers);
+    let nodes = match &args.hostfile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| flag(format!("--hostfile {}: {e}", path.display())))?;
+            hosts::parse_hostfile(&text, path)?
+        }
+        None if args.num_nodes.is_some_and(|n| n > 1) => {
+            return Err(flag("--num_nodes > 1 needs --hostfile (one \"hostname slots=N\" per line)"))
+        }
+        None => {
+            // This machine: its GPUs (for --include/--exclude) or the ranks asked for.
+            let visible = (0..64).take_while(|i| Path::new(&format!("/dev/nvidia{i}")).exists()).count();
+            let slots = match per_node {
+                Some(n) => n,
+                None if device != "cpu" && (args.include.is_some() || args.exclude.is_some()) => visible.max(1),
+                None => 1,
+            };
+            vec![Node { host: "localhost".into(), slots: (0..slots).collect() }]
+        }
+    };
+    let selection = hosts::Selection {
+        include: args.include.as_deref(),
+        exclude: args.exclude.as_deref(),
+        num_nodes: args.num_nodes,
+        num_gpus: if args.hostfile.is_some() { per_node } else { None },
+    };
+    let placements = hosts::placements(&hosts::select(nodes, &selection)?);
+    let remote = placements.iter().any(|p| !hosts::is_local(&p.host));
+    let launcher = match args.launcher.as_deref() {
+        None if remote => Launcher::Ssh { command: ssh_command(&args.ssh_command)? },
+        None | Some("local") => {
+            if remote {
+                let host = placements.iter().find(|p| !hosts::is_local(&p.host)).map(|p| p.host.clone()).unwrap_or_default();
+                return Err(flag(format!("--launcher local cannot start ranks on {host}: use ssh, slurm or manual")));
+            }
+            Launcher::Local
+        }
+        Some("ssh") => Launcher::Ssh { command: ssh_command(&args.ssh_command)? },
+        Some("slurm") => Launcher::Slurm,
+        Some("manual") => Launcher::Manual,
+        Some(other) => return Err(flag(format!("--launcher {other:?}: expected local, ssh, slurm or manual"))),
+    };
+    Ok((placements, launcher))
+}
+
+fn ssh_command(spec: &str) -> Result<Vec<String>> {
+    let words: Vec<String> = spec.split_whitespace().map(String::from).collect();
+    if words.is_empty() {
+        return Err(flag("--ssh_command is empty"));
+    }
+    Ok(words)
 }
 
 fn flag(message: impl Into<String>) -> CoordinatorError {
@@ -234,18 +335,8 @@ impl TrainPlan {
             }
         };
         let device = resolve_device(&args.device)?;
-        let world_size = match (args.num_gpus, args.num_workers) {
-            (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
-            (Some(0), _) | (_, Some(0)) => return Err(flag("--num_gpus / --num_workers must be at least 1")),
-            (Some(n), None) if device == "cpu" => {
-                return Err(flag(format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks")))
-            }
-            (None, Some(n)) if device != "cpu" && n > 1 => {
-                return Err(flag(format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs")))
-            }
-            (Some(n), None) | (None, Some(n)) => n,
-            (None, None) => 1,
-        };
+        let (placements, launcher) = placements_and_launcher(args, &device)?;
+        let world_size = placements.len();
         let schedule = match args.lr_scheduler_type.as_str() {
             "linear" => ScheduleKind::Linear,
             "cosine" => ScheduleKind::Cosine,
@@ -313,7 +404,11 @@ impl TrainPlan {
             zero: Zero { stage: 0, offload_optimizer: device == "cpu" },
             resume_from_checkpoint: args.resume_from_checkpoint.clone(),
             max_restarts: args.max_restarts,
-            num_gpus_given: args.num_gpus.is_some(),
+            num_gpus_given: args.num_gpus.is_some() || (device != "cpu" && (args.hostfile.is_some() || args.include.is_some())),
+            placements,
+            launcher,
+            master_addr: args.master_addr.clone(),
+            master_port: args.master_port,
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

@@ -16,11 +16,14 @@ use crate::checkpoint::{self, checkpoint_dir};
 use crate::config::{ModelChoice, TrainPlan};
 use crate::dataset::TokenCache;
 use crate::error::{io_err, CoordinatorError, Result};
-use crate::launch;
+use crate::launch::{self, LaunchSpec, Launcher};
 use crate::prepare::{prepare, Prepared};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
 use crate::service::{Event, JobService};
+
+/// After the first failure, how long to wait for the other ranks' reports before blaming one.
+const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a finished run reports.
 #[derive(Debug)]
@@ -165,10 +168,17 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, first_step, tx));
     }
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    // Loopback unless workers run elsewhere; then on --master_port, reached at --master_addr.
+    let (bind, host) = match plan.launcher {
+        Launcher::Local => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+        _ => ("0.0.0.0".to_string(), plan.master_addr.clone().unwrap_or_else(hostname)),
+    };
+    let port = if plan.launcher == Launcher::Local { 0 } else { plan.master_port };
+    let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
         .await
-        .map_err(|e| CoordinatorError::Server(format!("cannot listen on loopback: {e}")))?;
-    let url = format!("http://{}", listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?);
+        .map_err(|e| CoordinatorError::Server(format!("cannot listen on {bind}:{port} (--master_port): {e}")))?;
+    let port = listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?.port();
+    let url = format!("http://{host}:{port}");
     let secret = launch::job_secret()?;
     let service = JobService::new(serde_json::to_string(&worker_plan).expect("plan serialises"), receivers, events_tx.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -179,10 +189,10 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
                 let _ = stop_rx.await;
             },
         ));
-    let mut watchers = vec![];
-    for rank in 0..world {
-        watchers.push(launch::spawn_local(&plan.worker_bin, &url, rank, world, &plan.device, &secret, events_tx.clone())?);
-    }
+    let env = launch::propagated_env()?;
+    let device = if plan.device == "cpu" { "cpu" } else { "cuda" };
+    let spec = LaunchSpec { launcher: &plan.launcher, placements: &plan.placements, device, worker: &plan.worker_bin, env: &env };
+    let watchers = launch::start(&spec, &url, &secret, &events_tx)?;
     drop(events_tx);
 
     let steps_per_epoch = run.sampler.steps_per_epoch() as u64;
@@ -198,6 +208,7 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         saves: BTreeMap::new(),
         evals: BTreeMap::new(),
         finished: 0,
+        processes: watchers.len() as u32,
         exited: 0,
     };
     let result = tokio::select! {
@@ -218,6 +229,10 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         eval_loss: last_eval.and_then(|e| e["eval_loss"].as_f64()),
         perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
     })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
 
 /// HF refuses a non-empty output_dir unless told to overwrite; so do we.
@@ -341,21 +356,35 @@ struct Job<'a> {
     /// (loss sum, tokens, ranks) per evaluated step.
     evals: BTreeMap<u64, (f64, u64, u32)>,
     finished: u32,
+    /// Processes we started and watch (0 when started by hand).
+    processes: u32,
     exited: u32,
 }
 
 impl Job<'_> {
     async fn drive(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, progress: &mut Progress) -> Result<()> {
-        while let Some(event) = events.recv().await {
-            match event {
+        // One death makes every rank fail (their collectives break), so the first report is
+        // often not the cause: collect failures until every process is gone (or a grace period
+        // passed) and blame the most direct one.
+        let mut failures: Vec<(u8, CoordinatorError)> = vec![];
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let event = match deadline {
+                Some(at) => tokio::time::timeout_at(at, events.recv()).await.unwrap_or(None),
+                None => events.recv().await,
+            };
+            let Some(event) = event else { break };
+            let failure = match event {
                 Event::Registered { rank, host, device, pid } => {
                     progress.note(&format!("rank {rank} joined: {host} {device} pid {pid}"));
                     self.hosts.insert(rank, host);
+                    None
                 }
                 Event::Step(report) => {
-                    if report.rank == 0 {
+                    if report.rank == 0 && failures.is_empty() {
                         progress.step(report)?;
                     }
+                    None
                 }
                 Event::Eval(report) => {
                     let entry = self.evals.entry(report.step).or_default();
@@ -366,39 +395,65 @@ impl Job<'_> {
                         let (sum, tokens, _) = *entry;
                         progress.eval(report.step, sum, tokens)?;
                     }
+                    None
                 }
                 Event::Saved(report) => {
                     let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
                     *acks += 1;
-                    if *acks < self.world {
-                        continue;
+                    if *acks == self.world && failures.is_empty() {
+                        if Path::new(&report.dir) == self.output_dir {
+                            checkpoint::write_files(&self.output_dir, self.tokenizer_files)?;
+                            self.finished = self.world;
+                            progress.note(&format!("saved the final model to {}", self.output_dir.display()));
+                            if self.processes == 0 {
+                                return Ok(()); // started by hand: nothing of ours to wait for
+                            }
+                        } else {
+                            let state = self.trainer_state(report.step, progress);
+                            checkpoint::finalize(&self.output_dir, report.step, self.tokenizer_files, &state, self.plan.save_total_limit)?;
+                            progress.note(&format!("saved checkpoint-{}", report.step));
+                        }
                     }
-                    if Path::new(&report.dir) == self.output_dir {
-                        checkpoint::write_files(&self.output_dir, self.tokenizer_files)?;
-                        self.finished = self.world;
-                        progress.note(&format!("saved the final model to {}", self.output_dir.display()));
-                    } else {
-                        let state = self.trainer_state(report.step, progress);
-                        checkpoint::finalize(&self.output_dir, report.step, self.tokenizer_files, &state, self.plan.save_total_limit)?;
-                        progress.note(&format!("saved checkpoint-{}", report.step));
-                    }
+                    None
                 }
+                Event::Disconnected { rank } if self.finished < self.world => {
+                    let message =
+                        "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
+                    Some((4, rank, message.to_string()))
+                }
+                Event::Disconnected { .. } => None,
                 Event::Failed { rank, message } => {
-                    return Err(CoordinatorError::Worker { rank, host: self.host(rank), message });
+                    let secondary = message.starts_with("collective failed");
+                    Some((if secondary { 3 } else { 1 }, rank, message))
                 }
                 Event::Exited { rank, success, status } => {
-                    if !success || self.finished < self.world {
-                        let message = format!("the worker process exited ({status}) before the run finished");
-                        return Err(CoordinatorError::Worker { rank, host: self.host(rank), message });
-                    }
                     self.exited += 1;
-                    if self.exited == self.world {
-                        return Ok(());
+                    if success && self.finished == self.world {
+                        if self.exited == self.processes && failures.is_empty() {
+                            return Ok(());
+                        }
+                        None
+                    } else {
+                        let killed = status.contains("signal");
+                        Some((if killed { 0 } else { 2 }, rank, format!("the worker process exited ({status}) before the run finished")))
                     }
                 }
+            };
+            if let Some((priority, rank, message)) = failure {
+                failures.push((priority, CoordinatorError::Worker { rank, host: self.host(rank), message }));
+                deadline.get_or_insert(tokio::time::Instant::now() + FAILURE_GRACE);
+            }
+            let all_gone = self.processes > 0 && self.exited == self.processes;
+            let expired = deadline.is_some_and(|at| tokio::time::Instant::now() >= at);
+            if !failures.is_empty() && (all_gone || expired) {
+                break;
             }
         }
-        Err(CoordinatorError::Server("all workers disconnected before the run finished".into()))
+        failures.sort_by_key(|(priority, _)| *priority);
+        Err(failures
+            .into_iter()
+            .next()
+            .map_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into()), |(_, err)| err))
     }
 
     fn host(&self, rank: u32) -> String {

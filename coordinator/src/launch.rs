@@ -1,45 +1,178 @@
-//! Starting workers. Today: local processes, one per rank, with DeepSpeed's per-process
-//! environment (RANK, LOCAL_RANK, WORLD_SIZE) and the job secret; each is killed if the
-//! coordinator goes away, and its exit is reported to the driver as an event.
+//! Starting workers like the `deepspeed` launcher: one process per rank with RANK, LOCAL_RANK,
+//! WORLD_SIZE and CUDA_VISIBLE_DEVICES (its one GPU), locally, over ssh (one connection per
+//! rank, NCCL_*/UCX_* and `.deepspeed_env` propagated, the job secret on stdin), under Slurm
+//! (`srun`), or by hand (the commands are printed). Each process is watched: its exit reaches the
+//! driver as an event, and it is killed when the coordinator stops.
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::error::{CoordinatorError, Result};
+use crate::hosts::{self, Placement};
 use crate::service::Event;
 
-/// One local worker process for `rank`; its exit status arrives later as `Event::Exited`.
-pub fn spawn_local(
-    worker: &Path,
-    coordinator_url: &str,
-    rank: u32,
-    world: u32,
-    device: &str,
+/// How workers are started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    Local,
+    /// `command host script`: ssh, or any stand-in with the same calling convention.
+    Ssh {
+        command: Vec<String>,
+    },
+    Slurm,
+    /// Print each rank's command; the user starts them.
+    Manual,
+}
+
+/// Everything needed to start the ranks of one attempt.
+pub struct LaunchSpec<'a> {
+    pub launcher: &'a Launcher,
+    pub placements: &'a [Placement],
+    /// "cpu" or "cuda".
+    pub device: &'a str,
+    pub worker: &'a Path,
+    /// Extra environment for every worker (`.deepspeed_env`, NCCL_*, ...).
+    pub env: &'a [(String, String)],
+}
+
+/// Starts every rank; each returned task ends once its process is gone.
+pub fn start(
+    spec: &LaunchSpec,
+    url: &str,
     secret: &str,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let mut command = tokio::process::Command::new(worker);
-    command
-        .env(zerotune_proto::SECRET_ENV, secret)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .kill_on_drop(true);
-    let device = if device == "cpu" {
-        "cpu".to_string()
-    } else {
-        // One process per GPU, like the deepspeed launcher: it sees only its own device.
-        command.env("CUDA_VISIBLE_DEVICES", rank.to_string());
-        if let Some(dir) = nccl_shim() {
-            let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-            command.env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()));
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let world = spec.placements.len();
+    match spec.launcher {
+        Launcher::Local => spec
+            .placements
+            .iter()
+            .map(|p| {
+                let mut command = tokio::process::Command::new(spec.worker);
+                command.envs(rank_env(p, world, spec.device)).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
+                if spec.device != "cpu" {
+                    if let Some(dir) = nccl_shim() {
+                        let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+                        command.env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()));
+                    }
+                }
+                command.args(worker_args(url, p.rank, spec.device));
+                watch(command, p.rank as u32, None, events)
+            })
+            .collect(),
+        Launcher::Ssh { command: ssh } => {
+            let cwd = std::env::current_dir().map_err(|e| CoordinatorError::Flag(format!("current directory: {e}")))?;
+            spec.placements
+                .iter()
+                .map(|p| {
+                    let mut command = tokio::process::Command::new(&ssh[0]);
+                    let script = remote_script(p, world, spec.device, url, spec.worker, spec.env, &cwd);
+                    command.args(&ssh[1..]).arg(&p.host).arg(script);
+                    watch(command, p.rank as u32, Some(format!("{secret}\n")), events)
+                })
+                .collect()
         }
-        "cuda:0".to_string()
-    };
-    command.args(["run", "--coordinator", coordinator_url, "--rank", &rank.to_string(), "--device", &device]);
-    let mut child = command.spawn().map_err(|e| CoordinatorError::Flag(format!("cannot start worker {}: {e}", worker.display())))?;
-    let watcher = tokio::spawn(async move {
+        Launcher::Slurm => {
+            let argv = srun_argv(spec, url);
+            let mut command = tokio::process::Command::new(&argv[0]);
+            command.args(&argv[1..]).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
+            Ok(vec![watch(command, 0, None, events)?])
+        }
+        Launcher::Manual => {
+            eprintln!("start these {world} worker(s), each on its host (they must reach {url}):");
+            for p in spec.placements {
+                let mut env: Vec<(String, String)> = rank_env(p, world, spec.device);
+                env.extend(spec.env.iter().cloned());
+                env.push((zerotune_proto::SECRET_ENV.into(), secret.into()));
+                let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", quote(v))).collect();
+                let args: Vec<String> = worker_args(url, p.rank, spec.device).iter().map(|a| quote(a)).collect();
+                eprintln!("  [{}] {} {} {}", p.host, vars.join(" "), quote(&spec.worker.to_string_lossy()), args.join(" "));
+            }
+            Ok(vec![])
+        }
+    }
+}
+
+/// DeepSpeed's per-process environment.
+fn rank_env(p: &Placement, world: usize, device: &str) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("RANK".to_string(), p.rank.to_string()),
+        ("LOCAL_RANK".to_string(), p.local_rank.to_string()),
+        ("WORLD_SIZE".to_string(), world.to_string()),
+    ];
+    if device != "cpu" {
+        // One process per GPU: it sees only its own device.
+        env.push(("CUDA_VISIBLE_DEVICES".to_string(), p.slot.to_string()));
+    }
+    env
+}
+
+fn worker_args(url: &str, rank: usize, device: &str) -> Vec<String> {
+    let device = if device == "cpu" { "cpu" } else { "cuda:0" };
+    ["run", "--coordinator", url, "--rank", &rank.to_string(), "--device", device].map(String::from).to_vec()
+}
+
+/// The shell script one ssh connection runs: same directory and worker path as here, the secret
+/// read from stdin (never on a command line), the rank's environment, then the worker.
+pub fn remote_script(p: &Placement, world: usize, device: &str, url: &str, worker: &Path, env: &[(String, String)], cwd: &Path) -> String {
+    let mut vars: Vec<String> = rank_env(p, world, device).iter().chain(env).map(|(k, v)| format!("{k}={}", quote(v))).collect();
+    vars.sort();
+    let args: Vec<String> = worker_args(url, p.rank, device).iter().map(|a| quote(a)).collect();
+    format!(
+        "cd {} && IFS= read -r {secret} && export {secret} && exec env {} {} {}",
+        quote(&cwd.to_string_lossy()),
+        vars.join(" "),
+        quote(&worker.to_string_lossy()),
+        args.join(" "),
+        secret = zerotune_proto::SECRET_ENV,
+    )
+}
+
+/// `srun` for the whole job: Slurm starts one task per rank; each reads its rank and local GPU
+/// from SLURM_PROCID / SLURM_LOCALID.
+pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
+    let world = spec.placements.len();
+    let nodes = spec.placements.iter().map(|p| &p.host).collect::<std::collections::BTreeSet<_>>().len();
+    let device = if spec.device == "cpu" { "cpu" } else { "cuda:$SLURM_LOCALID" };
+    let script = format!(
+        "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
+        quote(&spec.worker.to_string_lossy()),
+        quote(url)
+    );
+    ["srun", &format!("--nodes={nodes}"), &format!("--ntasks={world}"), "--kill-on-bad-exit=1", "sh", "-c", &script]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Spawns `command` (stdin carrying `input`, if any) and reports its exit as `Event::Exited`;
+/// kills it when the driver stops listening.
+fn watch(
+    mut command: tokio::process::Command,
+    rank: u32,
+    input: Option<String>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    command.kill_on_drop(true).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    let program = command.as_std().get_program().to_string_lossy().into_owned();
+    let mut child = command.spawn().map_err(|e| CoordinatorError::Flag(format!("cannot start {program}: {e}")))?;
+    let stdin = child.stdin.take();
+    let events = events.clone();
+    Ok(tokio::spawn(async move {
+        if let (Some(mut stdin), Some(input)) = (stdin, input) {
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
         let status = tokio::select! {
             status = child.wait() => status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
             _ = events.closed() => {
@@ -49,8 +182,21 @@ pub fn spawn_local(
         };
         let success = status == "exit status: 0";
         let _ = events.send(Event::Exited { rank, success, status });
-    });
-    Ok(watcher)
+    }))
+}
+
+/// Environment every worker gets besides its rank's: NCCL_* and UCX_* from here, then the
+/// `.deepspeed_env` file of the current directory or the home directory (as DeepSpeed reads it).
+pub fn propagated_env() -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| k.starts_with("NCCL_") || k.starts_with("UCX_") || k == "ZEROTUNE_NCCL").collect();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let files = [Some(PathBuf::from(".deepspeed_env")), home.map(|h| h.join(".deepspeed_env"))];
+    if let Some(path) = files.into_iter().flatten().find(|p| p.is_file()) {
+        let text = std::fs::read_to_string(&path).map_err(|e| CoordinatorError::Flag(format!("{}: {e}", path.display())))?;
+        env.extend(hosts::parse_env_file(&text, &path)?);
+    }
+    Ok(env)
 }
 
 /// A directory holding `libnccl.so` -> the pip wheel's `libnccl.so.2` (the only name it ships,
@@ -80,4 +226,35 @@ pub fn job_secret() -> Result<String> {
     let mut f = std::fs::File::open("/dev/urandom").map_err(|e| CoordinatorError::Flag(format!("cannot read /dev/urandom: {e}")))?;
     f.read_exact(&mut buf).map_err(|e| CoordinatorError::Flag(format!("cannot read /dev/urandom: {e}")))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placement(rank: usize, host: &str, slot: usize) -> Placement {
+        Placement { rank, host: host.into(), local_rank: slot, slot }
+    }
+
+    #[test]
+    fn remote_script_reads_the_secret_from_stdin_and_sets_the_rank() {
+        let env = [("NCCL_DEBUG".to_string(), "INFO".to_string()), ("X".to_string(), "a b'c".to_string())];
+        let script =
+            remote_script(&placement(3, "n1", 1), 4, "cuda", "http://10.0.0.1:29500", Path::new("/opt/zt/worker"), &env, Path::new("/w d"));
+        assert_eq!(
+            script,
+            "cd '/w d' && IFS= read -r ZEROTUNE_JOB_SECRET && export ZEROTUNE_JOB_SECRET && exec env CUDA_VISIBLE_DEVICES=1 \
+             LOCAL_RANK=1 NCCL_DEBUG=INFO RANK=3 WORLD_SIZE=4 X='a b'\\''c' /opt/zt/worker run --coordinator http://10.0.0.1:29500 \
+             --rank 3 --device cuda:0"
+        );
+    }
+
+    #[test]
+    fn srun_runs_one_task_per_rank() {
+        let placements = [placement(0, "a", 0), placement(1, "a", 1), placement(2, "b", 0), placement(3, "b", 1)];
+        let spec = LaunchSpec { launcher: &Launcher::Slurm, placements: &placements, device: "cuda", worker: Path::new("/w"), env: &[] };
+        let argv = srun_argv(&spec, "http://h:1");
+        assert_eq!(argv[..4], ["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1"]);
+        assert!(argv[6].ends_with("--rank $SLURM_PROCID --device cuda:$SLURM_LOCALID") && argv[6].contains("WORLD_SIZE=4"));
+    }
 }

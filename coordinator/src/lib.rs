@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod files2jsonl;
+pub mod hosts;
 pub mod job;
 pub mod launch;
 pub mod prepare;

@@ -26,6 +26,10 @@ pub enum Event {
         rank: u32,
         message: String,
     },
+    /// A rank's command stream was dropped (its connection closed).
+    Disconnected {
+        rank: u32,
+    },
     /// A worker process ended (from the launcher, not the network).
     Exited {
         rank: u32,
@@ -117,14 +121,15 @@ impl Coordinator for JobService {
         Ok(Response::new(reply.clone().expect("published")))
     }
 
-    type CommandsStream = ReceiverStream<Result<Command, Status>>;
+    type CommandsStream = Watched;
 
     async fn commands(&self, request: Request<CommandsRequest>) -> Result<Response<Self::CommandsStream>, Status> {
         let rank = self.rank(request.into_inner().rank)?;
         let receiver = self.commands.lock().expect("commands lock")[rank]
             .take()
             .ok_or_else(|| Status::already_exists(format!("rank {rank} already holds its command stream")))?;
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        let events = self.events.clone();
+        Ok(Response::new(Watched { inner: ReceiverStream::new(receiver), rank: rank as u32, events, completed: false }))
     }
 
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
@@ -142,6 +147,35 @@ impl Coordinator for JobService {
     async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
         let r = request.into_inner();
         self.send(Event::Failed { rank: r.rank, message: r.message })
+    }
+}
+
+/// A rank's command stream that tells the driver when it is dropped before its last command
+/// went out (the worker disconnected): liveness without heartbeats, whatever launched the worker.
+pub struct Watched {
+    inner: ReceiverStream<Result<Command, Status>>,
+    rank: u32,
+    events: mpsc::UnboundedSender<Event>,
+    completed: bool,
+}
+
+impl tokio_stream::Stream for Watched {
+    type Item = Result<Command, Status>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        if let std::task::Poll::Ready(None) = next {
+            self.completed = true;
+        }
+        next
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if !self.completed {
+            let _ = self.events.send(Event::Disconnected { rank: self.rank });
+        }
     }
 }
 

@@ -1,0 +1,163 @@
+//! Multi-node launching through the real ssh launcher code, with two "hosts" served by a
+//! stand-in remote shell that runs the command on this machine (like `ssh host script`), and the
+//! manual launcher whose printed commands the test starts itself. Both must train exactly like
+//! the local launcher.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{binary, fixtures, s, source_dir, stderr};
+use zerotune_hf::WeightFiles;
+
+/// Flags shared by every run here: 2 ranks' worth of work on the tiny fixture.
+fn train_args(out: &Path, cache: &Path) -> Vec<String> {
+    let tiny = s(&fixtures().join("tiny"));
+    [
+        "train",
+        "--device",
+        "cpu",
+        "--cache_dir",
+        &s(cache),
+        "--model_name_or_path",
+        &tiny,
+        "--train_file",
+        &s(&source_dir()),
+        "--output_dir",
+        &s(out),
+        "--do_train",
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--block_size",
+        "32",
+        "--learning_rate",
+        "2e-3",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn same_weights(a: &Path, b: &Path) {
+    let (x, y) = (WeightFiles::open(a).unwrap(), WeightFiles::open(b).unwrap());
+    for name in y.names() {
+        assert_eq!(x.read(name).unwrap(), y.read(name).unwrap(), "{name} differs between launchers");
+    }
+}
+
+fn local_two_ranks(t: &Path) -> PathBuf {
+    let out = t.join("local");
+    let run = Command::new(binary("coordinator")).args(train_args(&out, &t.join("cache"))).args(["--num_workers", "2"]).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    out
+}
+
+#[test]
+fn ssh_launcher_starts_ranks_on_two_hosts_with_their_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let reference = local_two_ranks(t);
+
+    // `fake-ssh HOST SCRIPT`: logs the call, then runs SCRIPT here (stdin, with the secret, passes through).
+    let log = t.join("ssh.log");
+    let fake = t.join("fake-ssh");
+    std::fs::write(&fake, format!("#!/bin/sh\nprintf '%s %s\\n' \"$1\" \"$2\" >> '{}'\nexec sh -c \"$2\"\n", s(&log))).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hostfile = t.join("hostfile");
+    std::fs::write(&hostfile, "# two machines, one rank each\nnode-a slots=1\nnode-b slots=1\n").unwrap();
+    let workdir = t.join("job");
+    std::fs::create_dir(&workdir).unwrap();
+    std::fs::write(workdir.join(".deepspeed_env"), "ZEROTUNE_MARK=from-deepspeed-env\n").unwrap();
+
+    let out = t.join("ssh");
+    let run = Command::new(binary("coordinator"))
+        .current_dir(&workdir)
+        .args(train_args(&out, &t.join("cache")))
+        .args(["--hostfile", &s(&hostfile), "--ssh_command", &s(&fake), "--master_addr", "127.0.0.1", "--master_port", "0"])
+        .env("NCCL_DEBUG", "WARN")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 2, "one remote shell per rank: {calls}");
+    assert!(lines.iter().any(|l| l.starts_with("node-a ") && l.contains("RANK=0")), "{calls}");
+    assert!(lines.iter().any(|l| l.starts_with("node-b ") && l.contains("RANK=1")), "{calls}");
+    for line in &lines {
+        assert!(line.contains("NCCL_DEBUG=WARN") && line.contains("ZEROTUNE_MARK=from-deepspeed-env"), "environment propagated: {line}");
+        assert!(!line.contains(&run_secret_hint()), "the secret never appears on a command line");
+        assert!(line.contains(&format!("cd {}", s(&workdir))), "same working directory: {line}");
+    }
+    same_weights(&out, &reference);
+}
+
+/// The secret is random per job; a command line could only carry it as the env assignment.
+fn run_secret_hint() -> String {
+    "ZEROTUNE_JOB_SECRET=".into()
+}
+
+#[test]
+fn manual_launcher_prints_commands_that_start_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let reference = local_two_ranks(t);
+    let out = t.join("manual");
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(train_args(&out, &t.join("cache")))
+        .args(["--num_workers", "2", "--launcher", "manual", "--master_addr", "127.0.0.1", "--master_port", "0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(coordinator.stderr.take().unwrap()).lines().map(Result::unwrap);
+    let mut workers = vec![];
+    let mut seen = vec![];
+    for line in lines.by_ref() {
+        seen.push(line.clone());
+        if let Some(command) = line.trim_start().strip_prefix("[localhost] ") {
+            workers.push(Command::new("sh").args(["-c", command]).stdout(Stdio::null()).spawn().unwrap());
+            if workers.len() == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(workers.len(), 2, "two commands printed: {}", seen.join("\n"));
+    let rest: Vec<String> = lines.collect();
+    assert!(coordinator.wait().unwrap().success(), "{}", rest.join("\n"));
+    for mut w in workers {
+        assert!(w.wait().unwrap().success());
+    }
+    same_weights(&out, &reference);
+}
+
+#[test]
+fn launcher_flag_conflicts_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let hostfile = t.join("hostfile");
+    std::fs::write(&hostfile, "node-a slots=2\nnode-b slots=2\n").unwrap();
+    let out = t.join("x");
+    for (extra, needle) in [
+        (vec!["--num_workers", "2", "--num_gpus", "1"], "either --num_gpus"),
+        (vec!["--num_gpus", "2"], "--num_gpus 2 with --device cpu"),
+        (vec!["--hostfile", &s(&hostfile), "--include", "node-a", "--exclude", "node-b"], "mutually exclusive"),
+        (vec!["--hostfile", &s(&hostfile), "--include", "node-c"], "node-c is not in the hostfile"),
+        (vec!["--hostfile", &s(&hostfile), "--launcher", "local"], "--launcher local cannot start ranks on node-a"),
+        (vec!["--num_nodes", "2"], "--num_nodes > 1 needs --hostfile"),
+        (vec!["--launcher", "pdsh"], "--launcher \"pdsh\""),
+    ] {
+        let run = Command::new(binary("coordinator")).args(train_args(&out, &t.join("cache"))).args(&extra).output().unwrap();
+        let err = stderr(&run);
+        assert!(!run.status.success() && err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?}: nothing written");
+    }
+}
