@@ -177,3 +177,40 @@ fn a_killed_worker_stops_the_job_by_name_and_restarts_resume_from_latest() {
     let err = weights_rel_err(&out, &full);
     assert!(err < REL, "restarted run vs uninterrupted: rel {err}");
 }
+
+#[test]
+fn workers_exit_when_the_coordinator_dies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
+        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&t.join("out"))])
+        .args(["--do_train", "--num_workers", "2", "--per_device_train_batch_size", "1", "--block_size", "32"])
+        .args(["--max_steps", "100000", "--save_steps", "0", "--logging_steps", "1", "--deepspeed", &s(&ds)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both ranks joined and training runs, collecting their pids.
+    let mut pids = vec![];
+    for line in BufReader::new(coordinator.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        if let Some(pid) = line.strip_prefix("rank ").and_then(|l| l.split(" pid ").nth(1)) {
+            pids.push(pid.trim().parse::<u32>().unwrap());
+        }
+        if line.starts_with("step 2/") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2);
+    coordinator.kill().unwrap(); // SIGKILL: no chance to clean up
+    coordinator.wait().unwrap();
+    // The orphaned workers notice their command stream is gone and exit on their own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for pid in pids {
+        let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        while alive() {
+            assert!(std::time::Instant::now() < deadline, "worker {pid} outlived its coordinator by 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(20)); // polling: these are not our children
+        }
+    }
+}
