@@ -155,6 +155,15 @@ pub struct TrainArgs {
     /// names another machine, otherwise local.
     #[arg(long)]
     pub launcher: Option<String>,
+    /// Serve workers over TLS with this certificate (PEM); needs --tls_key.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) workers verify the coordinator with (default: --tls_cert, self-signed).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// The remote shell for --launcher ssh (any program called as `CMD host script`).
     #[arg(long, default_value = "ssh -o BatchMode=yes")]
     pub ssh_command: String,
@@ -232,6 +241,38 @@ pub struct TrainPlan {
     pub launcher: Launcher,
     pub master_addr: Option<String>,
     pub master_port: u16,
+    pub tls: Option<Tls>,
+}
+
+/// The coordinator's TLS identity and the CA its workers trust, as PEM.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+fn read_pem(path: &Path, flag_name: &str) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|e| flag(format!("{flag_name} {}: {e}", path.display())))?;
+    if !pem.starts_with(b"-----BEGIN") {
+        return Err(flag(format!("{flag_name} {}: not a PEM file (expected -----BEGIN ...)", path.display())));
+    }
+    Ok(pem)
+}
+
+fn tls(args: &TrainArgs) -> Result<Option<Tls>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (None, None) if args.tls_ca.is_none() => Ok(None),
+        (Some(cert), Some(key)) => {
+            let cert_pem = read_pem(cert, "--tls_cert")?;
+            let ca = match &args.tls_ca {
+                Some(ca) => read_pem(ca, "--tls_ca")?,
+                None => cert_pem.clone(),
+            };
+            Ok(Some(Tls { cert: cert_pem, key: read_pem(key, "--tls_key")?, ca }))
+        }
+        _ => Err(flag("TLS needs both --tls_cert and --tls_key (and optionally --tls_ca)")),
+    }
 }
 
 /// The ranks (hostfile or this machine, narrowed by --include/--exclude/--num_nodes/--num_gpus)
@@ -409,6 +450,7 @@ impl TrainPlan {
             launcher,
             master_addr: args.master_addr.clone(),
             master_port: args.master_port,
+            tls: tls(args)?,
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

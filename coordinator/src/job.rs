@@ -178,18 +178,28 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         .await
         .map_err(|e| CoordinatorError::Server(format!("cannot listen on {bind}:{port} (--master_port): {e}")))?;
     let port = listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?.port();
-    let url = format!("http://{host}:{port}");
+    let scheme = if plan.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{host}:{port}");
+    let mut builder = server_builder();
+    if let Some(tls) = &plan.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| CoordinatorError::Flag(format!("--tls_cert/--tls_key: {e}")))?;
+    }
     let secret = launch::job_secret()?;
     let service = JobService::new(serde_json::to_string(&worker_plan).expect("plan serialises"), receivers, events_tx.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        tokio::spawn(tonic::transport::Server::builder().add_service(service.into_server(secret.clone())).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-    let env = launch::propagated_env()?;
+    let server = tokio::spawn(builder.add_service(service.into_server(secret.clone())).serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut env = launch::propagated_env()?;
+    if let Some(tls) = &plan.tls {
+        env.push((zerotune_proto::TLS_CA_ENV.into(), String::from_utf8_lossy(&tls.ca).into_owned()));
+    }
     let device = if plan.device == "cpu" { "cpu" } else { "cuda" };
     let spec = LaunchSpec { launcher: &plan.launcher, placements: &plan.placements, device, worker: &plan.worker_bin, env: &env };
     let watchers = launch::start(&spec, &url, &secret, &events_tx)?;
@@ -230,6 +240,14 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
     })
 }
+
+/// HTTP/2 pings every few seconds: a worker whose host vanished without closing its connection
+/// is dropped (and so reported) within KEEPALIVE x 3, like a heartbeat without an RPC.
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder().http2_keepalive_interval(Some(KEEPALIVE)).http2_keepalive_timeout(Some(2 * KEEPALIVE))
+}
+
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())

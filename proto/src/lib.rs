@@ -11,3 +11,6 @@ pub mod v1 {
 pub const SECRET_HEADER: &str = "x-zerotune-secret";
 /// Environment variable through which the launcher hands the secret to a worker.
 pub const SECRET_ENV: &str = "ZEROTUNE_JOB_SECRET";
+/// Environment variable with the CA certificate (PEM) a worker verifies an `https://`
+/// coordinator with.
+pub const TLS_CA_ENV: &str = "ZEROTUNE_TLS_CA";

@@ -161,3 +161,57 @@ fn launcher_flag_conflicts_are_refused() {
         assert!(!out.exists(), "{extra:?}: nothing written");
     }
 }
+
+#[test]
+fn tls_between_coordinator_and_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let reference = local_two_ranks(t);
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let (cert, pem_key) = (t.join("cert.pem"), t.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&pem_key, key.signing_key.serialize_pem()).unwrap();
+    let tls = ["--tls_cert", &s(&cert), "--tls_key", &s(&pem_key)];
+
+    let out = t.join("tls");
+    let run = Command::new(binary("coordinator"))
+        .args(train_args(&out, &t.join("cache")))
+        .args(["--num_workers", "2"])
+        .args(tls)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    same_weights(&out, &reference);
+
+    // A worker that speaks plain HTTP/2 to the TLS coordinator gets nowhere.
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(train_args(&t.join("tls-manual"), &t.join("cache")))
+        .args(["--num_workers", "1", "--launcher", "manual", "--master_addr", "127.0.0.1", "--master_port", "0"])
+        .args(tls)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = BufReader::new(coordinator.stderr.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find_map(|l| l.split("they must reach ").nth(1).map(|u| u.trim_end_matches("):").to_string()))
+        .unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    let plain = Command::new(binary("worker"))
+        .args(["run", "--coordinator", &url.replace("https://", "http://"), "--rank", "0", "--device", "cpu"])
+        .env("ZEROTUNE_JOB_SECRET", "irrelevant")
+        .output()
+        .unwrap();
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    assert!(!plain.status.success(), "a plaintext worker must not get in");
+    assert!(!stderr(&plain).contains("panicked"), "{}", stderr(&plain));
+
+    // Half a TLS configuration is refused up front.
+    let half = Command::new(binary("coordinator"))
+        .args(train_args(&t.join("half"), &t.join("cache")))
+        .args(["--tls_cert", &s(&cert)])
+        .output()
+        .unwrap();
+    assert!(!half.status.success() && stderr(&half).contains("needs both --tls_cert and --tls_key"), "{}", stderr(&half));
+}

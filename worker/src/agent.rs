@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{Device, Tensor};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use zerotune_proto::plan::{Collectives, WorkerPlan};
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
 use zerotune_proto::v1::{
@@ -44,7 +44,20 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(args.coordinator.clone())?
+    // Pings keep a dead coordinator host from going unnoticed (the command stream then fails).
+    let mut endpoint = Channel::from_shared(args.coordinator.clone())?;
+    if args.coordinator.starts_with("https://") {
+        let ca = std::env::var(zerotune_proto::TLS_CA_ENV).map_err(|_| {
+            anyhow::anyhow!("the coordinator {} uses TLS: set {} to its CA certificate (PEM)", args.coordinator, zerotune_proto::TLS_CA_ENV)
+        })?;
+        let host = endpoint.uri().host().unwrap_or("localhost").to_string();
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host);
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator))?;
