@@ -130,6 +130,10 @@ pub struct TrainArgs {
     /// Continue from a checkpoint: a `checkpoint-<step>` directory, or `latest` (in --output_dir).
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
+    /// Seconds without any rank finishing a step (or a save, or an evaluation) before the job is
+    /// declared hung and stopped (HF's --ddp_timeout; the first step gets the same allowance).
+    #[arg(long, default_value_t = 1800)]
+    pub ddp_timeout: u64,
     /// If a worker fails, resume from the latest checkpoint up to this many times.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: u32,
@@ -242,6 +246,7 @@ pub struct TrainPlan {
     pub master_addr: Option<String>,
     pub master_port: u16,
     pub tls: Option<Tls>,
+    pub ddp_timeout: std::time::Duration,
 }
 
 /// The coordinator's TLS identity and the CA its workers trust, as PEM.
@@ -451,6 +456,7 @@ impl TrainPlan {
             master_addr: args.master_addr.clone(),
             master_port: args.master_port,
             tls: tls(args)?,
+            ddp_timeout: std::time::Duration::from_secs(args.ddp_timeout.max(1)),
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

@@ -386,12 +386,23 @@ impl Job<'_> {
         // passed) and blame the most direct one.
         let mut failures: Vec<(u8, CoordinatorError)> = vec![];
         let mut deadline: Option<tokio::time::Instant> = None;
+        // Progress watchdog (--ddp_timeout): a rank that hangs alive stops everyone's progress.
+        let mut last_progress = tokio::time::Instant::now();
+        let mut last_step: BTreeMap<u32, u64> = (0..self.world).map(|r| (r, 0)).collect();
         loop {
-            let event = match deadline {
-                Some(at) => tokio::time::timeout_at(at, events.recv()).await.unwrap_or(None),
-                None => events.recv().await,
+            let hung_at = last_progress + self.plan.ddp_timeout;
+            let event = match tokio::time::timeout_at(deadline.map_or(hung_at, |at| at.min(hung_at)), events.recv()).await {
+                Ok(event) => event,
+                Err(_) if deadline.is_none() => return Err(self.hung(&last_step)),
+                Err(_) => None,
             };
             let Some(event) = event else { break };
+            if matches!(event, Event::Step(_) | Event::Eval(_) | Event::Saved(_)) {
+                last_progress = tokio::time::Instant::now();
+            }
+            if let Event::Step(report) = &event {
+                last_step.insert(report.rank, report.step);
+            }
             let failure = match event {
                 Event::Registered { rank, host, device, pid } => {
                     progress.note(&format!("rank {rank} joined: {host} {device} pid {pid}"));
@@ -472,6 +483,19 @@ impl Job<'_> {
             .into_iter()
             .next()
             .map_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into()), |(_, err)| err))
+    }
+
+    /// The error for a job without progress for --ddp_timeout: blames the ranks furthest behind.
+    fn hung(&self, last_step: &BTreeMap<u32, u64>) -> CoordinatorError {
+        let behind = last_step.values().copied().min().unwrap_or(0);
+        let ranks: Vec<String> = last_step.iter().filter(|(_, &s)| s == behind).map(|(r, _)| format!("{r} ({})", self.host(*r))).collect();
+        let rank = last_step.iter().find(|(_, &s)| s == behind).map_or(0, |(r, _)| *r);
+        let message = format!(
+            "no progress for {} s (--ddp_timeout): rank(s) {} last finished step {behind}; a hung process or collective. The job was stopped",
+            self.plan.ddp_timeout.as_secs(),
+            ranks.join(", ")
+        );
+        CoordinatorError::Worker { rank, host: self.host(rank), message }
     }
 
     fn host(&self, rank: u32) -> String {

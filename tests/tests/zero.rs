@@ -214,3 +214,30 @@ fn workers_exit_when_the_coordinator_dies() {
         }
     }
 }
+
+#[test]
+fn a_hung_worker_trips_the_progress_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    // Rank 1 SIGSTOPs itself at step 3: alive, connected, and silent.
+    let fault = format!("1:3:{}:stop", s(&t.join("fault")));
+    let result = Command::new(binary("coordinator"))
+        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache")), "--ddp_timeout", "3"])
+        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&t.join("out"))])
+        .args(["--do_train", "--num_workers", "2", "--per_device_train_batch_size", "1", "--block_size", "32"])
+        .args(["--max_steps", "50", "--save_steps", "0", "--logging_steps", "1", "--deepspeed", &s(&ds)])
+        .env("ZEROTUNE_FAULT", &fault)
+        .output()
+        .unwrap();
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
+    let pid: u32 =
+        err.lines().find_map(|l| l.strip_prefix("rank 1 joined:")).and_then(|l| l.split(" pid ").nth(1)).unwrap().trim().parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(std::time::Instant::now() < deadline, "the stopped worker {pid} was not killed");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling: no longer our child's child
+    }
+}

@@ -152,15 +152,20 @@ fn reachable_ip(url: &str) -> anyhow::Result<std::net::IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER` makes that rank SIGKILL itself
-/// when it starts that step, once (the marker file records that it happened).
+/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER[:stop]` makes that rank
+/// SIGKILL itself (or SIGSTOP: hang alive) when it starts that step, once (the marker file
+/// records that it happened).
 fn fault_injection(rank: u32, step: u64) {
     let Ok(spec) = std::env::var("ZEROTUNE_FAULT") else { return };
     let mut parts = spec.splitn(3, ':');
-    let (Some(r), Some(s), Some(marker)) = (parts.next(), parts.next(), parts.next()) else { return };
+    let (Some(r), Some(s), Some(rest)) = (parts.next(), parts.next(), parts.next()) else { return };
+    let (marker, signal) = match rest.strip_suffix(":stop") {
+        Some(marker) => (marker, libc::SIGSTOP),
+        None => (rest, libc::SIGKILL),
+    };
     if r.parse() == Ok(rank) && s.parse() == Ok(step) && std::fs::File::create_new(marker).is_ok() {
         // SAFETY: sends a signal to this very process.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unsafe { libc::kill(libc::getpid(), signal) };
     }
 }
 
