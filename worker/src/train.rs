@@ -17,7 +17,7 @@ use crate::checkpoint::{load_weights, save_model};
 use crate::comm::{Collective, Single};
 use crate::error::{io_err, Result, WorkerError};
 use crate::model::{CodeGen, ParamSet};
-use crate::optim::adamw::{AdamState, Segment};
+use crate::optim::adamw::{AdamState, Cast, Segment};
 use crate::optim::device_adam::DeviceAdam;
 use crate::optim::loss_scale::LossScaler;
 use crate::optim::schedule::learning_rate;
@@ -47,7 +47,13 @@ enum Grads {
 
 /// fp32 master weights and moments of the owned range.
 enum Optimizer {
-    Host { adam: AdamState, grad_host: Tensor },
+    /// Offloaded: AdamW in host memory; with 16-bit parameters the kernel also writes them into
+    /// `upload` (pinned on CUDA), so 2 bytes per parameter go back to the device.
+    Host {
+        adam: AdamState,
+        grad_host: Tensor,
+        upload: Option<(Tensor, Cast)>,
+    },
     Device(DeviceAdam),
 }
 
@@ -134,11 +140,20 @@ impl Trainer {
             let master_host = master.to_device(Device::Cpu).contiguous();
             let mut values = vec![0f32; owned.len()];
             master_host.copy_data(&mut values, owned.len());
+            let host_buffer = |kind: Kind| match device {
+                Device::Cpu => Tensor::zeros([owned.len() as i64], (kind, Device::Cpu)),
+                _ => Tensor::zeros([owned.len() as i64], (kind, Device::Cpu)).pin_memory(device),
+            };
             let grad_host = match device {
                 Device::Cpu => Tensor::zeros([0], (Kind::Float, Device::Cpu)), // gradients are already in host memory
-                _ => Tensor::zeros([owned.len() as i64], (Kind::Float, Device::Cpu)).pin_memory(device),
+                _ => host_buffer(Kind::Float),
             };
-            Optimizer::Host { adam: AdamState::new(values), grad_host }
+            let upload = match kind {
+                Kind::BFloat16 => Some((host_buffer(kind), Cast::Bf16)),
+                Kind::Half => Some((host_buffer(kind), Cast::F16)),
+                _ => None,
+            };
+            Optimizer::Host { adam: AdamState::new(values), grad_host, upload }
         } else {
             Optimizer::Device(DeviceAdam::new(master))
         };
@@ -275,19 +290,35 @@ impl Trainer {
         let mut owned = self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64);
         let _guard = tch::no_grad_guard();
         match &mut self.optimizer {
-            Optimizer::Host { adam, grad_host } => {
+            Optimizer::Host { adam, grad_host, upload } => {
                 let grad = if self.device == Device::Cpu {
                     grad
                 } else {
                     grad_host.f_copy_(&grad)?;
                     grad_host.shallow_clone()
                 };
-                adam.step(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments);
-                // SAFETY: `adam.master` outlives `host`, which only the copy below reads.
-                let host = unsafe {
-                    Tensor::f_from_blob(adam.master.as_ptr() as *const u8, &[adam.master.len() as i64], &[1], Kind::Float, Device::Cpu)?
-                };
-                owned.f_copy_(&host)?;
+                match upload {
+                    Some((buffer, cast)) => {
+                        // SAFETY: a contiguous 16-bit host tensor of the owned length, written only here.
+                        let out = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u16, buffer.numel()) };
+                        adam.step_and_cast(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments, out, *cast);
+                        owned.f_copy_(buffer)?;
+                    }
+                    None => {
+                        adam.step(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments);
+                        // SAFETY: `adam.master` outlives `host`, which only the copy below reads.
+                        let host = unsafe {
+                            Tensor::f_from_blob(
+                                adam.master.as_ptr() as *const u8,
+                                &[adam.master.len() as i64],
+                                &[1],
+                                Kind::Float,
+                                Device::Cpu,
+                            )?
+                        };
+                        owned.f_copy_(&host)?;
+                    }
+                }
             }
             Optimizer::Device(adam) => {
                 adam.step(&grad, grad_scale, lr, &hyper, &self.segments)?;

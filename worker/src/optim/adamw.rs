@@ -29,7 +29,23 @@ impl AdamState {
 
     /// One AdamW step with gradient `grad * grad_scale` at learning rate `lr`.
     pub fn step(&mut self, grad: &[f32], grad_scale: f32, lr: f64, hyper: &Hyper, segments: &[Segment]) {
+        self.step_and_cast(grad, grad_scale, lr, hyper, segments, &mut [], Cast::None);
+    }
+
+    /// `step`, also writing the new weights rounded to 16 bits into `out` in the same pass (the
+    /// offloaded optimizer's down-cast: 2 bytes per parameter go back to the device).
+    pub fn step_and_cast(
+        &mut self,
+        grad: &[f32],
+        grad_scale: f32,
+        lr: f64,
+        hyper: &Hyper,
+        segments: &[Segment],
+        out: &mut [u16],
+        cast: Cast,
+    ) {
         assert_eq!(grad.len(), self.master.len(), "gradient and master weights differ in length");
+        assert!(cast == Cast::None || out.len() == self.master.len(), "the 16-bit output must match the master weights");
         self.steps += 1;
         let t = self.steps as i32;
         let bias_correction1 = 1.0 - hyper.beta1.powi(t);
@@ -48,15 +64,25 @@ impl AdamState {
             let range = seg.start..seg.end;
             let decay = if seg.decay { coeffs.decay } else { 1.0 };
             let c = Coeffs { decay, ..coeffs };
-            parallel_chunks4(
+            let out = if cast == Cast::None { &mut [][..] } else { &mut out[range.clone()] };
+            parallel_chunks(
                 &mut self.master[range.clone()],
                 &mut self.exp_avg[range.clone()],
                 &mut self.exp_avg_sq[range.clone()],
                 &grad[range],
-                |p, m, v, g| adamw_kernel(p, m, v, g, &c),
+                out,
+                |p, m, v, g, o| adamw_kernel(p, m, v, g, o, cast, &c),
             );
         }
     }
+}
+
+/// The 16-bit format `step_and_cast` rounds the new weights to (nearest even, as torch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cast {
+    None,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy)]
@@ -74,25 +100,34 @@ struct Coeffs {
 /// The element-wise update, compiled for AVX2 when the CPU has it (the same IEEE operations,
 /// eight lanes wide; no FMA contraction, so results do not depend on the path). With AVX2 the
 /// step is memory-bound (bench/adamw.sh); wider vectors do not help.
-fn adamw_kernel(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &Coeffs) {
+fn adamw_kernel(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], out: &mut [u16], cast: Cast, c: &Coeffs) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { adamw_kernel_avx2(p, m, v, g, c) };
+        return unsafe { adamw_kernel_avx2(p, m, v, g, out, cast, c) };
     }
-    adamw_kernel_body(p, m, v, g, c)
+    adamw_kernel_cast(p, m, v, g, out, cast, c)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn adamw_kernel_avx2(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &Coeffs) {
-    adamw_kernel_body(p, m, v, g, c)
+unsafe fn adamw_kernel_avx2(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], out: &mut [u16], cast: Cast, c: &Coeffs) {
+    adamw_kernel_cast(p, m, v, g, out, cast, c)
+}
+
+#[inline(always)]
+fn adamw_kernel_cast(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], out: &mut [u16], cast: Cast, c: &Coeffs) {
+    match cast {
+        Cast::None => adamw_kernel_body(p, m, v, g, c, |_, _| {}),
+        Cast::Bf16 => adamw_kernel_body(p, m, v, g, c, |i, x| out[i] = half::bf16::from_f32(x).to_bits()),
+        Cast::F16 => adamw_kernel_body(p, m, v, g, c, |i, x| out[i] = half::f16::from_f32(x).to_bits()),
+    }
 }
 
 /// Op for op as torch's `_single_tensor_adamw`; a plain loop over equal-length slices so it
-/// vectorises.
+/// vectorises. `emit(i, new_weight)` runs for each element (the fused down-cast).
 #[inline(always)]
-fn adamw_kernel_body(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &Coeffs) {
+fn adamw_kernel_body(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: &Coeffs, mut emit: impl FnMut(usize, f32)) {
     let (m, v, g) = (&mut m[..p.len()], &mut v[..p.len()], &g[..p.len()]);
     for i in 0..p.len() {
         let grad = g[i] * c.grad_scale;
@@ -100,9 +135,11 @@ fn adamw_kernel_body(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: 
         let exp_avg = m[i] + c.one_minus_beta1 * (grad - m[i]);
         let exp_avg_sq = v[i] * c.beta2 + c.one_minus_beta2 * grad * grad;
         let denom = exp_avg_sq.sqrt() / c.bias_correction2_sqrt + c.eps;
-        p[i] = param + c.neg_step_size * (exp_avg / denom);
+        let new = param + c.neg_step_size * (exp_avg / denom);
+        p[i] = new;
         m[i] = exp_avg;
         v[i] = exp_avg_sq;
+        emit(i, new);
     }
 }
 
@@ -138,16 +175,26 @@ fn parallel_reduce(values: &[f32], f: impl Fn(&[f32]) -> f64 + Sync) -> f64 {
     })
 }
 
-fn parallel_chunks4(a: &mut [f32], b: &mut [f32], c: &mut [f32], d: &[f32], f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32]) + Sync) {
+/// Runs `f` over matching chunks of the slices on all threads; `e` is either empty or as long as `a`.
+fn parallel_chunks(
+    a: &mut [f32],
+    b: &mut [f32],
+    c: &mut [f32],
+    d: &[f32],
+    e: &mut [u16],
+    f: impl Fn(&mut [f32], &mut [f32], &mut [f32], &[f32], &mut [u16]) + Sync,
+) {
     let chunk = chunk_len(a.len());
     if a.len() <= chunk {
-        return f(a, b, c, d);
+        return f(a, b, c, d, e);
     }
+    let mut e_chunks: Vec<&mut [u16]> = if e.is_empty() { vec![] } else { e.chunks_mut(chunk).collect() };
     std::thread::scope(|s| {
         let parts = a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).zip(c.chunks_mut(chunk)).zip(d.chunks(chunk));
-        for (((a, b), c), d) in parts {
+        for (i, (((a, b), c), d)) in parts.enumerate() {
+            let e = if e_chunks.is_empty() { &mut [][..] } else { std::mem::take(&mut e_chunks[i]) };
             let f = &f;
-            s.spawn(move || f(a, b, c, d));
+            s.spawn(move || f(a, b, c, d, e));
         }
     });
 }
@@ -176,6 +223,28 @@ mod tests {
         state.step(&[0.0, 0.0], 1.0, hyper.lr, &hyper, &segs);
         assert!((state.master[0] - 2.0 * 0.95).abs() < 1e-6);
         assert_eq!(state.master[1], 2.0);
+    }
+
+    #[test]
+    fn the_fused_down_cast_equals_casting_afterwards() {
+        let hyper = Hyper { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let n = 300_001; // several threads' worth, not a multiple of anything
+        let master: Vec<f32> = (0..n).map(|i| ((i % 977) as f32 - 488.0) * 1e-3).collect();
+        let grad: Vec<f32> = (0..n).map(|i| ((i % 131) as f32 - 65.0) * 1e-2).collect();
+        let all = [Segment { start: 0, end: n / 2, decay: true }, Segment { start: n / 2, end: n, decay: false }];
+        for cast in [Cast::Bf16, Cast::F16] {
+            let (mut plain, mut fused) = (AdamState::new(master.clone()), AdamState::new(master.clone()));
+            let mut out = vec![0u16; n];
+            plain.step(&grad, 0.5, hyper.lr, &hyper, &all);
+            fused.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, &mut out, cast);
+            assert_eq!(plain.master, fused.master);
+            let want: Vec<u16> = plain
+                .master
+                .iter()
+                .map(|&x| if cast == Cast::Bf16 { half::bf16::from_f32(x).to_bits() } else { half::f16::from_f32(x).to_bits() })
+                .collect();
+            assert_eq!(out, want, "{cast:?}");
+        }
     }
 
     #[test]
