@@ -301,7 +301,7 @@ impl Trainer {
                     Some((buffer, cast)) => {
                         // SAFETY: a contiguous 16-bit host tensor of the owned length, written only here.
                         let out = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u16, buffer.numel()) };
-                        adam.step_and_cast(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments, out, *cast);
+                        adam.step_and_cast(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments, (out, *cast));
                         owned.f_copy_(buffer)?;
                     }
                     None => {

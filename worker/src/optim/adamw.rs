@@ -29,7 +29,7 @@ impl AdamState {
 
     /// One AdamW step with gradient `grad * grad_scale` at learning rate `lr`.
     pub fn step(&mut self, grad: &[f32], grad_scale: f32, lr: f64, hyper: &Hyper, segments: &[Segment]) {
-        self.step_and_cast(grad, grad_scale, lr, hyper, segments, &mut [], Cast::None);
+        self.step_and_cast(grad, grad_scale, lr, hyper, segments, (&mut [], Cast::None));
     }
 
     /// `step`, also writing the new weights rounded to 16 bits into `out` in the same pass (the
@@ -236,7 +236,7 @@ mod tests {
             let (mut plain, mut fused) = (AdamState::new(master.clone()), AdamState::new(master.clone()));
             let mut out = vec![0u16; n];
             plain.step(&grad, 0.5, hyper.lr, &hyper, &all);
-            fused.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, &mut out, cast);
+            fused.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, (&mut out, cast));
             assert_eq!(plain.master, fused.master);
             let want: Vec<u16> = plain
                 .master
