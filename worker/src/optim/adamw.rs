@@ -41,8 +41,7 @@ impl AdamState {
         lr: f64,
         hyper: &Hyper,
         segments: &[Segment],
-        out: &mut [u16],
-        cast: Cast,
+        (out, cast): (&mut [u16], Cast),
     ) {
         assert_eq!(grad.len(), self.master.len(), "gradient and master weights differ in length");
         assert!(cast == Cast::None || out.len() == self.master.len(), "the 16-bit output must match the master weights");
