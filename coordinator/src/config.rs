@@ -296,6 +296,10 @@ fn placements_and_launcher(args: &TrainArgs, device: &str) -> Result<(Vec<Placem
         _ => {}
     }
     let per_node = gpus.or(workers);
+    if args.launcher.as_deref() == Some("slurm") {
+        let env = |key: &str| std::env::var(key).ok();
+        return Ok((hosts::slurm_placements(&env, args.num_nodes, per_node)?, Launcher::Slurm));
+    }
     let nodes = match &args.hostfile {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| flag(format!("--hostfile {}: {e}", path.display())))?;
