@@ -404,8 +404,8 @@ impl Job<'_> {
                 last_step.insert(report.rank, report.step);
             }
             let failure = match event {
-                Event::Registered { rank, host, device, pid } => {
-                    progress.note(&format!("rank {rank} joined: {host} {device} pid {pid}"));
+                Event::Registered { rank, local_rank, host, device, pid } => {
+                    progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
                     self.hosts.insert(rank, host);
                     None
                 }

@@ -15,6 +15,7 @@ use zerotune_proto::SECRET_HEADER;
 pub enum Event {
     Registered {
         rank: u32,
+        local_rank: u32,
         host: String,
         device: String,
         pid: u32,
@@ -97,7 +98,7 @@ impl Coordinator for JobService {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
         let r = request.into_inner();
         self.rank(r.rank)?;
-        self.send(Event::Registered { rank: r.rank, host: r.host, device: r.device, pid: r.pid })?;
+        self.send(Event::Registered { rank: r.rank, local_rank: r.local_rank, host: r.host, device: r.device, pid: r.pid })?;
         Ok(Response::new(RegisterReply { plan_json: self.plan_json.clone(), world_size: self.world_size }))
     }
 
@@ -197,7 +198,7 @@ mod tests {
     }
 
     fn register() -> Request<RegisterRequest> {
-        Request::new(RegisterRequest { rank: 0, host: "h".into(), device: "cpu".into(), pid: 1 })
+        Request::new(RegisterRequest { rank: 0, host: "h".into(), device: "cpu".into(), pid: 1, local_rank: 0 })
     }
 
     #[tokio::test]

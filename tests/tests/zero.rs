@@ -194,8 +194,8 @@ fn workers_exit_when_the_coordinator_dies() {
     // Wait until both ranks joined and training runs, collecting their pids.
     let mut pids = vec![];
     for line in BufReader::new(coordinator.stderr.take().unwrap()).lines().map(Result::unwrap) {
-        if let Some(pid) = line.strip_prefix("rank ").and_then(|l| l.split(" pid ").nth(1)) {
-            pids.push(pid.trim().parse::<u32>().unwrap());
+        if let Some(pid) = line.strip_prefix("rank ").and_then(|l| l.split(" pid ").nth(1)).and_then(|p| p.split_whitespace().next()) {
+            pids.push(pid.parse::<u32>().unwrap());
         }
         if line.starts_with("step 2/") {
             break;
@@ -233,8 +233,14 @@ fn a_hung_worker_trips_the_progress_timeout() {
     let err = stderr(&result);
     assert!(!result.status.success());
     assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
-    let pid: u32 =
-        err.lines().find_map(|l| l.strip_prefix("rank 1 joined:")).and_then(|l| l.split(" pid ").nth(1)).unwrap().trim().parse().unwrap();
+    let pid: u32 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("rank 1 joined:"))
+        .and_then(|l| l.split(" pid ").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
         assert!(std::time::Instant::now() < deadline, "the stopped worker {pid} was not killed");

@@ -71,7 +71,8 @@ async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
 
 fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) -> anyhow::Result<()> {
     let host = hostname();
-    let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id() };
+    let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+    let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id(), local_rank };
     let reply = rt.block_on(client.register(register))?.into_inner();
     let plan: WorkerPlan = serde_json::from_str(&reply.plan_json)?;
     let comm = rt.block_on(collectives(client, args, plan.collectives, reply.world_size as usize))?;
