@@ -76,17 +76,22 @@ pub struct Trainer {
     pub step: u64,
 }
 
-/// Loads `source` into a fresh `ParamSet` of `kind` on `device`, its flat buffer `len` long.
+/// Loads `source` into a fresh `ParamSet` of `kind` on `device`.
 pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(CodeGenConfig, ParamSet)> {
-    let config = match source {
-        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
-        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
-            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
-    };
+    let config = model_config(source)?;
     let params = load_params_padded(source, &config, kind, device, trainable, seed, 0)?;
     Ok((config, params))
 }
 
+fn model_config(source: &ModelSource) -> Result<CodeGenConfig> {
+    Ok(match source {
+        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
+        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
+            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
+    })
+}
+
+/// Like `load_params`, the flat buffer at least `len` long (ZeRO's padding).
 fn load_params_padded(
     source: &ModelSource,
     config: &CodeGenConfig,
@@ -111,18 +116,14 @@ impl Trainer {
     }
 
     /// A trainer for rank `comm.rank()` of `comm.world()`; every rank must call this together.
-    pub fn with_comm(plan: WorkerPlan, device: Device, mut comm: Box<dyn Collective>) -> Result<Self> {
+    pub fn with_comm(plan: WorkerPlan, device: Device, comm: Box<dyn Collective>) -> Result<Self> {
         let kind = match plan.precision {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
             Precision::Fp16 => Kind::Half,
         };
         tch::manual_seed(plan.seed as i64);
-        let config = match &plan.model {
-            ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
-            ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
-                .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
-        };
+        let config = model_config(&plan.model)?;
         let numel = config.num_parameters();
         let shard = ShardMap::new(numel, comm.world());
         let params = load_params_padded(&plan.model, &config, kind, device, true, plan.seed, shard.padded())?;
@@ -161,9 +162,7 @@ impl Trainer {
         let scaler = (plan.precision == Precision::Fp16).then(|| LossScaler::new(plan.loss_scaler));
         let model = CodeGen::new(&config, &params);
         let resume = plan.resume.clone();
-        let mut trainer =
-            Self { config, plan, device, params, model, comm: Box::new(Single), shard, owned, grads, optimizer, segments, scaler, step: 0 };
-        std::mem::swap(&mut trainer.comm, &mut comm);
+        let mut trainer = Self { config, plan, device, params, model, comm, shard, owned, grads, optimizer, segments, scaler, step: 0 };
         if let Some(resume) = resume {
             trainer.resume(Path::new(&resume.dir), resume.step)?;
         }
