@@ -9,7 +9,7 @@ use zerotune_hf::CodeGenConfig;
 
 use crate::hosts::{self, Node, Placement};
 use crate::launch::Launcher;
-use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind};
+use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
 use crate::error::{CoordinatorError, Result};
 use crate::files2jsonl::Filter;
@@ -197,6 +197,8 @@ pub enum Warmup {
 pub struct Zero {
     pub stage: u8,
     pub offload_optimizer: bool,
+    /// Elements per rank in one stage-2 gradient reduce-scatter.
+    pub reduce_bucket_size: usize,
 }
 
 /// The validated run.
@@ -451,7 +453,7 @@ impl TrainPlan {
             },
             // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
             // already in host memory, so it runs the host kernel.
-            zero: Zero { stage: 0, offload_optimizer: device == "cpu" },
+            zero: Zero { stage: 0, offload_optimizer: device == "cpu", reduce_bucket_size: DEFAULT_REDUCE_BUCKET },
             resume_from_checkpoint: args.resume_from_checkpoint.clone(),
             max_restarts: args.max_restarts,
             num_gpus_given: args.num_gpus.is_some() || (device != "cpu" && (args.hostfile.is_some() || args.include.is_some())),
@@ -633,7 +635,13 @@ fn apply_ds_config(plan: &mut TrainPlan, args: &TrainArgs, path: &Path, fp16: bo
         return Err(bad(format!("zero_optimization.stage {stage}: zerotune implements ZeRO stages 0-2")));
     }
     let offload = lookup(&ds, "zero_optimization.offload_optimizer.device").and_then(Value::as_str).unwrap_or("none");
-    plan.zero = Zero { stage: stage as u8, offload_optimizer: offload == "cpu" };
+    let bucket = match lookup(&ds, "zero_optimization.reduce_bucket_size") {
+        None => DEFAULT_REDUCE_BUCKET,
+        Some(v) => v.as_f64().filter(|&n| n >= 1.0).map(|n| n as usize).ok_or_else(|| {
+            bad(format!("zero_optimization.reduce_bucket_size {v}: expected a positive number of elements (\"auto\" is not supported)"))
+        })?,
+    };
+    plan.zero = Zero { stage: stage as u8, offload_optimizer: offload == "cpu", reduce_bucket_size: bucket };
     Ok(())
 }
 
@@ -691,7 +699,7 @@ mod tests {
         let plan =
             TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
         assert_eq!((plan.micro_batch, plan.optimizer.lr), (2, 1e-3));
-        assert_eq!(plan.zero, Zero { stage: 2, offload_optimizer: true });
+        assert_eq!(plan.zero, Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: DEFAULT_REDUCE_BUCKET });
     }
 
     #[test]
@@ -712,6 +720,11 @@ mod tests {
         assert!(err.contains("warmup_type \"log\""), "{err}");
         let (_d, path) = ds(r#"{"zero_optimization": {"stage": 3}}"#);
         assert!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string().contains("stage 3"));
+        let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}"#);
+        let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
+        assert!(err.contains("reduce_bucket_size \"auto\": expected a positive number"), "{err}");
+        let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e8}}"#);
+        assert_eq!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap().zero.reduce_bucket_size, 200_000_000);
     }
 
     #[test]

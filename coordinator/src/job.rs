@@ -285,6 +285,7 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         gradient_accumulation_steps: plan.accumulation as u32,
         zero_stage: plan.zero.stage,
         offload_optimizer: plan.zero.offload_optimizer,
+        reduce_bucket_size: plan.zero.reduce_bucket_size,
         resume: None,
         collectives: match (plan.device.as_str(), plan.num_gpus_given) {
             ("cpu", _) if plan.world_size > 1 => Collectives::Ring,

@@ -26,6 +26,10 @@ pub struct WorkerPlan {
     /// reduce-scatters gradients every micro-step, so no rank holds the full gradient).
     #[serde(default)]
     pub zero_stage: u8,
+    /// Stage 2 reduce-scatters gradients in buckets of this many elements per rank
+    /// (ds_config `zero_optimization.reduce_bucket_size`), so no full-size buffer is needed.
+    #[serde(default = "default_bucket")]
+    pub reduce_bucket_size: usize,
     /// Run AdamW on fp32 master weights and moments in host memory (ZeRO-Offload); otherwise
     /// with torch ops on the compute device.
     #[serde(default = "yes")]
@@ -53,6 +57,13 @@ pub enum Collectives {
 
 fn yes() -> bool {
     true
+}
+
+/// DeepSpeed's default `reduce_bucket_size`.
+pub const DEFAULT_REDUCE_BUCKET: usize = 500_000_000;
+
+fn default_bucket() -> usize {
+    DEFAULT_REDUCE_BUCKET
 }
 
 /// A complete checkpoint to resume from: `dir` is `checkpoint-<step>/`.

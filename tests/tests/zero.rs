@@ -14,14 +14,15 @@ use zerotune_hf::WeightFiles;
 
 const REL: f64 = 1e-5;
 
-/// A ds_config selecting the ZeRO stage and optimizer offload (batch values are "auto").
+/// A ds_config selecting the ZeRO stage and optimizer offload (batch values are "auto"), with
+/// stage-2 buckets small enough that every run reduce-scatters in many (and a short last one).
 fn ds_config(dir: &Path, stage: u8, offload: bool) -> PathBuf {
     let path = dir.join(format!("ds-{stage}-{offload}.json"));
     let device = if offload { "cpu" } else { "none" };
     let config = serde_json::json!({
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
-        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": device}},
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": device}, "reduce_bucket_size": 10000},
     });
     std::fs::write(&path, config.to_string()).unwrap();
     path

@@ -40,9 +40,10 @@ enum Grads {
     Replicated { acc: Tensor },
     /// Stage 1: the full accumulator, reduce-scattered into `part` at the boundary.
     Partitioned { acc: Tensor, part: Tensor },
-    /// Stage 2: each micro-step's gradients (`micro`) reduce-scattered into `incoming` and added
-    /// to the partition accumulator `part`.
-    Streamed { micro: Tensor, incoming: Tensor, part: Tensor },
+    /// Stage 2: each micro-step's gradients gathered bucket by bucket (`bucket`: world blocks of
+    /// the same range of every partition), reduce-scattered into `incoming` and added to the
+    /// partition accumulator `part`: no full-size gradient buffer.
+    Streamed { bucket: Tensor, incoming: Tensor, part: Tensor },
 }
 
 /// fp32 master weights and moments of the owned range.
@@ -133,7 +134,8 @@ impl Trainer {
             0 => Grads::Replicated { acc: f32_zeros(shard.padded()) },
             1 => Grads::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
             _ => {
-                Grads::Streamed { micro: f32_zeros(shard.padded()), incoming: f32_zeros(shard.partition), part: f32_zeros(shard.partition) }
+                let b = plan.reduce_bucket_size.clamp(1, shard.partition);
+                Grads::Streamed { bucket: f32_zeros(b * shard.world), incoming: f32_zeros(b), part: f32_zeros(shard.partition) }
             }
         };
         let master = params.flat.narrow(0, owned.start as i64, owned.len() as i64).to_kind(Kind::Float);
@@ -205,24 +207,38 @@ impl Trainer {
     /// Adds this micro-batch's parameter gradients into the stage's buffers.
     fn accumulate_grads(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let target = match &mut self.grads {
-            Grads::Replicated { acc } | Grads::Partitioned { acc, .. } => acc.shallow_clone(),
-            Grads::Streamed { micro, .. } => {
-                let _ = micro.f_zero_()?;
-                micro.shallow_clone()
+        let grads: Vec<Option<Tensor>> = self.params.tensors.iter().map(|t| Some(t.grad()).filter(Tensor::defined)).collect();
+        match &mut self.grads {
+            Grads::Replicated { acc } | Grads::Partitioned { acc, .. } => {
+                for (slot, grad) in self.params.slots.iter().zip(&grads) {
+                    if let Some(grad) = grad {
+                        let _ = acc.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
+                    }
+                }
             }
-        };
-        for (slot, tensor) in self.params.slots.iter().zip(&self.params.tensors) {
-            let grad = tensor.grad();
-            if grad.defined() {
-                let _ = target.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
+            Grads::Streamed { bucket, incoming, part } => {
+                let (p, b) = (self.shard.partition, incoming.numel());
+                for start in (0..p).step_by(b) {
+                    let len = b.min(p - start);
+                    let _ = bucket.f_zero_()?;
+                    for r in 0..self.shard.world {
+                        // Block r of the bucket: flat range [r P + start, + len) of rank r's partition.
+                        let (lo, hi) = (r * p + start, r * p + start + len);
+                        for (slot, grad) in self.params.slots.iter().zip(&grads) {
+                            let (from, to) = (slot.offset.max(lo), (slot.offset + slot.numel).min(hi));
+                            if let (Some(grad), true) = (grad, from < to) {
+                                let n = (to - from) as i64;
+                                let src = grad.view(-1).narrow(0, (from - slot.offset) as i64, n);
+                                bucket.narrow(0, (r * b + from - lo) as i64, n).f_copy_(&src)?;
+                            }
+                        }
+                    }
+                    self.comm.reduce_scatter(bucket, incoming)?;
+                    let _ = part.narrow(0, start as i64, len as i64).f_add_(&incoming.narrow(0, 0, len as i64))?;
+                }
             }
         }
         self.params.zero_grads();
-        if let Grads::Streamed { micro, incoming, part } = &mut self.grads {
-            self.comm.reduce_scatter(micro, incoming)?;
-            let _ = part.f_add_(incoming)?;
-        }
         Ok(())
     }
 

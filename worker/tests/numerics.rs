@@ -60,6 +60,7 @@ fn train_plan() -> WorkerPlan {
         gradient_accumulation_steps: f("accumulation") as u32,
         zero_stage: 0,
         offload_optimizer: true,
+        reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
         resume: None,
         collectives: Collectives::None,
     }
