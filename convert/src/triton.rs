@@ -20,9 +20,9 @@ impl TritonPaths {
     /// mount point in the container (FauxPilot mounts MODEL_DIR at /model).
     pub fn new(store: &Path, name: &str, tp: usize, rebase: Option<&str>) -> std::io::Result<Self> {
         let model_dir = std::path::absolute(store)?.join(format!("{name}-{tp}gpu"));
-        let inner = format!("fastertransformer/1/{tp}-gpu");
+        let inner = Self::weights_subdir(tp);
         let checkpoint_path = match rebase {
-            Some(root) => format!("{}/{inner}", root.trim_end_matches('/')),
+            Some(root) => format!("{}/{}", root.trim_end_matches('/'), inner.display()),
             None => model_dir.join(&inner).display().to_string(),
         };
         Ok(Self { model_dir, checkpoint_path })

@@ -47,22 +47,25 @@ pub fn start(
 ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let world = spec.placements.len();
     match spec.launcher {
-        Launcher::Local => spec
-            .placements
-            .iter()
-            .map(|p| {
-                let mut command = tokio::process::Command::new(spec.worker);
-                command.envs(rank_env(p, world, spec.device)).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
-                if spec.device != "cpu" {
-                    if let Some(dir) = nccl_shim() {
-                        let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-                        command.env("LD_LIBRARY_PATH", format!("{}:{path}", dir.display()));
+        Launcher::Local => {
+            // GPU workers find NCCL through one shim directory, made once per launch.
+            let library_path = (spec.device != "cpu")
+                .then(nccl_shim)
+                .flatten()
+                .map(|dir| format!("{}:{}", dir.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default()));
+            spec.placements
+                .iter()
+                .map(|p| {
+                    let mut command = tokio::process::Command::new(spec.worker);
+                    command.envs(rank_env(p, world, spec.device)).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
+                    if let Some(path) = &library_path {
+                        command.env("LD_LIBRARY_PATH", path);
                     }
-                }
-                command.args(worker_args(url, p.rank, spec.device));
-                watch(command, p.rank as u32, None, events)
-            })
-            .collect(),
+                    command.args(worker_args(url, p.rank, spec.device));
+                    watch(command, p.rank as u32, None, events)
+                })
+                .collect()
+        }
         Launcher::Ssh { command: ssh } => {
             let cwd = std::env::current_dir().map_err(|e| CoordinatorError::Flag(format!("current directory: {e}")))?;
             spec.placements

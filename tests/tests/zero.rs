@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, s, source_dir, stderr, train};
+use common::{binary, fixtures, s, source_dir, stderr};
 use zerotune_hf::WeightFiles;
 
 const REL: f64 = 1e-5;
@@ -28,46 +28,42 @@ fn ds_config(dir: &Path, stage: u8, offload: bool) -> PathBuf {
     path
 }
 
-/// Fine-tunes the tiny fixture for `steps` on `world` CPU ranks; returns the output dir.
-fn run(tmp: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
-    let out = tmp.join(name);
-    let (w, a) = (world.to_string(), accumulation.to_string());
-    let (tiny, data, out_s, ds) = (s(&fixtures().join("tiny")), s(&source_dir()), s(&out), s(ds));
-    let base: Vec<&str> = vec![
-        "--model_name_or_path",
-        &tiny,
-        "--train_file",
-        &data,
-        "--output_dir",
-        &out_s,
-        "--do_train",
-        "--num_workers",
-        &w,
-        "--gradient_accumulation_steps",
-        &a,
-        "--per_device_train_batch_size",
-        "1",
-        "--block_size",
-        "32",
-        "--learning_rate",
-        "2e-3",
-        "--weight_decay",
-        "0.1",
-        "--adam_epsilon",
-        "1e-6",
-        "--warmup_steps",
-        "2",
-        "--max_grad_norm",
-        "0.5",
-        "--logging_steps",
-        "1",
-        "--deepspeed",
-        &ds,
-    ];
-    let args = [base.as_slice(), extra].concat();
-    let result = train(&tmp.join("cache"), &args);
-    assert!(result.status.success(), "{name}: {}", stderr(&result));
+/// `coordinator train` fine-tuning the tiny fixture into `out` on `world` CPU ranks, with the
+/// ZeRO settings of `ds`, plus `extra` flags.
+fn coordinator(t: &Path, out: &Path, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(binary("coordinator"));
+    command
+        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
+        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(out)])
+        .args(["--do_train", "--num_workers", &world.to_string(), "--gradient_accumulation_steps", &accumulation.to_string()])
+        .args(["--per_device_train_batch_size", "1", "--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1"])
+        .args(["--adam_epsilon", "1e-6", "--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1"])
+        .args(["--deepspeed", &s(ds)])
+        .args(extra);
+    command
+}
+
+/// Runs `coordinator(..)` to success into `t/name`; returns the output dir.
+fn run(t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
+    let out = t.join(name);
+    let result = coordinator(t, &out, world, accumulation, ds, extra).output().unwrap();
+    let err = stderr(&result);
+    assert!(result.status.success() && !err.contains("panicked"), "{name}: {err}");
     out
+}
+
+/// The pid in a coordinator line `rank R joined: HOST DEVICE pid PID local rank L`.
+fn joined_pid(line: &str) -> Option<u32> {
+    line.split(" pid ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Waits (30 s at most) until process `pid`, which is not our child, is gone.
+fn wait_gone(pid: u32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(std::time::Instant::now() < deadline, "{what} {pid} still runs after 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling: not our child, no wait()
+    }
 }
 
 /// max |a - b| / max |b| over every tensor of two model dirs.
@@ -141,16 +137,7 @@ fn a_killed_worker_stops_the_job_by_name_and_restarts_resume_from_latest() {
     // Rank 1 SIGKILLs itself at the start of step 7, with no restarts allowed.
     let out = t.join("killed");
     let fault = format!("1:7:{}", s(&t.join("fault-1")));
-    let result = Command::new(binary("coordinator"))
-        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
-        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&out)])
-        .args(["--do_train", "--num_workers", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1"])
-        .args(["--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1", "--adam_epsilon", "1e-6"])
-        .args(["--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1", "--deepspeed", &s(&ds)])
-        .args(steps)
-        .env("ZEROTUNE_FAULT", &fault)
-        .output()
-        .unwrap();
+    let result = coordinator(t, &out, 2, 2, &ds, &steps).env("ZEROTUNE_FAULT", &fault).output().unwrap();
     let err = stderr(&result);
     assert!(!result.status.success());
     assert!(err.contains("worker rank 1 (") && err.contains("SIGKILL"), "names the rank, host and cause: {err}");
@@ -161,13 +148,7 @@ fn a_killed_worker_stops_the_job_by_name_and_restarts_resume_from_latest() {
     // weights of the uninterrupted run.
     let out = t.join("restarted");
     let fault = format!("1:7:{}", s(&t.join("fault-2")));
-    let mut child = Command::new(binary("coordinator"))
-        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache")), "--max_restarts", "1"])
-        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&out)])
-        .args(["--do_train", "--num_workers", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1"])
-        .args(["--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1", "--adam_epsilon", "1e-6"])
-        .args(["--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1", "--deepspeed", &s(&ds)])
-        .args(steps)
+    let mut child = coordinator(t, &out, 2, 2, &ds, &[&steps[..], &["--max_restarts", "1"]].concat())
         .env("ZEROTUNE_FAULT", &fault)
         .stderr(Stdio::piped())
         .spawn()
@@ -184,19 +165,13 @@ fn workers_exit_when_the_coordinator_dies() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let ds = ds_config(t, 2, true);
-    let mut coordinator = Command::new(binary("coordinator"))
-        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
-        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&t.join("out"))])
-        .args(["--do_train", "--num_workers", "2", "--per_device_train_batch_size", "1", "--block_size", "32"])
-        .args(["--max_steps", "100000", "--save_steps", "0", "--logging_steps", "1", "--deepspeed", &s(&ds)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut coordinator =
+        coordinator(t, &t.join("out"), 2, 1, &ds, &["--max_steps", "100000", "--save_steps", "0"]).stderr(Stdio::piped()).spawn().unwrap();
     // Wait until both ranks joined and training runs, collecting their pids.
     let mut pids = vec![];
     for line in BufReader::new(coordinator.stderr.take().unwrap()).lines().map(Result::unwrap) {
-        if let Some(pid) = line.strip_prefix("rank ").and_then(|l| l.split(" pid ").nth(1)).and_then(|p| p.split_whitespace().next()) {
-            pids.push(pid.parse::<u32>().unwrap());
+        if line.starts_with("rank ") {
+            pids.extend(joined_pid(&line));
         }
         if line.starts_with("step 2/") {
             break;
@@ -206,13 +181,8 @@ fn workers_exit_when_the_coordinator_dies() {
     coordinator.kill().unwrap(); // SIGKILL: no chance to clean up
     coordinator.wait().unwrap();
     // The orphaned workers notice their command stream is gone and exit on their own.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     for pid in pids {
-        let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
-        while alive() {
-            assert!(std::time::Instant::now() < deadline, "worker {pid} outlived its coordinator by 30 s");
-            std::thread::sleep(std::time::Duration::from_millis(20)); // polling: these are not our children
-        }
+        wait_gone(pid, "the orphaned worker");
     }
 }
 
@@ -223,28 +193,11 @@ fn a_hung_worker_trips_the_progress_timeout() {
     let ds = ds_config(t, 2, true);
     // Rank 1 SIGSTOPs itself at step 3: alive, connected, and silent.
     let fault = format!("1:3:{}:stop", s(&t.join("fault")));
-    let result = Command::new(binary("coordinator"))
-        .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache")), "--ddp_timeout", "3"])
-        .args(["--model_name_or_path", &s(&fixtures().join("tiny")), "--train_file", &s(&source_dir()), "--output_dir", &s(&t.join("out"))])
-        .args(["--do_train", "--num_workers", "2", "--per_device_train_batch_size", "1", "--block_size", "32"])
-        .args(["--max_steps", "50", "--save_steps", "0", "--logging_steps", "1", "--deepspeed", &s(&ds)])
-        .env("ZEROTUNE_FAULT", &fault)
-        .output()
-        .unwrap();
+    let extra = ["--ddp_timeout", "3", "--max_steps", "50", "--save_steps", "0"];
+    let result = coordinator(t, &t.join("out"), 2, 1, &ds, &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
     let err = stderr(&result);
     assert!(!result.status.success());
     assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
-    let pid: u32 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("rank 1 joined:"))
-        .and_then(|l| l.split(" pid ").nth(1))
-        .and_then(|p| p.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
-        assert!(std::time::Instant::now() < deadline, "the stopped worker {pid} was not killed");
-        std::thread::sleep(std::time::Duration::from_millis(20)); // polling: no longer our child's child
-    }
+    let pid = err.lines().find(|l| l.starts_with("rank 1 joined:")).and_then(joined_pid).unwrap();
+    wait_gone(pid, "the stopped worker");
 }
