@@ -134,6 +134,10 @@ pub struct TrainArgs {
     /// declared hung and stopped (HF's --ddp_timeout; the first step gets the same allowance).
     #[arg(long, default_value_t = 1800)]
     pub ddp_timeout: u64,
+    /// Seconds a rank may go without a heartbeat (stopped, frozen or unreachable) before it is
+    /// declared failed; workers that hear nothing from the coordinator for as long exit.
+    #[arg(long, default_value_t = zerotune_proto::plan::DEFAULT_HEARTBEAT_TIMEOUT_S)]
+    pub heartbeat_timeout: u64,
     /// If a worker fails, resume from the latest checkpoint up to this many times.
     #[arg(long, default_value_t = 0)]
     pub max_restarts: u32,
@@ -249,6 +253,7 @@ pub struct TrainPlan {
     pub master_port: u16,
     pub tls: Option<Tls>,
     pub ddp_timeout: std::time::Duration,
+    pub heartbeat_timeout: std::time::Duration,
 }
 
 /// The coordinator's TLS identity and the CA its workers trust, as PEM.
@@ -463,6 +468,7 @@ impl TrainPlan {
             master_port: args.master_port,
             tls: tls(args)?,
             ddp_timeout: std::time::Duration::from_secs(args.ddp_timeout.max(1)),
+            heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout.max(1)),
         };
         let (fp16, bf16) = (args.fp16.unwrap_or(false), args.bf16.unwrap_or(false));
         if let Some(path) = &args.deepspeed {

@@ -1,16 +1,17 @@
 //! One training job from the coordinator's side: prepare data, serve gRPC on loopback, launch the
 //! workers, stream them their commands (steps, evaluations, saves, finish), and turn their reports
-//! into progress, metrics.jsonl, complete checkpoints and the final model.
+//! into progress, metrics.jsonl, complete checkpoints and the final model. Signals to the
+//! coordinator save a checkpoint (SIGUSR1), stop after one (SIGINT/SIGTERM) or abort (twice).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::Status;
 use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
-use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, TrainStep};
+use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, Stop, TrainStep};
 
 use crate::checkpoint::{self, checkpoint_dir};
 use crate::config::{ModelChoice, TrainPlan};
@@ -20,18 +21,20 @@ use crate::launch::{self, LaunchSpec, Launcher};
 use crate::prepare::{prepare, Prepared};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
-use crate::service::{Event, JobService};
+use crate::service::{AbortSwitch, Control, Event, JobService};
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What a finished run reports.
+/// What a finished (or, on request, stopped) run reports.
 #[derive(Debug)]
 pub struct Outcome {
     pub output_dir: PathBuf,
     pub steps: u64,
     pub eval_loss: Option<f64>,
     pub perplexity: Option<f64>,
+    /// The run stopped on this signal after saving the checkpoint of `steps`.
+    pub stopped_on: Option<&'static str>,
 }
 
 /// When to evaluate and save, as plain numbers.
@@ -85,9 +88,10 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
         cache: Arc::new(prepared.cache),
         worker_plan,
     };
+    let mut controls = forward_signals()?;
     let mut restarts = 0;
     loop {
-        match attempt(&plan, &run, resume.clone()).await {
+        match attempt(&plan, &run, resume.clone(), &mut controls).await {
             Err(CoordinatorError::Worker { rank, host, message }) if restarts < plan.max_restarts => {
                 restarts += 1;
                 eprintln!("worker rank {rank} ({host}) failed: {message}");
@@ -150,8 +154,116 @@ fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
     resolve_checkpoint(output_dir, "latest").map(Some)
 }
 
+/// Turns signals to the coordinator into `Control`s: SIGUSR1 saves a checkpoint, the first SIGINT
+/// or SIGTERM saves one and stops, the next aborts. (Workers run in process groups of their own,
+/// so a terminal's Ctrl-C reaches only the coordinator.)
+fn forward_signals() -> Result<mpsc::UnboundedReceiver<Control>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind| signal(kind).map_err(|e| CoordinatorError::Server(format!("cannot listen for signals: {e}")));
+    let (mut int, mut term, mut usr1) =
+        (listen(SignalKind::interrupt())?, listen(SignalKind::terminate())?, listen(SignalKind::user_defined1())?);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stopping = false;
+        loop {
+            let stop = tokio::select! {
+                _ = int.recv() => Some("SIGINT"),
+                _ = term.recv() => Some("SIGTERM"),
+                _ = usr1.recv() => None,
+            };
+            let control = match stop {
+                None => Control::Save,
+                Some(signal) if stopping => Control::Abort { signal },
+                Some(signal) => {
+                    stopping = true;
+                    Control::Stop { signal }
+                }
+            };
+            if tx.send(control).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Steps a rank's commands may run ahead of its reports: the next batches are always there,
+/// and a checkpoint asked for mid-run lands within a few steps.
+const LOOKAHEAD: u64 = 2;
+
+/// What the command producers share with the driver: how far each rank got, and the
+/// checkpoints asked for while the job runs. Every rank's producer emits a requested checkpoint
+/// at the same step: the first one no producer has started sending.
+#[derive(Default)]
+struct Pace {
+    state: Mutex<PaceState>,
+    advanced: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PaceState {
+    /// The last step each rank reported finished.
+    finished: Vec<u64>,
+    /// The step each rank's producer is sending (or sent last).
+    producing: Vec<u64>,
+    saves: BTreeSet<u64>,
+    stop_at: Option<u64>,
+    /// The attempt is over: producers stop waiting.
+    closed: bool,
+}
+
+impl Pace {
+    fn new(world: u32, first_step: u64) -> Self {
+        let ranks = vec![first_step - 1; world as usize];
+        Self { state: Mutex::new(PaceState { finished: ranks.clone(), producing: ranks, ..Default::default() }), ..Default::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PaceState> {
+        self.state.lock().expect("pace lock")
+    }
+
+    /// Blocks until `rank` may be sent `step`; false once the attempt is over.
+    fn start(&self, rank: u32, step: u64) -> bool {
+        let mut state = self.lock();
+        while !state.closed && state.finished[rank as usize] + LOOKAHEAD < step {
+            state = self.advanced.wait(state).expect("pace lock");
+        }
+        state.producing[rank as usize] = step;
+        !state.closed
+    }
+
+    fn finished(&self, rank: u32, step: u64) {
+        if let Some(done) = self.lock().finished.get_mut(rank as usize) {
+            *done = (*done).max(step);
+        }
+        self.advanced.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.advanced.notify_all();
+    }
+
+    /// Asks for a checkpoint (followed by a stop) at the first step no rank was sent; returns it.
+    fn checkpoint(&self, stop: bool) -> u64 {
+        let mut state = self.lock();
+        let at = state.producing.iter().max().map_or(1, |s| s + 1);
+        state.saves.insert(at);
+        if stop {
+            state.stop_at = Some(state.stop_at.map_or(at, |s| s.min(at)));
+        }
+        at
+    }
+
+    /// Whether to save after `step`, and whether to stop there.
+    fn at(&self, step: u64) -> (bool, bool) {
+        let state = self.lock();
+        (state.saves.contains(&step), state.stop_at == Some(step))
+    }
+}
+
 /// One launch of all workers, from `resume` or the start, until the run ends or a rank fails.
-async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<Outcome> {
+async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>, controls: &mut mpsc::UnboundedReceiver<Control>) -> Result<Outcome> {
     let output_dir = run.cadence.output_dir.clone();
     let first_step = resume.as_ref().map_or(1, |r| r.step + 1);
     if let Some(r) = &resume {
@@ -160,12 +272,13 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
     let worker_plan = WorkerPlan { resume, ..run.worker_plan.clone() };
     let world = plan.world_size as u32;
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let pace = Arc::new(Pace::new(world, first_step));
     let mut receivers = vec![];
     for rank in 0..world {
         let (tx, rx) = mpsc::channel(4);
         receivers.push(rx);
-        let (cache, cadence, sampler) = (run.cache.clone(), run.cadence.clone(), run.sampler);
-        tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, rank, world, first_step, tx));
+        let (cache, cadence, sampler, pace) = (run.cache.clone(), run.cadence.clone(), run.sampler, pace.clone());
+        tokio::task::spawn_blocking(move || produce_commands(&sampler, &cache, &cadence, &pace, rank, world, first_step, tx));
     }
 
     // Loopback unless workers run elsewhere; then on --master_port, reached at --master_addr.
@@ -188,7 +301,9 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
             .map_err(|e| CoordinatorError::Flag(format!("--tls_cert/--tls_key: {e}")))?;
     }
     let secret = launch::job_secret()?;
-    let service = JobService::new(serde_json::to_string(&worker_plan).expect("plan serialises"), receivers, events_tx.clone());
+    let abort = Arc::new(AbortSwitch::default());
+    let plan_json = serde_json::to_string(&worker_plan).expect("plan serialises");
+    let service = JobService::new(plan_json, receivers, events_tx.clone(), abort.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(builder.add_service(service.into_server(secret.clone())).serve_with_incoming_shutdown(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -220,11 +335,18 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
         finished: 0,
         processes: watchers.len() as u32,
         exited: 0,
+        pace: pace.clone(),
+        stop: None,
+        stopped_at: None,
     };
-    let result = tokio::select! {
-        r = job.drive(&mut events, &mut progress) => r,
-        _ = tokio::signal::ctrl_c() => Err(CoordinatorError::Flag("interrupted; the last complete checkpoint is kept".into())),
-    };
+    let result = job.drive(&mut events, controls, &mut progress).await;
+    pace.close();
+    if result.is_err() && matches!(plan.launcher, Launcher::Ssh { .. } | Launcher::Manual) {
+        // Ranks we cannot kill ourselves hear the abort in their next heartbeat, even mid-step.
+        abort.throw();
+        abort.wait_told(job.hosts.len(), 2 * zerotune_proto::plan::heartbeat_interval(plan.heartbeat_timeout)).await;
+    }
+    let stopped = job.stopped_at.zip(job.stop);
     let _ = stop_tx.send(());
     drop(events); // workers still running see their launcher go and are killed
     for watcher in watchers {
@@ -235,9 +357,10 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>) -> Result<
     let last_eval = progress.last_eval();
     Ok(Outcome {
         output_dir,
-        steps: run.total_steps,
+        steps: stopped.map_or(run.total_steps, |(step, _)| step),
         eval_loss: last_eval.and_then(|e| e["eval_loss"].as_f64()),
         perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
+        stopped_on: stopped.map(|(_, signal)| signal),
     })
 }
 
@@ -287,6 +410,7 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         offload_optimizer: plan.zero.offload_optimizer,
         reduce_bucket_size: plan.zero.reduce_bucket_size,
         resume: None,
+        heartbeat_timeout_ms: plan.heartbeat_timeout.as_millis() as u64,
         collectives: match (plan.device.as_str(), plan.num_gpus_given) {
             ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
             ("cpu", _) => Collectives::None,
@@ -319,10 +443,12 @@ fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, work
 }
 
 /// The ordered commands for one rank; stops early if the rank's stream is gone.
+#[allow(clippy::too_many_arguments)]
 fn produce_commands(
     sampler: &Sampler,
     cache: &TokenCache,
     cadence: &Cadence,
+    pace: &Pace,
     rank: u32,
     world: u32,
     first_step: u64,
@@ -340,6 +466,9 @@ fn produce_commands(
         command::Kind::Evaluate(Evaluate { step, batches })
     };
     for step in first_step..=cadence.total_steps {
+        if !pace.start(rank, step) {
+            return;
+        }
         let micro_batches = sampler.step_batches(step - 1, rank as usize).iter().map(|m| batch(m, &|b| cache.train_block(b))).collect();
         if !send(command::Kind::Step(TrainStep { step, micro_batches })) {
             return;
@@ -347,11 +476,16 @@ fn produce_commands(
         if cadence.do_eval && cadence.eval_steps.is_some_and(|n| step % n == 0) && step != cadence.total_steps && !send(evaluate(step)) {
             return;
         }
-        if cadence.save_steps.is_some_and(|n| step % n == 0) {
+        let (requested, stop) = pace.at(step);
+        if requested || cadence.save_steps.is_some_and(|n| step % n == 0) {
             let dir = checkpoint_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
             if !send(command::Kind::Save(Save { step, dir })) {
                 return;
             }
+        }
+        if stop {
+            send(command::Kind::Stop(Stop { step }));
+            return;
         }
     }
     if cadence.do_eval && !send(evaluate(cadence.total_steps)) {
@@ -378,36 +512,82 @@ struct Job<'a> {
     /// Processes we started and watch (0 when started by hand).
     processes: u32,
     exited: u32,
+    pace: Arc<Pace>,
+    /// A stop was asked for (on this signal) at `requests.stop_at`.
+    stop: Option<&'static str>,
+    /// The step whose checkpoint ended the run on request.
+    stopped_at: Option<u64>,
 }
 
 impl Job<'_> {
-    async fn drive(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, progress: &mut Progress) -> Result<()> {
+    async fn drive(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        use tokio::time::Instant;
         // One death makes every rank fail (their collectives break), so the first report is
         // often not the cause: collect failures until every process is gone (or a grace period
         // passed) and blame the most direct one.
         let mut failures: Vec<(u8, CoordinatorError)> = vec![];
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut deadline: Option<Instant> = None;
         // Progress watchdog (--ddp_timeout): a rank that hangs alive stops everyone's progress.
-        let mut last_progress = tokio::time::Instant::now();
+        let mut last_progress = Instant::now();
         let mut last_step: BTreeMap<u32, u64> = (0..self.world).map(|r| (r, 0)).collect();
+        // Liveness (--heartbeat_timeout): when each working rank last beat, and its step then.
+        let mut beats: BTreeMap<u32, (Instant, u64)> = BTreeMap::new();
         loop {
             let hung_at = last_progress + self.plan.ddp_timeout;
-            let event = match tokio::time::timeout_at(deadline.map_or(hung_at, |at| at.min(hung_at)), events.recv()).await {
+            let silent =
+                beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + self.plan.heartbeat_timeout));
+            let wake = [Some(hung_at), deadline, silent.map(|s| s.2)].into_iter().flatten().min().expect("hung_at");
+            let next = async {
+                tokio::select! {
+                    event = events.recv() => event,
+                    Some(control) = controls.recv() => Some(Event::Control(control)),
+                }
+            };
+            let event = match tokio::time::timeout_at(wake, next).await {
                 Ok(event) => event,
-                Err(_) if deadline.is_none() => return Err(self.hung(&last_step)),
-                Err(_) => None,
+                Err(_) => match silent.filter(|s| s.2 <= Instant::now()) {
+                    Some((rank, beat_step, _)) => {
+                        let step = last_step.get(&rank).map_or(beat_step, |&s| s.max(beat_step));
+                        let message = format!(
+                            "no heartbeat for {} s (--heartbeat_timeout) after step {step}: the process is stopped or frozen, \
+                             or its host is unreachable",
+                            self.plan.heartbeat_timeout.as_secs()
+                        );
+                        failures.push((1, CoordinatorError::Worker { rank, host: self.host(rank), message }));
+                        break;
+                    }
+                    None if deadline.is_none() => return Err(self.hung(&last_step)),
+                    None => break,
+                },
             };
             let Some(event) = event else { break };
             if matches!(event, Event::Step(_) | Event::Eval(_) | Event::Saved(_)) {
-                last_progress = tokio::time::Instant::now();
+                last_progress = Instant::now();
             }
             if let Event::Step(report) = &event {
                 last_step.insert(report.rank, report.step);
+                self.pace.finished(report.rank, report.step);
             }
             let failure = match event {
                 Event::Registered { rank, local_rank, host, device, pid } => {
                     progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
                     self.hosts.insert(rank, host);
+                    beats.insert(rank, (Instant::now(), 0));
+                    None
+                }
+                Event::Heartbeat { rank, step } => {
+                    if let Some(beat) = beats.get_mut(&rank) {
+                        *beat = (Instant::now(), step);
+                    }
+                    None
+                }
+                Event::Control(control) => {
+                    self.control(control, progress)?;
                     None
                 }
                 Event::Step(report) => {
@@ -428,6 +608,10 @@ impl Job<'_> {
                     None
                 }
                 Event::Saved(report) => {
+                    let last = Path::new(&report.dir) == self.output_dir || self.pace.at(report.step).1;
+                    if last {
+                        beats.remove(&report.rank); // its work is done: it exits without beating again
+                    }
                     let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
                     *acks += 1;
                     if *acks == self.world && failures.is_empty() {
@@ -442,6 +626,13 @@ impl Job<'_> {
                             let state = self.trainer_state(report.step, progress);
                             checkpoint::finalize(&self.output_dir, report.step, self.tokenizer_files, &state, self.plan.save_total_limit)?;
                             progress.note(&format!("saved checkpoint-{}", report.step));
+                            if last {
+                                self.stopped_at = Some(report.step);
+                                self.finished = self.world;
+                                if self.processes == 0 {
+                                    return Ok(());
+                                }
+                            }
                         }
                     }
                     None
@@ -486,6 +677,32 @@ impl Job<'_> {
             .map_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into()), |(_, err)| err))
     }
 
+    /// Carries out a user's request: checkpoints at the next step every rank can reach, or an abort.
+    fn control(&mut self, control: Control, progress: &mut Progress) -> Result<()> {
+        let signal = match control {
+            Control::Abort { signal } => {
+                return Err(CoordinatorError::Flag(format!(
+                    "aborted on a second {signal}; the last complete checkpoint (`latest`) is kept"
+                )))
+            }
+            Control::Stop { signal } => Some(signal),
+            Control::Save => None,
+        };
+        let at = self.pace.checkpoint(signal.is_some());
+        if at > self.total_steps {
+            progress.note(&format!("{}: the run is about to finish; nothing to checkpoint", signal.unwrap_or("SIGUSR1")));
+            return Ok(());
+        }
+        match signal {
+            Some(signal) => {
+                self.stop = Some(signal);
+                progress.note(&format!("{signal}: stopping after checkpoint-{at}; send it again to abort now"));
+            }
+            None => progress.note(&format!("SIGUSR1: saving checkpoint-{at}")),
+        }
+        Ok(())
+    }
+
     /// The error for a job without progress for --ddp_timeout: blames the ranks furthest behind.
     fn hung(&self, last_step: &BTreeMap<u32, u64>) -> CoordinatorError {
         let behind = last_step.values().copied().min().unwrap_or(0);
@@ -516,5 +733,34 @@ impl Job<'_> {
             "sampler": {"seed": self.sampler.seed, "epoch": step / per_epoch, "step_in_epoch": step % per_epoch, "blocks": self.sampler.blocks},
             "log_history": progress.history,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requested_checkpoint_lands_on_the_first_step_no_rank_was_sent() {
+        let pace = Arc::new(Pace::new(2, 5)); // resumed after step 4
+        assert!(pace.start(0, 5) && pace.start(0, 6) && pace.start(1, 5));
+        assert_eq!(pace.checkpoint(false), 7);
+        assert_eq!(pace.checkpoint(true), 7);
+        assert_eq!((pace.at(6), pace.at(7)), ((false, false), (true, true)));
+
+        // Rank 0 gets step 7 once it finished step 5 (LOOKAHEAD 2); a closed pace frees waiters.
+        let next = std::thread::spawn({
+            let pace = pace.clone();
+            move || pace.start(0, 7)
+        });
+        pace.finished(0, 5);
+        assert!(next.join().unwrap());
+        let waiting = std::thread::spawn({
+            let pace = pace.clone();
+            move || pace.start(1, 9)
+        });
+        pace.close();
+        assert!(!waiting.join().unwrap(), "after the attempt, producers stop");
+        assert_eq!(pace.checkpoint(false), 10, "requests count every step already handed out");
     }
 }

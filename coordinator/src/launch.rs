@@ -167,7 +167,9 @@ fn watch(
     input: Option<String>,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    command.kill_on_drop(true).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    // A process group of its own: a terminal's Ctrl-C reaches the coordinator, which stops the
+    // workers after a checkpoint, instead of killing them all at once.
+    command.kill_on_drop(true).process_group(0).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
     let program = command.as_std().get_program().to_string_lossy().into_owned();
     let mut child = command.spawn().map_err(|e| CoordinatorError::Flag(format!("cannot start {program}: {e}")))?;
     let stdin = child.stdin.take();

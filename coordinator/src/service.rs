@@ -1,7 +1,10 @@
-//! The gRPC service workers talk to: registration, the per-rank command streams, and reports,
-//! which it forwards as plain `Event`s to the job driver. Every call must carry the job secret.
+//! The gRPC service workers talk to: registration, the per-rank command streams, reports and
+//! heartbeats, which it forwards as plain `Event`s to the job driver, and the abort switch the
+//! driver throws. Every call must carry the job secret.
 
-use std::sync::Mutex;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +24,11 @@ pub enum Event {
         pid: u32,
     },
     Step(StepReport),
+    /// A rank is alive; `step` is the last step it finished.
+    Heartbeat {
+        rank: u32,
+        step: u64,
+    },
     Eval(EvalReport),
     Saved(SavedReport),
     Failed {
@@ -37,6 +45,58 @@ pub enum Event {
         success: bool,
         status: String,
     },
+    /// The user asked for something while the job runs (a signal to the coordinator).
+    Control(Control),
+}
+
+/// What a user can ask of a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Save a checkpoint at the next step every rank can still reach (SIGUSR1).
+    Save,
+    /// Save a checkpoint there, then stop (the first SIGINT or SIGTERM).
+    Stop { signal: &'static str },
+    /// Stop now, mid-step if need be (the second SIGINT or SIGTERM).
+    Abort { signal: &'static str },
+}
+
+/// The job's abort switch, shared by the driver and the Heartbeat RPC: once thrown, every
+/// heartbeat reply says abort, so ranks started elsewhere exit even when stuck in a step.
+#[derive(Default)]
+pub struct AbortSwitch {
+    thrown: AtomicBool,
+    told: Mutex<BTreeSet<u32>>,
+    heard: tokio::sync::Notify,
+}
+
+impl AbortSwitch {
+    pub fn throw(&self) {
+        self.thrown.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `rank` must abort; remembers that it was told.
+    fn tell(&self, rank: u32) -> bool {
+        let thrown = self.thrown.load(Ordering::SeqCst);
+        if thrown {
+            self.told.lock().expect("abort lock").insert(rank);
+            self.heard.notify_waiters();
+        }
+        thrown
+    }
+
+    /// Waits until `ranks` ranks heard the abort, or `limit` passed.
+    pub async fn wait_told(&self, ranks: usize, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let heard = self.heard.notified();
+                if self.told.lock().expect("abort lock").len() >= ranks {
+                    return;
+                }
+                heard.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// One rank's ordered commands, as the `Commands` RPC streams them.
@@ -52,10 +112,11 @@ pub struct JobService {
     /// Rendezvous requests so far, by rank; the reply is published once all are in.
     rendezvous: Mutex<Vec<Option<RendezvousRequest>>>,
     rendezvous_done: tokio::sync::watch::Sender<Option<RendezvousReply>>,
+    abort: Arc<AbortSwitch>,
 }
 
 impl JobService {
-    pub fn new(plan_json: String, commands: Vec<CommandReceiver>, events: mpsc::UnboundedSender<Event>) -> Self {
+    pub fn new(plan_json: String, commands: Vec<CommandReceiver>, events: mpsc::UnboundedSender<Event>, abort: Arc<AbortSwitch>) -> Self {
         let world_size = commands.len() as u32;
         Self {
             plan_json,
@@ -64,6 +125,7 @@ impl JobService {
             events,
             rendezvous: Mutex::new(vec![None; world_size as usize]),
             rendezvous_done: tokio::sync::watch::channel(None).0,
+            abort,
         }
     }
 
@@ -149,10 +211,20 @@ impl Coordinator for JobService {
         let r = request.into_inner();
         self.send(Event::Failed { rank: r.rank, message: r.message })
     }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        self.rank(r.rank)?;
+        let abort = self.abort.tell(r.rank);
+        if !abort {
+            self.send(Event::Heartbeat { rank: r.rank, step: r.step })?;
+        }
+        Ok(Response::new(HeartbeatReply { abort }))
+    }
 }
 
 /// A rank's command stream that tells the driver when it is dropped before its last command
-/// went out (the worker disconnected): liveness without heartbeats, whatever launched the worker.
+/// went out (the worker disconnected), sooner than a missing heartbeat would.
 pub struct Watched {
     inner: ReceiverStream<Result<Command, Status>>,
     rank: u32,
@@ -189,7 +261,7 @@ mod tests {
     async fn serve(secret: &str) -> (String, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
         let (_tx, commands) = mpsc::channel(1);
-        let service = JobService::new("{}".into(), vec![commands], events);
+        let service = JobService::new("{}".into(), vec![commands], events, Default::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tonic::transport::Server::builder().add_service(service.into_server(secret.into()));
@@ -220,10 +292,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn heartbeats_reach_the_driver_until_the_abort_switch_is_thrown() {
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let abort = Arc::new(AbortSwitch::default());
+        let service = JobService::new("{}".into(), vec![mpsc::channel(1).1, mpsc::channel(1).1], events, abort.clone());
+        let beat = |rank| Request::new(HeartbeatRequest { rank, step: 5 });
+        assert!(!service.heartbeat(beat(1)).await.unwrap().into_inner().abort);
+        assert!(matches!(rx.try_recv(), Ok(Event::Heartbeat { rank: 1, step: 5 })));
+        abort.throw();
+        let waiting = tokio::spawn({
+            let abort = abort.clone();
+            async move { abort.wait_told(2, std::time::Duration::from_secs(600)).await }
+        });
+        assert!(service.heartbeat(beat(0)).await.unwrap().into_inner().abort);
+        assert!(service.heartbeat(beat(1)).await.unwrap().into_inner().abort);
+        waiting.await.unwrap(); // returns once both ranks heard it, long before its limit
+        assert!(rx.try_recv().is_err(), "after the abort, beats are no longer news");
+        assert_eq!(service.heartbeat(beat(2)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
     async fn rendezvous_answers_once_every_rank_arrived() {
         let (events, _rx) = mpsc::unbounded_channel();
         let commands = (0..3).map(|_| mpsc::channel(1).1).collect();
-        let service = std::sync::Arc::new(JobService::new("{}".into(), commands, events));
+        let service = Arc::new(JobService::new("{}".into(), commands, events, Default::default()));
         let calls: Vec<_> = (0..3u32)
             .map(|rank| {
                 let service = service.clone();

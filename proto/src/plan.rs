@@ -40,6 +40,29 @@ pub struct WorkerPlan {
     /// How ranks talk to each other.
     #[serde(default)]
     pub collectives: Collectives,
+    /// --heartbeat_timeout in milliseconds: the coordinator fails a rank silent for this long,
+    /// and a rank whose coordinator has not answered for this long exits.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl WorkerPlan {
+    /// How often a rank beats: six times per timeout, between 0.25 and 5 seconds.
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        heartbeat_interval(std::time::Duration::from_millis(self.heartbeat_timeout_ms))
+    }
+}
+
+/// Six beats per `timeout`, between 0.25 and 5 seconds apart.
+pub fn heartbeat_interval(timeout: std::time::Duration) -> std::time::Duration {
+    (timeout / 6).clamp(std::time::Duration::from_millis(250), std::time::Duration::from_secs(5))
+}
+
+/// The default --heartbeat_timeout.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_S: u64 = 30;
+
+fn default_heartbeat_timeout() -> u64 {
+    DEFAULT_HEARTBEAT_TIMEOUT_S * 1000
 }
 
 /// The collectives backend of a job.

@@ -1,7 +1,8 @@
 //! Distributed training through real coordinator and worker processes on CPU ranks (TCP ring):
 //! ZeRO stages and offload give the weights of single-rank training on the same global batches;
-//! resume continues exactly, also on another world size; a killed worker stops the job with its
-//! name, and `--max_restarts` finishes the run from the last checkpoint.
+//! resume continues exactly, also on another world size; a killed, frozen or hung worker stops the
+//! job with its name, and `--max_restarts` finishes the run from the last checkpoint; signals to
+//! the coordinator checkpoint, stop and abort.
 
 mod common;
 
@@ -187,17 +188,127 @@ fn workers_exit_when_the_coordinator_dies() {
 }
 
 #[test]
+fn a_frozen_worker_misses_its_heartbeats_and_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    // Rank 1 SIGSTOPs itself at step 3: frozen whole, heartbeat included, its connection open.
+    let fault = format!("1:3:{}:stop", s(&t.join("fault")));
+    let extra = ["--heartbeat_timeout", "3", "--max_steps", "50", "--save_steps", "0"];
+    let result = coordinator(t, &t.join("out"), 2, 1, &ds, &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
+    let err = stderr(&result);
+    assert!(!result.status.success());
+    assert!(err.contains("worker rank 1 (") && err.contains("no heartbeat for 3 s (--heartbeat_timeout) after step 2"), "{err}");
+    let pid = err.lines().find(|l| l.starts_with("rank 1 joined:")).and_then(joined_pid).unwrap();
+    wait_gone(pid, "the stopped worker");
+}
+
+#[test]
 fn a_hung_worker_trips_the_progress_timeout() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let ds = ds_config(t, 2, true);
-    // Rank 1 SIGSTOPs itself at step 3: alive, connected, and silent.
-    let fault = format!("1:3:{}:stop", s(&t.join("fault")));
+    // Rank 1 blocks forever at step 3 while its heartbeat goes on: alive, connected, no progress.
+    let fault = format!("1:3:{}:hang", s(&t.join("fault")));
     let extra = ["--ddp_timeout", "3", "--max_steps", "50", "--save_steps", "0"];
     let result = coordinator(t, &t.join("out"), 2, 1, &ds, &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
     let err = stderr(&result);
     assert!(!result.status.success());
     assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
+    assert!(!err.contains("no heartbeat"), "the hung rank still beats: {err}");
     let pid = err.lines().find(|l| l.starts_with("rank 1 joined:")).and_then(joined_pid).unwrap();
-    wait_gone(pid, "the stopped worker");
+    wait_gone(pid, "the hung worker");
+}
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a pid we started.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+/// The number after `prefix` in the first line that has it.
+fn step_after(lines: &[String], prefix: &str) -> u64 {
+    let found = lines.iter().find_map(|l| l.split(prefix).nth(1)).unwrap_or_else(|| panic!("no {prefix:?} in\n{}", lines.join("\n")));
+    found.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn signals_save_a_checkpoint_then_stop_and_the_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    let steps = ["--max_steps", "40", "--save_steps", "0"];
+    let full = run(t, "uninterrupted", 2, 1, &ds, &steps);
+
+    // SIGUSR1 once training runs, SIGTERM once that checkpoint is saved.
+    let out = t.join("signalled");
+    let mut child = coordinator(t, &out, 2, 1, &ds, &steps).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = vec![];
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        if line.starts_with("step 2/") {
+            signal(child.id(), libc::SIGUSR1);
+        }
+        if line.starts_with("saved checkpoint-") && !lines.iter().any(|l: &String| l.starts_with("saved checkpoint-")) {
+            signal(child.id(), libc::SIGTERM);
+        }
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM), "{log}");
+    let (saved, stopped) = (step_after(&lines, "SIGUSR1: saving checkpoint-"), step_after(&lines, "SIGTERM: stopping after checkpoint-"));
+    assert!(saved < stopped && stopped < 40, "{log}");
+    assert!(log.contains(&format!("stopped on SIGTERM after checkpoint-{stopped}")), "{log}");
+    assert!(out.join(format!("checkpoint-{saved}/optimizer/layout.json")).is_file(), "the SIGUSR1 checkpoint is complete");
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap().trim(), format!("checkpoint-{stopped}"));
+    assert!(!out.join("model.safetensors").exists(), "a stopped run writes no final model");
+    for pid in lines.iter().filter(|l| l.starts_with("rank ")).filter_map(|l| joined_pid(l)) {
+        wait_gone(pid, "a stopped worker");
+    }
+
+    // Resumed from `latest`, the run ends with the weights of the uninterrupted one.
+    let resumed = run(t, "signalled", 2, 1, &ds, &[&steps[..], &["--resume_from_checkpoint", "latest"]].concat());
+    let err = weights_rel_err(&resumed, &full);
+    assert!(err < REL, "stopped and resumed vs uninterrupted: rel {err}");
+}
+
+#[test]
+fn a_second_signal_aborts_and_ranks_started_by_hand_hear_it_in_their_heartbeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let ds = ds_config(t, 2, true);
+    // Rank 1 blocks at step 3 (heartbeat alive), so the stop's checkpoint can never be taken.
+    let fault = format!("1:3:{}:hang", s(&t.join("fault")));
+    // A long heartbeat timeout: only the abort itself can end the ranks within the test's 30 s.
+    let manual = ["--launcher", "manual", "--master_addr", "127.0.0.1", "--master_port", "0", "--heartbeat_timeout", "600"];
+    let manual = [&manual[..], &["--max_steps", "50", "--save_steps", "0"]].concat();
+    let mut child = coordinator(t, &t.join("out"), 2, 1, &ds, &manual).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = vec![];
+    let mut workers = vec![];
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        if let Some(command) = line.trim_start().strip_prefix("[localhost] ") {
+            let worker = Command::new("sh").args(["-c", command]).env("ZEROTUNE_FAULT", &fault).stderr(Stdio::piped()).spawn();
+            workers.push(worker.unwrap());
+        }
+        if line.starts_with("step 2/") {
+            signal(child.id(), libc::SIGINT);
+        }
+        if line.starts_with("SIGINT: stopping after checkpoint-") {
+            signal(child.id(), libc::SIGINT);
+        }
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    assert_eq!(child.wait().unwrap().code(), Some(1), "{log}");
+    assert!(log.contains("aborted on a second SIGINT; the last complete checkpoint (`latest`) is kept"), "{log}");
+    // Not our launcher's children: they exit on the abort their heartbeat carries.
+    for mut worker in workers {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while worker.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "a worker still runs 30 s after the abort");
+            std::thread::sleep(std::time::Duration::from_millis(20)); // polling a child that may never exit
+        }
+        let output = worker.wait_with_output().unwrap();
+        assert!(!output.status.success());
+        assert!(stderr(&output).contains("the coordinator aborted the job"), "{}", stderr(&output));
+    }
 }

@@ -1,7 +1,11 @@
 //! The worker side of the job: register with the coordinator, receive the plan, then execute the
-//! command stream (train steps, evaluations, saves, finish) and report each result.
+//! command stream (train steps, evaluations, saves, finish) and report each result, with a
+//! heartbeat beside it that also carries the coordinator's abort.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 use tonic::metadata::MetadataValue;
@@ -10,7 +14,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use zerotune_proto::plan::{Collectives, WorkerPlan};
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
 use zerotune_proto::v1::{
-    command, Batch, CommandsRequest, EvalReport, FailureReport, RegisterRequest, RendezvousRequest, SavedReport, StepReport,
+    command, Batch, CommandsRequest, EvalReport, FailureReport, HeartbeatRequest, RegisterRequest, RendezvousRequest, SavedReport,
+    StepReport,
 };
 use zerotune_proto::SECRET_HEADER;
 
@@ -19,7 +24,16 @@ use crate::comm::{nccl, Collective, Single};
 use crate::train::{batch_tensor, Trainer};
 
 /// Adds the job secret to every request.
-type AddSecret = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+#[derive(Clone)]
+struct AddSecret(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AddSecret {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert(SECRET_HEADER, self.0.clone());
+        Ok(request)
+    }
+}
+
 type Client = CoordinatorClient<InterceptedService<Channel, AddSecret>>;
 
 /// How to reach the coordinator and who this worker is.
@@ -61,12 +75,9 @@ async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {}: {e}", args.coordinator))?;
-    let secret: MetadataValue<_> = args.secret.parse()?;
-    let interceptor: AddSecret = Box::new(move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert(SECRET_HEADER, secret.clone());
-        Ok(req)
-    });
-    Ok(CoordinatorClient::with_interceptor(channel, interceptor).max_decoding_message_size(256 << 20))
+    let secret =
+        args.secret.parse().map_err(|_| anyhow::anyhow!("{} holds characters a secret cannot have", zerotune_proto::SECRET_ENV))?;
+    Ok(CoordinatorClient::with_interceptor(channel, AddSecret(secret)).max_decoding_message_size(256 << 20))
 }
 
 fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) -> anyhow::Result<()> {
@@ -75,6 +86,9 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id(), local_rank };
     let reply = rt.block_on(client.register(register))?.into_inner();
     let plan: WorkerPlan = serde_json::from_str(&reply.plan_json)?;
+    let finished_step = Arc::new(AtomicU64::new(plan.resume.as_ref().map_or(0, |r| r.step)));
+    let timeout = Duration::from_millis(plan.heartbeat_timeout_ms);
+    rt.spawn(heartbeat(client.clone(), args.rank, finished_step.clone(), plan.heartbeat_interval(), timeout));
     let comm = rt.block_on(collectives(client, args, plan.collectives, reply.world_size as usize))?;
     let mut trainer = Trainer::with_comm(plan, args.device, comm)?;
     let mut stream = rt.block_on(client.commands(CommandsRequest { rank: args.rank }))?.into_inner();
@@ -96,6 +110,7 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
                     loss_scale: o.loss_scale,
                 };
                 rt.block_on(client.report_step(report))?;
+                finished_step.store(step.step, Ordering::Relaxed);
             }
             Some(command::Kind::Evaluate(eval)) => {
                 let batches = tensors(&eval.batches, args.device)?;
@@ -113,10 +128,37 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
                 rt.block_on(client.report_saved(SavedReport { rank, step: finish.step, dir: finish.dir }))?;
                 return Ok(());
             }
+            Some(command::Kind::Stop(stop)) => {
+                eprintln!("rank {rank}: stopping after step {} on the coordinator's request", stop.step);
+                return Ok(());
+            }
             None => anyhow::bail!("the coordinator sent an empty command (version mismatch?)"),
         }
     }
     anyhow::bail!("the coordinator closed the command stream before the run finished")
+}
+
+/// Beats every `interval` beside the work (so also mid-step or stuck in a collective), and ends
+/// the process when the coordinator says abort or has not answered for `timeout`: no orphans.
+async fn heartbeat(mut client: Client, rank: u32, finished_step: Arc<AtomicU64>, interval: Duration, timeout: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    let mut answered = Instant::now();
+    loop {
+        ticks.tick().await;
+        let beat = HeartbeatRequest { rank, step: finished_step.load(Ordering::Relaxed) };
+        match tokio::time::timeout(timeout, client.heartbeat(beat)).await {
+            Ok(Ok(reply)) if reply.get_ref().abort => {
+                eprintln!("rank {rank}: the coordinator aborted the job; exiting");
+                std::process::exit(1);
+            }
+            Ok(Ok(_)) => answered = Instant::now(),
+            _ if answered.elapsed() >= timeout => {
+                eprintln!("rank {rank}: no answer from the coordinator for {} s (--heartbeat_timeout); exiting", timeout.as_secs());
+                std::process::exit(1);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Opens this rank's collectives through the coordinator's rendezvous: NCCL between GPUs (rank 0
@@ -153,21 +195,28 @@ fn reachable_ip(url: &str) -> anyhow::Result<std::net::IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
-/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER[:stop]` makes that rank
-/// SIGKILL itself (or SIGSTOP: hang alive) when it starts that step, once (the marker file
-/// records that it happened).
+/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER[:stop|:hang]` makes that rank
+/// SIGKILL itself (`stop`: SIGSTOP, frozen whole; `hang`: its work blocks forever while its
+/// heartbeat goes on) when it starts that step, once (the marker file records that it happened).
 fn fault_injection(rank: u32, step: u64) {
     let Ok(spec) = std::env::var("ZEROTUNE_FAULT") else { return };
     let mut parts = spec.splitn(3, ':');
     let (Some(r), Some(s), Some(rest)) = (parts.next(), parts.next(), parts.next()) else { return };
-    let (marker, signal) = match rest.strip_suffix(":stop") {
-        Some(marker) => (marker, libc::SIGSTOP),
-        None => (rest, libc::SIGKILL),
+    let (marker, fault) = match rest.rsplit_once(':') {
+        Some((marker, fault @ ("stop" | "hang"))) => (marker, fault),
+        _ => (rest, "kill"),
     };
-    if r.parse() == Ok(rank) && s.parse() == Ok(step) && std::fs::File::create_new(marker).is_ok() {
-        // SAFETY: sends a signal to this very process.
-        unsafe { libc::kill(libc::getpid(), signal) };
+    if r.parse() != Ok(rank) || s.parse() != Ok(step) || std::fs::File::create_new(marker).is_err() {
+        return;
     }
+    match fault {
+        "hang" => loop {
+            std::thread::park();
+        },
+        // SAFETY: sends a signal to this very process.
+        "stop" => unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) },
+        _ => unsafe { libc::kill(libc::getpid(), libc::SIGKILL) },
+    };
 }
 
 fn tensors(batches: &[Batch], device: Device) -> anyhow::Result<Vec<Tensor>> {

@@ -63,6 +63,7 @@ fn train_plan() -> WorkerPlan {
         reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
         resume: None,
         collectives: Collectives::None,
+        heartbeat_timeout_ms: 30_000,
     }
 }
 

@@ -94,6 +94,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let plan = TrainPlan::resolve(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(job::run(plan))?;
+    if let Some(signal) = outcome.stopped_on {
+        eprintln!(
+            "stopped on {signal} after checkpoint-{} in {}; continue with --resume_from_checkpoint latest",
+            outcome.steps,
+            outcome.output_dir.display()
+        );
+        std::process::exit(128 + if signal == "SIGINT" { libc::SIGINT } else { libc::SIGTERM });
+        // as if killed by it
+    }
     match (outcome.eval_loss, outcome.perplexity) {
         (Some(loss), Some(ppl)) => {
             println!("done: {} steps, eval loss {loss:.4}, perplexity {ppl:.2}; model in {}", outcome.steps, outcome.output_dir.display())
