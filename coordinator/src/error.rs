@@ -17,6 +17,9 @@ pub enum CoordinatorError {
     Model(#[from] zerotune_hf::Error),
     #[error("worker rank {rank} ({host}) failed: {message}")]
     Worker { rank: u32, host: String, message: String },
+    /// A process that runs every rank (srun) failed.
+    #[error("{0}")]
+    Launcher(String),
     #[error("gRPC server: {0}")]
     Server(String),
 }

@@ -529,7 +529,8 @@ impl Job<'_> {
         use tokio::time::Instant;
         // One death makes every rank fail (their collectives break), so the first report is
         // often not the cause: collect failures until every process is gone (or a grace period
-        // passed) and blame the most direct one.
+        // passed) and blame the most direct one: a signal; a rank's own error or missed
+        // heartbeats; an exit or a dropped connection; a peer's broken collective; srun's exit.
         let mut failures: Vec<(u8, CoordinatorError)> = vec![];
         let mut deadline: Option<Instant> = None;
         // Progress watchdog (--ddp_timeout): a rank that hangs alive stops everyone's progress.
@@ -537,6 +538,7 @@ impl Job<'_> {
         let mut last_step: BTreeMap<u32, u64> = (0..self.world).map(|r| (r, 0)).collect();
         // Liveness (--heartbeat_timeout): when each working rank last beat, and its step then.
         let mut beats: BTreeMap<u32, (Instant, u64)> = BTreeMap::new();
+        let mut reported = BTreeSet::new();
         loop {
             let hung_at = last_progress + self.plan.ddp_timeout;
             let silent =
@@ -558,7 +560,7 @@ impl Job<'_> {
                              or its host is unreachable",
                             self.plan.heartbeat_timeout.as_secs()
                         );
-                        failures.push((1, CoordinatorError::Worker { rank, host: self.host(rank), message }));
+                        failures.push((1, self.worker_error(rank, message)));
                         break;
                     }
                     None if deadline.is_none() => return Err(self.hung(&last_step)),
@@ -637,15 +639,17 @@ impl Job<'_> {
                     }
                     None
                 }
-                Event::Disconnected { rank } if self.finished < self.world => {
+                // A rank that said why it failed then disconnects: no news.
+                Event::Disconnected { rank } if self.finished < self.world && !reported.contains(&rank) => {
                     let message =
                         "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
-                    Some((4, rank, message.to_string()))
+                    Some((2, self.worker_error(rank, message.into())))
                 }
                 Event::Disconnected { .. } => None,
                 Event::Failed { rank, message } => {
+                    reported.insert(rank);
                     let secondary = message.starts_with("collective failed");
-                    Some((if secondary { 3 } else { 1 }, rank, message))
+                    Some((if secondary { 3 } else { 1 }, self.worker_error(rank, message)))
                 }
                 Event::Exited { rank, success, status } => {
                     self.exited += 1;
@@ -654,14 +658,18 @@ impl Job<'_> {
                             return Ok(());
                         }
                         None
-                    } else {
+                    } else if let Some(rank) = rank {
                         let killed = status.contains("signal");
-                        Some((if killed { 0 } else { 2 }, rank, format!("the worker process exited ({status}) before the run finished")))
+                        let message = format!("the worker process exited ({status}) before the run finished");
+                        Some((if killed { 0 } else { 2 }, self.worker_error(rank, message)))
+                    } else {
+                        // srun ends when any rank does: the ranks' own reports say more.
+                        Some((5, CoordinatorError::Launcher(format!("srun (every rank) exited ({status}) before the run finished"))))
                     }
                 }
             };
-            if let Some((priority, rank, message)) = failure {
-                failures.push((priority, CoordinatorError::Worker { rank, host: self.host(rank), message }));
+            if let Some(failure) = failure {
+                failures.push(failure);
                 deadline.get_or_insert(tokio::time::Instant::now() + FAILURE_GRACE);
             }
             let all_gone = self.processes > 0 && self.exited == self.processes;
@@ -713,6 +721,10 @@ impl Job<'_> {
             self.plan.ddp_timeout.as_secs(),
             ranks.join(", ")
         );
+        CoordinatorError::Worker { rank, host: self.host(rank), message }
+    }
+
+    fn worker_error(&self, rank: u32, message: String) -> CoordinatorError {
         CoordinatorError::Worker { rank, host: self.host(rank), message }
     }
 

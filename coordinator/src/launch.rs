@@ -62,7 +62,7 @@ pub fn start(
                         command.env("LD_LIBRARY_PATH", path);
                     }
                     command.args(worker_args(url, p.rank, spec.device));
-                    watch(command, p.rank as u32, None, events)
+                    watch(command, Some(p.rank as u32), None, events)
                 })
                 .collect()
         }
@@ -74,7 +74,7 @@ pub fn start(
                     let mut command = tokio::process::Command::new(&ssh[0]);
                     let script = remote_script(p, world, spec.device, url, spec.worker, spec.env, &cwd);
                     command.args(&ssh[1..]).arg(&p.host).arg(script);
-                    watch(command, p.rank as u32, Some(format!("{secret}\n")), events)
+                    watch(command, Some(p.rank as u32), Some(format!("{secret}\n")), events)
                 })
                 .collect()
         }
@@ -82,7 +82,7 @@ pub fn start(
             let argv = srun_argv(spec, url);
             let mut command = tokio::process::Command::new(&argv[0]);
             command.args(&argv[1..]).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
-            Ok(vec![watch(command, 0, None, events)?])
+            Ok(vec![watch(command, None, None, events)?])
         }
         Launcher::Manual => {
             eprintln!("start these {world} worker(s), each on its host (they must reach {url}):");
@@ -163,7 +163,7 @@ fn quote(s: &str) -> String {
 /// kills it when the driver stops listening.
 fn watch(
     mut command: tokio::process::Command,
-    rank: u32,
+    rank: Option<u32>,
     input: Option<String>,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<tokio::task::JoinHandle<()>> {

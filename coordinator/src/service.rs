@@ -39,9 +39,10 @@ pub enum Event {
     Disconnected {
         rank: u32,
     },
-    /// A worker process ended (from the launcher, not the network).
+    /// A process we started ended (from the launcher, not the network): one rank's, or one that
+    /// runs every rank (`rank: None`, as srun does).
     Exited {
-        rank: u32,
+        rank: Option<u32>,
         success: bool,
         status: String,
     },

@@ -101,6 +101,64 @@ fn ssh_launcher_starts_ranks_on_two_hosts_with_their_environment() {
     same_weights(&out, &reference);
 }
 
+/// A stand-in `srun` (what the coordinator calls under `--launcher slurm`): logs its flags, runs
+/// `--ntasks` copies of its command here with SLURM_PROCID/LOCALID/NODEID set, and with
+/// `--kill-on-bad-exit` kills the others once one fails, as Slurm does.
+const FAKE_SRUN: &str = r#"#!/bin/bash
+echo "$@" >> "$SRUN_LOG"
+nodes=1 ntasks=1 kill_on_bad_exit=0
+while [[ $1 == --* ]]; do
+  case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks=*) ntasks=${1#*=} ;; --kill-on-bad-exit=1) kill_on_bad_exit=1 ;; esac
+  shift
+done
+per_node=$((ntasks / nodes)) pids=() status=0
+for ((i = 0; i < ntasks; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) "$@" &
+  pids+=($!)
+done
+for ((n = 0; n < ntasks; n++)); do
+  wait -n; s=$?
+  if ((s != 0)); then status=$s; ((kill_on_bad_exit)) && kill -9 "${pids[@]}" 2>/dev/null; fi
+done
+exit $status
+"#;
+
+#[test]
+fn slurm_launcher_runs_every_rank_through_one_srun() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let reference = local_two_ranks(t);
+    let bin = t.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::write(bin.join("srun"), FAKE_SRUN).unwrap();
+    std::fs::set_permissions(bin.join("srun"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = t.join("srun.log");
+    let path = format!("{}:{}", s(&bin), std::env::var("PATH").unwrap());
+    // Inside an allocation of two nodes with one task each.
+    let slurm = |out: &Path| {
+        let mut command = Command::new(binary("coordinator"));
+        command
+            .args(train_args(out, &t.join("cache")))
+            .args(["--launcher", "slurm", "--master_addr", "127.0.0.1", "--master_port", "0"])
+            .envs([("PATH", path.as_str()), ("SRUN_LOG", &s(&log)), ("SLURM_JOB_ID", "42")])
+            .envs([("SLURM_JOB_NUM_NODES", "2"), ("SLURM_NTASKS_PER_NODE", "1")]);
+        command
+    };
+    let out = t.join("slurm");
+    let run = slurm(&out).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(calls.lines().count(), 1, "one srun for the job: {calls}");
+    assert!(calls.starts_with("--nodes=2 --ntasks=2 --kill-on-bad-exit=1 sh -c "), "{calls}");
+    assert!(!calls.contains(&run_secret_hint()), "the secret never appears on a command line");
+    same_weights(&out, &reference);
+
+    // A rank killed under srun is named, not srun itself.
+    let run = slurm(&t.join("killed")).env("ZEROTUNE_FAULT", format!("1:2:{}", s(&t.join("fault")))).output().unwrap();
+    let err = stderr(&run);
+    assert!(!run.status.success() && err.contains("worker rank 1 (") && !err.contains("panicked"), "{err}");
+}
+
 /// The secret is random per job; a command line could only carry it as the env assignment.
 fn run_secret_hint() -> String {
     "ZEROTUNE_JOB_SECRET=".into()
