@@ -365,7 +365,7 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>, controls: 
 }
 
 /// HTTP/2 pings every few seconds: a worker whose host vanished without closing its connection
-/// is dropped (and so reported) within KEEPALIVE x 3, like a heartbeat without an RPC.
+/// is dropped (and so reported) within KEEPALIVE x 3, at the transport level beside the heartbeats.
 fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder().http2_keepalive_interval(Some(KEEPALIVE)).http2_keepalive_timeout(Some(2 * KEEPALIVE))
 }
