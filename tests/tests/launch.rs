@@ -55,6 +55,11 @@ fn same_weights(a: &Path, b: &Path) {
     }
 }
 
+fn executable(path: &Path, script: &str) {
+    std::fs::write(path, script).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 fn local_two_ranks(t: &Path) -> PathBuf {
     let out = t.join("local");
     let run = Command::new(binary("coordinator")).args(train_args(&out, &t.join("cache"))).args(["--num_workers", "2"]).output().unwrap();
@@ -71,8 +76,7 @@ fn ssh_launcher_starts_ranks_on_two_hosts_with_their_environment() {
     // `fake-ssh HOST SCRIPT`: logs the call, then runs SCRIPT here (stdin, with the secret, passes through).
     let log = t.join("ssh.log");
     let fake = t.join("fake-ssh");
-    std::fs::write(&fake, format!("#!/bin/sh\nprintf '%s %s\\n' \"$1\" \"$2\" >> '{}'\nexec sh -c \"$2\"\n", s(&log))).unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    executable(&fake, &format!("#!/bin/sh\nprintf '%s %s\\n' \"$1\" \"$2\" >> '{}'\nexec sh -c \"$2\"\n", s(&log)));
     let hostfile = t.join("hostfile");
     std::fs::write(&hostfile, "# two machines, one rank each\nnode-a slots=1\nnode-b slots=1\n").unwrap();
     let workdir = t.join("job");
@@ -130,8 +134,7 @@ fn slurm_launcher_runs_every_rank_through_one_srun() {
     let reference = local_two_ranks(t);
     let bin = t.join("bin");
     std::fs::create_dir(&bin).unwrap();
-    std::fs::write(bin.join("srun"), FAKE_SRUN).unwrap();
-    std::fs::set_permissions(bin.join("srun"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    executable(&bin.join("srun"), FAKE_SRUN);
     let log = t.join("srun.log");
     let path = format!("{}:{}", s(&bin), std::env::var("PATH").unwrap());
     // Inside an allocation of two nodes with one task each.

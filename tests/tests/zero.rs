@@ -187,37 +187,34 @@ fn workers_exit_when_the_coordinator_dies() {
     }
 }
 
-#[test]
-fn a_frozen_worker_misses_its_heartbeats_and_is_named() {
+/// A 2-rank run in which rank 1 meets `fault` (see ZEROTUNE_FAULT) at step 3, with `extra`
+/// flags: the job fails and rank 1's process is gone; returns the coordinator's stderr.
+fn fails_with_a_faulty_rank_1(fault: &str, extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let ds = ds_config(t, 2, true);
-    // Rank 1 SIGSTOPs itself at step 3: frozen whole, heartbeat included, its connection open.
-    let fault = format!("1:3:{}:stop", s(&t.join("fault")));
-    let extra = ["--heartbeat_timeout", "3", "--max_steps", "50", "--save_steps", "0"];
-    let result = coordinator(t, &t.join("out"), 2, 1, &ds, &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
+    let fault = format!("1:3:{}:{fault}", s(&t.join("fault")));
+    let extra = [extra, &["--max_steps", "50", "--save_steps", "0"]].concat();
+    let result = coordinator(t, &t.join("out"), 2, 1, &ds_config(t, 2, true), &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
     let err = stderr(&result);
-    assert!(!result.status.success());
-    assert!(err.contains("worker rank 1 (") && err.contains("no heartbeat for 3 s (--heartbeat_timeout) after step 2"), "{err}");
+    assert!(!result.status.success(), "{err}");
     let pid = err.lines().find(|l| l.starts_with("rank 1 joined:")).and_then(joined_pid).unwrap();
-    wait_gone(pid, "the stopped worker");
+    wait_gone(pid, "the faulty worker");
+    err
+}
+
+#[test]
+fn a_frozen_worker_misses_its_heartbeats_and_is_named() {
+    // SIGSTOP: frozen whole, heartbeat included, its connection open.
+    let err = fails_with_a_faulty_rank_1("stop", &["--heartbeat_timeout", "3"]);
+    assert!(err.contains("worker rank 1 (") && err.contains("no heartbeat for 3 s (--heartbeat_timeout) after step 2"), "{err}");
 }
 
 #[test]
 fn a_hung_worker_trips_the_progress_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let t = tmp.path();
-    let ds = ds_config(t, 2, true);
-    // Rank 1 blocks forever at step 3 while its heartbeat goes on: alive, connected, no progress.
-    let fault = format!("1:3:{}:hang", s(&t.join("fault")));
-    let extra = ["--ddp_timeout", "3", "--max_steps", "50", "--save_steps", "0"];
-    let result = coordinator(t, &t.join("out"), 2, 1, &ds, &extra).env("ZEROTUNE_FAULT", &fault).output().unwrap();
-    let err = stderr(&result);
-    assert!(!result.status.success());
+    // Its work blocks forever while its heartbeat goes on: alive, connected, no progress.
+    let err = fails_with_a_faulty_rank_1("hang", &["--ddp_timeout", "3"]);
     assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
     assert!(!err.contains("no heartbeat"), "the hung rank still beats: {err}");
-    let pid = err.lines().find(|l| l.starts_with("rank 1 joined:")).and_then(joined_pid).unwrap();
-    wait_gone(pid, "the hung worker");
 }
 
 /// Sends `signal` to process `pid`.
