@@ -339,7 +339,13 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>, controls: 
         stop: None,
         stopped_at: None,
     };
-    let result = job.drive(&mut events, controls, &mut progress).await;
+    let result = match (job.drive(&mut events, controls, &mut progress).await, job.stop) {
+        // The user asked to stop: no restart.
+        (Err(err @ CoordinatorError::Worker { .. }), Some(signal)) => {
+            Err(CoordinatorError::Flag(format!("{err} (while stopping on {signal})")))
+        }
+        (result, _) => result,
+    };
     pace.close();
     if result.is_err() && matches!(plan.launcher, Launcher::Ssh { .. } | Launcher::Manual) {
         // Ranks we cannot kill ourselves hear the abort in their next heartbeat, even mid-step.

@@ -135,13 +135,15 @@ pub fn remote_script(p: &Placement, world: usize, device: &str, url: &str, worke
 }
 
 /// `srun` for the whole job: Slurm starts one task per rank; each reads its rank and local GPU
-/// from SLURM_PROCID / SLURM_LOCALID.
+/// from SLURM_PROCID / SLURM_LOCALID. Tasks ignore SIGINT and SIGTERM: at a time limit Slurm
+/// signals every process of the job, and the coordinator turns its own signal into a checkpoint
+/// and a stop that the workers must live to carry out (SIGKILL still ends them).
 pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
     let world = spec.placements.len();
     let nodes = spec.placements.iter().map(|p| &p.host).collect::<std::collections::BTreeSet<_>>().len();
     let device = if spec.device == "cpu" { "cpu" } else { "cuda:$SLURM_LOCALID" };
     let script = format!(
-        "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
+        "trap '' INT TERM; RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
         quote(&spec.worker.to_string_lossy()),
         quote(url)
     );
@@ -261,5 +263,6 @@ mod tests {
         let argv = srun_argv(&spec, "http://h:1");
         assert_eq!(argv[..4], ["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1"]);
         assert!(argv[6].ends_with("--rank $SLURM_PROCID --device cuda:$SLURM_LOCALID") && argv[6].contains("WORLD_SIZE=4"));
+        assert!(argv[6].starts_with("trap '' INT TERM; "), "tasks outlive Slurm's SIGTERM to checkpoint");
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, s, source_dir, stderr};
+use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone};
 use zerotune_hf::WeightFiles;
 
 /// Flags shared by every run here: 2 ranks' worth of work on the tiny fixture.
@@ -106,8 +106,8 @@ fn ssh_launcher_starts_ranks_on_two_hosts_with_their_environment() {
 }
 
 /// A stand-in `srun` (what the coordinator calls under `--launcher slurm`): logs its flags, runs
-/// `--ntasks` copies of its command here with SLURM_PROCID/LOCALID/NODEID set, and with
-/// `--kill-on-bad-exit` kills the others once one fails, as Slurm does.
+/// `--ntasks` copies of its command here with SLURM_PROCID/LOCALID/NODEID set, forwards SIGINT
+/// and SIGTERM to them, and with `--kill-on-bad-exit` kills the others once one fails, as srun does.
 const FAKE_SRUN: &str = r#"#!/bin/bash
 echo "$@" >> "$SRUN_LOG"
 nodes=1 ntasks=1 kill_on_bad_exit=0
@@ -115,13 +115,17 @@ while [[ $1 == --* ]]; do
   case $1 in --nodes=*) nodes=${1#*=} ;; --ntasks=*) ntasks=${1#*=} ;; --kill-on-bad-exit=1) kill_on_bad_exit=1 ;; esac
   shift
 done
-per_node=$((ntasks / nodes)) pids=() status=0
+per_node=$((ntasks / nodes)) pids=() status=0 signalled=0
+trap 'signalled=1; kill -TERM "${pids[@]}"' INT TERM
 for ((i = 0; i < ntasks; i++)); do
   SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) "$@" &
   pids+=($!)
 done
-for ((n = 0; n < ntasks; n++)); do
+running=$ntasks
+while ((running > 0)); do
   wait -n; s=$?
+  if ((signalled)); then signalled=0; continue; fi  # the wait was cut short by a forwarded signal
+  running=$((running - 1))
   if ((s != 0)); then status=$s; ((kill_on_bad_exit)) && kill -9 "${pids[@]}" 2>/dev/null; fi
 done
 exit $status
@@ -138,17 +142,20 @@ fn slurm_launcher_runs_every_rank_through_one_srun() {
     let log = t.join("srun.log");
     let path = format!("{}:{}", s(&bin), std::env::var("PATH").unwrap());
     // Inside an allocation of two nodes with one task each.
-    let slurm = |out: &Path| {
+    let slurm = |out: &Path, steps: &str| {
+        let mut args = train_args(out, &t.join("cache"));
+        let at = args.iter().position(|a| a == "--max_steps").unwrap() + 1;
+        args[at] = steps.into();
         let mut command = Command::new(binary("coordinator"));
         command
-            .args(train_args(out, &t.join("cache")))
+            .args(args)
             .args(["--launcher", "slurm", "--master_addr", "127.0.0.1", "--master_port", "0"])
             .envs([("PATH", path.as_str()), ("SRUN_LOG", &s(&log)), ("SLURM_JOB_ID", "42")])
             .envs([("SLURM_JOB_NUM_NODES", "2"), ("SLURM_NTASKS_PER_NODE", "1")]);
         command
     };
     let out = t.join("slurm");
-    let run = slurm(&out).output().unwrap();
+    let run = slurm(&out, "4").output().unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(calls.lines().count(), 1, "one srun for the job: {calls}");
@@ -156,8 +163,29 @@ fn slurm_launcher_runs_every_rank_through_one_srun() {
     assert!(!calls.contains(&run_secret_hint()), "the secret never appears on a command line");
     same_weights(&out, &reference);
 
+    // Slurm's time limit: SIGTERM to every process of the job. The tasks live on; the
+    // coordinator saves a checkpoint and stops them, and the run can be continued.
+    let out = t.join("time-limit");
+    let mut child = slurm(&out, "40").stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = vec![];
+    let mut ranks = vec![];
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        ranks.extend(line.starts_with("rank ").then(|| joined_pid(&line)).flatten());
+        if line.starts_with("step 2/") {
+            for pid in ranks.iter().copied().chain([child.id()]) {
+                signal(pid, libc::SIGTERM);
+            }
+        }
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM), "{log}");
+    assert!(log.contains("stopped on SIGTERM after checkpoint-"), "{log}");
+    assert!(std::fs::read_to_string(out.join("latest")).unwrap().starts_with("checkpoint-"), "{log}");
+    ranks.iter().for_each(|&pid| wait_gone(pid, "a worker"));
+
     // A rank killed under srun is named, not srun itself.
-    let run = slurm(&t.join("killed")).env("ZEROTUNE_FAULT", format!("1:2:{}", s(&t.join("fault")))).output().unwrap();
+    let run = slurm(&t.join("killed"), "4").env("ZEROTUNE_FAULT", format!("1:2:{}", s(&t.join("fault")))).output().unwrap();
     let err = stderr(&run);
     assert!(!run.status.success() && err.contains("worker rank 1 (") && !err.contains("panicked"), "{err}");
 }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, s, source_dir, stderr};
+use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone};
 use zerotune_hf::WeightFiles;
 
 const REL: f64 = 1e-5;
@@ -51,20 +51,6 @@ fn run(t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra
     let err = stderr(&result);
     assert!(result.status.success() && !err.contains("panicked"), "{name}: {err}");
     out
-}
-
-/// The pid in a coordinator line `rank R joined: HOST DEVICE pid PID local rank L`.
-fn joined_pid(line: &str) -> Option<u32> {
-    line.split(" pid ").nth(1)?.split_whitespace().next()?.parse().ok()
-}
-
-/// Waits (30 s at most) until process `pid`, which is not our child, is gone.
-fn wait_gone(pid: u32, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
-        assert!(std::time::Instant::now() < deadline, "{what} {pid} still runs after 30 s");
-        std::thread::sleep(std::time::Duration::from_millis(20)); // polling: not our child, no wait()
-    }
 }
 
 /// max |a - b| / max |b| over every tensor of two model dirs.
@@ -215,12 +201,6 @@ fn a_hung_worker_trips_the_progress_timeout() {
     let err = fails_with_a_faulty_rank_1("hang", &["--ddp_timeout", "3"]);
     assert!(err.contains("no progress for 3 s (--ddp_timeout)") && err.contains("last finished step 2"), "{err}");
     assert!(!err.contains("no heartbeat"), "the hung rank still beats: {err}");
-}
-
-/// Sends `signal` to process `pid`.
-fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a pid we started.
-    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
 /// The number after `prefix` in the first line that has it.

@@ -47,3 +47,23 @@ pub fn stderr(out: &Output) -> String {
 pub fn s(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
+
+/// The pid in a coordinator line `rank R joined: HOST DEVICE pid PID local rank L`.
+pub fn joined_pid(line: &str) -> Option<u32> {
+    line.split(" pid ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Waits (30 s at most) until process `pid`, which is not our child, is gone.
+pub fn wait_gone(pid: u32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        assert!(std::time::Instant::now() < deadline, "{what} {pid} still runs after 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling: not our child, no wait()
+    }
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a pid we started.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
