@@ -244,15 +244,19 @@ impl Pace {
         self.advanced.notify_all();
     }
 
-    /// Asks for a checkpoint (followed by a stop) at the first step no rank was sent; returns it.
-    fn checkpoint(&self, stop: bool) -> u64 {
+    /// Asks for a checkpoint (followed by a stop) at the first step no rank was sent, if that
+    /// comes before `last` (whose end saves the final model anyway); returns it.
+    fn checkpoint(&self, stop: bool, last: u64) -> Option<u64> {
         let mut state = self.lock();
         let at = state.producing.iter().max().map_or(1, |s| s + 1);
+        if at >= last {
+            return None;
+        }
         state.saves.insert(at);
         if stop {
             state.stop_at = Some(state.stop_at.map_or(at, |s| s.min(at)));
         }
-        at
+        Some(at)
     }
 
     /// Whether to save after `step`, and whether to stop there.
@@ -702,11 +706,10 @@ impl Job<'_> {
             Control::Stop { signal } => Some(signal),
             Control::Save => None,
         };
-        let at = self.pace.checkpoint(signal.is_some());
-        if at > self.total_steps {
+        let Some(at) = self.pace.checkpoint(signal.is_some(), self.total_steps) else {
             progress.note(&format!("{}: the run is about to finish; nothing to checkpoint", signal.unwrap_or("SIGUSR1")));
             return Ok(());
-        }
+        };
         match signal {
             Some(signal) => {
                 self.stop = Some(signal);
@@ -762,8 +765,9 @@ mod tests {
     fn a_requested_checkpoint_lands_on_the_first_step_no_rank_was_sent() {
         let pace = Arc::new(Pace::new(2, 5)); // resumed after step 4
         assert!(pace.start(0, 5) && pace.start(0, 6) && pace.start(1, 5));
-        assert_eq!(pace.checkpoint(false), 7);
-        assert_eq!(pace.checkpoint(true), 7);
+        assert_eq!(pace.checkpoint(false, 100), Some(7));
+        assert_eq!(pace.checkpoint(true, 100), Some(7));
+        assert_eq!(pace.checkpoint(true, 7), None, "the last step saves the final model anyway");
         assert_eq!((pace.at(6), pace.at(7)), ((false, false), (true, true)));
 
         // Rank 0 gets step 7 once it finished step 5 (LOOKAHEAD 2); a closed pace frees waiters.
@@ -779,6 +783,6 @@ mod tests {
         });
         pace.close();
         assert!(!waiting.join().unwrap(), "after the attempt, producers stop");
-        assert_eq!(pace.checkpoint(false), 10, "requests count every step already handed out");
+        assert_eq!(pace.checkpoint(false, 100), Some(10), "requests count every step already handed out");
     }
 }
