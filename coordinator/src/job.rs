@@ -523,7 +523,7 @@ struct Job<'a> {
     processes: u32,
     exited: u32,
     pace: Arc<Pace>,
-    /// A stop was asked for (on this signal) at `requests.stop_at`.
+    /// A stop was asked for, on this signal (its step is the pace's `stop_at`).
     stop: Option<&'static str>,
     /// The step whose checkpoint ended the run on request.
     stopped_at: Option<u64>,
