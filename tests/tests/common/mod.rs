@@ -64,6 +64,6 @@ pub fn wait_gone(pid: u32, what: &str) {
 
 /// Sends `signal` to process `pid`.
 pub fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) on a pid we started.
+    // SAFETY: kill(2) on a process of this test's own job.
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
