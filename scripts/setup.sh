@@ -12,20 +12,29 @@ want_test_env=0
 need() { command -v "$1" >/dev/null 2>&1 || { echo "setup: '$1' is required but not installed ($2)" >&2; exit 1; }; }
 need cargo "install the Rust toolchain, e.g. from your distribution or rustup"
 need python3 "install Python 3.10+ with pip and venv"
+no_room() { echo "setup: $1 failed; if pip said 'No space left on device', free about $2 GB under $PWD and ${TMPDIR:-/tmp}" >&2; exit 1; }
 
 # libtorch 2.11 (CPU runtime; CUDA is loaded at run time when a GPU is asked for), as tch 0.24 needs.
 if [[ ! -f .libtorch/torch/lib/libtorch_cpu.so ]]; then
     echo "setup: installing libtorch ${TORCH_VERSION} into .libtorch/ (about 1.2 GB)"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target .libtorch \
-        "torch==${TORCH_VERSION}" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target .libtorch \
+        "torch==${TORCH_VERSION}" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 || no_room "installing libtorch" 3
 fi
 
 if (( want_test_env )); then
     if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import torch, transformers" 2>/dev/null; then
         echo "setup: creating .venv with PyTorch + transformers (the tests' reference implementation)"
         python3 -m venv .venv
-        .venv/bin/pip install --quiet --disable-pip-version-check \
-            "torch==${TORCH_VERSION}" "transformers==5.24.0" safetensors tokenizers numpy
+        # The venv imports the torch already in .libtorch (a .pth file puts it on sys.path) rather than a
+        # second 1.2 GB copy, and gets only the libraries that torch loads at import: its requirements
+        # minus triton, which only torch.compile uses. No pip cache: CI disks are small.
+        site_packages=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+        echo "$PWD/.libtorch" >"$site_packages/zerotune-libtorch.pth"
+        mapfile -t torch_requirements < <(sed -n 's/^Requires-Dist: //p' .libtorch/torch-${TORCH_VERSION}.dist-info/METADATA |
+            grep -v -e '^triton' -e 'extra ==')
+        .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir \
+            "${torch_requirements[@]}" "transformers==5.24.0" safetensors tokenizers numpy \
+            2> >(grep -v -e "dependency resolver does not" -e "requires triton" >&2) || no_room "creating .venv" 6
     fi
 fi
 
