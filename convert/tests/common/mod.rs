@@ -2,18 +2,11 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use zerotune_hf::WeightFiles;
-
-pub fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
-    assert!(dir.join("meta.json").is_file(), "no fixtures in {}: run scripts/test.sh", dir.display());
-    dir
-}
+pub use zerotune_tests::fixtures;
 
 pub fn s(path: &Path) -> String {
     path.to_string_lossy().into_owned()

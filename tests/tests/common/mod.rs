@@ -6,20 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub use zerotune_tests::fixtures;
+
 /// `target/<profile>/<name>`, next to the test executable's `deps/` directory.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().unwrap().parent().unwrap().join(name);
     assert!(path.is_file(), "{} is missing: run scripts/test.sh (or cargo build --workspace --bins) first", path.display());
     path
-}
-
-pub fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
-    assert!(dir.join("meta.json").is_file(), "no fixtures in {}: run scripts/test.sh", dir.display());
-    dir
 }
 
 /// A directory of real source files to train on.

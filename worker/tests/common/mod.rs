@@ -1,29 +1,9 @@
 //! Fixture access for the worker's numeric tests: the HF reference written by
 //! tests/fixtures/make_fixtures.py (scripts/test.sh runs it first).
 
-use std::path::PathBuf;
-
 use tch::{Kind, Tensor};
 use zerotune_hf::{Dtype, WeightFiles};
-
-/// Must equal FIXTURE_VERSION in tests/fixtures/make_fixtures.py.
-pub const FIXTURE_VERSION: u64 = 3;
-
-pub fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("ZEROTUNE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
-    let meta = std::fs::read_to_string(dir.join("meta.json")).unwrap_or_else(|_| {
-        panic!("no fixtures in {}: run scripts/test.sh (or python tests/fixtures/make_fixtures.py target/fixtures)", dir.display())
-    });
-    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
-    assert_eq!(meta["version"].as_u64(), Some(FIXTURE_VERSION), "stale fixtures in {}: regenerate with scripts/test.sh", dir.display());
-    dir
-}
-
-pub fn meta() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("meta.json")).unwrap()).unwrap()
-}
+pub use zerotune_tests::{fixtures, meta};
 
 pub struct Reference(WeightFiles);
 
