@@ -30,6 +30,7 @@ fn main() {
 
     // The whole offloaded step as training runs it: unscale/clip, AdamW, bf16 weights out, one pass.
     let mut bf16_out = vec![0u16; n];
+    state.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16)); // warm-up: pages touched
     let start = Instant::now();
     for _ in 0..steps {
         state.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16));
