@@ -12,13 +12,13 @@ want_test_env=0
 need() { command -v "$1" >/dev/null 2>&1 || { echo "setup: '$1' is required but not installed ($2)" >&2; exit 1; }; }
 need cargo "install the Rust toolchain, e.g. from your distribution or rustup"
 need python3 "install Python 3.10+ with pip and venv"
-no_room() { echo "setup: $1 failed; if pip said 'No space left on device', free about $2 GB under $PWD and ${TMPDIR:-/tmp}" >&2; exit 1; }
+no_room() { echo "setup: $1 failed; if pip said 'No space left on device': a clean clone's setup, tests and build took 8 GB under $PWD and ${TMPDIR:-/tmp}" >&2; exit 1; }
 
 # libtorch 2.11 (CPU runtime; CUDA is loaded at run time when a GPU is asked for), as tch 0.24 needs.
 if [[ ! -f .libtorch/torch/lib/libtorch_cpu.so ]]; then
     echo "setup: installing libtorch ${TORCH_VERSION} into .libtorch/ (about 1.2 GB)"
     python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target .libtorch \
-        "torch==${TORCH_VERSION}" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 || no_room "installing libtorch" 3
+        "torch==${TORCH_VERSION}" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 || no_room "installing libtorch"
 fi
 
 if (( want_test_env )); then
@@ -34,7 +34,7 @@ if (( want_test_env )); then
             grep -v -e '^triton' -e 'extra ==')
         .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir \
             "${torch_requirements[@]}" "transformers==5.24.0" safetensors tokenizers numpy \
-            2> >(grep -v -e "dependency resolver does not" -e "requires triton" >&2) || no_room "creating .venv" 6
+            2> >(grep -v -e "dependency resolver does not" -e "requires triton" >&2) || no_room "creating .venv"
     fi
 fi
 

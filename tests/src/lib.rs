@@ -8,6 +8,15 @@ pub const FIXTURE_VERSION: u64 = 3;
 /// The directory tests/fixtures/make_fixtures.py wrote (scripts/test.sh runs it first):
 /// `$ZEROTUNE_FIXTURES`, else `target/fixtures`. Panics with what to run when it is missing or stale.
 pub fn fixtures() -> PathBuf {
+    checked().0
+}
+
+/// The fixtures' meta.json.
+pub fn meta() -> serde_json::Value {
+    checked().1
+}
+
+fn checked() -> (PathBuf, serde_json::Value) {
     let dir = std::env::var_os("ZEROTUNE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures"));
@@ -16,10 +25,5 @@ pub fn fixtures() -> PathBuf {
     });
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["version"].as_u64(), Some(FIXTURE_VERSION), "stale fixtures in {}: regenerate with scripts/test.sh", dir.display());
-    dir
-}
-
-/// The fixtures' meta.json.
-pub fn meta() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("meta.json")).unwrap()).unwrap()
+    (dir, meta)
 }
