@@ -419,6 +419,7 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         zero_stage: plan.zero.stage,
         offload_optimizer: plan.zero.offload_optimizer,
         reduce_bucket_size: plan.zero.reduce_bucket_size,
+        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
         resume: None,
         heartbeat_timeout_ms: plan.heartbeat_timeout.as_millis() as u64,
         collectives: match (plan.device.as_str(), plan.num_gpus_given) {

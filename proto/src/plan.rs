@@ -34,6 +34,10 @@ pub struct WorkerPlan {
     /// with torch ops on the compute device.
     #[serde(default = "yes")]
     pub offload_optimizer: bool,
+    /// The offloaded step moves gradients down and weights up in tiles of this many elements,
+    /// overlapping each tile's transfers with the host's work on its neighbour.
+    #[serde(default = "default_offload_tile")]
+    pub offload_tile: usize,
     /// Continue from this checkpoint instead of the model's initial weights.
     #[serde(default)]
     pub resume: Option<Resume>,
@@ -87,6 +91,14 @@ pub const DEFAULT_REDUCE_BUCKET: usize = 500_000_000;
 
 fn default_bucket() -> usize {
     DEFAULT_REDUCE_BUCKET
+}
+
+/// Elements per tile of the offloaded step: 16 MB each way at 16 bits, a few milliseconds of host
+/// work, so the per-tile synchronisation is noise and the first and last transfers are short.
+pub const DEFAULT_OFFLOAD_TILE: usize = 1 << 23;
+
+fn default_offload_tile() -> usize {
+    DEFAULT_OFFLOAD_TILE
 }
 
 /// A complete checkpoint to resume from: `dir` is `checkpoint-<step>/`.

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use zerotune_proto::plan::AdamW;
-use zerotune_worker::optim::adamw::{AdamState, Cast, Segment};
+use zerotune_worker::optim::adamw::{AdamState, Cast, Grads, Segment};
 
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("N and STEPS are integers"));
@@ -30,10 +30,10 @@ fn main() {
 
     // The whole offloaded step as training runs it: unscale/clip, AdamW, bf16 weights out, one pass.
     let mut bf16_out = vec![0u16; n];
-    state.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16)); // warm-up: pages touched
+    state.step_and_cast(Grads::F32(&grad), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16)); // warm-up: pages touched
     let start = Instant::now();
     for _ in 0..steps {
-        state.step_and_cast(&grad, 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16));
+        state.step_and_cast(Grads::F32(&grad), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16));
     }
     let ours_offload = n as f64 * steps as f64 / start.elapsed().as_secs_f64();
     assert!(bf16_out[n / 2] != 0, "the step wrote its bf16 weights");

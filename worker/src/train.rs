@@ -1,9 +1,9 @@
 //! One rank's training state and step, ZeRO-style (DESIGN.md): every micro-batch's gradients go
 //! into fp32 flat buffers (stage 2: reduce-scattered at once into this rank's partition); at the
 //! accumulation boundary one all-reduce carries the global norm (and so the fp16 overflow flag)
-//! and the loss; AdamW updates only the rank's fp32 master partition, in host memory (offload)
-//! or with torch ops on the device; the 16-bit partitions are then all-gathered. World size 1
-//! is the same code with identity collectives.
+//! and the loss; AdamW updates only the rank's fp32 master partition, in host memory (offload,
+//! `optim/offload.rs`: 16-bit transfers, tiled) or with torch ops on the device; the 16-bit
+//! partitions are then all-gathered. World size 1 is the same code with identity collectives.
 
 use std::ops::Range;
 use std::path::Path;
@@ -17,9 +17,10 @@ use crate::checkpoint::{load_weights, save_model};
 use crate::comm::{Collective, Single};
 use crate::error::{io_err, Result, WorkerError};
 use crate::model::{CodeGen, ParamSet};
-use crate::optim::adamw::{AdamState, Cast, Segment};
+use crate::optim::adamw::{AdamState, Segment};
 use crate::optim::device_adam::DeviceAdam;
 use crate::optim::loss_scale::LossScaler;
+use crate::optim::offload::HostOptimizer;
 use crate::optim::schedule::learning_rate;
 use crate::zero::ShardMap;
 
@@ -35,7 +36,7 @@ pub struct StepOutcome {
 }
 
 /// Gradient buffers per ZeRO stage (all fp32 on the device).
-enum Grads {
+enum GradBuffers {
     /// Stage 0: the full accumulator, all-reduced at the boundary.
     Replicated { acc: Tensor },
     /// Stage 1: the full accumulator, reduce-scattered into `part` at the boundary.
@@ -48,13 +49,8 @@ enum Grads {
 
 /// fp32 master weights and moments of the owned range.
 enum Optimizer {
-    /// Offloaded: AdamW in host memory; with 16-bit parameters the kernel also writes them into
-    /// `upload` (pinned on CUDA), so 2 bytes per parameter go back to the device.
-    Host {
-        adam: AdamState,
-        grad_host: Tensor,
-        upload: Option<(Tensor, Cast)>,
-    },
+    /// Offloaded: AdamW in host memory.
+    Host(HostOptimizer),
     Device(DeviceAdam),
 }
 
@@ -68,7 +64,7 @@ pub struct Trainer {
     shard: ShardMap,
     /// Elements this rank's optimizer updates: its partition (stages 1, 2) or all (stage 0).
     owned: Range<usize>,
-    grads: Grads,
+    grads: GradBuffers,
     optimizer: Optimizer,
     /// Weight-decay runs within `owned`, relative to its start.
     segments: Vec<Segment>,
@@ -131,32 +127,18 @@ impl Trainer {
         let owned = if plan.zero_stage == 0 { 0..numel } else { shard.range(comm.rank()) };
         let f32_zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         let grads = match plan.zero_stage {
-            0 => Grads::Replicated { acc: f32_zeros(shard.padded()) },
-            1 => Grads::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
+            0 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
+            1 => GradBuffers::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
             _ => {
                 let b = plan.reduce_bucket_size.clamp(1, shard.partition);
-                Grads::Streamed { bucket: f32_zeros(b * shard.world), incoming: f32_zeros(b), part: f32_zeros(shard.partition) }
+                GradBuffers::Streamed { bucket: f32_zeros(b * shard.world), incoming: f32_zeros(b), part: f32_zeros(shard.partition) }
             }
         };
         let master = params.flat.narrow(0, owned.start as i64, owned.len() as i64).to_kind(Kind::Float);
         let optimizer = if plan.offload_optimizer {
-            let master_host = master.to_device(Device::Cpu).contiguous();
             let mut values = vec![0f32; owned.len()];
-            master_host.copy_data(&mut values, owned.len());
-            let host_buffer = |kind: Kind| match device {
-                Device::Cpu => Tensor::zeros([owned.len() as i64], (kind, Device::Cpu)),
-                _ => Tensor::zeros([owned.len() as i64], (kind, Device::Cpu)).pin_memory(device),
-            };
-            let grad_host = match device {
-                Device::Cpu => Tensor::zeros([0], (Kind::Float, Device::Cpu)), // gradients are already in host memory
-                _ => host_buffer(Kind::Float),
-            };
-            let upload = match kind {
-                Kind::BFloat16 => Some((host_buffer(kind), Cast::Bf16)),
-                Kind::Half => Some((host_buffer(kind), Cast::F16)),
-                _ => None,
-            };
-            Optimizer::Host { adam: AdamState::new(values), grad_host, upload }
+            master.to_device(Device::Cpu).copy_data(&mut values, owned.len());
+            Optimizer::Host(HostOptimizer::new(values, kind, device, plan.offload_tile))
         } else {
             Optimizer::Device(DeviceAdam::new(master))
         };
@@ -174,7 +156,7 @@ impl Trainer {
     /// The fp32 master weights of the owned range (all of them on a single rank).
     pub fn master(&self) -> Vec<f32> {
         match &self.optimizer {
-            Optimizer::Host { adam, .. } => adam.master.clone(),
+            Optimizer::Host(host) => host.adam.master.clone(),
             Optimizer::Device(d) => Vec::<f32>::try_from(d.master.to_device(Device::Cpu)).expect("f32 master"),
         }
     }
@@ -209,14 +191,14 @@ impl Trainer {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Option<Tensor>> = self.params.tensors.iter().map(|t| Some(t.grad()).filter(Tensor::defined)).collect();
         match &mut self.grads {
-            Grads::Replicated { acc } | Grads::Partitioned { acc, .. } => {
+            GradBuffers::Replicated { acc } | GradBuffers::Partitioned { acc, .. } => {
                 for (slot, grad) in self.params.slots.iter().zip(&grads) {
                     if let Some(grad) = grad {
                         let _ = acc.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
                     }
                 }
             }
-            Grads::Streamed { bucket, incoming, part } => {
+            GradBuffers::Streamed { bucket, incoming, part } => {
                 let (p, b) = (self.shard.partition, incoming.numel());
                 for start in (0..p).step_by(b) {
                     let len = b.min(p - start);
@@ -244,12 +226,12 @@ impl Trainer {
 
     fn zero_grads(&mut self) -> Result<()> {
         let _ = match &mut self.grads {
-            Grads::Replicated { acc } => acc.f_zero_()?,
-            Grads::Partitioned { acc, part } => {
+            GradBuffers::Replicated { acc } => acc.f_zero_()?,
+            GradBuffers::Partitioned { acc, part } => {
                 let _ = acc.f_zero_()?;
                 part.f_zero_()?
             }
-            Grads::Streamed { part, .. } => part.f_zero_()?,
+            GradBuffers::Streamed { part, .. } => part.f_zero_()?,
         };
         Ok(())
     }
@@ -260,26 +242,35 @@ impl Trainer {
         let (rank, n) = (self.comm.rank(), self.owned.len() as i64);
         let unique = self.shard.range(rank);
         Ok(match &mut self.grads {
-            Grads::Replicated { acc } => {
+            GradBuffers::Replicated { acc } => {
                 self.comm.all_reduce(acc)?;
                 (acc.narrow(0, 0, n), acc.narrow(0, unique.start as i64, unique.len() as i64))
             }
-            Grads::Partitioned { acc, part } => {
+            GradBuffers::Partitioned { acc, part } => {
                 self.comm.reduce_scatter(acc, part)?;
                 (part.narrow(0, 0, n), part.narrow(0, 0, n))
             }
-            Grads::Streamed { part, .. } => (part.narrow(0, 0, n), part.narrow(0, 0, n)),
+            GradBuffers::Streamed { part, .. } => (part.narrow(0, 0, n), part.narrow(0, 0, n)),
         })
     }
 
     fn optimizer_step(&mut self, scale: f64, loss_sum: Tensor, divisor: f64, tokens: u64) -> Result<StepOutcome> {
         let (grad, unique) = self.reduced_grads()?;
-        // One all-reduce for the squared norm (non-finite iff some gradient overflowed) and the loss.
-        let sum_sq = unique.f_linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)?.f_square()?;
-        let mut stats = Tensor::f_stack(&[sum_sq, loss_sum], 0)?;
+        // One all-reduce for the squared norm (non-finite iff some gradient overflowed) and the
+        // loss. The norm is taken in fp32: asking for f64 would first copy the partition to f64.
+        let norm = unique.f_linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)?.f_to_kind(Kind::Double)?;
+        let mut stats = Tensor::f_stack(&[norm.f_square()?, loss_sum], 0)?;
         self.comm.all_reduce(&mut stats)?;
+        // The offloaded step's fp16 transfer also needs this rank's largest gradient: read at once.
+        let amax = match &self.optimizer {
+            Optimizer::Host(host) if host.needs_amax() => Some(grad.f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, None::<Kind>)?),
+            _ => None,
+        };
+        if let Some(amax) = &amax {
+            stats = Tensor::f_cat(&[stats, amax.f_to_kind(Kind::Double)?.f_reshape([1])?], 0)?;
+        }
         let stats = Vec::<f64>::try_from(stats.to_device(Device::Cpu))?;
-        let (sum_sq, loss) = (stats[0], stats[1] / divisor);
+        let (sum_sq, loss, amax) = (stats[0], stats[1] / divisor, stats.get(2).copied().unwrap_or(0.0));
         if !loss.is_finite() && self.scaler.is_none() {
             return Err(WorkerError::NonFiniteLoss { step: self.step, loss });
         }
@@ -305,36 +296,7 @@ impl Trainer {
         let mut owned = self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64);
         let _guard = tch::no_grad_guard();
         match &mut self.optimizer {
-            Optimizer::Host { adam, grad_host, upload } => {
-                let grad = if self.device == Device::Cpu {
-                    grad
-                } else {
-                    grad_host.f_copy_(&grad)?;
-                    grad_host.shallow_clone()
-                };
-                match upload {
-                    Some((buffer, cast)) => {
-                        // SAFETY: a contiguous 16-bit host tensor of the owned length, written only here.
-                        let out = unsafe { std::slice::from_raw_parts_mut(buffer.data_ptr() as *mut u16, buffer.numel()) };
-                        adam.step_and_cast(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments, (out, *cast));
-                        owned.f_copy_(buffer)?;
-                    }
-                    None => {
-                        adam.step(host_slice(&grad), grad_scale as f32, lr, &hyper, &self.segments);
-                        // SAFETY: `adam.master` outlives `host`, which only the copy below reads.
-                        let host = unsafe {
-                            Tensor::f_from_blob(
-                                adam.master.as_ptr() as *const u8,
-                                &[adam.master.len() as i64],
-                                &[1],
-                                Kind::Float,
-                                Device::Cpu,
-                            )?
-                        };
-                        owned.f_copy_(&host)?;
-                    }
-                }
-            }
+            Optimizer::Host(host) => host.step(&grad, &mut owned, amax, grad_scale, lr, &hyper, &self.segments)?,
             Optimizer::Device(adam) => {
                 adam.step(&grad, grad_scale, lr, &hyper, &self.segments)?;
                 owned.f_copy_(&adam.master)?;
@@ -350,7 +312,7 @@ impl Trainer {
 
     fn optimizer_steps(&self) -> u64 {
         match &self.optimizer {
-            Optimizer::Host { adam, .. } => adam.steps,
+            Optimizer::Host(host) => host.adam.steps,
             Optimizer::Device(d) => d.steps,
         }
     }
@@ -371,7 +333,10 @@ impl Trainer {
     /// (master, exp_avg, exp_avg_sq) of the owned range as host tensors.
     fn state_tensors(&self) -> [Tensor; 3] {
         match &self.optimizer {
-            Optimizer::Host { adam, .. } => [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| Tensor::from_slice(v)),
+            Optimizer::Host(host) => {
+                let adam = &host.adam;
+                [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| Tensor::from_slice(v))
+            }
             Optimizer::Device(d) => [&d.master, &d.exp_avg, &d.exp_avg_sq].map(|t| t.to_device(Device::Cpu)),
         }
     }
@@ -497,7 +462,7 @@ impl Trainer {
         let steps = layout["adam_steps"].as_u64().unwrap_or(step);
         let [master, exp_avg, exp_avg_sq] = state;
         match &mut self.optimizer {
-            Optimizer::Host { adam, .. } => *adam = AdamState { master, exp_avg, exp_avg_sq, steps },
+            Optimizer::Host(host) => host.adam = AdamState { master, exp_avg, exp_avg_sq, steps },
             Optimizer::Device(d) => {
                 let on = |v: Vec<f32>| Tensor::from_slice(&v).to_device(self.device);
                 *d = DeviceAdam { master: on(master), exp_avg: on(exp_avg), exp_avg_sq: on(exp_avg_sq), steps };
@@ -534,14 +499,6 @@ fn decay_segments(params: &ParamSet) -> Vec<Segment> {
         }
     }
     segments
-}
-
-/// The values of a contiguous host f32 tensor.
-fn host_slice(tensor: &Tensor) -> &[f32] {
-    assert!(tensor.device() == Device::Cpu && tensor.kind() == Kind::Float && tensor.is_contiguous());
-    let n = tensor.numel();
-    // SAFETY: the tensor is contiguous f32 on the host and outlives the borrow.
-    unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const f32, n) }
 }
 
 /// A batch from the wire as a (rows, cols) int64 tensor on `device`.

@@ -61,6 +61,7 @@ fn train_plan() -> WorkerPlan {
         zero_stage: 0,
         offload_optimizer: true,
         reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
+        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
         resume: None,
         collectives: Collectives::None,
         heartbeat_timeout_ms: 30_000,
@@ -215,4 +216,44 @@ fn fp16_overflow_skips_the_step_and_lowers_the_scale() {
         scale = o.loss_scale;
     }
     panic!("the scale never came down to a usable value");
+}
+
+/// `steps` optimizer steps of `plan` on the fixture's batches; the fp32 master weights after.
+fn train(plan: WorkerPlan, steps: i64) -> Tensor {
+    let batches = Reference::load().tensor("train_batches");
+    let accumulation = plan.gradient_accumulation_steps as i64;
+    let mut trainer = Trainer::new(plan, Device::Cpu).unwrap();
+    for step in 0..steps {
+        let micro: Vec<Tensor> = (0..accumulation).map(|k| batches.get(step * accumulation + k)).collect();
+        let outcome = trainer.train_step(&micro).unwrap();
+        assert!(!outcome.skipped, "step {step} overflowed: {outcome:?}");
+    }
+    Tensor::from_slice(&trainer.master())
+}
+
+/// The offloaded step in tiles of 1000 elements (a hundred per step, cutting through tensors and
+/// decay runs, each tile's transfers queued around its neighbours' updates) ends bit for bit where
+/// one tile per step does, in every precision.
+#[test]
+fn the_offloaded_step_in_tiles_equals_one_tile() {
+    for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
+        let run = |offload_tile| train(WorkerPlan { precision, offload_tile, ..train_plan() }, 3);
+        let (tiled, whole) = (run(1000), run(zerotune_proto::plan::DEFAULT_OFFLOAD_TILE));
+        assert!(tiled.numel() > 50_000, "many tiles");
+        assert!(tiled.equal(&whole), "{precision:?}: tiles changed the result");
+    }
+}
+
+/// With 16-bit parameters the offloaded step gets 16-bit gradients (fp16 ones scaled into range),
+/// where the device optimizer reads the fp32 accumulators. After two steps (Adam's first is
+/// sign-like; later ones add the drift of 16-bit forward passes) the weight updates agree within
+/// four unit roundoffs of the transfer format: fp16 keeps its 11 bits, below what bf16 allows.
+#[test]
+fn sixteen_bit_gradient_transfer_keeps_the_updates() {
+    let initial = train(train_plan(), 0);
+    for (precision, unit_roundoff) in [(Precision::Bf16, 2f64.powi(-9)), (Precision::Fp16, 2f64.powi(-12))] {
+        let run = |offload_optimizer| train(WorkerPlan { precision, offload_optimizer, ..train_plan() }, 2) - &initial;
+        let err = rel_err(&format!("{precision:?} update, 16-bit vs fp32 gradients"), &run(true), &run(false));
+        assert!(err < 4.0 * unit_roundoff, "{precision:?}: {err:.3e}");
+    }
 }
