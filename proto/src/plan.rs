@@ -26,8 +26,9 @@ pub struct WorkerPlan {
     /// reduce-scatters gradients every micro-step, so no rank holds the full gradient).
     #[serde(default)]
     pub zero_stage: u8,
-    /// Stage 2 reduce-scatters gradients in buckets of this many elements per rank
-    /// (ds_config `zero_optimization.reduce_bucket_size`), so no full-size buffer is needed.
+    /// Stage 2 reduce-scatters gradients in buckets of this many elements, all ranks' blocks
+    /// together, as DeepSpeed counts (ds_config `zero_optimization.reduce_bucket_size`), so no
+    /// full-size buffer is needed.
     #[serde(default = "default_bucket")]
     pub reduce_bucket_size: usize,
     /// Run AdamW on fp32 master weights and moments in host memory (ZeRO-Offload); otherwise

@@ -37,7 +37,7 @@ pub struct StepOutcome {
 
 /// Gradient buffers per ZeRO stage (all fp32 on the device).
 enum GradBuffers {
-    /// Stage 0: the full accumulator, all-reduced at the boundary.
+    /// Stage 0, and any stage on one rank: the full accumulator, all-reduced at the boundary.
     Replicated { acc: Tensor },
     /// Stage 1: the full accumulator, reduce-scattered into `part` at the boundary.
     Partitioned { acc: Tensor, part: Tensor },
@@ -127,20 +127,24 @@ impl Trainer {
         let owned = if plan.zero_stage == 0 { 0..numel } else { shard.range(comm.rank()) };
         let f32_zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         let grads = match plan.zero_stage {
+            // On one rank the partition is everything: one accumulator, nothing to reduce.
             0 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
+            _ if shard.world == 1 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
             1 => GradBuffers::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
             _ => {
-                let b = plan.reduce_bucket_size.clamp(1, shard.partition);
+                // reduce_bucket_size counts the whole bucket, as in DeepSpeed: each rank's block is a share.
+                let b = (plan.reduce_bucket_size / shard.world).clamp(1, shard.partition);
                 GradBuffers::Streamed { bucket: f32_zeros(b * shard.world), incoming: f32_zeros(b), part: f32_zeros(shard.partition) }
             }
         };
-        let master = params.flat.narrow(0, owned.start as i64, owned.len() as i64).to_kind(Kind::Float);
+        let owned_params = params.flat.narrow(0, owned.start as i64, owned.len() as i64);
         let optimizer = if plan.offload_optimizer {
+            // Widened on the host: no device memory is borrowed for an fp32 copy, even briefly.
             let mut values = vec![0f32; owned.len()];
-            master.to_device(Device::Cpu).copy_data(&mut values, owned.len());
+            owned_params.to_device(Device::Cpu).to_kind(Kind::Float).copy_data(&mut values, owned.len());
             Optimizer::Host(HostOptimizer::new(values, kind, device, plan.offload_tile))
         } else {
-            Optimizer::Device(DeviceAdam::new(master))
+            Optimizer::Device(DeviceAdam::new(owned_params.to_kind(Kind::Float)))
         };
         let segments = ShardMap::clip(&decay_segments(&params), &owned);
         let scaler = (plan.precision == Precision::Fp16).then(|| LossScaler::new(plan.loss_scaler));
