@@ -2,7 +2,8 @@
 //! machine's memory-bandwidth floor for it (AdamW reads p, m, v, g and writes p, m, v: 28 bytes
 //! per parameter), measured twice: a threaded triad over arrays of the same size, and the same
 //! loads and stores as AdamW with an add in place of its arithmetic. Also the whole offloaded
-//! step as training runs it: unscale and clip, AdamW and the bf16 down-cast in one pass.
+//! step as bf16 training runs it: bf16 gradients widened, unscaled and clipped, AdamW, and the
+//! bf16 down-cast, in one pass.
 //!
 //!     cargo run --example adamw_bench -p zerotune-worker -- [N] [STEPS]
 
@@ -28,16 +29,18 @@ fn main() {
     }
     let ours = n as f64 * steps as f64 / start.elapsed().as_secs_f64();
 
-    // The whole offloaded step as training runs it: unscale/clip, AdamW, bf16 weights out, one pass.
+    // The whole offloaded step as bf16 training runs it: bf16 gradients in, unscale/clip, AdamW,
+    // bf16 weights out, one pass.
+    let grad_bf16: Vec<u16> = grad.iter().map(|&g| half::bf16::from_f32(g).to_bits()).collect();
     let mut bf16_out = vec![0u16; n];
-    state.step_and_cast(Grads::F32(&grad), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16)); // warm-up: pages touched
+    state.step_and_cast(Grads::Bf16(&grad_bf16), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16)); // warm-up: pages touched
     let start = Instant::now();
     for _ in 0..steps {
-        state.step_and_cast(Grads::F32(&grad), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16));
+        state.step_and_cast(Grads::Bf16(&grad_bf16), 0.5, hyper.lr, &hyper, &all, (&mut bf16_out, Cast::Bf16));
     }
     let ours_offload = n as f64 * steps as f64 / start.elapsed().as_secs_f64();
     assert!(bf16_out[n / 2] != 0, "the step wrote its bf16 weights");
-    drop(bf16_out);
+    drop((bf16_out, grad_bf16));
 
     // Triad a = b + s * c over n-element arrays, threaded like the kernel: 16 bytes per element
     // moved (b and c read, a read for ownership and written back).
