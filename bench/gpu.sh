@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark in one call (prepare with bench/gpu_prepare.sh on the build machine).
-# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu.
+# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu; ZeRO-2 over NCCL
+#    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16).
 # 2. Training throughput and peak GPU memory, codegen-350M-multi shape from scratch, block 2048,
 #    micro 1, accumulation 8: zerotune (ZeRO-2 + CPU offload, world size 1) in fp16 and bf16, and
 #    DeepSpeed ZeRO-2 + offload (../shared/anchors/gpu, the seed's config) in the same call.
@@ -52,14 +53,14 @@ JSON
 
 echo "== 3. ZeRO-2 over NCCL (--num_gpus 1) on the tiny fixture, fp32: GPU vs CPU final weights"
 TINY_ARGS=(--model_name_or_path .gpu/fixtures/tiny --train_file "$OUT/data.txt" --do_train --block_size 64
-  --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --max_steps 8 --save_steps 0 --learning_rate 1e-3
-  --weight_decay 0.1 --adam_epsilon 1e-6 --warmup_steps 2 --logging_steps 8 --overwrite_output_dir)
+  --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --save_steps 0 --learning_rate 1e-3
+  --weight_decay 0.1 --adam_epsilon 1e-6 --logging_steps 1 --overwrite_output_dir)
 for offload in cpu none; do
   printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-tiny-$offload.json"
-  "$BIN/coordinator" train "${TINY_ARGS[@]}" --device cpu --num_workers 1 --deepspeed "$OUT/ds-tiny-$offload.json" \
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 --device cpu --num_workers 1 --deepspeed "$OUT/ds-tiny-$offload.json" \
     --output_dir "$OUT/tiny-cpu-$offload" > "$OUT/tiny-cpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-cpu-$offload.log"
   if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
-  "$BIN/coordinator" train "${TINY_ARGS[@]}" "${GPU_FLAGS[@]}" --deepspeed "$OUT/ds-tiny-$offload.json" \
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 "${GPU_FLAGS[@]}" --deepspeed "$OUT/ds-tiny-$offload.json" \
     --output_dir "$OUT/tiny-gpu-$offload" > "$OUT/tiny-gpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-gpu-$offload.log"
   TINY[$offload]=$("$PY" - "$OUT/tiny-gpu-$offload/model.safetensors" "$OUT/tiny-cpu-$offload/model.safetensors" <<'PYEOF' 2>&1 | tail -1
 import sys
@@ -69,6 +70,34 @@ print("%.2e" % max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k i
 PYEOF
 )
   echo "offload $offload: GPU (NCCL) vs CPU final weights rel ${TINY[$offload]}"
+done
+
+echo "== 3b. 16-bit gradient transfer: offloaded step (16-bit gradients down, tiled) vs device AdamW (fp32 gradients)"
+# Two steps from the tiny fixture (Adam's first is sign-like, so the second shows the rounding):
+# the weight updates must agree within two unit roundoffs of the format in the 2-norm, as
+# worker/tests/numerics.rs checks on CPU.
+declare -A SIXTEEN
+SIXTEEN_TYPES=(bf16); [ "$DEVICE" = cpu ] || SIXTEEN_TYPES+=(fp16) # fp16 needs a GPU
+for dt in "${SIXTEEN_TYPES[@]}"; do
+  for offload in cpu none; do
+    printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-16-$offload.json"
+    "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 2 --warmup_steps 0 --"$dt" "${GPU_FLAGS[@]}" \
+      --deepspeed "$OUT/ds-16-$offload.json" --output_dir "$OUT/sixteen-$dt-$offload" > "$OUT/sixteen-$dt-$offload.log" 2>&1 ||
+      tail -3 "$OUT/sixteen-$dt-$offload.log"
+  done
+  SIXTEEN[$dt]=$("$PY" - "$OUT/sixteen-$dt-cpu" "$OUT/sixteen-$dt-none" .gpu/fixtures/tiny "$dt" <<'PYEOF' 2>&1 | tail -1
+import sys
+import torch
+from safetensors.torch import load_file
+host, device, init = (load_file(f"{d}/model.safetensors") for d in sys.argv[1:4])
+dh = torch.cat([(host[k].double() - init[k].double()).flatten() for k in init])
+dd = torch.cat([(device[k].double() - init[k].double()).flatten() for k in init])
+rel = ((dh - dd).norm() / dd.norm()).item()
+limit = 2 * 2.0 ** (-9 if sys.argv[4] == "bf16" else -12)
+print("%.2e (limit %.1e: %s)" % (rel, limit, "ok" if rel < limit else "FAIL"))
+PYEOF
+)
+  echo "$dt: update rel ${SIXTEEN[$dt]}"
 done
 
 declare -A TPS MEM
@@ -100,6 +129,7 @@ fi
 echo
 echo "greedy ids, tiny fixture, cpu vs $DEVICE: $GEN"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
+echo "16-bit gradient transfer, tiny fixture, 2 steps, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]}, fp16 ${SIXTEEN[fp16]:--}"
 echo "| run ($CONFIG shape, block $BLOCK, micro 1, accumulation 8) | tokens/s | peak GPU MiB (nvidia-smi) | torch max allocated GiB |"
 echo "|---|---|---|---|"
 for dt in fp16 bf16; do

@@ -246,14 +246,17 @@ fn the_offloaded_step_in_tiles_equals_one_tile() {
 
 /// With 16-bit parameters the offloaded step gets 16-bit gradients (fp16 ones scaled into range),
 /// where the device optimizer reads the fp32 accumulators. After two steps (Adam's first is
-/// sign-like; later ones add the drift of 16-bit forward passes) the weight updates agree within
-/// four unit roundoffs of the transfer format: fp16 keeps its 11 bits, below what bf16 allows.
+/// sign-like, so the second shows the rounding) the weight updates agree within two unit
+/// roundoffs of the transfer format, in the 2-norm: fp16 keeps its 11 bits, below what bf16 allows.
+/// (The largest single difference is no measure: an element whose gradient is noise can flip.)
 #[test]
 fn sixteen_bit_gradient_transfer_keeps_the_updates() {
     let initial = train(train_plan(), 0);
     for (precision, unit_roundoff) in [(Precision::Bf16, 2f64.powi(-9)), (Precision::Fp16, 2f64.powi(-12))] {
         let run = |offload_optimizer| train(WorkerPlan { precision, offload_optimizer, ..train_plan() }, 2) - &initial;
-        let err = rel_err(&format!("{precision:?} update, 16-bit vs fp32 gradients"), &run(true), &run(false));
-        assert!(err < 4.0 * unit_roundoff, "{precision:?}: {err:.3e}");
+        let (host, device) = (run(true), run(false));
+        let err = (&host - &device).norm().double_value(&[]) / device.norm().double_value(&[]);
+        println!("{precision:?} update, 16-bit vs fp32 gradients: 2-norm rel {err:.3e}");
+        assert!(err < 2.0 * unit_roundoff, "{precision:?}: {err:.3e}");
     }
 }
