@@ -127,8 +127,8 @@ impl Trainer {
         let owned = if plan.zero_stage == 0 { 0..numel } else { shard.range(comm.rank()) };
         let f32_zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
         let grads = match plan.zero_stage {
-            // On one rank the partition is everything: one accumulator, nothing to reduce.
             0 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
+            // On one rank the partition is everything: one accumulator, nothing to reduce.
             _ if shard.world == 1 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
             1 => GradBuffers::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
             _ => {
