@@ -2,6 +2,7 @@
 //! ds_config.json`, resolved into one validated `TrainPlan` the way HF Trainer resolves "auto".
 //! Only the plan reaches library code; every error names the flag or config key at fault.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -482,6 +483,32 @@ impl TrainPlan {
         Ok(plan)
     }
 
+    /// The plan to continue on the ranks not on `lost` hosts (renumbered in order), with the same
+    /// global batch, so the same data in the same steps: gradient accumulation grows as the world
+    /// shrinks. Refused, naming every factor, when the batch does not divide among what is left.
+    pub fn without_hosts(&self, lost: &BTreeSet<String>) -> Result<TrainPlan> {
+        let placements: Vec<Placement> = self
+            .placements
+            .iter()
+            .filter(|p| !lost.contains(&p.host))
+            .enumerate()
+            .map(|(rank, p)| Placement { rank, ..p.clone() })
+            .collect();
+        let (world, global) = (placements.len(), self.micro_batch * self.accumulation * self.world_size);
+        let lost_list = lost.iter().cloned().collect::<Vec<_>>().join(", ");
+        if world == 0 {
+            return Err(flag(format!("no rank is left once the hosts that stopped answering ({lost_list}) are dropped")));
+        }
+        if global % (self.micro_batch * world) != 0 {
+            return Err(flag(format!(
+                "without {lost_list}, {world} rank(s) are left and cannot keep the global batch of {global} (micro {} x accumulation {} x world {}): \
+                 it is not a multiple of micro {} x {world} ranks; continue by hand with --resume_from_checkpoint latest and a batch that fits",
+                self.micro_batch, self.accumulation, self.world_size, self.micro_batch
+            )));
+        }
+        Ok(TrainPlan { accumulation: global / (self.micro_batch * world), world_size: world, placements, ..self.clone() })
+    }
+
     /// Warmup in steps for a run of `total` steps (HF: ceil(total * warmup_ratio)).
     pub fn warmup_steps(&self, total: u64) -> u64 {
         match self.warmup {
@@ -694,6 +721,35 @@ mod tests {
         std::fs::write(&path, json).unwrap();
         let path = path.to_string_lossy().into_owned();
         (dir, path)
+    }
+
+    #[test]
+    fn fewer_hosts_keep_the_global_batch_with_more_accumulation() {
+        let dir = tempfile::tempdir().unwrap();
+        let hostfile = dir.path().join("hostfile");
+        std::fs::write(&hostfile, "a slots=2\nb slots=1\nc slots=1\n").unwrap();
+        let hostfile = hostfile.to_string_lossy().into_owned();
+        let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"];
+        let plan = TrainPlan::resolve(&parse(&args)).unwrap();
+        assert_eq!((plan.world_size, plan.micro_batch * plan.accumulation * plan.world_size), (4, 24));
+        let lost = |hosts: &[&str]| hosts.iter().map(|h| h.to_string()).collect::<BTreeSet<String>>();
+
+        let fewer = plan.without_hosts(&lost(&["a"])).unwrap();
+        assert_eq!((fewer.world_size, fewer.accumulation, fewer.micro_batch), (2, 6, 2));
+        let ranks: Vec<(usize, &str, usize)> = fewer.placements.iter().map(|p| (p.rank, p.host.as_str(), p.slot)).collect();
+        assert_eq!(ranks, [(0, "b", 0), (1, "c", 0)], "renumbered in order, slots kept");
+        assert_eq!(plan.without_hosts(&lost(&["b"])).unwrap().accumulation, 4);
+        let one = plan.without_hosts(&lost(&["a", "c"])).unwrap();
+        assert_eq!((one.world_size, one.accumulation, one.placements[0].host.as_str()), (1, 12, "b"));
+
+        let err = plan.without_hosts(&lost(&["a", "b", "c"])).unwrap_err().to_string();
+        assert!(err.contains("no rank is left") && err.contains("a, b, c"), "{err}");
+        let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"];
+        let err = TrainPlan::resolve(&parse(&args)).unwrap().without_hosts(&lost(&["b"])).unwrap_err().to_string();
+        assert!(
+            err.contains("without b, 3 rank(s) are left and cannot keep the global batch of 4 (micro 1 x accumulation 1 x world 4)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ struct Cadence {
     output_dir: PathBuf,
 }
 
-pub async fn run(plan: TrainPlan) -> Result<Outcome> {
+pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     let mut resume = match &plan.resume_from_checkpoint {
         Some(spec) => Some(resolve_checkpoint(&plan.output_dir, spec)?),
         None => {
@@ -73,7 +73,7 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
         plan.device,
         if plan.world_size > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
     );
-    let run = Run {
+    let mut run = Run {
         cadence: Cadence {
             total_steps: prepared.total_steps,
             eval_steps: plan.eval_steps,
@@ -92,9 +92,23 @@ pub async fn run(plan: TrainPlan) -> Result<Outcome> {
     let mut restarts = 0;
     loop {
         match attempt(&plan, &run, resume.clone(), &mut controls).await {
-            Err(CoordinatorError::Worker { rank, host, message }) if restarts < plan.max_restarts => {
+            Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.max_restarts => {
                 restarts += 1;
-                eprintln!("worker rank {rank} ({host}) failed: {message}");
+                eprintln!("{failure}");
+                let lost = launch::unreachable_hosts(&plan.launcher, &plan.placements).await;
+                if !lost.is_empty() {
+                    let fewer = plan.without_hosts(&lost).map_err(|e| CoordinatorError::Flag(format!("{failure}; cannot restart: {e}")))?;
+                    eprintln!(
+                        "host(s) {} do not answer: continuing on the {} rank(s) still available, gradient accumulation {} -> {} (the global batch stays {})",
+                        lost.into_iter().collect::<Vec<_>>().join(", "),
+                        fewer.world_size,
+                        plan.accumulation,
+                        fewer.accumulation,
+                        fewer.world_size * fewer.micro_batch * fewer.accumulation,
+                    );
+                    run.resize(&fewer);
+                    plan = fewer;
+                }
                 resume = latest_checkpoint(&output_dir)?;
                 let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
                 eprintln!("restart {restarts} of {}: resuming from {from}", plan.max_restarts);
@@ -112,6 +126,15 @@ struct Run {
     tokenizer_files: Vec<(String, Vec<u8>)>,
     cache: Arc<TokenCache>,
     worker_plan: WorkerPlan,
+}
+
+impl Run {
+    /// The same run on `plan`'s ranks (after hosts were lost): same global batch, more accumulation.
+    fn resize(&mut self, plan: &TrainPlan) {
+        self.sampler = Sampler { world: plan.world_size, accumulation: plan.accumulation, ..self.sampler };
+        self.worker_plan.gradient_accumulation_steps = plan.accumulation as u32;
+        self.worker_plan.collectives = collectives(plan);
+    }
 }
 
 /// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), checked complete.
@@ -422,14 +445,18 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
         offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
         resume: None,
         heartbeat_timeout_ms: plan.heartbeat_timeout.as_millis() as u64,
-        collectives: match (plan.device.as_str(), plan.num_gpus_given) {
-            ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
-            ("cpu", _) => Collectives::None,
-            (_, true) => Collectives::Nccl,
-            _ if plan.world_size > 1 => Collectives::Nccl,
-            _ => Collectives::None,
-        },
+        collectives: collectives(plan),
     })
+}
+
+fn collectives(plan: &TrainPlan) -> Collectives {
+    match (plan.device.as_str(), plan.num_gpus_given) {
+        ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
+        ("cpu", _) => Collectives::None,
+        (_, true) => Collectives::Nccl,
+        _ if plan.world_size > 1 => Collectives::Nccl,
+        _ => Collectives::None,
+    }
 }
 
 fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, worker: &WorkerPlan) -> Result<()> {

@@ -4,6 +4,7 @@
 //! (`srun`), or by hand (the commands are printed). Each process is watched: its exit reaches the
 //! driver as an event, and it is killed when the coordinator stops.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -97,6 +98,35 @@ pub fn start(
             Ok(vec![])
         }
     }
+}
+
+/// How long a host may take to run `true` through the remote shell before it counts as gone.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The hosts that no longer answer: each host of an ssh launch is asked to run `true` through the
+/// remote shell, all at once. Other launchers cannot tell (local ranks, Slurm's allocation, ranks
+/// started by hand) and report none.
+pub async fn unreachable_hosts(launcher: &Launcher, placements: &[Placement]) -> BTreeSet<String> {
+    let Launcher::Ssh { command: ssh } = launcher else { return BTreeSet::new() };
+    let mut probes = tokio::task::JoinSet::new();
+    for host in placements.iter().map(|p| p.host.clone()).collect::<BTreeSet<_>>() {
+        let mut probe = tokio::process::Command::new(&ssh[0]);
+        probe.args(&ssh[1..]).arg(&host).arg("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+        probes.spawn(async move {
+            let answered = match probe.spawn() {
+                Ok(mut child) => matches!(tokio::time::timeout(PROBE_TIMEOUT, child.wait()).await, Ok(Ok(status)) if status.success()),
+                Err(_) => false,
+            };
+            (host, answered)
+        });
+    }
+    let mut lost = BTreeSet::new();
+    while let Some(probed) = probes.join_next().await {
+        if let Ok((host, false)) = probed {
+            lost.insert(host);
+        }
+    }
+    lost
 }
 
 /// DeepSpeed's per-process environment.

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone};
+use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone, weights_rel_err};
 use zerotune_hf::WeightFiles;
 
 /// Flags shared by every run here: 2 ranks' worth of work on the tiny fixture.
@@ -103,6 +103,62 @@ fn ssh_launcher_starts_ranks_on_two_hosts_with_their_environment() {
         assert!(line.contains(&format!("cd {}", s(&workdir))), "same working directory: {line}");
     }
     same_weights(&out, &reference);
+}
+
+/// `--max_restarts` continues on the hosts still available: rank 1 SIGKILLs itself at step 4 (both
+/// ranks acknowledged checkpoint-2 before step 3, which needs them both) and
+/// its host stops answering the remote shell from then on (the fault's marker is node-b's "down"
+/// file). The restart asks both hosts, drops node-b and resumes from checkpoint-2 on node-a alone
+/// with accumulation 4: the same global batches, so the weights of the uninterrupted 2-rank run.
+#[test]
+fn a_restart_continues_on_the_hosts_still_available() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let with_checkpoints = |out: &Path| {
+        let mut args = train_args(out, &t.join("cache"));
+        let at = args.iter().position(|a| a == "--save_steps").unwrap();
+        args[at + 1] = "2".into();
+        args
+    };
+    let reference = t.join("local");
+    let run = Command::new(binary("coordinator")).args(with_checkpoints(&reference)).args(["--num_workers", "2"]).output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    // `fake-ssh HOST SCRIPT` runs SCRIPT here, unless HOST is marked down: then it fails as ssh
+    // does when it cannot connect.
+    let down = t.join("down");
+    std::fs::create_dir(&down).unwrap();
+    let fake = t.join("fake-ssh");
+    executable(
+        &fake,
+        &format!(
+            "#!/bin/sh
+[ -e '{}'/\"$1\" ] && exit 255
+exec sh -c \"$2\"
+",
+            s(&down)
+        ),
+    );
+    let hostfile = t.join("hostfile");
+    std::fs::write(&hostfile, "node-a slots=1\nnode-b slots=1\n").unwrap();
+    let out = t.join("ssh");
+    let run = Command::new(binary("coordinator"))
+        .args(with_checkpoints(&out))
+        .args(["--hostfile", &s(&hostfile), "--ssh_command", &s(&fake), "--master_addr", "127.0.0.1", "--master_port", "0"])
+        .args(["--max_restarts", "1"])
+        .env("ZEROTUNE_FAULT", format!("1:4:{}", s(&down.join("node-b"))))
+        .output()
+        .unwrap();
+    let err = stderr(&run);
+    assert!(run.status.success() && !err.contains("panicked"), "{err}");
+    assert!(err.contains("worker rank 1 (") && err.contains("SIGKILL"), "{err}");
+    let shrunk = "host(s) node-b do not answer: continuing on the 1 rank(s) still available, gradient accumulation 2 -> 4 \
+                  (the global batch stays 4)";
+    assert!(err.contains(shrunk), "{err}");
+    assert!(err.contains("restart 1 of 1: resuming from checkpoint-2"), "{err}");
+    let rel = weights_rel_err(&out, &reference);
+    assert!(rel < 1e-5, "resumed on one host vs the uninterrupted two-rank run: rel {rel:.2e}");
+    assert!(weights_rel_err(&out, &fixtures().join("tiny")) > 1e-4, "the weights moved");
 }
 
 /// A stand-in `srun` (what the coordinator calls under `--launcher slurm`): logs its flags, runs

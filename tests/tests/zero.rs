@@ -10,8 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone};
-use zerotune_hf::WeightFiles;
+use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone, weights_rel_err};
 
 const REL: f64 = 1e-5;
 
@@ -51,19 +50,6 @@ fn run(t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra
     let err = stderr(&result);
     assert!(result.status.success() && !err.contains("panicked"), "{name}: {err}");
     out
-}
-
-/// max |a - b| / max |b| over every tensor of two model dirs.
-fn weights_rel_err(ours: &Path, reference: &Path) -> f64 {
-    let (a, b) = (WeightFiles::open(ours).unwrap(), WeightFiles::open(reference).unwrap());
-    let mut worst: f64 = 0.0;
-    for name in b.names() {
-        let (x, y) = (a.read(name).unwrap().to_f32().unwrap(), b.read(name).unwrap().to_f32().unwrap());
-        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
-        let scale = y.iter().map(|q| q.abs() as f64).fold(0.0, f64::max).max(1e-12);
-        worst = worst.max(diff / scale);
-    }
-    worst
 }
 
 /// Weights moved from the start: the comparison is not between two untouched copies.

@@ -267,7 +267,9 @@ impl Trainer {
         self.comm.all_reduce(&mut stats)?;
         // The offloaded step's fp16 transfer also needs this rank's largest gradient: read at once.
         let amax = match &self.optimizer {
-            Optimizer::Host(host) if host.needs_amax() && grad.numel() > 0 => Some(grad.f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, None::<Kind>)?),
+            Optimizer::Host(host) if host.needs_amax() && grad.numel() > 0 => {
+                Some(grad.f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, None::<Kind>)?)
+            }
             _ => None,
         };
         if let Some(amax) = &amax {

@@ -61,3 +61,16 @@ pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) on a process of this test's own job.
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
+
+/// max |a - b| / max |b| over every tensor of two model dirs.
+pub fn weights_rel_err(ours: &Path, reference: &Path) -> f64 {
+    let (a, b) = (zerotune_hf::WeightFiles::open(ours).unwrap(), zerotune_hf::WeightFiles::open(reference).unwrap());
+    let mut worst: f64 = 0.0;
+    for name in b.names() {
+        let (x, y) = (a.read(name).unwrap().to_f32().unwrap(), b.read(name).unwrap().to_f32().unwrap());
+        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
+        let scale = y.iter().map(|q| q.abs() as f64).fold(0.0, f64::max).max(1e-12);
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
