@@ -360,6 +360,7 @@ async fn attempt(plan: &TrainPlan, run: &Run, resume: Option<Resume>, controls: 
         saves: BTreeMap::new(),
         evals: BTreeMap::new(),
         finished: 0,
+        done: BTreeSet::new(),
         processes: watchers.len() as u32,
         exited: 0,
         pace: pace.clone(),
@@ -547,6 +548,9 @@ struct Job<'a> {
     /// (loss sum, tokens, ranks) per evaluated step.
     evals: BTreeMap<u64, (f64, u64, u32)>,
     finished: u32,
+    /// Ranks whose last save (final model, or the checkpoint of a requested stop) is acknowledged:
+    /// each may exit successfully before the others' acknowledgements arrive.
+    done: BTreeSet<u32>,
     /// Processes we started and watch (0 when started by hand).
     processes: u32,
     exited: u32,
@@ -651,6 +655,7 @@ impl Job<'_> {
                     let last = Path::new(&report.dir) == self.output_dir || self.pace.at(report.step).1;
                     if last {
                         beats.remove(&report.rank); // its work is done: it exits without beating again
+                        self.done.insert(report.rank);
                     }
                     let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
                     *acks += 1;
@@ -678,7 +683,7 @@ impl Job<'_> {
                     None
                 }
                 // A rank that said why it failed then disconnects: no news.
-                Event::Disconnected { rank } if self.finished < self.world && !reported.contains(&rank) => {
+                Event::Disconnected { rank } if self.finished < self.world && !reported.contains(&rank) && !self.done.contains(&rank) => {
                     let message =
                         "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
                     Some((2, self.worker_error(rank, message.into())))
@@ -691,7 +696,7 @@ impl Job<'_> {
                 }
                 Event::Exited { rank, success, status } => {
                     self.exited += 1;
-                    if success && self.finished == self.world {
+                    if success && rank.map_or(self.finished == self.world, |rank| self.done.contains(&rank)) {
                         if self.exited == self.processes && failures.is_empty() {
                             return Ok(());
                         }
@@ -812,5 +817,51 @@ mod tests {
         pace.close();
         assert!(!waiting.join().unwrap(), "after the attempt, producers stop");
         assert_eq!(pace.checkpoint(false, 100), Some(10), "requests count every step already handed out");
+    }
+
+    /// With ZeRO stage 0, rank 1 has nothing to write for the final model: it acknowledges at once
+    /// and exits while rank 0 still saves. That is a finished rank, not a failed one.
+    #[tokio::test]
+    async fn a_rank_may_exit_once_its_final_save_is_acknowledged() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: crate::config::TrainArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_string_lossy().into_owned();
+        let argv = ["x", "--config_name", "tiny", "--train_tokenizer", "400", "--train_file", "d.jsonl", "--output_dir", &out];
+        let flags = ["--do_train", "--device", "cpu", "--worker_bin", "/bin/true", "--num_workers", "2"];
+        let plan = TrainPlan::resolve(&<Cli as clap::Parser>::parse_from(argv.iter().chain(&flags)).args).unwrap();
+        let sampler = Sampler { blocks: 100, world: 2, micro_batch: 1, accumulation: 1, seed: 0 };
+        let mut job = Job {
+            world: 2,
+            output_dir: dir.path().to_path_buf(),
+            tokenizer_files: &[],
+            plan: &plan,
+            total_steps: 4,
+            sampler,
+            hosts: BTreeMap::new(),
+            saves: BTreeMap::new(),
+            evals: BTreeMap::new(),
+            finished: 0,
+            done: BTreeSet::new(),
+            processes: 2,
+            exited: 0,
+            pace: Arc::new(Pace::new(2, 1)),
+            stop: None,
+            stopped_at: None,
+        };
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (_controls_tx, mut controls) = mpsc::unbounded_channel();
+        let saved = |rank| Event::Saved(zerotune_proto::v1::SavedReport { rank, step: 4, dir: out.clone() });
+        let exited = |rank| Event::Exited { rank: Some(rank), success: true, status: "exit status: 0".into() };
+        for event in [saved(1), exited(1), Event::Disconnected { rank: 1 }, saved(0), exited(0)] {
+            events_tx.send(event).unwrap();
+        }
+        let mut progress = Progress::new(dir.path(), 4, 50, 1, false).unwrap();
+        let result = job.drive(&mut events, &mut controls, &mut progress).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(job.finished, 2);
     }
 }

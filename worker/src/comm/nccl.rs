@@ -125,6 +125,13 @@ impl Collective for Nccl {
     }
 
     fn all_gather(&mut self, buffer: &mut Tensor) -> Result<()> {
+        if !buffer.numel().is_multiple_of(self.world) {
+            return Err(WorkerError::Invalid(format!(
+                "all_gather of {} values over {} ranks: pad to a multiple",
+                buffer.numel(),
+                self.world
+            )));
+        }
         let n = buffer.numel() / self.world;
         let (ptr, ty) = (on_gpu(buffer)?, data_type(buffer.kind())?);
         let elem = buffer.kind().elt_size_in_bytes();
