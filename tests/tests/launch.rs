@@ -163,7 +163,9 @@ exec sh -c \"$2\"
 
 /// A stand-in `srun` (what the coordinator calls under `--launcher slurm`): logs its flags, runs
 /// `--ntasks` copies of its command here with SLURM_PROCID/LOCALID/NODEID set, forwards SIGINT
-/// and SIGTERM to them, and with `--kill-on-bad-exit` kills the others once one fails, as srun does.
+/// and SIGTERM to them, and with `--kill-on-bad-exit` terminates the others once one fails as
+/// srun does: SIGTERM at once (which the tasks ignore), SIGKILL only after Slurm's KillWait
+/// (30 s), by which time these have ended on their own.
 const FAKE_SRUN: &str = r#"#!/bin/bash
 echo "$@" >> "$SRUN_LOG"
 nodes=1 ntasks=1 kill_on_bad_exit=0
@@ -182,7 +184,7 @@ while ((running > 0)); do
   wait -n; s=$?
   if ((signalled)); then signalled=0; continue; fi  # the wait was cut short by a forwarded signal
   running=$((running - 1))
-  if ((s != 0)); then status=$s; ((kill_on_bad_exit)) && kill -9 "${pids[@]}" 2>/dev/null; fi
+  if ((s != 0)); then status=$s; ((kill_on_bad_exit)) && kill -TERM "${pids[@]}" 2>/dev/null; fi
 done
 exit $status
 "#;
