@@ -265,18 +265,8 @@ impl Trainer {
         let norm = unique.f_linalg_norm(2.0, None::<&[i64]>, false, None::<Kind>)?.f_to_kind(Kind::Double)?;
         let mut stats = Tensor::f_stack(&[norm.f_square()?, loss_sum], 0)?;
         self.comm.all_reduce(&mut stats)?;
-        // The offloaded step's fp16 transfer also needs this rank's largest gradient: read at once.
-        let amax = match &self.optimizer {
-            Optimizer::Host(host) if host.needs_amax() && grad.numel() > 0 => {
-                Some(grad.f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, None::<Kind>)?)
-            }
-            _ => None,
-        };
-        if let Some(amax) = &amax {
-            stats = Tensor::f_cat(&[stats, amax.f_to_kind(Kind::Double)?.f_reshape([1])?], 0)?;
-        }
         let stats = Vec::<f64>::try_from(stats.to_device(Device::Cpu))?;
-        let (sum_sq, loss, amax) = (stats[0], stats[1] / divisor, stats.get(2).copied().unwrap_or(0.0));
+        let (sum_sq, loss) = (stats[0], stats[1] / divisor);
         if !loss.is_finite() && self.scaler.is_none() {
             return Err(WorkerError::NonFiniteLoss { step: self.step, loss });
         }
@@ -302,7 +292,7 @@ impl Trainer {
         let mut owned = self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64);
         let _guard = tch::no_grad_guard();
         match &mut self.optimizer {
-            Optimizer::Host(host) => host.step(&grad, &mut owned, amax, grad_scale, lr, &hyper, &self.segments)?,
+            Optimizer::Host(host) => host.step(&grad, &mut owned, grad_scale, lr, &hyper, &self.segments)?,
             Optimizer::Device(adam) => {
                 adam.step(&grad, grad_scale, lr, &hyper, &self.segments)?;
                 owned.f_copy_(&adam.master)?;

@@ -35,22 +35,14 @@ impl HostOptimizer {
         Self { adam: AdamState::new(master), sixteen, device, tile: tile.max(1) }
     }
 
-    /// Whether `step` needs the largest gradient magnitude: fp16 gradients are scaled into range.
-    pub fn needs_amax(&self) -> bool {
-        matches!(self.sixteen, Some((Cast::F16, _)))
-    }
-
-    /// One AdamW step from `grad` (the owned range's fp32 gradients on the device; `amax` their
-    /// largest magnitude when `needs_amax`) into `params` (the owned range of the 16-bit or fp32
-    /// parameters on the device). While the host updates tile i, tile i+1's gradients come down
+    /// One AdamW step from `grad` (the owned range's fp32 gradients on the device) into `params`
+    /// (the owned range of the 16-bit or fp32 parameters on the device). While the host updates tile i, tile i+1's gradients come down
     /// and tile i-1's weights go up; torch runs the copies in order on its one stream, so it is
     /// the host's work that overlaps them. On a CPU device the copies are views or plain copies.
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         grad: &Tensor,
         params: &mut Tensor,
-        amax: f64,
         grad_scale: f64,
         lr: f64,
         hyper: &Hyper,
@@ -59,7 +51,13 @@ impl HostOptimizer {
         let n = self.adam.master.len();
         assert_eq!((grad.numel(), params.numel()), (n, n), "gradients, parameters and optimizer state cover the owned range");
         let kind = params.kind();
-        let prescale = if self.needs_amax() { fp16_transfer_scale(amax) } else { 1.0 };
+        // fp16 gradients go down scaled into range, by a factor of their largest magnitude.
+        let prescale = match self.sixteen {
+            Some((Cast::F16, _)) if n > 0 => {
+                fp16_transfer_scale(grad.f_linalg_norm(f64::INFINITY, None::<&[i64]>, false, None::<Kind>)?.f_double_value(&[])?)
+            }
+            _ => 1.0,
+        };
         let coeffs = self.adam.begin_step((grad_scale / prescale) as f32, lr, hyper);
         let tiles: Vec<Range<usize>> = (0..n).step_by(self.tile).map(|s| s..(s + self.tile).min(n)).collect();
         let Some(first) = tiles.first() else { return Ok(()) };
