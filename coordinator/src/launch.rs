@@ -12,8 +12,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::error::{CoordinatorError, Result};
+use crate::events::{Event, ExitStatus};
 use crate::hosts::{self, Placement};
-use crate::service::Event;
 
 /// How workers are started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,14 +211,13 @@ fn watch(
             let _ = stdin.write_all(input.as_bytes()).await;
         }
         let status = tokio::select! {
-            status = child.wait() => status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            status = child.wait() => status.map_or(ExitStatus::Code(-1), ExitStatus::from),
             _ = events.closed() => {
                 let _ = child.kill().await;
                 return;
             }
         };
-        let success = status == "exit status: 0";
-        let _ = events.send(Event::Exited { rank, success, status });
+        let _ = events.send(Event::Exited { rank, status });
     }))
 }
 

@@ -2,10 +2,12 @@
 //! prepares and caches the token blocks, launches the workers, serves them over gRPC and records
 //! what they report (metrics, checkpoints, the final model).
 
+pub mod blame;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod events;
 pub mod files2jsonl;
 pub mod hosts;
 pub mod job;

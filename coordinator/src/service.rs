@@ -1,5 +1,5 @@
 //! The gRPC service workers talk to: registration, the per-rank command streams, reports and
-//! heartbeats, which it forwards as plain `Event`s to the job driver, and the abort switch the
+//! heartbeats, which it forwards as plain `Event`s (`events.rs`) to the job driver, and the abort switch the
 //! driver throws. Every call must carry the job secret.
 
 use std::collections::BTreeSet;
@@ -13,53 +13,7 @@ use zerotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use zerotune_proto::v1::*;
 use zerotune_proto::SECRET_HEADER;
 
-/// What workers tell the driver.
-#[derive(Debug)]
-pub enum Event {
-    Registered {
-        rank: u32,
-        local_rank: u32,
-        host: String,
-        device: String,
-        pid: u32,
-    },
-    Step(StepReport),
-    /// A rank is alive; `step` is the last step it finished.
-    Heartbeat {
-        rank: u32,
-        step: u64,
-    },
-    Eval(EvalReport),
-    Saved(SavedReport),
-    Failed {
-        rank: u32,
-        message: String,
-    },
-    /// A rank's command stream was dropped (its connection closed).
-    Disconnected {
-        rank: u32,
-    },
-    /// A process we started ended (from the launcher, not the network): one rank's, or one that
-    /// runs every rank (`rank: None`, as srun does).
-    Exited {
-        rank: Option<u32>,
-        success: bool,
-        status: String,
-    },
-    /// The user asked for something while the job runs (a signal to the coordinator).
-    Control(Control),
-}
-
-/// What a user can ask of a running job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Save a checkpoint at the next step every rank can still reach (SIGUSR1).
-    Save,
-    /// Save a checkpoint there, then stop (the first SIGINT or SIGTERM).
-    Stop { signal: &'static str },
-    /// Stop now, mid-step if need be (the second SIGINT or SIGTERM).
-    Abort { signal: &'static str },
-}
+use crate::events::Event;
 
 /// The job's abort switch, shared by the driver and the Heartbeat RPC: once thrown, every
 /// heartbeat reply says abort, so ranks started elsewhere exit even when stuck in a step.
@@ -210,7 +164,7 @@ impl Coordinator for JobService {
 
     async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
         let r = request.into_inner();
-        self.send(Event::Failed { rank: r.rank, message: r.message })
+        self.send(Event::Failed { rank: r.rank, kind: r.kind(), message: r.message })
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {

@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, wait_gone, weights_rel_err};
 
 const REL: f64 = 1e-5;
+/// Loss and gradient norm per step across world sizes (the norm does not depend on the partition).
+const STEP_REL: f64 = 1e-6;
 
 /// A ds_config selecting the ZeRO stage and optimizer offload (batch values are "auto"), with
 /// stage-2 buckets small enough that every run reduce-scatters in many (and a short last one).
@@ -52,6 +54,23 @@ fn run(t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra
     out
 }
 
+/// (loss, grad_norm) of every logged step in `out/metrics.jsonl`.
+fn step_metrics(out: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    records.filter(|r| r.get("grad_norm").is_some()).map(|r| (r["loss"].as_f64().unwrap(), r["grad_norm"].as_f64().unwrap())).collect()
+}
+
+/// The largest relative difference of the per-step loss and of the per-step grad norm; the
+/// norms must be above the clipping threshold (0.5), so clipping is active.
+fn per_step_rel_err(out: &Path, reference: &Path) -> (f64, f64) {
+    let (ours, theirs) = (step_metrics(out), step_metrics(reference));
+    assert_eq!(ours.len(), theirs.len(), "one record per step");
+    assert!(theirs.iter().all(|&(_, norm)| norm > 0.5), "clipping is active at every step: {theirs:?}");
+    let rel = |a: f64, b: f64| ((a - b) / b).abs();
+    ours.iter().zip(&theirs).fold((0.0, 0.0), |(l, n), (a, b)| (f64::max(l, rel(a.0, b.0)), f64::max(n, rel(a.1, b.1))))
+}
+
 /// Weights moved from the start: the comparison is not between two untouched copies.
 fn moved(out: &Path) -> f64 {
     weights_rel_err(out, &fixtures().join("tiny"))
@@ -72,8 +91,14 @@ fn zero_ranks_equal_single_rank_training_on_the_same_global_batches() {
         for (stage, offload) in cases {
             let out = run(t, &format!("w{world}-s{stage}-o{offload}"), world, 4, &ds_config(t, stage, offload), &steps);
             let err = weights_rel_err(&out, &reference);
-            println!("world {world} stage {stage} offload {offload}: rel {err:.2e} vs 1 rank x accumulation {}", 4 * world);
+            let (loss, norm) = per_step_rel_err(&out, &reference);
+            println!(
+                "world {world} stage {stage} offload {offload}: weights rel {err:.2e}, per-step loss {loss:.2e}, grad norm {norm:.2e} \
+                 vs 1 rank x accumulation {}",
+                4 * world
+            );
             assert!(err < REL, "world {world} stage {stage} offload {offload}: rel {err}");
+            assert!(loss < STEP_REL && norm < STEP_REL, "world {world} stage {stage} offload {offload}: loss {loss}, norm {norm}");
         }
     }
 }

@@ -14,13 +14,14 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use zerotune_proto::plan::{Collectives, WorkerPlan};
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
 use zerotune_proto::v1::{
-    command, Batch, CommandsRequest, EvalReport, FailureReport, HeartbeatRequest, RegisterRequest, RendezvousRequest, SavedReport,
-    StepReport,
+    command, Batch, CommandsRequest, EvalReport, FailureKind, FailureReport, HeartbeatRequest, RegisterRequest, RendezvousRequest,
+    SavedReport, StepReport,
 };
 use zerotune_proto::SECRET_HEADER;
 
 use crate::comm::ring::TcpRing;
 use crate::comm::{nccl, Collective, Single};
+use crate::error::WorkerError;
 use crate::train::{batch_tensor, Trainer};
 
 /// Adds the job secret to every request.
@@ -45,15 +46,22 @@ pub struct AgentArgs {
     pub device_name: String,
 }
 
-/// Runs the job to completion; on failure tells the coordinator why before returning the error.
+/// Runs the job to completion; on failure tells the coordinator why before returning the error,
+/// and before its command stream closes, so the report is there before the disconnect.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let mut client = rt.block_on(connect(&args))?;
-    let result = serve(&rt, &mut client, &args);
+    let mut stream = None;
+    let result = serve(&rt, &mut client, &args, &mut stream);
     if let Err(err) = &result {
-        let report = FailureReport { rank: args.rank, message: format!("{err:#}") };
+        let kind = match err.downcast_ref::<WorkerError>() {
+            Some(WorkerError::Peer(_)) => FailureKind::PeerLost,
+            _ => FailureKind::Own,
+        };
+        let report = FailureReport { rank: args.rank, message: format!("{err:#}"), kind: kind.into() };
         let _ = rt.block_on(client.report_failure(report));
     }
+    drop(stream);
     result
 }
 
@@ -80,7 +88,13 @@ async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
     Ok(CoordinatorClient::with_interceptor(channel, AddSecret(secret)).max_decoding_message_size(256 << 20))
 }
 
-fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) -> anyhow::Result<()> {
+/// Registers, joins the collectives and executes the command stream, which it leaves in `stream`.
+fn serve(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    args: &AgentArgs,
+    stream: &mut Option<tonic::Streaming<zerotune_proto::v1::Command>>,
+) -> anyhow::Result<()> {
     let host = hostname();
     let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id(), local_rank };
@@ -91,7 +105,7 @@ fn serve(rt: &tokio::runtime::Runtime, client: &mut Client, args: &AgentArgs) ->
     rt.spawn(heartbeat(client.clone(), args.rank, finished_step.clone(), plan.heartbeat_interval(), timeout));
     let comm = rt.block_on(collectives(client, args, plan.collectives, reply.world_size as usize))?;
     let mut trainer = Trainer::with_comm(plan, args.device, comm)?;
-    let mut stream = rt.block_on(client.commands(CommandsRequest { rank: args.rank }))?.into_inner();
+    let stream = stream.insert(rt.block_on(client.commands(CommandsRequest { rank: args.rank }))?.into_inner());
     let rank = args.rank;
     while let Some(cmd) = rt.block_on(stream.message())? {
         match cmd.kind {

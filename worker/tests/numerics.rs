@@ -15,6 +15,8 @@ use zerotune_worker::train::{load_params, Trainer};
 const LOGITS_REL: f64 = 1e-5;
 const GRAD_REL: f64 = 1e-4;
 const TRAIN_LOSS_REL: f64 = 1e-4;
+/// Against the exact norm (an f64 sum of squares of PyTorch's gradients) at every step.
+const GRAD_NORM_REL: f64 = 1e-6;
 const TRAIN_PARAM_REL: f64 = 1e-5;
 
 fn pretrained(dir: &str) -> ModelSource {
@@ -106,9 +108,10 @@ fn ten_training_steps_match_a_pytorch_loop() {
         let outcome = trainer.train_step(&micro).unwrap();
         let want = losses.double_value(&[step]);
         let norm = norms.double_value(&[step]);
-        println!("step {step}: loss {} vs {want}, norm {} vs {norm}", outcome.loss, outcome.grad_norm);
+        let norm_rel = ((outcome.grad_norm - norm) / norm).abs();
+        println!("step {step}: loss {} vs {want}, norm {} vs {norm} (rel {norm_rel:.1e})", outcome.loss, outcome.grad_norm);
         assert!(((outcome.loss - want) / want).abs() < TRAIN_LOSS_REL, "step {step} loss");
-        assert!(((outcome.grad_norm - norm) / norm).abs() < TRAIN_LOSS_REL, "step {step} grad norm");
+        assert!(norm_rel < GRAD_NORM_REL, "step {step} grad norm: rel {norm_rel:.2e}");
         assert!(norm > plan.max_grad_norm, "the fixture must exercise clipping");
     }
     let dir = tempfile::tempdir().unwrap();

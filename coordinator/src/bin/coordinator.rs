@@ -100,8 +100,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             outcome.steps,
             outcome.output_dir.display()
         );
-        std::process::exit(128 + if signal == "SIGINT" { libc::SIGINT } else { libc::SIGTERM });
-        // as if killed by it
+        std::process::exit(128 + signal.number()); // as if killed by it
     }
     match (outcome.eval_loss, outcome.perplexity) {
         (Some(loss), Some(ppl)) => {

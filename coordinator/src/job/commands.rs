@@ -1,0 +1,77 @@
+//! The ordered commands for one rank (train steps with their micro-batches, evaluations, saves,
+//! stop, finish), produced from the token cache as the pace allows.
+
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, Stop, TrainStep};
+
+use super::pace::Pace;
+use crate::checkpoint::checkpoint_dir;
+use crate::dataset::TokenCache;
+use crate::sampler::Sampler;
+
+/// When to evaluate and save, as plain numbers.
+#[derive(Clone, Debug)]
+pub(super) struct Cadence {
+    pub(super) total_steps: u64,
+    pub(super) eval_steps: Option<u64>,
+    pub(super) do_eval: bool,
+    pub(super) save_steps: Option<u64>,
+    pub(super) eval_batch: usize,
+    pub(super) output_dir: PathBuf,
+}
+
+/// The ordered commands for one rank; stops early if the rank's stream is gone.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn produce_commands(
+    sampler: &Sampler,
+    cache: &TokenCache,
+    cadence: &Cadence,
+    pace: &Pace,
+    rank: u32,
+    world: u32,
+    first_step: u64,
+    tx: mpsc::Sender<std::result::Result<Command, Status>>,
+) {
+    let send = |kind: command::Kind| tx.blocking_send(Ok(Command { kind: Some(kind) })).is_ok();
+    let batch = |blocks: &[usize], read: &dyn Fn(usize) -> Vec<u32>| Batch {
+        rows: blocks.len() as u32,
+        cols: cache.block_size as u32,
+        tokens: blocks.iter().flat_map(|&b| read(b)).collect(),
+    };
+    let eval_blocks: Vec<usize> = (rank as usize..cache.validation_blocks).step_by(world as usize).collect();
+    let evaluate = |step: u64| {
+        let batches = eval_blocks.chunks(cadence.eval_batch).map(|c| batch(c, &|b| cache.validation_block(b))).collect();
+        command::Kind::Evaluate(Evaluate { step, batches })
+    };
+    for step in first_step..=cadence.total_steps {
+        if !pace.start(rank, step) {
+            return;
+        }
+        let micro_batches = sampler.step_batches(step - 1, rank as usize).iter().map(|m| batch(m, &|b| cache.train_block(b))).collect();
+        if !send(command::Kind::Step(TrainStep { step, micro_batches })) {
+            return;
+        }
+        if cadence.do_eval && cadence.eval_steps.is_some_and(|n| step % n == 0) && step != cadence.total_steps && !send(evaluate(step)) {
+            return;
+        }
+        let (requested, stop) = pace.at(step);
+        if requested || cadence.save_steps.is_some_and(|n| step % n == 0) {
+            let dir = checkpoint_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
+            if !send(command::Kind::Save(Save { step, dir })) {
+                return;
+            }
+        }
+        if stop {
+            send(command::Kind::Stop(Stop { step }));
+            return;
+        }
+    }
+    if cadence.do_eval && !send(evaluate(cadence.total_steps)) {
+        return;
+    }
+    let dir = cadence.output_dir.to_string_lossy().into_owned();
+    send(command::Kind::Finish(Finish { step: cadence.total_steps, dir }));
+}

@@ -1,0 +1,422 @@
+//! The event loop of one attempt: progress and metrics from step and eval reports, checkpoints
+//! made complete once every rank acknowledged them, the user's signals, liveness (heartbeats,
+//! --ddp_timeout), and the verdict on a failure (`blame.rs`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::pace::Pace;
+use crate::blame::{Blame, Cause};
+use crate::checkpoint;
+use crate::config::TrainPlan;
+use crate::error::{CoordinatorError, Result};
+use crate::events::{Control, Event, ExitStatus, Signal};
+use crate::progress::Progress;
+use crate::sampler::Sampler;
+use zerotune_proto::v1::FailureKind;
+
+/// After the first failure, how long to wait for the other ranks' reports before blaming one.
+const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The run's fixed facts, as the driver needs them.
+pub(super) struct JobSpec<'a> {
+    pub world: u32,
+    pub output_dir: PathBuf,
+    pub tokenizer_files: &'a [(String, Vec<u8>)],
+    pub plan: &'a TrainPlan,
+    pub total_steps: u64,
+    pub sampler: Sampler,
+    /// Processes we started and watch (0 when started by hand).
+    pub processes: u32,
+    pub pace: Arc<Pace>,
+}
+
+/// The driver's bookkeeping while workers run.
+pub(super) struct Job<'a> {
+    spec: JobSpec<'a>,
+    pub hosts: BTreeMap<u32, String>,
+    /// Acknowledgements per (step, directory) saved.
+    saves: BTreeMap<(u64, String), u32>,
+    /// (loss sum, tokens, ranks) per evaluated step.
+    evals: BTreeMap<u64, (f64, u64, u32)>,
+    finished: u32,
+    /// Ranks whose last save (final model, or the checkpoint of a requested stop) is acknowledged:
+    /// each may exit successfully before the others' acknowledgements arrive.
+    done: BTreeSet<u32>,
+    exited: u32,
+    /// Ranks whose end we heard of (a failure reported, the process exited): once all are, a
+    /// failed attempt has nothing more to tell. A closed connection alone is not an end: the
+    /// rank's report may still follow. Without per-rank processes (srun, started by hand), a
+    /// rank that dies silently leaves the grace period to run out.
+    ended: BTreeSet<u32>,
+    /// A stop was asked for, on this signal (its step is the pace's `stop_at`).
+    pub stop: Option<Signal>,
+    /// The step whose checkpoint ended the run on request.
+    pub stopped_at: Option<u64>,
+}
+
+impl<'a> Job<'a> {
+    pub fn new(spec: JobSpec<'a>) -> Self {
+        Self {
+            spec,
+            hosts: BTreeMap::new(),
+            saves: BTreeMap::new(),
+            evals: BTreeMap::new(),
+            finished: 0,
+            done: BTreeSet::new(),
+            exited: 0,
+            ended: BTreeSet::new(),
+            stop: None,
+            stopped_at: None,
+        }
+    }
+
+    /// Runs the attempt to its end: Ok once every rank finished (or stopped on request), or the
+    /// error of the most direct failure.
+    pub async fn drive(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        use tokio::time::Instant;
+        // One death makes every rank fail (their collectives break), so the first report is
+        // often not the cause: after the first failure, collect the others until every process
+        // is gone and every registered rank's end was heard of (or a grace period passed), then
+        // let `Blame` pick the most direct.
+        let mut blame = Blame::default();
+        let mut deadline: Option<Instant> = None;
+        // Progress watchdog (--ddp_timeout): a rank that hangs alive stops everyone's progress.
+        let mut last_progress = Instant::now();
+        let mut last_step: BTreeMap<u32, u64> = (0..self.spec.world).map(|r| (r, 0)).collect();
+        // Liveness (--heartbeat_timeout): when each working rank last beat, and its step then.
+        let mut beats: BTreeMap<u32, (Instant, u64)> = BTreeMap::new();
+        let plan = self.spec.plan;
+        loop {
+            let hung_at = last_progress + plan.ddp_timeout;
+            let silent = beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + plan.heartbeat_timeout));
+            let wake = [Some(hung_at), deadline, silent.map(|s| s.2)].into_iter().flatten().min().expect("hung_at");
+            let next = async {
+                tokio::select! {
+                    event = events.recv() => event,
+                    Some(control) = controls.recv() => Some(Event::Control(control)),
+                }
+            };
+            let event = match tokio::time::timeout_at(wake, next).await {
+                Ok(event) => event,
+                Err(_) => match silent.filter(|s| s.2 <= Instant::now()) {
+                    Some((rank, beat_step, _)) => {
+                        let step = last_step.get(&rank).map_or(beat_step, |&s| s.max(beat_step));
+                        let message = format!(
+                            "no heartbeat for {} s (--heartbeat_timeout) after step {step}: the process is stopped or frozen, \
+                             or its host is unreachable",
+                            plan.heartbeat_timeout.as_secs()
+                        );
+                        blame.add(Cause::OwnError, Some(rank), self.worker_error(rank, message));
+                        break;
+                    }
+                    None if deadline.is_none() => return Err(self.hung(&last_step)),
+                    None => break,
+                },
+            };
+            let Some(event) = event else { break };
+            if matches!(event, Event::Step(_) | Event::Eval(_) | Event::Saved(_)) {
+                last_progress = Instant::now();
+            }
+            if let Event::Step(report) = &event {
+                last_step.insert(report.rank, report.step);
+                self.spec.pace.finished(report.rank, report.step);
+            }
+            let failure = match event {
+                Event::Registered { rank, local_rank, host, device, pid } => {
+                    progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
+                    self.hosts.insert(rank, host);
+                    beats.insert(rank, (Instant::now(), 0));
+                    None
+                }
+                Event::Heartbeat { rank, step } => {
+                    if let Some(beat) = beats.get_mut(&rank) {
+                        *beat = (Instant::now(), step);
+                    }
+                    None
+                }
+                Event::Control(control) => {
+                    self.control(control, progress)?;
+                    None
+                }
+                Event::Step(report) => {
+                    if report.rank == 0 && blame.is_empty() {
+                        progress.step(report)?;
+                    }
+                    None
+                }
+                Event::Eval(report) => {
+                    self.eval(report, progress)?;
+                    None
+                }
+                Event::Saved(report) => {
+                    let last = Path::new(&report.dir) == self.spec.output_dir || self.spec.pace.at(report.step).1;
+                    if last {
+                        beats.remove(&report.rank); // its work is done: it exits without beating again
+                        self.done.insert(report.rank);
+                    }
+                    if self.saved(report, last, blame.is_empty(), progress)? {
+                        return Ok(()); // started by hand: nothing of ours to wait for
+                    }
+                    None
+                }
+                Event::Disconnected { rank } => {
+                    // Not an end yet: the rank's own report may still follow.
+                    (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
+                        let message =
+                            "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
+                        (Cause::Disconnected, Some(rank), self.worker_error(rank, message.into()))
+                    })
+                }
+                Event::Failed { rank, kind, message } => {
+                    self.ended.insert(rank);
+                    let cause = if kind == FailureKind::PeerLost { Cause::PeerLost } else { Cause::OwnError };
+                    Some((cause, Some(rank), self.worker_error(rank, message)))
+                }
+                Event::Exited { rank, status } => {
+                    self.exited += 1;
+                    rank.map(|rank| self.ended.insert(rank));
+                    if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
+                        if self.exited == self.spec.processes && blame.is_empty() {
+                            return Ok(());
+                        }
+                        None
+                    } else if let Some(rank) = rank {
+                        let cause = if matches!(status, ExitStatus::Signal(_)) { Cause::Killed } else { Cause::Exited };
+                        let message = format!("the worker process exited ({status}) before the run finished");
+                        Some((cause, Some(rank), self.worker_error(rank, message)))
+                    } else {
+                        let message = format!("srun (every rank) exited ({status}) before the run finished");
+                        Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
+                    }
+                }
+            };
+            if let Some((cause, rank, error)) = failure {
+                blame.add(cause, rank, error);
+                deadline.get_or_insert(Instant::now() + FAILURE_GRACE);
+            }
+            let processes_gone = self.spec.processes == 0 || self.exited == self.spec.processes;
+            let all_heard = self.hosts.keys().all(|rank| self.ended.contains(rank) || self.done.contains(rank));
+            let expired = deadline.is_some_and(|at| Instant::now() >= at);
+            if !blame.is_empty() && ((processes_gone && all_heard) || expired) {
+                break;
+            }
+        }
+        Err(blame.verdict().unwrap_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into())))
+    }
+
+    /// Adds one rank's share of an evaluation; once every rank's is in, records it.
+    fn eval(&mut self, report: zerotune_proto::v1::EvalReport, progress: &mut Progress) -> Result<()> {
+        let entry = self.evals.entry(report.step).or_default();
+        entry.0 += report.loss_sum;
+        entry.1 += report.tokens;
+        entry.2 += 1;
+        if entry.2 == self.spec.world {
+            let (sum, tokens, _) = *entry;
+            progress.eval(report.step, sum, tokens)?;
+        }
+        Ok(())
+    }
+
+    /// Counts one rank's acknowledgement of a save; once every rank's is in (and nothing failed),
+    /// completes the checkpoint or the final model. True when that ends a job started by hand.
+    fn saved(&mut self, report: zerotune_proto::v1::SavedReport, last: bool, healthy: bool, progress: &mut Progress) -> Result<bool> {
+        let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
+        *acks += 1;
+        if *acks < self.spec.world || !healthy {
+            return Ok(false);
+        }
+        let output_dir = &self.spec.output_dir;
+        if Path::new(&report.dir) == output_dir {
+            checkpoint::write_files(output_dir, self.spec.tokenizer_files)?;
+            self.finished = self.spec.world;
+            progress.note(&format!("saved the final model to {}", output_dir.display()));
+        } else {
+            let state = self.trainer_state(report.step, progress);
+            checkpoint::finalize(output_dir, report.step, self.spec.tokenizer_files, &state, self.spec.plan.save_total_limit)?;
+            progress.note(&format!("saved checkpoint-{}", report.step));
+            if !last {
+                return Ok(false);
+            }
+            self.stopped_at = Some(report.step);
+            self.finished = self.spec.world;
+        }
+        Ok(self.spec.processes == 0)
+    }
+
+    /// Carries out a user's request: checkpoints at the next step every rank can reach, or an abort.
+    fn control(&mut self, control: Control, progress: &mut Progress) -> Result<()> {
+        let signal = match control {
+            Control::Abort { signal } => {
+                return Err(CoordinatorError::Flag(format!(
+                    "aborted on a second {signal}; the last complete checkpoint (`latest`) is kept"
+                )))
+            }
+            Control::Stop { signal } => Some(signal),
+            Control::Save => None,
+        };
+        let Some(at) = self.spec.pace.checkpoint(signal.is_some(), self.spec.total_steps) else {
+            progress.note(&format!("{}: the run is about to finish; nothing to checkpoint", signal.unwrap_or(Signal::Usr1)));
+            return Ok(());
+        };
+        match signal {
+            Some(signal) => {
+                self.stop = Some(signal);
+                progress.note(&format!("{signal}: stopping after checkpoint-{at}; send it again to abort now"));
+            }
+            None => progress.note(&format!("SIGUSR1: saving checkpoint-{at}")),
+        }
+        Ok(())
+    }
+
+    /// The error for a job without progress for --ddp_timeout: blames the ranks furthest behind.
+    fn hung(&self, last_step: &BTreeMap<u32, u64>) -> CoordinatorError {
+        let behind = last_step.values().copied().min().unwrap_or(0);
+        let ranks: Vec<String> = last_step.iter().filter(|(_, &s)| s == behind).map(|(r, _)| format!("{r} ({})", self.host(*r))).collect();
+        let rank = last_step.iter().find(|(_, &s)| s == behind).map_or(0, |(r, _)| *r);
+        let message = format!(
+            "no progress for {} s (--ddp_timeout): rank(s) {} last finished step {behind}; a hung process or collective. The job was stopped",
+            self.spec.plan.ddp_timeout.as_secs(),
+            ranks.join(", ")
+        );
+        CoordinatorError::Worker { rank, host: self.host(rank), message }
+    }
+
+    fn worker_error(&self, rank: u32, message: String) -> CoordinatorError {
+        CoordinatorError::Worker { rank, host: self.host(rank), message }
+    }
+
+    fn host(&self, rank: u32) -> String {
+        self.hosts.get(&rank).cloned().unwrap_or_else(|| "not registered".into())
+    }
+
+    /// HF-style trainer_state.json plus what an exact resume needs.
+    fn trainer_state(&self, step: u64, progress: &Progress) -> serde_json::Value {
+        let per_epoch = self.spec.sampler.steps_per_epoch() as u64;
+        json!({
+            "global_step": step,
+            "epoch": progress.epoch(step),
+            "max_steps": self.spec.total_steps,
+            "train_batch_size": self.spec.plan.micro_batch,
+            "gradient_accumulation_steps": self.spec.plan.accumulation,
+            "world_size": self.spec.world,
+            "sampler": {"seed": self.spec.sampler.seed, "epoch": step / per_epoch, "step_in_epoch": step % per_epoch, "blocks": self.spec.sampler.blocks},
+            "log_history": progress.history,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerotune_proto::v1::SavedReport;
+
+    fn plan(out: &Path) -> TrainPlan {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: crate::config::TrainArgs,
+        }
+        let out = out.to_string_lossy();
+        let argv = ["x", "--config_name", "tiny", "--train_tokenizer", "400", "--train_file", "d.jsonl", "--output_dir", &out];
+        let flags = ["--do_train", "--device", "cpu", "--worker_bin", "/bin/true", "--num_workers", "2"];
+        TrainPlan::resolve(&<Cli as clap::Parser>::parse_from(argv.iter().chain(&flags)).args).unwrap()
+    }
+
+    /// Drives a 2-rank job of 4 steps, with `processes` watched processes, through `events`
+    /// (each sent after its delay in seconds, on tokio's clock).
+    async fn drive(dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
+        let plan = plan(dir);
+        let spec = JobSpec {
+            world: 2,
+            output_dir: dir.to_path_buf(),
+            tokenizer_files: &[],
+            plan: &plan,
+            total_steps: 4,
+            sampler: Sampler { blocks: 100, world: 2, micro_batch: 1, accumulation: 1, seed: 0 },
+            processes,
+            pace: Arc::new(Pace::new(2, 1)),
+        };
+        let mut job = Job::new(spec);
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (_controls_tx, mut controls) = mpsc::unbounded_channel();
+        let sender = tokio::spawn(async move {
+            for (delay, event) in events {
+                tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
+                let _ = events_tx.send(event);
+            }
+        });
+        let mut progress = Progress::new(dir, 4, 50, 1, false).unwrap();
+        let result = job.drive(&mut events_rx, &mut controls, &mut progress).await;
+        sender.abort();
+        (result, job.finished)
+    }
+
+    fn registered(rank: u32) -> Event {
+        Event::Registered { rank, local_rank: 0, host: format!("node-{rank}"), device: "cpu".into(), pid: 1 }
+    }
+
+    /// With ZeRO stage 0, rank 1 has nothing to write for the final model: it acknowledges at once
+    /// and exits while rank 0 still saves. That is a finished rank, not a failed one.
+    #[tokio::test]
+    async fn a_rank_may_exit_once_its_final_save_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_string_lossy().into_owned();
+        let saved = |rank| Event::Saved(SavedReport { rank, step: 4, dir: out.clone() });
+        let exited = |rank| Event::Exited { rank: Some(rank), status: ExitStatus::Code(0) };
+        let events = [saved(1), exited(1), Event::Disconnected { rank: 1 }, saved(0), exited(0)];
+        let (result, finished) = drive(dir.path(), 2, events.into_iter().map(|e| (0, e)).collect()).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(finished, 2);
+    }
+
+    /// The Slurm case of the flaky launch test: rank 1 is SIGKILLed under srun. Its stream drops;
+    /// rank 0's ring breaks, it reports the lost peer and disconnects; srun exits 137. Whatever
+    /// the order, and however late rank 1's disconnect comes within the grace period, rank 1 is
+    /// blamed.
+    #[tokio::test(start_paused = true)]
+    async fn the_killed_rank_is_blamed_in_every_order_and_with_delays() {
+        let dir = tempfile::tempdir().unwrap();
+        let failures = || {
+            [
+                Event::Disconnected { rank: 1 },
+                Event::Disconnected { rank: 0 },
+                Event::Failed { rank: 0, kind: FailureKind::PeerLost, message: "collective failed: lost rank 1".into() },
+                Event::Exited { rank: None, status: ExitStatus::Code(137) },
+            ]
+        };
+        let mut orders = vec![vec![]];
+        for n in 0..4 {
+            orders =
+                orders.into_iter().flat_map(|o: Vec<usize>| (0..=o.len()).map(move |at| [&o[..at], &[n], &o[at..]].concat())).collect();
+        }
+        assert_eq!(orders.len(), 24);
+        for (i, order) in orders.into_iter().enumerate() {
+            let mut slots: Vec<Option<Event>> = failures().into_iter().map(Some).collect();
+            // Delays of 0 to 3 s between the reports (at most 9 s in all); in every sixth order the
+            // last one comes 9 s after the others (the grace period is 10 s).
+            let mut events = vec![(0, registered(0)), (0, registered(1))];
+            for (k, &at) in order.iter().enumerate() {
+                let delay = match (k, i % 6) {
+                    (0, _) => 0,
+                    (3, 0) => 9,
+                    (_, 0) => 0,
+                    _ => ((i + k) % 4) as u64,
+                };
+                events.push((delay, slots[at].take().unwrap()));
+            }
+            let (result, _) = drive(dir.path(), 1, events).await;
+            let err = result.unwrap_err().to_string();
+            assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "order {order:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! One training job from the coordinator's side: prepare data, then run attempts (one launch of
+//! every worker each, `attempt.rs`) until the run ends, restarting from `latest` after a worker
+//! failure while `--max_restarts` allows, on the hosts still answering. Within an attempt,
+//! `commands.rs` streams each rank its commands at the pace `pace.rs` keeps, and `driver.rs`
+//! turns the reports into progress, metrics.jsonl, complete checkpoints and the final model.
+
+mod attempt;
+mod commands;
+mod driver;
+mod pace;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
+
+use crate::config::{ModelChoice, TrainPlan};
+use crate::dataset::TokenCache;
+use crate::error::{io_err, CoordinatorError, Result};
+use crate::events::Signal;
+use crate::launch;
+use crate::prepare::{prepare, Prepared};
+use crate::sampler::Sampler;
+use attempt::{attempt, forward_signals};
+use commands::Cadence;
+
+/// What a finished (or, on request, stopped) run reports.
+#[derive(Debug)]
+pub struct Outcome {
+    pub output_dir: PathBuf,
+    pub steps: u64,
+    pub eval_loss: Option<f64>,
+    pub perplexity: Option<f64>,
+    /// The run stopped on this signal after saving the checkpoint of `steps`.
+    pub stopped_on: Option<Signal>,
+}
+
+pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
+    let mut resume = match &plan.resume_from_checkpoint {
+        Some(spec) => Some(resolve_checkpoint(&plan.output_dir, spec)?),
+        None => {
+            check_output_dir(&plan)?;
+            None
+        }
+    };
+    let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
+    std::fs::create_dir_all(&plan.output_dir).map_err(io_err(&plan.output_dir))?;
+    let output_dir = plan.output_dir.canonicalize().map_err(io_err(&plan.output_dir))?;
+    let worker_plan = worker_plan(&plan, &prepared)?;
+    write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
+    eprintln!(
+        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}{}",
+        prepared.config.num_parameters(),
+        prepared.total_steps,
+        prepared.sampler.steps_per_epoch(),
+        plan.micro_batch,
+        plan.accumulation,
+        plan.world_size,
+        prepared.block_size,
+        plan.device,
+        if plan.world_size > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
+    );
+    let mut run = Run {
+        cadence: Cadence {
+            total_steps: prepared.total_steps,
+            eval_steps: plan.eval_steps,
+            do_eval: plan.do_eval && prepared.cache.validation_blocks > 0,
+            save_steps: plan.save_steps,
+            eval_batch: plan.eval_batch,
+            output_dir: output_dir.clone(),
+        },
+        sampler: prepared.sampler,
+        total_steps: prepared.total_steps,
+        tokenizer_files: prepared.tokenizer_files,
+        cache: Arc::new(prepared.cache),
+        worker_plan,
+    };
+    let mut controls = forward_signals()?;
+    let mut restarts = 0;
+    loop {
+        match attempt(&plan, &run, resume.clone(), &mut controls).await {
+            Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.max_restarts => {
+                restarts += 1;
+                eprintln!("{failure}");
+                let lost = launch::unreachable_hosts(&plan.launcher, &plan.placements).await;
+                if !lost.is_empty() {
+                    let fewer = plan.without_hosts(&lost).map_err(|e| CoordinatorError::Flag(format!("{failure}; cannot restart: {e}")))?;
+                    eprintln!(
+                        "host(s) {} do not answer: continuing on the {} rank(s) still available, gradient accumulation {} -> {} (the global batch stays {})",
+                        lost.into_iter().collect::<Vec<_>>().join(", "),
+                        fewer.world_size,
+                        plan.accumulation,
+                        fewer.accumulation,
+                        fewer.world_size * fewer.micro_batch * fewer.accumulation,
+                    );
+                    run.resize(&fewer);
+                    plan = fewer;
+                }
+                resume = latest_checkpoint(&output_dir)?;
+                let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
+                eprintln!("restart {restarts} of {}: resuming from {from}", plan.max_restarts);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// What every attempt of a run shares.
+struct Run {
+    cadence: Cadence,
+    sampler: Sampler,
+    total_steps: u64,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    cache: Arc<TokenCache>,
+    worker_plan: WorkerPlan,
+}
+
+impl Run {
+    /// The same run on `plan`'s ranks (after hosts were lost): same global batch, more accumulation.
+    fn resize(&mut self, plan: &TrainPlan) {
+        self.sampler = Sampler { world: plan.world_size, accumulation: plan.accumulation, ..self.sampler };
+        self.worker_plan.gradient_accumulation_steps = plan.accumulation as u32;
+        self.worker_plan.collectives = collectives(plan);
+    }
+}
+
+/// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), checked complete.
+fn resolve_checkpoint(output_dir: &Path, spec: &str) -> Result<Resume> {
+    let dir = if spec == "latest" {
+        let pointer = output_dir.join("latest");
+        let name = std::fs::read_to_string(&pointer).map_err(|e| {
+            CoordinatorError::Flag(format!(
+                "--resume_from_checkpoint latest: cannot read {}: {e} (no complete checkpoint yet?)",
+                pointer.display()
+            ))
+        })?;
+        output_dir.join(name.trim())
+    } else {
+        PathBuf::from(spec)
+    };
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: cannot read {}: {e}", spec, state_path.display())))?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} is not valid JSON: {e}", state_path.display())))?;
+    let step = state["global_step"]
+        .as_u64()
+        .ok_or_else(|| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} has no global_step", state_path.display())))?;
+    if !dir.join("optimizer/layout.json").is_file() {
+        return Err(CoordinatorError::Flag(format!(
+            "--resume_from_checkpoint: {} has no optimizer/layout.json (incomplete checkpoint?)",
+            dir.display()
+        )));
+    }
+    let dir = dir.canonicalize().map_err(io_err(&dir))?;
+    Ok(Resume { dir: dir.to_string_lossy().into_owned(), step })
+}
+
+/// The checkpoint `latest` names, if any.
+fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
+    if !output_dir.join("latest").is_file() {
+        return Ok(None);
+    }
+    resolve_checkpoint(output_dir, "latest").map(Some)
+}
+/// HF refuses a non-empty output_dir unless told to overwrite; so do we.
+fn check_output_dir(plan: &TrainPlan) -> Result<()> {
+    let dir = &plan.output_dir;
+    let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if non_empty && !plan.overwrite_output_dir {
+        return Err(CoordinatorError::Flag(format!(
+            "--output_dir {} exists and is not empty; pass --overwrite_output_dir to train into it anyway",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
+    let model = match &plan.model {
+        ModelChoice::Pretrained(dir) => {
+            let dir = dir.canonicalize().map_err(io_err(dir))?;
+            ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() }
+        }
+        ModelChoice::Scratch(_) => ModelSource::Scratch { config: prepared.config.to_hf_json("float32") },
+    };
+    Ok(WorkerPlan {
+        model,
+        precision: plan.precision,
+        optimizer: plan.optimizer,
+        schedule: Schedule { kind: plan.schedule, warmup_steps: prepared.warmup_steps, total_steps: prepared.total_steps },
+        max_grad_norm: plan.max_grad_norm,
+        loss_scaler: plan.loss_scaler,
+        seed: plan.seed,
+        gradient_accumulation_steps: plan.accumulation as u32,
+        zero_stage: plan.zero.stage,
+        offload_optimizer: plan.zero.offload_optimizer,
+        reduce_bucket_size: plan.zero.reduce_bucket_size,
+        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
+        resume: None,
+        heartbeat_timeout_ms: plan.heartbeat_timeout.as_millis() as u64,
+        collectives: collectives(plan),
+    })
+}
+
+fn collectives(plan: &TrainPlan) -> Collectives {
+    match (plan.device.as_str(), plan.num_gpus_given) {
+        ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
+        ("cpu", _) => Collectives::None,
+        (_, true) => Collectives::Nccl,
+        _ if plan.world_size > 1 => Collectives::Nccl,
+        _ => Collectives::None,
+    }
+}
+
+fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, worker: &WorkerPlan) -> Result<()> {
+    let run = json!({
+        "train_file": plan.train_file,
+        "validation_file": plan.validation_file,
+        "token_cache": prepared.cache.path,
+        "train_blocks": prepared.cache.train_blocks,
+        "validation_blocks": prepared.cache.validation_blocks,
+        "block_size": prepared.block_size,
+        "world_size": plan.world_size,
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "total_steps": prepared.total_steps,
+        "device": plan.device,
+        "zero_optimization": plan.zero,
+        "model_config": prepared.config.to_hf_json("float32"),
+        "worker_plan": worker,
+    });
+    zerotune_hf::write::write_json(&output_dir.join("run.json"), &run)?;
+    Ok(())
+}
