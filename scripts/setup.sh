@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh clone: libtorch for tch (.libtorch/), and with --test the Python oracle used by
-# the tests (.venv/: PyTorch + HF transformers), then builds the workspace.
+# the tests (.venv/: PyTorch + HF transformers, and the real clients: the openai SDK, rapidfuzz),
+# then builds the workspace.
 # Needs: cargo (Rust toolchain), python3 with pip and venv. Everything else comes from PyPI/crates.io.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,8 @@ if [[ ! -f .libtorch/torch/lib/libtorch_cpu.so ]]; then
 fi
 
 if (( want_test_env )); then
-    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import torch, transformers" 2>/dev/null; then
-        echo "setup: creating .venv with PyTorch + transformers (the tests' reference implementation)"
+    if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import torch, transformers, openai, rapidfuzz" 2>/dev/null; then
+        echo "setup: creating .venv with PyTorch + transformers (the tests' reference), the openai SDK and rapidfuzz"
         python3 -m venv .venv
         # The venv imports the torch already in .libtorch (a .pth file puts it on sys.path) rather than a
         # second 1.2 GB copy, and gets only the libraries that torch loads at import: its requirements
@@ -33,7 +34,7 @@ if (( want_test_env )); then
         mapfile -t torch_requirements < <(sed -n 's/^Requires-Dist: //p' .libtorch/torch-${TORCH_VERSION}.dist-info/METADATA |
             grep -v -e '^triton' -e 'extra ==')
         .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir \
-            "${torch_requirements[@]}" "transformers==5.24.0" safetensors tokenizers numpy \
+            "${torch_requirements[@]}" "transformers==5.24.0" safetensors tokenizers numpy "openai==3.57.0" "rapidfuzz==3.14.6" \
             2> >(grep -v -e "dependency resolver does not" -e "requires triton" >&2) || no_room "creating .venv"
     fi
 fi

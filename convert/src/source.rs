@@ -17,11 +17,7 @@ pub struct Source {
 impl Source {
     /// Opens `dir`; a zerotune `checkpoint-<step>/` is read through its `model/` directory.
     pub fn open(dir: &Path) -> Result<Self> {
-        let dir = if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() {
-            dir.join("model")
-        } else {
-            dir.to_path_buf()
-        };
+        let dir = zerotune_hf::model_dir(dir);
         let config = CodeGenConfig::from_dir(&dir)?;
         let weights = WeightFiles::open(&dir)?;
         for (name, shape) in config.parameter_shapes() {

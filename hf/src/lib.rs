@@ -11,7 +11,17 @@ pub use config::CodeGenConfig;
 pub use dtype::Dtype;
 pub use read::{RawTensor, WeightFiles};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The HF model directory behind `dir`: itself, or for a zerotune `checkpoint-<step>/` its
+/// `model/` subdirectory.
+pub fn model_dir(dir: &Path) -> PathBuf {
+    if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() {
+        dir.join("model")
+    } else {
+        dir.to_path_buf()
+    }
+}
 
 /// Everything that can go wrong reading or writing a model directory, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -6,19 +6,24 @@ use tch::Device;
 
 use crate::error::{Result, WorkerError};
 
-/// Parses `cpu`, `cuda` or `cuda:N` and checks the device can be used.
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there is one) and checks the
+/// device can be used.
 pub fn parse(spec: &str) -> Result<Device> {
     let spec = spec.trim();
     if spec == "cpu" {
         return Ok(Device::Cpu);
+    }
+    if spec == "auto" {
+        load_cuda_backend();
+        return Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu });
     }
     let index = match spec.strip_prefix("cuda") {
         Some("") => 0,
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| WorkerError::Device(spec.into(), "expected cpu, cuda or cuda:N".into()))?,
-        None => return Err(WorkerError::Device(spec.into(), "expected cpu, cuda or cuda:N".into())),
+            .ok_or_else(|| WorkerError::Device(spec.into(), "expected cpu, cuda, cuda:N or auto".into()))?,
+        None => return Err(WorkerError::Device(spec.into(), "expected cpu, cuda, cuda:N or auto".into())),
     };
     load_cuda_backend();
     if !tch::Cuda::is_available() {

@@ -1,64 +1,113 @@
-//! Text generation with a KV cache (HF `generate` semantics): greedy by default, or sampling with
-//! temperature, top-k and top-p; stops at EOS or after `max_new_tokens`.
+//! A saved model loaded for inference (a zerotune output dir, a `checkpoint-<step>/` or any HF
+//! CodeGen dir), and `worker generate`: one prompt completed through the same engine the
+//! server batches with (HF `generate` semantics: greedy by default, or sampling).
 
-use tch::{Device, Kind, Tensor};
+use std::path::{Path, PathBuf};
 
-use crate::model::{CodeGen, KvCache};
+use tch::{Device, Kind};
+use tokenizers::Tokenizer;
+use zerotune_hf::CodeGenConfig;
+use zerotune_proto::plan::ModelSource;
 
-/// Decoding settings (HF `GenerationConfig` names).
-#[derive(Clone, Debug)]
-pub struct Sampling {
-    pub max_new_tokens: usize,
-    /// 0 means greedy.
-    pub temperature: f64,
-    /// 0 disables top-k filtering.
-    pub top_k: i64,
-    /// 1 disables nucleus filtering.
-    pub top_p: f64,
-    pub seed: u64,
-    pub eos_id: Option<i64>,
+use crate::engine::{Engine, Finish, Prompt};
+use crate::error::{Result, WorkerError};
+use crate::model::CodeGen;
+use crate::sample::{Rng, Sampler, SamplingParams};
+use crate::train::load_params;
+
+/// The compute precision of a loaded model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
 }
 
-/// New token ids following `prompt` (EOS included when produced).
-pub fn generate(model: &CodeGen, prompt: &[i64], sampling: &Sampling, device: Device) -> Vec<i64> {
-    let _guard = tch::no_grad_guard();
-    tch::manual_seed(sampling.seed as i64);
-    let limit = model.config.n_positions.saturating_sub(prompt.len());
-    let mut cache = KvCache::default();
-    let mut input = Tensor::from_slice(prompt).view([1, -1]).to_device(device);
-    let mut out = vec![];
-    for _ in 0..sampling.max_new_tokens.min(limit) {
-        let logits = model.forward_cached(&input, Some(&mut cache), false);
-        let last = logits.select(1, -1).squeeze_dim(0);
-        let next = pick(&last, sampling);
-        out.push(next);
-        if Some(next) == sampling.eos_id {
-            break;
+impl Precision {
+    /// fp32 on the CPU; on a GPU bf16, or fp16 when asked.
+    pub fn for_device(device: Device, fp16: bool) -> Self {
+        match (device, fp16) {
+            (Device::Cpu, _) => Self::Fp32,
+            (_, true) => Self::Fp16,
+            (_, false) => Self::Bf16,
         }
-        input = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
     }
-    out
+
+    fn kind(self) -> Kind {
+        match self {
+            Self::Fp32 => Kind::Float,
+            Self::Bf16 => Kind::BFloat16,
+            Self::Fp16 => Kind::Half,
+        }
+    }
 }
 
-/// Chooses the next id from logits (V,).
-fn pick(logits: &Tensor, s: &Sampling) -> i64 {
-    if s.temperature <= 0.0 {
-        return logits.argmax(0, false).int64_value(&[]);
+/// A model ready to generate.
+pub struct Loaded {
+    /// The HF model directory the weights came from.
+    pub dir: PathBuf,
+    pub config: CodeGenConfig,
+    pub model: CodeGen,
+    pub tokenizer: Tokenizer,
+    pub eos: Option<u32>,
+    pub device: Device,
+}
+
+impl Loaded {
+    /// Loads `dir` (a `checkpoint-<step>/` through its `model/`) onto `device`.
+    pub fn open(dir: &Path, device: Device, precision: Precision) -> Result<Self> {
+        let dir = zerotune_hf::model_dir(dir);
+        let tokenizer = zerotune_hf::tokenizer::load(&dir)?;
+        let source = ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() };
+        let (config, params) = load_params(&source, precision.kind(), device, false, 0)?;
+        let model = CodeGen::new(&config, &params);
+        let eos = zerotune_hf::tokenizer::eos_id(&tokenizer).or(u32::try_from(config.eos_token_id).ok());
+        Ok(Self { dir, config, model, tokenizer, eos, device })
     }
-    let mut logits = logits / s.temperature;
-    let v = logits.size()[0];
-    if s.top_k > 0 && s.top_k < v {
-        let threshold = logits.topk(s.top_k, 0, true, true).0.select(0, s.top_k - 1);
-        logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| WorkerError::Invalid(format!("cannot tokenize the prompt: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
     }
-    if s.top_p < 1.0 {
-        // HF TopPLogitsWarper: drop the low tail whose cumulative probability is <= 1 - top_p.
-        let (sorted, indices) = logits.sort(0, false);
-        let cumulative = sorted.softmax(0, Kind::Float).cumsum(0, Kind::Float);
-        let remove = cumulative.le(1.0 - s.top_p);
-        let _ = remove.narrow(0, v - 1, 1).fill_(0);
-        let remove = remove.scatter(0, &indices, &remove);
-        logits = logits.masked_fill(&remove, f64::NEG_INFINITY);
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| WorkerError::Invalid(format!("cannot decode tokens: {e}")))
     }
-    logits.softmax(0, Kind::Float).multinomial(1, false).int64_value(&[0])
+}
+
+/// One completion: the prompt's ids, the new ids (EOS not included), their text and why it ended.
+#[derive(Debug)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    pub new_ids: Vec<u32>,
+    pub text: String,
+    pub finish: Finish,
+}
+
+/// Completes `prompt` with up to `max_new_tokens` tokens.
+pub fn generate(loaded: &Loaded, prompt: &str, max_new_tokens: usize, params: SamplingParams, seed: u64) -> Result<Generation> {
+    let prompt_ids = loaded.encode(prompt)?;
+    if prompt_ids.is_empty() {
+        return Err(WorkerError::Invalid("the prompt is empty after tokenization".into()));
+    }
+    let n_positions = loaded.config.n_positions;
+    if prompt_ids.len() >= n_positions {
+        return Err(WorkerError::Invalid(format!(
+            "the prompt has {} tokens; the model's context is {n_positions} (n_positions)",
+            prompt_ids.len()
+        )));
+    }
+    let mut engine = Engine::new(&loaded.model, loaded.device, loaded.eos);
+    let request = Prompt { ids: prompt_ids.clone(), max_new_tokens, logprobs: None, prompt_logprobs: false };
+    let (_, mut emitted) = engine.admit(&request, vec![((), Sampler::new(params, Rng::new(seed, 0)))]);
+    let mut new_ids = vec![];
+    loop {
+        let out = emitted.pop().expect("one sequence");
+        new_ids.extend(out.token.map(|t| t.id));
+        if let Some(finish) = out.finish {
+            let text = loaded.decode(&new_ids)?;
+            return Ok(Generation { prompt_ids, new_ids, text, finish });
+        }
+        emitted = engine.step();
+    }
 }

@@ -1,14 +1,18 @@
 //! The worker: one process per GPU or CPU rank. It runs CodeGen through tch, trains with AdamW on
-//! fp32 master weights, writes checkpoints in HF layout, and generates text.
+//! fp32 master weights, writes checkpoints in HF layout, generates text, and serves completions
+//! over HTTP with continuous batching.
 
 pub mod agent;
 pub mod checkpoint;
 pub mod comm;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod optim;
+pub mod sample;
+pub mod serve;
 pub mod train;
 pub mod zero;
 

@@ -7,8 +7,9 @@ mod common;
 use common::{fixtures, meta, rel_err, tensor_from, Reference};
 use tch::{Device, Kind, Tensor};
 use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
-use zerotune_worker::generate::{generate, Sampling};
-use zerotune_worker::model::CodeGen;
+use zerotune_worker::engine::{Engine, Prompt};
+use zerotune_worker::model::{BatchCache, CodeGen, KvCache};
+use zerotune_worker::sample::{Rng, Sampler, SamplingParams};
 use zerotune_worker::train::{load_params, Trainer};
 
 /// Tolerances, fp32 (STYLE.md: written down once).
@@ -147,11 +148,64 @@ fn greedy_generation_matches_hf_generate() {
     assert_eq!(ids, Vec::<i64>::try_from(reference.tensor("prompt_ids")).unwrap(), "tokenizer ids differ from Python's");
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
     let model = CodeGen::new(&config, &params);
-    let sampling = Sampling { max_new_tokens: 20, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_id: Some(0) };
-    let new_ids = generate(&model, &ids, &sampling, Device::Cpu);
-    assert_eq!(new_ids, Vec::<i64>::try_from(reference.tensor("greedy_new_ids")).unwrap());
+    // HF was run with eos_token_id 0; the engine stops at EOS without emitting it.
+    let mut engine = Engine::new(&model, Device::Cpu, Some(0));
+    let prompt = Prompt { ids: ids.iter().map(|&i| i as u32).collect(), max_new_tokens: 20, logprobs: None, prompt_logprobs: false };
+    let (_, mut emitted) = engine.admit(&prompt, vec![((), Sampler::new(SamplingParams::default(), Rng::new(0, 0)))]);
+    let mut new_ids = vec![];
+    loop {
+        let out = emitted.pop().unwrap();
+        new_ids.extend(out.token.map(|t| t.id as i64));
+        if out.finish.is_some() {
+            break;
+        }
+        emitted = engine.step();
+    }
+    let want = Vec::<i64>::try_from(reference.tensor("greedy_new_ids")).unwrap();
+    assert_eq!(new_ids, want.into_iter().take_while(|&i| i != 0).collect::<Vec<_>>());
 }
 
+/// Rows of different lengths decoding together each get the logits of their lone run: the
+/// batch cache's mask and per-row positions are exact, and a row that leaves changes nothing.
+#[test]
+fn batched_decode_gives_each_row_its_lone_logits() {
+    let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let model = CodeGen::new(&config, &params);
+    let _guard = tch::no_grad_guard();
+    let prompts: Vec<Vec<i64>> = vec![(1..12).collect(), vec![5, 9, 2], (20..45).collect()];
+    let next = |step: i64, row: usize| (7 * step + 3 * row as i64) % 300 + 1;
+    // Alone: prefill, then one token at a time.
+    let mut alone = vec![];
+    for (row, prompt) in prompts.iter().enumerate() {
+        let mut cache = KvCache::default();
+        let _ = model.forward_cached(&Tensor::from_slice(prompt).view([1, -1]), Some(&mut cache), false);
+        let steps: Vec<Tensor> = (0..4)
+            .map(|step| model.forward_cached(&Tensor::from_slice(&[next(step, row)]).view([1, 1]), Some(&mut cache), false).view(-1))
+            .collect();
+        alone.push(steps);
+    }
+    // Together: rows join after their own prefill; row 1 leaves after step 1.
+    let mut batch = BatchCache::new(config.n_positions as i64);
+    for prompt in &prompts {
+        let mut cache = KvCache::default();
+        let _ = model.prefill(&Tensor::from_slice(prompt).view([1, -1]), &mut cache, false);
+        batch.push(&cache);
+    }
+    let mut rows = vec![0, 1, 2];
+    for step in 0..4 {
+        let ids: Vec<i64> = rows.iter().map(|&r| next(step, r)).collect();
+        let logits = model.decode(&Tensor::from_slice(&ids).view([-1, 1]), &mut batch);
+        for (i, &row) in rows.iter().enumerate() {
+            let err = rel_err(&format!("row {row} step {step}"), &logits.get(i as i64), &alone[row][step as usize]);
+            assert!(err < LOGITS_REL, "row {row} step {step}: {err:.2e}");
+        }
+        if step == 1 {
+            batch.retain(&[true, false, true]);
+            rows = vec![0, 2];
+        }
+    }
+    assert_eq!(batch.lengths(), [11 + 4, 25 + 4]);
+}
 #[test]
 fn legacy_vocab_merges_tokenizer_equals_tokenizer_json() {
     let json = zerotune_hf::tokenizer::load(&fixtures().join("tiny")).unwrap();

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod http;
+
 pub use zerotune_tests::fixtures;
 
 /// `target/<profile>/<name>`, next to the test executable's `deps/` directory.

@@ -1,18 +1,19 @@
-//! `worker`: a training rank launched by the coordinator (`worker run`), or text generation from a
-//! saved model (`worker generate`).
+//! `worker`: a training rank launched by the coordinator (`worker run`), text generation from a
+//! saved model (`worker generate`), or a completions server on it (`worker serve`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use zerotune_proto::plan::ModelSource;
 use zerotune_worker::agent::{self, AgentArgs};
-use zerotune_worker::generate::{generate, Sampling};
-use zerotune_worker::model::CodeGen;
-use zerotune_worker::{device, train};
+use zerotune_worker::device;
+use zerotune_worker::engine::Finish;
+use zerotune_worker::generate::{generate, Loaded, Precision};
+use zerotune_worker::sample::SamplingParams;
+use zerotune_worker::serve::{self, ServeOptions};
 
 #[derive(Parser)]
-#[command(version, about = "zerotune worker: one training rank, or text generation")]
+#[command(version, about = "zerotune worker: one training rank, text generation, or a completions server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,7 +37,7 @@ enum Command {
     /// Complete a prompt with a saved model (greedy unless --temperature > 0).
     #[command(rename_all = "snake_case")]
     Generate {
-        /// HF-layout model directory (config.json, weights, tokenizer files).
+        /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -46,16 +47,51 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
         #[arg(long, default_value_t = 0)]
-        top_k: i64,
+        top_k: usize,
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Print {"prompt_ids", "new_ids", "completion"} as JSON instead of the text.
+        /// Print {"prompt_ids", "new_ids", "completion", "finish_reason"} as JSON instead of the text.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve completions over HTTP: the FauxPilot / OpenAI API, continuously batched.
+    #[command(rename_all = "snake_case")]
+    Serve {
+        /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+        #[arg(long)]
+        model: PathBuf,
+        /// The address to listen on (loopback unless told otherwise).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port.
+        #[arg(long, default_value_t = 5000)]
+        port: u16,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// On a GPU, compute in fp16 instead of bf16.
+        #[arg(long)]
+        fp16: bool,
+        /// Require `Authorization: Bearer KEY` (also read from ZEROTUNE_API_KEY).
+        #[arg(long, env = "ZEROTUNE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Sequences generating together.
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Requests waiting for room in the batch before new ones get 429.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// CPU threads for the model (default: torch's choice).
+        #[arg(long)]
+        threads: Option<i32>,
+        /// The name `GET /v1/models` lists (default: the model directory's name).
+        #[arg(long)]
+        model_name: Option<String>,
     },
 }
 
@@ -76,31 +112,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device: spec, json } => {
             let device = device::parse(&spec)?;
-            let kind = if device == tch::Device::Cpu { tch::Kind::Float } else { tch::Kind::BFloat16 };
-            let tokenizer = zerotune_hf::tokenizer::load(&model)?;
-            let source = ModelSource::Pretrained { dir: model.to_string_lossy().into_owned() };
-            let (config, params) = train::load_params(&source, kind, device, false, seed)?;
-            let net = CodeGen::new(&config, &params);
-            let encoding = tokenizer.encode(prompt.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
-            let prompt_ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
-            anyhow::ensure!(!prompt_ids.is_empty(), "the prompt is empty after tokenization");
-            anyhow::ensure!(
-                prompt_ids.len() < config.n_positions,
-                "the prompt has {} tokens; the model's context is {} (n_positions)",
-                prompt_ids.len(),
-                config.n_positions
-            );
-            let eos_id = zerotune_hf::tokenizer::eos_id(&tokenizer).map(i64::from).or(Some(config.eos_token_id));
-            let sampling = Sampling { max_new_tokens, temperature, top_k, top_p, seed, eos_id };
-            let new_ids = generate(&net, &prompt_ids, &sampling, device);
-            let ids: Vec<u32> = new_ids.iter().filter(|&&i| Some(i) != eos_id).map(|&i| i as u32).collect();
-            let completion = tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            let loaded = Loaded::open(&model, device, Precision::for_device(device, false))?;
+            let params = SamplingParams { temperature, top_k, top_p, ..Default::default() };
+            let out = generate(&loaded, &prompt, max_new_tokens, params, seed)?;
+            let reason = match out.finish {
+                Finish::Eos => "stop",
+                Finish::Length | Finish::Context => "length",
+            };
+            if out.finish == Finish::Context {
+                eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
+            }
             if json {
-                println!("{}", serde_json::json!({"prompt_ids": prompt_ids, "new_ids": new_ids, "completion": completion}));
+                let reply = serde_json::json!({"prompt_ids": out.prompt_ids, "new_ids": out.new_ids, "completion": out.text, "finish_reason": reason});
+                println!("{reply}");
             } else {
-                println!("{prompt}{completion}");
+                println!("{prompt}{}", out.text);
             }
             Ok(())
         }
+        Command::Serve { model, host, port, device: spec, fp16, api_key, max_batch, max_queue, threads, model_name } => {
+            if let Some(threads) = threads {
+                tch::set_num_threads(threads);
+            }
+            let device = device::parse(&spec)?;
+            let precision = Precision::for_device(device, fp16);
+            let loaded = Loaded::open(&model, device, precision)?;
+            let model_name = model_name.unwrap_or_else(|| {
+                let dir = model.canonicalize().unwrap_or(model.clone());
+                dir.file_name().map_or("codegen".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let options = ServeOptions { api_key, max_batch, max_queue, model_name };
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("cannot listen on {host}:{port} (--host, --port)"))?;
+                let address = listener.local_addr()?;
+                eprintln!(
+                    "serving {} ({} parameters, {precision:?} on {device:?}, context {}) at http://{address}/v1 (max batch {max_batch}, queue {max_queue})",
+                    loaded.dir.display(),
+                    loaded.config.num_parameters(),
+                    loaded.config.n_positions,
+                );
+                serve::run(listener, loaded, options, shutdown_signal()).await.context("the HTTP server failed")
+            })?;
+            eprintln!("worker: stopped");
+            Ok(())
+        }
     }
+}
+
+/// Resolves on the first SIGTERM or SIGINT: the server then finishes what is in flight.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    eprintln!("worker: {name}: no new requests; finishing the ones in flight");
 }

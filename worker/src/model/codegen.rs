@@ -6,6 +6,7 @@
 use tch::{Kind, Reduction, Tensor};
 use zerotune_hf::CodeGenConfig;
 
+use super::kv::{BatchCache, KvCache};
 use super::params::ParamSet;
 use super::rotary::Rotary;
 
@@ -35,21 +36,14 @@ struct Block {
     fc_out_bias: Tensor,
 }
 
-/// Past keys and values per layer, (B, H, T_past, D) each, for incremental decoding.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-}
-
-impl KvCache {
-    /// Tokens already in the cache.
-    pub fn len(&self) -> i64 {
-        self.layers.first().map_or(0, |(k, _)| k.size()[2])
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Where a block's attention finds its positions and past keys.
+enum Context<'a> {
+    /// Tokens at positions `start..`, causal among themselves, appended to `cache` when given.
+    Sequence { start: i64, cache: Option<&'a mut (Tensor, Tensor)> },
+    /// One token per row, at `positions` (N,): its key and value are written into the batch
+    /// cache's `layer` through `index` (N, H, 1, D), and it attends to the first `width`
+    /// columns through `mask` (N, 1, 1, width).
+    Batch { positions: &'a Tensor, index: &'a Tensor, mask: &'a Tensor, width: i64, layer: &'a mut (Tensor, Tensor) },
 }
 
 /// The model: parameter handles into a `ParamSet` plus the rotary tables.
@@ -101,19 +95,53 @@ impl CodeGen {
     }
 
     /// Forward pass that appends to `cache` when given (prompt first, then one token at a time).
-    pub fn forward_cached(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        self.logits(&self.hidden(ids, cache, train))
+    }
+
+    /// The prompt's pass that fills `cache`, with the logits of its last position only (all
+    /// positions when `all`): the lm_head over a long prompt costs as much as a few layers.
+    /// ids: (B, T) -> (B, 1 or T, V)
+    pub fn prefill(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
+        let h = self.hidden(ids, Some(cache), false);
+        let t = h.size()[1];
+        self.logits(&if all { h } else { h.narrow(1, t - 1, 1) })
+    }
+
+    /// One new token per row of `cache`, each at its own position (the row's length): rows of
+    /// different lengths decode together, and each row's logits are those it would get alone.
+    /// ids: (N, 1) -> (N, V)
+    pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
+        let h = self.config.n_head as i64;
+        let d = self.config.n_embd as i64 / h;
+        let (positions, index, mask, width) = cache.step_tensors(h, d);
+        let mut xs = Tensor::embedding(&self.wte, ids, -1, false, false);
+        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let context = Context::Batch { positions: &positions, index: &index, mask: &mask, width, layer };
+            xs = self.block(block, &xs, context, false);
+        }
+        cache.advance();
+        self.logits(&self.ln_f.forward(&xs)).squeeze_dim(1)
+    }
+
+    /// The final hidden states after ln_f.  ids: (B, T) -> (B, T, C)
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut h = Tensor::embedding(&self.wte, ids, -1, false, false).dropout(self.config.embd_pdrop, train);
         for (l, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| {
+            let layer = cache.as_deref_mut().map(|c| {
                 if c.layers.len() <= l {
                     c.layers.push((Tensor::new(), Tensor::new()));
                 }
                 &mut c.layers[l]
             });
-            h = self.block(block, &h, start, layer_cache, train);
+            h = self.block(block, &h, Context::Sequence { start, cache: layer }, train);
         }
-        let h = self.ln_f.forward(&h);
+        self.ln_f.forward(&h)
+    }
+
+    /// Logits in f32 (HF upcasts them).  (B, T, C) -> (B, T, V)
+    fn logits(&self, h: &Tensor) -> Tensor {
         h.linear(&self.lm_head_weight, Some(&self.lm_head_bias)).to_kind(Kind::Float)
     }
 
@@ -138,16 +166,16 @@ impl CodeGen {
     }
 
     /// Parallel residual (GPT-J/CodeGen): x + attn(ln(x)) + mlp(ln(x)).  xs: (B, T, C) -> (B, T, C)
-    fn block(&self, block: &Block, xs: &Tensor, start: i64, cache: Option<&mut (Tensor, Tensor)>, train: bool) -> Tensor {
+    fn block(&self, block: &Block, xs: &Tensor, context: Context, train: bool) -> Tensor {
         let normed = block.ln_1.forward(xs);
-        let attn = self.attention(block, &normed, start, cache, train);
+        let attn = self.attention(block, &normed, context, train);
         let hidden = normed.linear(&block.fc_in_weight, Some(&block.fc_in_bias)).gelu("tanh");
         let mlp = hidden.linear(&block.fc_out_weight, Some(&block.fc_out_bias)).dropout(self.config.resid_pdrop, train);
         xs + attn + mlp
     }
 
     /// Causal self-attention with CodeGen's qkv layout.  xs: (B, T, C) -> (B, T, C)
-    fn attention(&self, block: &Block, xs: &Tensor, start: i64, cache: Option<&mut (Tensor, Tensor)>, train: bool) -> Tensor {
+    fn attention(&self, block: &Block, xs: &Tensor, context: Context, train: bool) -> Tensor {
         let (b, t, c) = xs.size3().expect("attention input is (B, T, C)");
         let h = self.config.n_head as i64;
         let d = c / h;
@@ -155,23 +183,35 @@ impl CodeGen {
         let qkv = xs.linear::<Tensor>(&block.qkv_proj, None).reshape([b, t, MP_NUM, 3 * c / MP_NUM]);
         let part = |i: i64| qkv.narrow(3, i * c / MP_NUM, c / MP_NUM).reshape([b, t, h, d]);
         let (query, value, key) = (part(0), part(1), part(2));
-        let query = self.rotary.apply(&query, start).permute([0, 2, 1, 3]);
-        let mut key = self.rotary.apply(&key, start).permute([0, 2, 1, 3]);
-        let mut value = value.permute([0, 2, 1, 3]);
-        let mut causal = true;
-        if let Some((past_k, past_v)) = cache {
-            if past_k.defined() {
-                key = Tensor::cat(&[&*past_k, &key], 2);
-                value = Tensor::cat(&[&*past_v, &value], 2);
-                // A continuation token attends to everything before it.
-                assert!(t == 1, "after the prompt, decode one token at a time");
-                causal = false;
-            }
-            *past_k = key.shallow_clone();
-            *past_v = value.shallow_clone();
-        }
         let dropout = if train { self.config.attn_pdrop } else { 0.0 };
-        let out = Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false);
+        let out = match context {
+            Context::Sequence { start, cache } => {
+                let query = self.rotary.apply(&query, start).permute([0, 2, 1, 3]);
+                let mut key = self.rotary.apply(&key, start).permute([0, 2, 1, 3]);
+                let mut value = value.permute([0, 2, 1, 3]);
+                let mut causal = true;
+                if let Some((past_k, past_v)) = cache {
+                    if past_k.defined() {
+                        key = Tensor::cat(&[&*past_k, &key], 2);
+                        value = Tensor::cat(&[&*past_v, &value], 2);
+                        // A continuation token attends to everything before it.
+                        assert!(t == 1, "after the prompt, decode one token at a time");
+                        causal = false;
+                    }
+                    *past_k = key.shallow_clone();
+                    *past_v = value.shallow_clone();
+                }
+                Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false)
+            }
+            Context::Batch { positions, index, mask, width, layer: (cache_k, cache_v) } => {
+                let query = self.rotary.apply_at(&query, positions).permute([0, 2, 1, 3]);
+                let key = self.rotary.apply_at(&key, positions).permute([0, 2, 1, 3]);
+                let _ = cache_k.scatter_(2, index, &key);
+                let _ = cache_v.scatter_(2, index, &value.permute([0, 2, 1, 3]));
+                let (keys, values) = (cache_k.narrow(2, 0, width), cache_v.narrow(2, 0, width));
+                Tensor::scaled_dot_product_attention(&query, &keys, &values, Some(mask), 0.0, false, None, false)
+            }
+        };
         let out = out.permute([0, 2, 1, 3]).reshape([b, t, c]).linear::<Tensor>(&block.out_proj, None);
         out.dropout(self.config.resid_pdrop, train)
     }

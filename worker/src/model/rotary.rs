@@ -21,21 +21,33 @@ impl Rotary {
         Self { sin: angles.sin().to_kind(kind).to_device(device), cos: angles.cos().to_kind(kind).to_device(device), rotary_dim }
     }
 
-    pub fn rotary_dim(&self) -> i64 {
-        self.rotary_dim
+    /// Rotates the first `rotary_dim` channels of every head, positions `start..start + T`.
+    /// xs: (B, T, H, D) -> (B, T, H, D)
+    pub fn apply(&self, xs: &Tensor, start: i64) -> Tensor {
+        let t = xs.size()[1];
+        let table = |table: &Tensor| table.narrow(0, start, t).unsqueeze(0);
+        self.rotate(xs, &table(&self.sin), &table(&self.cos))
     }
 
-    /// Rotates the first `rotary_dim` channels of every head.  xs: (B, T, H, D) -> (B, T, H, D)
-    pub fn apply(&self, xs: &Tensor, start: i64) -> Tensor {
-        let (_, t, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
+    /// The same for one token per row, row i at `positions[i]`.  xs: (N, 1, H, D), positions: (N,)
+    pub fn apply_at(&self, xs: &Tensor, positions: &Tensor) -> Tensor {
+        let table = |table: &Tensor| table.index_select(0, positions).unsqueeze(1);
+        self.rotate(xs, &table(&self.sin), &table(&self.cos))
+    }
+
+    /// xs (B, T, H, D) rotated by angles whose sines and cosines are (B or 1, T, rotary_dim/2).
+    fn rotate(&self, xs: &Tensor, sin: &Tensor, cos: &Tensor) -> Tensor {
+        let (b, t, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
         let rd = self.rotary_dim;
         if rd == 0 {
             return xs.shallow_clone();
         }
-        let table = |table: &Tensor| table.narrow(0, start, t).repeat_interleave_self_int(2, Some(1), None).view([1, t, 1, rd]);
-        let (sin, cos) = (table(&self.sin), table(&self.cos));
+        let rows = sin.size()[0];
+        let spread = |table: &Tensor| table.repeat_interleave_self_int(2, Some(2), None).view([rows, t, 1, rd]);
+        let (sin, cos) = (spread(sin), spread(cos));
         let rot = xs.narrow(3, 0, rd);
         let rotated = &rot * &cos + rotate_every_two(&rot) * &sin;
+        debug_assert!(rows == 1 || rows == b);
         if rd == d {
             rotated
         } else {

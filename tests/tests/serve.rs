@@ -1,0 +1,324 @@
+//! `worker serve` as editors and OpenAI clients use it: real server processes on 127.0.0.1:0,
+//! real HTTP, the official openai SDK, and the exact request the FauxPilot extension sends.
+//! Greedy completions equal HF `generate` (tests/fixtures), alone and from 8 clients at once.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use common::http::{self, Stream};
+use common::{binary, fixtures, s, signal};
+use serde_json::{json, Value};
+use zerotune_tests::meta;
+
+/// A `worker serve` process and its log.
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Server {
+    fn start(extra: &[&str], env: &[(&str, &Path)]) -> Self {
+        let mut child = Command::new(binary("worker"))
+            .args(["serve", "--model", &s(&model()), "--port", "0", "--device", "cpu", "--threads", "1"])
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap);
+        let mut seen = vec![];
+        let addr = loop {
+            let line = lines.next().unwrap_or_else(|| panic!("the server exited before listening:\n{}", seen.join("\n")));
+            if let Some(rest) = line.split(" at http://").nth(1) {
+                break rest.split('/').next().unwrap().to_string();
+            }
+            seen.push(line);
+        };
+        let log = Arc::new((Mutex::new(seen), Condvar::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines {
+                sink.0.lock().unwrap().push(line);
+                sink.1.notify_all();
+            }
+        });
+        Self { child, addr, log }
+    }
+
+    fn post(&self, path: &str, body: Value) -> http::Reply {
+        http::post(&self.addr, path, &body.to_string())
+    }
+
+    /// Waits (30 s at most) for a log line containing `text`.
+    fn wait_for_log(&self, text: &str) {
+        let (lines, changed) = &*self.log;
+        let mut lines = lines.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lines.iter().any(|l| l.contains(text)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no log line {text:?} in:\n{}", lines.join("\n"));
+            lines = changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// A value from GET /metrics.
+    fn metric(&self, name: &str) -> f64 {
+        let text = http::get(&self.addr, "/metrics").body;
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Polls GET /metrics (30 s at most) until `name` equals `value`: the engine's own account.
+    fn wait_for_metric(&self, name: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric(name) != value {
+            assert!(Instant::now() < deadline, "{name} is {} after 30 s, not {value}", self.metric(name));
+            std::thread::sleep(Duration::from_millis(5)); // polling the server's state
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tiny CodeGen whose greedy completions vary with the prompt.
+fn model() -> PathBuf {
+    fixtures().join("tiny-decode")
+}
+
+/// HF's greedy completions of the server prompts (max_tokens 16).
+fn cases() -> Vec<Value> {
+    meta()["serve"].as_array().unwrap().clone()
+}
+
+fn greedy(prompt: &Value) -> Value {
+    json!({"prompt": prompt, "max_tokens": 16, "temperature": 0})
+}
+
+#[test]
+fn the_openai_sdk_gets_hf_greedy_text_plain_and_streamed_logprobs_and_seeded_choices() {
+    let server = Server::start(&[], &[]);
+    let cases = cases();
+    let prompts: Vec<&Value> = cases.iter().map(|c| &c["prompt"]).collect();
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/openai_completions.py");
+    let out = Command::new(python).args([script, &format!("http://{}/v1", server.addr), &json!(prompts).to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), server.log().join("\n"));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (got, want) in result["cases"].as_array().unwrap().iter().zip(&cases) {
+        let prompt = &want["prompt"];
+        assert_eq!(got["text"], want["text"], "{prompt:?}");
+        assert_eq!(got["finish_reason"], want["finish_reason"], "{prompt:?}");
+        assert_eq!(got["streamed"], got["text"], "{prompt:?}: the stream joins to the plain text");
+        assert_eq!(got["stream_finish_reason"], want["finish_reason"], "{prompt:?}");
+        assert_eq!((got["object"].as_str(), got["model"].as_str()), (Some("text_completion"), Some("codegen")));
+        assert!(got["id"].as_str().unwrap().starts_with("cmpl-"));
+        let n = want["new_ids"].as_array().unwrap().len();
+        assert_eq!(got["usage"]["completion_tokens"].as_u64(), Some(n as u64), "{prompt:?}: the tokens of the text (EOS not counted)");
+        assert_eq!(got["usage"]["prompt_tokens"], want["prompt_tokens"]);
+        // The model's log-softmax of each chosen token, against HF's scores.
+        let ours: Vec<f64> = got["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let theirs: Vec<f64> = want["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(ours.len(), theirs.len(), "{prompt:?}");
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-4, "{prompt:?}: logprob {a} vs HF {b}");
+        }
+        for top in got["top_logprobs"].as_array().unwrap() {
+            let alternatives = top.as_object().unwrap();
+            assert!(!alternatives.is_empty() && alternatives.len() <= 2, "{top}");
+        }
+    }
+    let seeded = result["seeded"].as_array().unwrap();
+    assert_eq!(seeded[0].as_array().unwrap().len(), 3, "n=3 gives 3 choices");
+    assert_eq!(seeded[0], seeded[1], "the same seed gives the same choices");
+    assert_ne!(seeded[0], seeded[2], "another seed gives other choices");
+    let distinct: std::collections::BTreeSet<String> = seeded[0].as_array().unwrap().iter().map(Value::to_string).collect();
+    assert!(distinct.len() > 1, "the choices of one request differ: {seeded:?}");
+}
+
+#[test]
+fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
+    let server = Server::start(&["--max_batch", "8"], &[]);
+    let cases = cases();
+    for case in &cases {
+        let reply = server.post("/v1/completions", greedy(&case["prompt"]));
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.json()["choices"][0]["text"], case["text"], "{}", case["prompt"]);
+    }
+    // Streamed with a stop string from the middle of the text: the text up to it, never a
+    // piece of the stop string (held back until it is clear), finish_reason stop.
+    for case in cases.iter().filter(|c| c["text"].as_str().unwrap().chars().count() >= 4) {
+        let text = case["text"].as_str().unwrap();
+        let stop: String = text.chars().skip(2).take(2).collect();
+        let want = &text[..text.find(&stop).unwrap()];
+        let body = json!({"prompt": case["prompt"], "max_tokens": 16, "temperature": 0, "stream": true, "stop": [stop, "never-seen"]});
+        let events = Stream::open(&server.addr, "/v1/completions", &body.to_string()).rest();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let streamed: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+        assert_eq!(streamed, want, "{}: stop {stop:?}", case["prompt"]);
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
+    }
+    // 8 clients, each sending every prompt in its own order, all at once.
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (addr, cases) = (server.addr.clone(), cases.clone());
+            std::thread::spawn(move || {
+                for k in 0..cases.len() {
+                    let case = &cases[(k + client) % cases.len()];
+                    let reply = http::post(&addr, "/v1/engines/codegen/completions", &greedy(&case["prompt"]).to_string());
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    let choice = &reply.json()["choices"][0];
+                    assert_eq!((&choice["text"], &choice["finish_reason"]), (&case["text"], &case["finish_reason"]), "{}", case["prompt"]);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64);
+}
+
+#[test]
+fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
+    let server = Server::start(&[], &[]);
+    // Venthe/vscode-fauxpilot 1.2.0: the OpenAI Node SDK with baseURL .../v1/engines/codegen.
+    let body = r#"{"model":"fastertransformer","prompt":"def add(a, b):\n    return","max_tokens":200,"temperature":0.1,"stop":["\n"]}"#;
+    let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer dummy")];
+    // 200 new tokens do not fit the tiny model's 64: the same request with room left.
+    let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("maximum context length is 64 tokens"), "{}", reply.body);
+    let body = body.replace("\"max_tokens\":200", "\"max_tokens\":50");
+    let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, &body);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v = reply.json();
+    let choice = &v["choices"][0];
+    assert!(!choice["text"].as_str().unwrap().contains('\n'), "the stop string is cut: {v}");
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()), "{v}");
+    assert_eq!(v["model"], "fastertransformer", "model is echoed back");
+
+    // copilot.vim asks for a token first; models, health, metrics.
+    assert_eq!(http::get(&server.addr, "/copilot_internal/v2/token").json()["token"], "1");
+    let models = http::get(&server.addr, "/v1/models").json();
+    assert_eq!((models["object"].as_str(), models["data"][0]["id"].as_str()), (Some("list"), Some("tiny-decode")));
+    assert_eq!(http::get(&server.addr, "/health").json()["status"], "ok");
+    let metrics = http::get(&server.addr, "/metrics");
+    assert_eq!(metrics.header("content-type"), Some("text/plain; version=0.0.4"));
+    for name in ["zerotune_requests_total{status=\"200\"}", "zerotune_completion_tokens_total", "zerotune_queue_depth"] {
+        assert!(metrics.body.contains(name), "{name} in {}", metrics.body);
+    }
+    assert!(server.metric("zerotune_request_duration_seconds_count") >= 2.0);
+    let missing = http::get(&server.addr, "/v2/nothing");
+    assert_eq!((missing.status, missing.json()["error"]["code"].as_str()), (404, Some("not_found")));
+    // One log line per request, with no prompt text in it.
+    server.wait_for_log("GET /v1/models 200");
+    assert!(server.log().iter().any(|l| l.starts_with("POST /v1/engines/codegen/completions 200 ") && l.contains(" tokens ")));
+    assert!(!server.log().iter().any(|l| l.contains("def add")), "prompts are never logged");
+}
+
+#[test]
+fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
+    let server = Server::start(&["--api_key", "sekret"], &[]);
+    let auth = [("Content-Type", "application/json"), ("Authorization", "Bearer sekret")];
+    let post = |body: &str| http::request(&server.addr, "POST", "/v1/completions", &auth, body);
+    let long = "x ".repeat(200);
+    let cases: [(String, u16, Option<&str>); 5] = [
+        (json!({"prompt": long, "max_tokens": 16}).to_string(), 400, Some("max_tokens")),
+        ("{\"prompt\": ".into(), 400, None),
+        (json!({"prompt": "a", "temperature": "warm"}).to_string(), 400, Some("temperature")),
+        (json!({"prompt": "a", "n": 0}).to_string(), 400, Some("n")),
+        (json!({"prompt": 7}).to_string(), 400, Some("prompt")),
+    ];
+    for (body, status, param) in &cases {
+        let reply = post(body);
+        assert_eq!(reply.status, *status, "{body}: {}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!((error["type"].as_str(), error["param"].as_str()), (Some("invalid_request_error"), *param), "{}", reply.body);
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let message = post(&cases[0].0).json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("maximum context length is 64 tokens") && message.contains("16 for the completion"), "{message}");
+    // Authorization: missing or wrong key is 401 (not retried by the SDKs), the right one works.
+    for headers in [vec![], vec![("Authorization", "Bearer guess")]] {
+        let reply = http::request(&server.addr, "POST", "/v1/completions", &headers, r#"{"prompt":"a"}"#);
+        assert_eq!((reply.status, reply.json()["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{}", reply.body);
+    }
+    assert_eq!(http::get(&server.addr, "/v1/models").status, 401);
+    let reply = post(r#"{"prompt":"def f(","max_tokens":4}"#);
+    assert_eq!(reply.status, 200, "after every mistake the server still serves: {}", reply.body);
+    assert_eq!(server.metric("zerotune_requests_total{status=\"400\"}"), 6.0);
+}
+
+/// With one batch row and one queue place, a request held in the batch (the test hold) and one
+/// waiting fill the server: the next gets 429. A client that leaves mid-stream frees its row.
+#[test]
+fn a_full_queue_answers_429_and_a_departed_client_frees_its_slot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hold = tmp.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let server = Server::start(&["--max_batch", "1", "--max_queue", "1"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let long = json!({"prompt": "def add(a, b):\n", "max_tokens": 40, "temperature": 0, "stream": true}).to_string();
+    let first = Stream::open(&server.addr, "/v1/completions", &long);
+    assert_eq!(first.status, 200);
+    server.wait_for_metric("zerotune_active_sequences", 1.0);
+    let queued = {
+        let addr = server.addr.clone();
+        std::thread::spawn(move || http::post(&addr, "/v1/completions", r#"{"prompt":"x","max_tokens":3}"#))
+    };
+    server.wait_for_metric("zerotune_queue_depth", 1.0);
+    let refused = server.post("/v1/completions", json!({"prompt": "y"}));
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "queue_full");
+
+    // The first client walks away mid-stream: its row goes to the queued request.
+    drop(first);
+    server.wait_for_metric("zerotune_cancelled_requests_total", 1.0);
+    server.wait_for_metric("zerotune_active_sequences", 0.0);
+    std::fs::remove_file(&hold).unwrap();
+    let reply = queued.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 3);
+    assert!(server.metric("zerotune_completion_tokens_total") < 40.0, "the departed client's generation stopped");
+    assert_eq!(server.metric("zerotune_active_sequences"), 0.0);
+    assert_eq!(server.post("/v1/completions", json!({"prompt": "z", "max_tokens": 2})).status, 200);
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_then_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hold = tmp.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let mut server = Server::start(&[], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let body = json!({"prompt": "import", "max_tokens": 16, "temperature": 0, "stream": true}).to_string();
+    let stream = Stream::open(&server.addr, "/v1/completions", &body);
+    server.wait_for_metric("zerotune_active_sequences", 1.0);
+    signal(server.child.id(), libc::SIGTERM);
+    server.wait_for_log("SIGTERM: no new requests; finishing the ones in flight");
+    std::fs::remove_file(&hold).unwrap();
+    let events = stream.rest();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    let want = cases().into_iter().find(|c| c["prompt"] == "import").unwrap();
+    assert_eq!(text, want["text"].as_str().unwrap(), "the request in flight completes");
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", server.log().join("\n"));
+}

@@ -1,0 +1,296 @@
+//! The engine thread: takes requests from the bounded queue whenever the batch has room, admits
+//! their prompts (continuous batching: they join at the next step), steps the batch, turns each
+//! choice's tokens into text (stop strings, logprobs, echo) and answers its request, whole or as
+//! server-sent events. A request whose client went away is cancelled and frees its rows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, oneshot};
+
+use super::api::{chunk_json, Choice, ChoiceLogprobs, CompletionRequest, FinishReason, ResponseHead};
+use super::metrics::Metrics;
+use super::test_hook::Hold;
+use super::text::TextState;
+use crate::engine::{Emitted, Engine, Finish, Logprob, Prompt};
+use crate::model::CodeGen;
+use crate::sample::{fresh_seed, Rng, Sampler, SamplingParams};
+
+/// A validated request with its prompts tokenized, and where its answer goes.
+pub struct Job {
+    pub head: ResponseHead,
+    pub request: CompletionRequest,
+    /// Token ids of each prompt (never empty: an empty prompt is EOS, as OpenAI's).
+    pub prompts: Vec<Vec<u32>>,
+    /// Each prompt's text, for `echo`.
+    pub prompt_texts: Vec<String>,
+    pub reply: Reply,
+    /// Tokens generated for this request, for its log line.
+    pub completion_tokens: Arc<AtomicU64>,
+}
+
+/// Where a request's answer goes.
+pub enum Reply {
+    /// Every choice at the end.
+    Whole(oneshot::Sender<Vec<Choice>>),
+    /// Server-sent events (`data: ...\n\n`) as text is released, then `data: [DONE]`.
+    Stream(mpsc::UnboundedSender<String>),
+}
+
+impl Reply {
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Whole(tx) => tx.is_closed(),
+            Self::Stream(tx) => tx.is_closed(),
+        }
+    }
+}
+
+/// What the engine thread needs besides its queue.
+pub struct Batcher {
+    pub model: CodeGen,
+    pub device: tch::Device,
+    pub eos: Option<u32>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub max_batch: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A choice while it generates.
+struct ChoiceState {
+    text: TextState,
+    /// The prompt's text when echoed.
+    echo: String,
+    logprobs: Option<ChoiceLogprobs>,
+    /// Logprob entries already sent in stream chunks.
+    sent_logprobs: usize,
+    finish: Option<FinishReason>,
+}
+
+/// A request being answered.
+struct Live {
+    job: Job,
+    choices: Vec<ChoiceState>,
+    /// Prompts not yet admitted.
+    unadmitted: usize,
+    unfinished: usize,
+}
+
+/// An engine row's owner: (request id, choice index).
+type Key = (u64, usize);
+
+impl Batcher {
+    /// Serves jobs from `queue` until it is closed and every request is answered.
+    pub fn run(self, mut queue: mpsc::Receiver<Job>) {
+        let mut engine: Engine<Key> = Engine::new(&self.model, self.device, self.eos);
+        let mut live: HashMap<u64, Live> = HashMap::new();
+        let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
+        let mut next_id = 0u64;
+        let hold = Hold::from_env();
+        loop {
+            if engine.is_empty() && pending.is_empty() {
+                let Some(job) = queue.blocking_recv() else { return };
+                next_id += 1;
+                self.accept(next_id, job, &mut live, &mut pending);
+            }
+            while pending.is_empty() && engine.len() < self.max_batch {
+                let Ok(job) = queue.try_recv() else { break };
+                next_id += 1;
+                self.accept(next_id, job, &mut live, &mut pending);
+            }
+            self.drop_gone_clients(&mut engine, &mut live, &mut pending);
+            while let Some(&(id, p)) = pending.front() {
+                let n = live[&id].job.request.n;
+                if !engine.is_empty() && engine.len() + n > self.max_batch {
+                    break;
+                }
+                pending.pop_front();
+                let first = self.admit(&mut engine, id, p, live.get_mut(&id).expect("pending requests are live"));
+                self.settle(&mut engine, first, &mut live);
+            }
+            while hold.holding() {
+                self.drop_gone_clients(&mut engine, &mut live, &mut pending);
+            }
+            let next = engine.step();
+            self.settle(&mut engine, next, &mut live);
+        }
+    }
+
+    /// Delivers what the engine emitted, drops the choices a stop string ended, updates the gauge.
+    fn settle(&self, engine: &mut Engine<Key>, emitted: Vec<Emitted<Key>>, live: &mut HashMap<u64, Live>) {
+        let mut stopped = vec![];
+        for e in emitted {
+            self.deliver(e, live, &mut stopped);
+        }
+        if !stopped.is_empty() {
+            engine.cancel(|key| stopped.contains(key));
+        }
+        self.metrics.active_sequences.store(engine.len() as u64, Ordering::Relaxed);
+    }
+
+    fn accept(&self, id: u64, job: Job, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
+        let (prompts, n) = (job.prompts.len(), job.request.n);
+        let choices = (0..prompts * n)
+            .map(|i| ChoiceState {
+                text: TextState::new(job.request.stop.clone()),
+                echo: if job.request.echo { job.prompt_texts[i / job.request.n].clone() } else { String::new() },
+                logprobs: job.request.logprobs.map(|_| ChoiceLogprobs::default()),
+                sent_logprobs: 0,
+                finish: None,
+            })
+            .collect();
+        pending.extend((0..prompts).map(|p| (id, p)));
+        live.insert(id, Live { job, unfinished: prompts * n, choices, unadmitted: prompts });
+    }
+
+    /// Cancels the requests whose client disconnected.
+    fn drop_gone_clients(&self, engine: &mut Engine<Key>, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
+        let gone: Vec<u64> = live.iter().filter(|(_, l)| l.job.reply.is_closed()).map(|(&id, _)| id).collect();
+        for id in &gone {
+            let l = live.remove(id).expect("listed");
+            if l.unadmitted > 0 {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        if !gone.is_empty() {
+            engine.cancel(|(id, _)| gone.contains(id));
+            pending.retain(|(id, _)| !gone.contains(id));
+            self.metrics.active_sequences.store(engine.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Prefills prompt `p` of request `id` for its n choices; returns their first tokens.
+    fn admit(&self, engine: &mut Engine<Key>, id: u64, p: usize, l: &mut Live) -> Vec<Emitted<Key>> {
+        let r = &l.job.request;
+        let ids = l.job.prompts[p].clone();
+        self.metrics.prompt_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        let prompt = Prompt { ids, max_new_tokens: r.max_tokens, logprobs: r.logprobs, prompt_logprobs: r.echo && r.logprobs.is_some() };
+        let params = SamplingParams {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+        };
+        let seed = r.seed.unwrap_or_else(fresh_seed);
+        let choices = (p * r.n..(p + 1) * r.n).map(|c| ((id, c), Sampler::new(params.clone(), Rng::new(seed, c as u64)))).collect();
+        let (prompt_logprobs, emitted) = engine.admit(&prompt, choices);
+        l.unadmitted -= 1;
+        if l.unadmitted == 0 {
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        for c in p * r.n..(p + 1) * r.n {
+            let choice = &mut l.choices[c];
+            if let Some(lp) = choice.logprobs.as_mut().filter(|_| !prompt_logprobs.is_empty()) {
+                self.prompt_entries(lp, &prompt.ids, &prompt_logprobs);
+            }
+            let echoed = !choice.echo.is_empty() || choice.logprobs.as_ref().is_some_and(|lp| !lp.tokens.is_empty());
+            if let (Reply::Stream(tx), true) = (&l.job.reply, echoed) {
+                let logprobs = choice.logprobs.as_ref().map(|lp| lp.tail(0));
+                choice.sent_logprobs = logprobs.as_ref().map_or(0, |lp| lp.tokens.len());
+                let _ = tx.send(sse(&chunk_json(&l.job.head, c, &choice.echo, logprobs.as_ref(), None)));
+            }
+        }
+        emitted
+    }
+
+    /// The echoed prompt's logprob entries (the first token has none).
+    fn prompt_entries(&self, lp: &mut ChoiceLogprobs, ids: &[u32], logprobs: &[Option<Logprob>]) {
+        let mut offset = 0;
+        for (&id, logprob) in ids.iter().zip(logprobs) {
+            let token = self.token_text(id);
+            lp.text_offset.push(offset);
+            offset += token.len();
+            lp.tokens.push(token);
+            lp.token_logprobs.push(logprob.as_ref().map(|l| l.value));
+            lp.top_logprobs.push(logprob.as_ref().map(|l| self.alternatives(l)));
+        }
+    }
+
+    /// Hands one token (or end) to its choice. A choice ended by a stop string is added to
+    /// `stopped`, for the engine to drop.
+    fn deliver(&self, e: Emitted<Key>, live: &mut HashMap<u64, Live>, stopped: &mut Vec<Key>) {
+        let (id, c) = e.key;
+        let Some(l) = live.get_mut(&id) else { return };
+        let choice = &mut l.choices[c];
+        if choice.finish.is_some() {
+            return; // a stop string already ended it
+        }
+        let mut text = String::new();
+        if let Some(token) = e.token {
+            self.metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+            l.job.completion_tokens.fetch_add(1, Ordering::Relaxed);
+            let delta = choice.text.push(&self.tokenizer, token.id);
+            text = delta.text;
+            if let Some(lp) = choice.logprobs.as_mut().filter(|_| !delta.stopped || delta.offset < choice.text.text().len()) {
+                let logprob = token.logprob.expect("logprobs were asked for");
+                lp.text_offset.push(choice.echo.len() + delta.offset);
+                lp.tokens.push(self.token_text(token.id));
+                lp.token_logprobs.push(Some(logprob.value));
+                lp.top_logprobs.push(Some(self.alternatives(&logprob)));
+            }
+            if delta.stopped {
+                choice.finish = Some(FinishReason::Stop);
+                stopped.push(e.key);
+            }
+        }
+        if let Some(finish) = e.finish.filter(|_| choice.finish.is_none()) {
+            text.push_str(&choice.text.finish(&self.tokenizer));
+            let stop = finish == Finish::Eos || choice.text.stopped();
+            choice.finish = Some(if stop { FinishReason::Stop } else { FinishReason::Length });
+        }
+        if let Reply::Stream(tx) = &l.job.reply {
+            if !text.is_empty() || choice.finish.is_some() {
+                let logprobs = choice.logprobs.as_ref().map(|lp| lp.tail(choice.sent_logprobs));
+                choice.sent_logprobs = choice.logprobs.as_ref().map_or(0, |lp| lp.tokens.len());
+                let _ = tx.send(sse(&chunk_json(&l.job.head, c, &text, logprobs.as_ref(), choice.finish)));
+            }
+        }
+        if choice.finish.is_some() {
+            l.unfinished -= 1;
+            if l.unfinished == 0 {
+                let l = live.remove(&id).expect("live");
+                self.answer(l);
+            }
+        }
+    }
+
+    /// Sends a finished request's answer.
+    fn answer(&self, l: Live) {
+        match l.job.reply {
+            Reply::Whole(tx) => {
+                let choices = l
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, c)| Choice {
+                        index,
+                        text: c.echo + c.text.text(),
+                        finish_reason: c.finish.expect("finished"),
+                        logprobs: c.logprobs,
+                    })
+                    .collect();
+                let _ = tx.send(choices);
+            }
+            Reply::Stream(tx) => {
+                let _ = tx.send("data: [DONE]\n\n".into());
+            }
+        }
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+
+    fn alternatives(&self, logprob: &Logprob) -> Vec<(String, f32)> {
+        logprob.top.iter().map(|&(id, lp)| (self.token_text(id), lp)).collect()
+    }
+}
+
+/// One server-sent event.
+fn sse(value: &serde_json::Value) -> String {
+    format!("data: {value}\n\n")
+}

@@ -1,0 +1,282 @@
+//! `worker serve`: a fine-tuned model behind the API that FauxPilot, the editors and OpenAI
+//! clients speak (OpenAI's legacy completions; docs/serving.md). The HTTP front end (axum)
+//! validates and tokenizes each request and hands it to the engine thread over a bounded queue
+//! (full: 429); the engine batches every request in flight (`batcher.rs`).
+
+pub mod api;
+mod batcher;
+pub mod metrics;
+mod test_hook;
+pub mod text;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde_json::json;
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::generate::Loaded;
+use api::{completion_json, parse_completion, ApiError, PromptInput, ResponseHead};
+use batcher::{Batcher, Job, Reply};
+use metrics::Metrics;
+
+/// How the server behaves, from `worker serve`'s flags.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Clients must send `Authorization: Bearer <key>` when set.
+    pub api_key: Option<String>,
+    /// Sequences generating together.
+    pub max_batch: usize,
+    /// Requests waiting for room in the batch before new ones get 429.
+    pub max_queue: usize,
+    /// The name `GET /v1/models` lists.
+    pub model_name: String,
+}
+
+/// What every handler shares.
+struct App {
+    options: ServeOptions,
+    tokenizer: Arc<Tokenizer>,
+    eos: Option<u32>,
+    n_positions: usize,
+    queue: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves `loaded` on `listener` until `shutdown` resolves; then takes no new requests, finishes
+/// the ones in flight and returns.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    loaded: Loaded,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
+    let tokenizer = Arc::new(tokenizer);
+    let metrics = Arc::new(Metrics::default());
+    let (queue, jobs) = mpsc::channel(options.max_queue.max(1));
+    let batcher =
+        Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch: options.max_batch.max(1), metrics: metrics.clone() };
+    let engine = std::thread::Builder::new().name("engine".into()).spawn(move || batcher.run(jobs))?;
+    let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, queue, metrics });
+    let router = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/engines/{engine}/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/copilot_internal/v2/token", get(copilot_token))
+        .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { error(&ApiError { status: 404, code: Some("not_found"), ..ApiError::invalid("", "no such route") }) })
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), log_request))
+        .with_state(app.clone());
+    let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    drop(app); // closes the queue: the engine ends once its last request is answered
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    served
+}
+
+/// `POST /v1/completions` and `/v1/engines/{engine}/completions`.
+async fn completions(State(app): State<Arc<App>>, Extension(usage): Extension<Arc<Usage>>, headers: HeaderMap, body: Bytes) -> Response {
+    match start(&app, &usage, &headers, &body).await {
+        Ok(response) => response,
+        Err(err) => error(&err),
+    }
+}
+
+async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    authorize(app, headers)?;
+    let request = parse_completion(body)?;
+    let mut prompts = vec![];
+    let mut prompt_texts = vec![];
+    for prompt in &request.prompts {
+        let (ids, text) = match prompt {
+            PromptInput::Text(text) => {
+                let encoding = app
+                    .tokenizer
+                    .encode(text.as_str(), false)
+                    .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
+                (encoding.get_ids().to_vec(), text.clone())
+            }
+            PromptInput::Tokens(ids) => {
+                let vocab = app.tokenizer.get_vocab_size(true) as u32;
+                if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+                    return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
+                }
+                (ids.clone(), app.tokenizer.decode(ids, false).unwrap_or_default())
+            }
+        };
+        let ids = if ids.is_empty() { app.eos.into_iter().collect() } else { ids };
+        if ids.is_empty() {
+            return Err(ApiError::invalid("prompt", "the prompt is empty and the tokenizer has no <|endoftext|> to start from"));
+        }
+        let total = ids.len() + request.max_tokens;
+        if total > app.n_positions {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "This model's maximum context length is {} tokens, however you requested {total} tokens ({} in your prompt; {} for the completion). Please reduce your prompt; or completion length.",
+                    app.n_positions,
+                    ids.len(),
+                    request.max_tokens
+                ),
+            ));
+        }
+        prompts.push(ids);
+        prompt_texts.push(text);
+    }
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    usage.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
+    let head = ResponseHead { id: completion_id(), created: unix_now(), model: request.model.clone() };
+    let stream = request.stream;
+    let (reply, whole, streamed) = if stream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Reply::Stream(tx), None, Some(rx))
+    } else {
+        let (tx, rx) = oneshot::channel();
+        (Reply::Whole(tx), Some(rx), None)
+    };
+    let job = Job { head: head.clone(), request, prompts, prompt_texts, reply, completion_tokens: usage.completion_tokens.clone() };
+    match app.queue.try_send(job) {
+        Ok(()) => app.metrics.queued.fetch_add(1, Ordering::Relaxed),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return Err(ApiError {
+                status: 429,
+                kind: "rate_limit_exceeded",
+                code: Some("queue_full"),
+                param: None,
+                message: format!(
+                    "the server's queue is full ({} requests wait for a place in the batch); retry shortly",
+                    app.options.max_queue
+                ),
+            })
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return Err(ApiError {
+                status: 503,
+                kind: "server_error",
+                code: None,
+                param: None,
+                message: "the server is shutting down".into(),
+            })
+        }
+    };
+    if let Some(rx) = streamed {
+        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+        let body = Body::from_stream(tokio_stream::StreamExt::map(events, Ok::<_, std::convert::Infallible>));
+        return Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response());
+    }
+    let choices = whole.expect("not streaming").await.map_err(|_| ApiError {
+        status: 500,
+        kind: "server_error",
+        code: None,
+        param: None,
+        message: "the engine stopped before answering (see the server's log)".into(),
+    })?;
+    let completion_tokens = usage.completion_tokens.load(Ordering::Relaxed) as usize;
+    Ok(axum::Json(completion_json(&head, &choices, prompt_tokens, completion_tokens)).into_response())
+}
+
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &app.options.api_key else { return Ok(()) };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given.map(str::trim) == Some(key.as_str()) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: 401,
+        kind: "invalid_request_error",
+        code: Some("invalid_api_key"),
+        param: None,
+        message: if given.is_some() { "Incorrect API key provided" } else { "Missing API key: send Authorization: Bearer <key>" }.into(),
+    })
+}
+
+/// `GET /v1/models`.
+async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(err) = authorize(&app, &headers) {
+        return error(&err);
+    }
+    let model = json!({"id": app.options.model_name, "object": "model", "created": unix_now(), "owned_by": "zerotune"});
+    axum::Json(json!({"object": "list", "data": [model]})).into_response()
+}
+
+/// `GET /copilot_internal/v2/token`: the token copilot.vim asks for first (FauxPilot's stub).
+async fn copilot_token() -> Response {
+    axum::Json(json!({"token": "1", "expires_at": 2_600_000_000u64, "refresh_in": 900})).into_response()
+}
+
+async fn render_metrics(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+fn error(err: &ApiError) -> Response {
+    let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, axum::Json(err.body())).into_response()
+}
+
+/// Token counts of one request, for its log line.
+#[derive(Default)]
+struct Usage {
+    prompt_tokens: AtomicU64,
+    completion_tokens: Arc<AtomicU64>,
+}
+
+/// Logs one line per request once its response is over (a stream's too), and counts it in the
+/// metrics. The line has the route, status, tokens and time, never a prompt's text.
+async fn log_request(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let usage = Arc::new(Usage::default());
+    request.extensions_mut().insert(usage.clone());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let line = LogLine { app: app.clone(), method, path, status, start, usage };
+    let (parts, body) = response.into_parts();
+    let body = tokio_stream::StreamExt::map(body.into_data_stream(), move |chunk| {
+        let _ = &line; // dropped, and so logged, with the body
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+struct LogLine {
+    app: Arc<App>,
+    method: axum::http::Method,
+    path: String,
+    status: u16,
+    start: Instant,
+    usage: Arc<Usage>,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let seconds = self.start.elapsed().as_secs_f64();
+        self.app.metrics.request(self.status, seconds);
+        let (prompt, completion) = (self.usage.prompt_tokens.load(Ordering::Relaxed), self.usage.completion_tokens.load(Ordering::Relaxed));
+        let tokens = if prompt + completion > 0 { format!(" {prompt}+{completion} tokens") } else { String::new() };
+        eprintln!("{} {} {}{tokens} {seconds:.3} s", self.method, self.path, self.status);
+    }
+}
+
+/// `cmpl-` and 29 letters and digits, as FauxPilot's ids.
+fn completion_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = crate::sample::Rng::new(crate::sample::fresh_seed(), 0);
+    let id: String = (0..29).map(|_| ALPHABET[(rng.next_u64() % ALPHABET.len() as u64) as usize] as char).collect();
+    format!("cmpl-{id}")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
