@@ -205,6 +205,20 @@ fn batched_decode_gives_each_row_its_lone_logits() {
         }
     }
     assert_eq!(batch.lengths(), [11 + 4, 25 + 4]);
+
+    // Rows of equal length decode without a mask: two copies of prompt 0 give its lone logits.
+    let mut cache = KvCache::default();
+    let _ = model.prefill(&Tensor::from_slice(&prompts[0]).view([1, -1]), &mut cache, false);
+    let mut batch = BatchCache::new(config.n_positions as i64);
+    batch.push(&cache.repeat(2));
+    for step in 0..4 {
+        let ids = Tensor::from_slice(&[next(step, 0), next(step, 0)]).view([-1, 1]);
+        let logits = model.decode(&ids, &mut batch);
+        for row in 0..2 {
+            let err = rel_err(&format!("equal row {row} step {step}"), &logits.get(row), &alone[0][step as usize]);
+            assert!(err < LOGITS_REL, "equal rows, step {step}: {err:.2e}");
+        }
+    }
 }
 #[test]
 fn legacy_vocab_merges_tokenizer_equals_tokenizer_json() {

@@ -119,8 +119,9 @@ impl BatchCache {
 
     /// What a decode step needs for rows at positions `lengths`: the positions (N,), the scatter
     /// index (N, H, 1, D) that writes each row's new key at its position, and the mask
-    /// (N, 1, 1, W) over the first W = max length + 1 columns (true: attend).
-    pub(crate) fn step_tensors(&mut self, heads: i64, head_dim: i64) -> (Tensor, Tensor, Tensor, i64) {
+    /// (N, 1, 1, W) over the first W = max length + 1 columns (true: attend), none when every row
+    /// has the same length (all W columns are then attended; the masked kernel is slower).
+    pub(crate) fn step_tensors(&mut self, heads: i64, head_dim: i64) -> (Tensor, Tensor, Option<Tensor>, i64) {
         let width = self.lengths.iter().max().map_or(0, |m| m + 1);
         self.reserve(width);
         let device = self.layers[0].0.device();
@@ -128,7 +129,8 @@ impl BatchCache {
         let positions = Tensor::from_slice(&self.lengths).to_device(device);
         let index = positions.view([n, 1, 1, 1]).expand([n, heads, 1, head_dim], false);
         let columns = Tensor::arange(width, (Kind::Int64, device)).view([1, width]);
-        let mask = columns.le_tensor(&positions.view([n, 1])).view([n, 1, 1, width]);
+        let ragged = self.lengths.iter().any(|&l| l != self.lengths[0]);
+        let mask = ragged.then(|| columns.le_tensor(&positions.view([n, 1])).view([n, 1, 1, width]));
         (positions, index, mask, width)
     }
 }

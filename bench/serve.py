@@ -1,0 +1,194 @@
+"""Serving on CPU: `worker serve` vs HF transformers `generate`, in the same run, same threads.
+
+The codegen-350M shape with random weights, fp32. A request like the FauxPilot extension's: a
+prompt of PROMPT tokens, NEW new tokens, greedy. The tokenizer is a word-level stand-in whose every
+one of the 51200 ids decodes to text, so each new token is one streamed event.
+
+    .venv/bin/python bench/serve.py WORKDIR [THREADS]
+
+Prints markdown tables: one client (time to first token, decode tokens/s p50/p95, next to the
+floor the weight bytes and the measured memory bandwidth set), then 1/4/8 concurrent clients
+(aggregate decode tokens/s while all of them decode, and end to end).
+"""
+
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import CodeGenConfig, CodeGenForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT, NEW, VOCAB, EOS = 500, 64, 51200, 50256
+CONFIG = dict(vocab_size=VOCAB, n_positions=2048, n_ctx=2048, n_embd=1024, n_layer=20, n_head=16, rotary_dim=32,
+              bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False, torch_dtype="float32")
+
+
+def make_model(work: Path) -> Path:
+    out = work / "codegen-350M-random"
+    if (out / "model.safetensors").exists():
+        return out
+    torch.manual_seed(0)
+    model = CodeGenForCausalLM(CodeGenConfig(**CONFIG)).float().eval()
+    model.save_pretrained(out, safe_serialization=True)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    vocab["<|endoftext|>"] = EOS
+    del vocab[f"w{EOS}"]
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+                 "added_tokens": [{"id": EOS, "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True}],
+                 "pre_tokenizer": {"type": "Whitespace"}, "decoder": None,
+                 "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out
+
+
+def prompt_ids(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, EOS, (PROMPT,), generator=g).tolist()
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """STREAM triad a = b + s c over 3 x 512 MB, best of 5, in torch on `threads` threads."""
+    torch.set_num_threads(threads)
+    n = 128 << 20
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - t)
+    return 3 * n * 4 / best / 1e9
+
+
+class Clock(BaseStreamer):
+    """Records when HF generate hands out each token (the prompt first)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_generate(model_dir: Path, threads: int, runs: int = 2):
+    torch.set_num_threads(threads)
+    model = CodeGenForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    results = []
+    for run in range(runs):
+        ids = torch.tensor([prompt_ids(run)])
+        clock = Clock()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                           pad_token_id=EOS, streamer=clock)
+        times = clock.times[1:]  # the first put is the prompt
+        results.append((times[0] - start, [b - a for a, b in zip(times, times[1:])], len(times)))
+    del model
+    return results
+
+
+class Server:
+    def __init__(self, model_dir: Path, threads: int, max_batch: int):
+        self.proc = subprocess.Popen([str(ROOT / "target/debug/worker"), "serve", "--model", str(model_dir), "--port", "0",
+                                      "--device", "cpu", "--threads", str(threads), "--max_batch", str(max_batch)],
+                                     stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            if " at http://" in line:
+                self.host, port = line.split(" at http://")[1].split("/")[0].split(":")
+                self.port = int(port)
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def stream(self, ids):
+        """One streamed completion: (send time, arrival time of each token event)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        body = json.dumps({"prompt": ids, "max_tokens": NEW, "temperature": 0, "stream": True})
+        start = time.perf_counter()
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        times = []
+        for line in response:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                times.append(time.perf_counter())
+        conn.close()
+        return start, times
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def main(work: Path, threads: int):
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model(work)
+    n_params = sum(p.numel() for p in CodeGenForCausalLM(CodeGenConfig(**CONFIG)).parameters())
+    # A decode step reads every weight matrix once; of the embedding table only one row.
+    read_bytes = (n_params - VOCAB * CONFIG["n_embd"]) * 4
+    gbs = bandwidth_gbs(threads)
+    floor_ms = read_bytes / (gbs * 1e9) * 1e3
+
+    hf = hf_generate(model_dir, threads)
+    server = Server(model_dir, threads, max_batch=8)
+    ours = [server.stream(prompt_ids(run)) for run in range(3)][1:]  # the first warms up
+    ours = [(times[0] - start, [b - a for a, b in zip(times, times[1:])], len(times)) for start, times in ours]
+
+    def row(name, runs):
+        ttft = statistics.median(r[0] for r in runs)
+        steps = [s for r in runs for s in r[1]]
+        p50, p95 = percentile(steps, 50), percentile(steps, 95)
+        return f"| {name} | {ttft:.2f} | {1 / p50:.2f} | {1 / p95:.2f} | {p50 * 1e3:.1f} | {p50 * 1e3 / floor_ms:.2f}x | {runs[0][2]} |", ttft, p50
+
+    print(f"\ncodegen-350M shape, random weights, fp32, CPU, {threads} threads; prompt {PROMPT} tokens, {NEW} new, greedy.")
+    print(f"Memory bandwidth (triad, same run): {gbs:.1f} GB/s; weights read per decode step {read_bytes / 1e9:.2f} GB "
+          f"-> floor {floor_ms:.1f} ms/token ({1e3 / floor_ms:.1f} tokens/s).\n")
+    print("| one client | time to first token s | decode tokens/s p50 | decode tokens/s p95 | ms/token p50 | vs floor | tokens |")
+    print("|---|---|---|---|---|---|---|")
+    hf_row, hf_ttft, hf_p50 = row("HF transformers generate (KV cache)", hf)
+    ours_row, ours_ttft, ours_p50 = row("worker serve (streamed over HTTP)", ours)
+    print(hf_row)
+    print(ours_row)
+    print(f"\nworker serve vs HF: time to first token {hf_ttft / ours_ttft:.2f}x faster, decode {hf_p50 / ours_p50:.2f}x faster.\n")
+
+    print("| concurrent clients | aggregate decode tokens/s (all decoding) | vs 1 client | end-to-end tokens/s | tokens |")
+    print("|---|---|---|---|---|")
+    base = None
+    for clients in (1, 4, 8):
+        results = [None] * clients
+
+        def client(i):
+            results[i] = server.stream(prompt_ids(100 + i))
+
+        threads_ = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        wall = time.perf_counter() - t0
+        # The window in which every client is decoding: after the last first token, before the first last one.
+        lo, hi = max(r[1][0] for r in results), min(r[1][-1] for r in results)
+        in_window = sum(sum(lo < t <= hi for t in r[1]) for r in results)
+        decode = in_window / (hi - lo) if hi > lo else float("nan")
+        base = base or decode
+        total = sum(len(r[1]) for r in results)
+        print(f"| {clients} | {decode:.2f} | {decode / base:.2f}x | {total / wall:.2f} | {total} |")
+    server.stop()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2)
