@@ -13,7 +13,7 @@ use crate::launch::Launcher;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
 use crate::error::{CoordinatorError, Result};
-use crate::files2jsonl::Filter;
+use zerotune_data::Filter;
 
 /// Flags keep HF's spelling (`--per_device_train_batch_size`); boolean flags work alone or with a
 /// value (`--fp16`, `--fp16 true`), as with HfArgumentParser.

@@ -1,92 +1,17 @@
-//! Training data like `run_clm.py`: documents from `.jsonl`/`.json`, `.csv`, `.txt` or a source
-//! directory; a validation split by whole documents; parallel tokenisation, documents joined with
+//! Training data like `run_clm.py` (the documents come from zerotune-data): a validation split by
+//! whole documents; parallel tokenisation, documents joined with
 //! EOS and cut into `block_size` blocks; a token cache on disk keyed by a hash of everything that
 //! determines its content, so a rerun or a resume does not tokenise again.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use tokenizers::Tokenizer;
 
+use zerotune_data::Document;
+
 use crate::error::{io_err, CoordinatorError, Result};
-use crate::files2jsonl::{self, Filter};
-
-/// One training document (a source file, a JSON row, a .txt file).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Document {
-    pub text: String,
-}
-
-/// Reads the documents of one input, by its extension (or a directory of source files).
-pub fn load_documents(path: &Path, text_column: &str, filter: &Filter) -> Result<Vec<Document>> {
-    if path.is_dir() {
-        let collected = files2jsonl::collect(path, filter)?;
-        eprintln!("{}: {}", path.display(), collected.summary());
-        return Ok(collected.files.into_iter().map(|f| Document { text: f.text }).collect());
-    }
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let docs = match ext.as_str() {
-        "jsonl" | "json" => read_json(path, file, text_column)?,
-        "csv" => read_csv(path, file, text_column)?,
-        "txt" => {
-            let text = std::io::read_to_string(file).map_err(|e| data(path, format!("not UTF-8 text: {e}")))?;
-            vec![Document { text }]
-        }
-        _ => return Err(data(path, format!("unsupported extension {ext:?}: use .jsonl, .json, .csv, .txt or a directory"))),
-    };
-    Ok(docs)
-}
-
-fn data(path: &Path, message: impl Into<String>) -> CoordinatorError {
-    CoordinatorError::Data { path: path.into(), message: message.into() }
-}
-
-/// JSON Lines (one object per line), or a single JSON array of objects.
-fn read_json(path: &Path, file: std::fs::File, column: &str) -> Result<Vec<Document>> {
-    let mut reader = std::io::BufReader::new(file);
-    let first = reader.fill_buf().map_err(io_err(path))?.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    if first == Some(b'[') {
-        let rows: Vec<serde_json::Value> =
-            serde_json::from_reader(reader).map_err(|e| data(path, format!("not a JSON array of objects: {e}")))?;
-        return rows.iter().enumerate().map(|(i, row)| text_of(row, column).map_err(|m| data(path, format!("item {i}: {m}")))).collect();
-    }
-    let mut docs = vec![];
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| CoordinatorError::Line { path: path.into(), line: i + 1, message: e.to_string() })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| CoordinatorError::Line { path: path.into(), line: i + 1, message };
-        let row: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        docs.push(text_of(&row, column).map_err(bad)?);
-    }
-    Ok(docs)
-}
-
-fn text_of(row: &serde_json::Value, column: &str) -> std::result::Result<Document, String> {
-    match row.get(column) {
-        Some(serde_json::Value::String(text)) => Ok(Document { text: text.clone() }),
-        Some(other) => Err(format!("column {column:?} is not a string but {other}")),
-        None => Err(format!("no {column:?} column (set --text_column_name)")),
-    }
-}
-
-fn read_csv(path: &Path, file: std::fs::File, column: &str) -> Result<Vec<Document>> {
-    let mut reader = csv::Reader::from_reader(file);
-    let headers = reader.headers().map_err(|e| data(path, format!("cannot read the CSV header: {e}")))?.clone();
-    let index = headers.iter().position(|h| h == column).ok_or_else(|| {
-        data(path, format!("no {column:?} column among {:?} (set --text_column_name)", headers.iter().collect::<Vec<_>>()))
-    })?;
-    let mut docs = vec![];
-    for (i, record) in reader.records().enumerate() {
-        let record =
-            record.map_err(|e| CoordinatorError::Line { path: path.into(), line: i + 2, message: format!("malformed CSV: {e}") })?;
-        docs.push(Document { text: record.get(index).unwrap_or_default().to_string() });
-    }
-    Ok(docs)
-}
 
 /// Splits documents into (train, validation): a seeded shuffle, then `percent`% of whole
 /// documents (rounded, at least one when there are two or more) go to validation.
@@ -203,7 +128,7 @@ impl TokenCache {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         // SAFETY: cache files are written once (atomic rename) and never modified.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-        let bad = || data(path, "corrupt token cache; delete it to rebuild");
+        let bad = || CoordinatorError::Data { path: path.into(), message: "corrupt token cache; delete it to rebuild".into() };
         if map.len() < HEADER || &map[..8] != MAGIC {
             return Err(bad());
         }
@@ -243,7 +168,7 @@ mod tests {
     use super::*;
 
     fn docs(n: usize) -> Vec<Document> {
-        (0..n).map(|i| Document { text: format!("doc {i}") }).collect()
+        (0..n).map(|i| Document { text: format!("doc {i}"), url: None }).collect()
     }
 
     #[test]
@@ -259,38 +184,11 @@ mod tests {
     }
 
     #[test]
-    fn jsonl_errors_name_the_line_and_column() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.jsonl");
-        std::fs::write(&path, "{\"text\": \"a\"}\n{\"text\": oops}\n").unwrap();
-        let err = load_documents(&path, "text", &Filter::default()).unwrap_err().to_string();
-        assert!(err.contains("d.jsonl:2: malformed JSON"), "{err}");
-        std::fs::write(&path, "{\"content\": \"a\"}\n").unwrap();
-        let err = load_documents(&path, "text", &Filter::default()).unwrap_err().to_string();
-        assert!(err.contains("d.jsonl:1: no \"text\" column"), "{err}");
-    }
-
-    #[test]
-    fn json_array_csv_and_txt_inputs() {
-        let dir = tempfile::tempdir().unwrap();
-        let json = dir.path().join("d.json");
-        std::fs::write(&json, r#"[{"code": "x = 1"}, {"code": "y = 2"}]"#).unwrap();
-        let got = load_documents(&json, "code", &Filter::default()).unwrap();
-        assert_eq!(got, vec![Document { text: "x = 1".into() }, Document { text: "y = 2".into() }]);
-        let csv = dir.path().join("d.csv");
-        std::fs::write(&csv, "id,text\n1,\"a, b\"\n2,c\n").unwrap();
-        assert_eq!(load_documents(&csv, "text", &Filter::default()).unwrap()[0].text, "a, b");
-        let txt = dir.path().join("d.txt");
-        std::fs::write(&txt, "line 1\nline 2\n").unwrap();
-        assert_eq!(load_documents(&txt, "text", &Filter::default()).unwrap()[0].text, "line 1\nline 2\n");
-    }
-
-    #[test]
     fn documents_join_with_eos_and_the_ragged_tail_is_dropped() {
         let texts = ["fn a() {}", "fn bb() { return; }", "let c = 1;"];
         let tok = zerotune_hf::tokenizer::train(texts.iter().copied(), 300).unwrap();
         let eos = zerotune_hf::tokenizer::eos_id(&tok).unwrap();
-        let docs: Vec<Document> = texts.iter().map(|t| Document { text: t.to_string() }).collect();
+        let docs: Vec<Document> = texts.iter().map(|t| Document { text: t.to_string(), url: None }).collect();
         let mut joined = vec![];
         for t in texts {
             joined.extend_from_slice(tok.encode(t, false).unwrap().get_ids());

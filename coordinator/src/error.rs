@@ -15,6 +15,9 @@ pub enum CoordinatorError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Model(#[from] zerotune_hf::Error),
+    /// Input documents that cannot be read; the message names the file and line.
+    #[error(transparent)]
+    Input(#[from] zerotune_data::DataError),
     #[error("worker rank {rank} ({host}) failed: {message}")]
     Worker { rank: u32, host: String, message: String },
     /// A process that runs every rank (srun) failed.

@@ -8,7 +8,6 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod events;
-pub mod files2jsonl;
 pub mod hosts;
 pub mod job;
 pub mod launch;

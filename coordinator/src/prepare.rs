@@ -7,9 +7,10 @@ use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
 
 use crate::config::{ModelChoice, TokenizerChoice, TrainPlan};
-use crate::dataset::{self, CacheKey, Document, TokenCache};
+use zerotune_data::{Document, Filter};
+
+use crate::dataset::{self, CacheKey, TokenCache};
 use crate::error::{io_err, CoordinatorError, Result};
-use crate::files2jsonl::Filter;
 use crate::sampler::Sampler;
 
 /// The data and model facts a run needs, all checked.
@@ -102,12 +103,12 @@ pub fn load_split(
     seed: u64,
     filter: &Filter,
 ) -> Result<(Vec<Document>, Vec<Document>)> {
-    let docs = dataset::load_documents(train, column, filter)?;
+    let docs = zerotune_data::load_documents(train, column, filter)?;
     if docs.is_empty() {
         return Err(CoordinatorError::Data { path: train.into(), message: "has no documents: the training set is empty".into() });
     }
     Ok(match validation {
-        Some(path) => (docs, dataset::load_documents(path, column, filter)?),
+        Some(path) => (docs, zerotune_data::load_documents(path, column, filter)?),
         None => dataset::split_by_documents(docs, percent, seed),
     })
 }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use zerotune_coordinator::config::{TrainArgs, TrainPlan};
-use zerotune_coordinator::files2jsonl::{self, Filter};
 use zerotune_coordinator::{config, job, prepare};
+use zerotune_data::files2jsonl::{self, Filter};
 
 #[derive(Parser)]
 #[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]
@@ -143,7 +143,7 @@ fn tokenize(
     Ok(())
 }
 
-fn files2jsonl(source: &std::path::Path, output: &std::path::Path, filter: zerotune_coordinator::Result<Filter>) -> anyhow::Result<()> {
+fn files2jsonl(source: &std::path::Path, output: &std::path::Path, filter: zerotune_data::Result<Filter>) -> anyhow::Result<()> {
     let collected = files2jsonl::collect(source, &filter?)?;
     files2jsonl::write_jsonl(&collected.files, output)?;
     println!("{}: {} -> {}", source.display(), collected.summary(), output.display());

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 
-use crate::error::{CoordinatorError, Result};
+use crate::{DataError, Result};
 
 /// Directories that hold someone else's or generated code.
 const SKIPPED_DIRS: [&str; 10] =
@@ -47,10 +47,10 @@ impl Filter {
     pub fn new(max_bytes: u64, extensions: &[String], exclude: &[String]) -> Result<Self> {
         let mut builder = GlobSetBuilder::new();
         for pattern in exclude {
-            let glob = Glob::new(pattern).map_err(|e| CoordinatorError::Flag(format!("--exclude {pattern:?}: {e}")))?;
+            let glob = Glob::new(pattern).map_err(|e| DataError::Flag(format!("--exclude {pattern:?}: {e}")))?;
             builder.add(glob);
         }
-        let exclude = builder.build().map_err(|e| CoordinatorError::Flag(format!("--exclude: {e}")))?;
+        let exclude = builder.build().map_err(|e| DataError::Flag(format!("--exclude: {e}")))?;
         let extensions = extensions.iter().map(|e| e.trim_start_matches('.').to_string()).collect();
         Ok(Self { max_bytes, extensions, exclude })
     }
@@ -91,7 +91,7 @@ impl Collected {
 /// Walks `root` and keeps what `filter` allows.
 pub fn collect(root: &Path, filter: &Filter) -> Result<Collected> {
     if !root.is_dir() {
-        return Err(CoordinatorError::Data { path: root.into(), message: "is not a directory".into() });
+        return Err(DataError::File { path: root.into(), message: "is not a directory".into() });
     }
     let mut out = Collected::default();
     let vendored = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -110,7 +110,7 @@ pub fn collect(root: &Path, filter: &Filter) -> Result<Collected> {
         })
         .build();
     for entry in walker {
-        let entry = entry.map_err(|e| CoordinatorError::Data { path: root.into(), message: format!("cannot walk: {e}") })?;
+        let entry = entry.map_err(|e| DataError::File { path: root.into(), message: format!("cannot walk: {e}") })?;
         if !entry.file_type().is_some_and(|t| t.is_file()) {
             continue;
         }
@@ -134,7 +134,7 @@ fn keep(path: &Path, url: &str, filter: &Filter) -> Result<std::result::Result<S
     if filter.exclude.is_match(url) || (!filter.extensions.is_empty() && !filter.extensions.contains(&ext)) {
         return Ok(Err(Skip::Excluded));
     }
-    let io = |e: std::io::Error| CoordinatorError::Io { path: PathBuf::from(path), source: e };
+    let io = |e: std::io::Error| DataError::Io { path: PathBuf::from(path), source: e };
     if std::fs::metadata(path).map_err(io)?.len() > filter.max_bytes {
         return Ok(Err(Skip::TooLarge));
     }
@@ -165,7 +165,7 @@ fn keep(path: &Path, url: &str, filter: &Filter) -> Result<std::result::Result<S
 
 /// Writes the files as JSON Lines, one `{"text", "url"}` object per line.
 pub fn write_jsonl(files: &[SourceFile], out: &Path) -> Result<()> {
-    let io = |e: std::io::Error| CoordinatorError::Io { path: out.into(), source: e };
+    let io = |e: std::io::Error| DataError::Io { path: out.into(), source: e };
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
     for file in files {
         serde_json::to_writer(&mut w, file).expect("strings serialise");
