@@ -13,7 +13,7 @@ use crate::launch::Launcher;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
 use crate::error::{CoordinatorError, Result};
-use zerotune_data::Filter;
+use zerotune_data::{Filter, SourceArgs};
 
 /// Flags keep HF's spelling (`--per_device_train_batch_size`); boolean flags work alone or with a
 /// value (`--fp16`, `--fp16 true`), as with HfArgumentParser.
@@ -39,8 +39,8 @@ pub struct TrainArgs {
     /// Validation data; without it --validation_split_percentage of the documents is held out.
     #[arg(long)]
     pub validation_file: Option<PathBuf>,
-    #[arg(long, default_value = "text")]
-    pub text_column_name: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
     #[arg(long, default_value_t = 5)]
     pub validation_split_percentage: u32,
     /// Tokens per training block (default: min(1024, n_positions)).
@@ -49,15 +49,6 @@ pub struct TrainArgs {
     /// Where token caches live (default: ~/.cache/zerotune/tokens).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Source directories: keep only these extensions (comma separated, e.g. rs,py).
-    #[arg(long, value_delimiter = ',')]
-    pub source_extensions: Vec<String>,
-    /// Source directories: skip paths matching this glob (repeatable).
-    #[arg(long)]
-    pub source_exclude: Vec<String>,
-    /// Source directories: skip files larger than this many bytes.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub max_file_bytes: u64,
     #[arg(long, default_value_t = 8)]
     pub per_device_train_batch_size: usize,
     #[arg(long, default_value_t = 8)]
@@ -420,10 +411,10 @@ impl TrainPlan {
             tokenizer,
             train_file: args.train_file.clone(),
             validation_file: args.validation_file.clone(),
-            text_column: args.text_column_name.clone(),
+            text_column: args.source.text_column_name.clone(),
             validation_split_percentage: args.validation_split_percentage,
             block_size: args.block_size,
-            filter: Filter::new(args.max_file_bytes, &args.source_extensions, &args.source_exclude)?,
+            filter: args.source.filter()?,
             cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
             output_dir: args.output_dir.clone(),
             overwrite_output_dir: args.overwrite_output_dir,

@@ -8,6 +8,30 @@ pub mod files2jsonl;
 pub use documents::{load_documents, Document};
 pub use files2jsonl::Filter;
 
+/// How documents are read, as flags (`coordinator train`, `tokenize`, `worker eval` share them).
+#[derive(Clone, Debug, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct SourceArgs {
+    /// The column holding the text in .jsonl/.json/.csv input.
+    #[arg(long, default_value = "text")]
+    pub text_column_name: String,
+    /// Source directories: keep only these extensions (comma separated, e.g. rs,py).
+    #[arg(long, value_delimiter = ',')]
+    pub source_extensions: Vec<String>,
+    /// Source directories: skip paths matching this glob (repeatable).
+    #[arg(long)]
+    pub source_exclude: Vec<String>,
+    /// Source directories: skip files larger than this many bytes.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_file_bytes: u64,
+}
+
+impl SourceArgs {
+    pub fn filter(&self) -> Result<Filter> {
+        Filter::new(self.max_file_bytes, &self.source_extensions, &self.source_exclude)
+    }
+}
+
 use std::path::PathBuf;
 
 /// What can be wrong with input data; each names the file (and line) and says what to do.

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 pub enum WorkerError {
     #[error(transparent)]
     Model(#[from] zerotune_hf::Error),
+    /// Input documents that cannot be read (`worker eval`); the message names the file and line.
+    #[error(transparent)]
+    Input(#[from] zerotune_data::DataError),
     #[error("{dir}: the checkpoint lacks {count} tensor(s) the config needs, e.g. {first}")]
     MissingTensors { dir: PathBuf, count: usize, first: String },
     #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?} (a checkpoint of another size or a resized vocabulary?)")]

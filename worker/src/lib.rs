@@ -8,11 +8,13 @@ pub mod comm;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod sample;
 pub mod serve;
+pub mod text;
 pub mod train;
 pub mod zero;
 

@@ -1,11 +1,12 @@
 //! `coordinator`: `train` runs a fine-tuning job; `files2jsonl` turns a source tree into JSON Lines.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use zerotune_coordinator::config::{TrainArgs, TrainPlan};
 use zerotune_coordinator::{config, job, prepare};
 use zerotune_data::files2jsonl::{self, Filter};
+use zerotune_data::SourceArgs;
 
 #[derive(Parser)]
 #[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]
@@ -19,26 +20,7 @@ enum Command {
     /// Fine-tune (or train from scratch) with run_clm.py / HF Trainer flags.
     Train(Box<TrainArgs>),
     /// Prepare the token cache a `train` run with the same data flags would use, and stop.
-    #[command(rename_all = "snake_case")]
-    Tokenize {
-        #[arg(long)]
-        train_file: PathBuf,
-        #[arg(long)]
-        validation_file: Option<PathBuf>,
-        #[arg(long, default_value = "text")]
-        text_column_name: String,
-        #[arg(long, default_value_t = 5)]
-        validation_split_percentage: u32,
-        /// Directory holding tokenizer.json or vocab.json + merges.txt.
-        #[arg(long)]
-        tokenizer_name: PathBuf,
-        #[arg(long)]
-        block_size: usize,
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-    },
+    Tokenize(TokenizeArgs),
     /// Turn a source directory into JSON Lines of {"text", "url"}.
     #[command(rename_all = "snake_case")]
     Files2jsonl {
@@ -61,25 +43,7 @@ enum Command {
 fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
-        Command::Tokenize {
-            train_file,
-            validation_file,
-            text_column_name,
-            validation_split_percentage,
-            tokenizer_name,
-            block_size,
-            cache_dir,
-            seed,
-        } => tokenize(
-            &train_file,
-            validation_file.as_deref(),
-            &text_column_name,
-            validation_split_percentage,
-            &tokenizer_name,
-            block_size,
-            cache_dir,
-            seed,
-        ),
+        Command::Tokenize(args) => tokenize(&args),
         Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes } => {
             files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude))
         }
@@ -111,23 +75,40 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tokenize(
-    train: &Path,
-    validation: Option<&Path>,
-    column: &str,
-    percent: u32,
-    tokenizer_dir: &Path,
+/// `coordinator tokenize`: the data flags of `train` (the same names, the same source filters).
+#[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
+struct TokenizeArgs {
+    #[arg(long)]
+    train_file: PathBuf,
+    #[arg(long)]
+    validation_file: Option<PathBuf>,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[arg(long, default_value_t = 5)]
+    validation_split_percentage: u32,
+    /// Directory holding tokenizer.json or vocab.json + merges.txt.
+    #[arg(long)]
+    tokenizer_name: PathBuf,
+    #[arg(long)]
     block_size: usize,
+    #[arg(long)]
     cache_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
     seed: u64,
-) -> anyhow::Result<()> {
+}
+
+fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let (train_docs, val_docs) = prepare::load_split(train, validation, column, percent, seed, &Filter::default())?;
+    let (train, tokenizer_dir, block_size) = (&args.train_file, &args.tokenizer_name, args.block_size);
+    let column = &args.source.text_column_name;
+    let filter = args.source.filter()?;
+    let (train_docs, val_docs) =
+        prepare::load_split(train, args.validation_file.as_deref(), column, args.validation_split_percentage, args.seed, &filter)?;
     let tok = zerotune_hf::tokenizer::load(tokenizer_dir)?;
     let eos = zerotune_hf::tokenizer::eos_id(&tok)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
-    let cache_dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(config::default_cache_dir);
     let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &cache_dir)?;
     let bytes: usize = train_docs.iter().chain(&val_docs).map(|d| d.text.len()).sum();
     let secs = started.elapsed().as_secs_f64();

@@ -1,5 +1,6 @@
 //! `worker`: a training rank launched by the coordinator (`worker run`), text generation from a
-//! saved model (`worker generate`), or a completions server on it (`worker serve`).
+//! saved model (`worker generate`), its evaluation on held-out code (`worker eval`), or a
+//! completions server on it (`worker serve`).
 
 use std::path::PathBuf;
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 use zerotune_worker::agent::{self, AgentArgs};
 use zerotune_worker::device;
 use zerotune_worker::engine::Finish;
+use zerotune_worker::eval::{self, EvalOptions};
 use zerotune_worker::generate::{generate, Loaded, Precision};
 use zerotune_worker::sample::SamplingParams;
 use zerotune_worker::serve::{self, ServeOptions};
@@ -59,6 +61,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Next-line completion on held-out code, the fine-tuned model against its base.
+    Eval(Box<EvalArgs>),
     /// Serve completions over HTTP: the FauxPilot / OpenAI API, continuously batched.
     #[command(rename_all = "snake_case")]
     Serve {
@@ -95,6 +99,48 @@ enum Command {
     },
 }
 
+/// `worker eval`'s flags.
+#[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
+struct EvalArgs {
+    /// The model to evaluate: a zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+    #[arg(long)]
+    model: PathBuf,
+    /// The model it started from, evaluated on the same positions (its tokenizer must be the same).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Held-out data, read like training data (.jsonl/.json/.csv/.txt or a source dir; - reads JSON Lines from stdin).
+    #[arg(long)]
+    validation_file: PathBuf,
+    #[command(flatten)]
+    source: zerotune_data::SourceArgs,
+    /// Where completion_eval.json and predictions.jsonl go.
+    #[arg(long)]
+    output_dir: PathBuf,
+    /// Lines to predict, drawn round-robin across documents.
+    #[arg(long, default_value_t = 200)]
+    num_positions: usize,
+    /// Prompt tokens before each line, at most (and at most n_positions - max_new_tokens).
+    #[arg(long, default_value_t = 1024)]
+    context_tokens: usize,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Tokens per block of the held-out loss (default: min(1024, n_positions)).
+    #[arg(long)]
+    block_size: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Positions decoding together.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// On a GPU, compute in fp16 instead of bf16.
+    #[arg(long)]
+    fp16: bool,
+}
+
 fn main() {
     if let Err(err) = run(Cli::parse()) {
         eprintln!("worker: error: {err:#}");
@@ -128,6 +174,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{prompt}{}", out.text);
             }
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let device = device::parse(&args.device)?;
+            let options = EvalOptions {
+                model: args.model,
+                base: args.base,
+                validation: args.validation_file,
+                text_column: args.source.text_column_name.clone(),
+                filter: args.source.filter()?,
+                output_dir: args.output_dir,
+                num_positions: args.num_positions,
+                context_tokens: args.context_tokens,
+                max_new_tokens: args.max_new_tokens,
+                block_size: args.block_size,
+                seed: args.seed,
+                batch: args.max_batch,
+                device,
+                precision: Precision::for_device(device, args.fp16),
+            };
+            let report = eval::run(&options)?;
+            println!("{}", report.table());
+            eprintln!("wrote completion_eval.json and predictions.jsonl to {}", options.output_dir.display());
             Ok(())
         }
         Command::Serve { model, host, port, device: spec, fp16, api_key, max_batch, max_queue, threads, model_name } => {

@@ -13,10 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::api::{chunk_json, Choice, ChoiceLogprobs, CompletionRequest, FinishReason, ResponseHead};
 use super::metrics::Metrics;
 use super::test_hook::Hold;
-use super::text::TextState;
 use crate::engine::{Emitted, Engine, Finish, Logprob, Prompt};
 use crate::model::CodeGen;
 use crate::sample::{fresh_seed, Rng, Sampler, SamplingParams};
+use crate::text::TextState;
 
 /// A validated request with its prompts tokenized, and where its answer goes.
 pub struct Job {

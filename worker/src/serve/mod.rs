@@ -7,7 +7,6 @@ pub mod api;
 mod batcher;
 pub mod metrics;
 mod test_hook;
-pub mod text;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

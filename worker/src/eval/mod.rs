@@ -1,0 +1,243 @@
+//! `worker eval`: did fine-tuning help? Next-line completion on held-out documents, the base
+//! model against the fine-tuned one on the same positions and prompts: greedy decoding to the
+//! first newline, batched through the engine; exact match, edit similarity, and the held-out loss
+//! and perplexity over the same documents. Writes completion_eval.json and predictions.jsonl.
+
+pub mod metrics;
+pub mod positions;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+use zerotune_data::{Document, Filter};
+
+use crate::engine::{Engine, Prompt};
+use crate::error::{io_err, Result, WorkerError};
+use crate::generate::{Loaded, Precision};
+use crate::sample::{Rng, Sampler, SamplingParams};
+use crate::text::TextState;
+use positions::{candidates, cut_left, draw, Position};
+
+/// What to evaluate and how, from `worker eval`'s flags.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub model: PathBuf,
+    pub base: Option<PathBuf>,
+    /// Held-out data: a file or source directory, read like training data, or `-` (JSON Lines
+    /// on standard input, as `coordinator train --do_eval` hands over its validation split).
+    pub validation: PathBuf,
+    pub text_column: String,
+    pub filter: Filter,
+    pub output_dir: PathBuf,
+    pub num_positions: usize,
+    pub context_tokens: usize,
+    pub max_new_tokens: usize,
+    /// Tokens per block of the held-out loss (default min(1024, n_positions), as training).
+    pub block_size: Option<usize>,
+    pub seed: u64,
+    /// Positions decoding together.
+    pub batch: usize,
+    pub device: Device,
+    pub precision: Precision,
+}
+
+/// One model's scores.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    /// Mean over positions, 0-100.
+    pub exact_match: f64,
+    /// Mean over positions, 0-100.
+    pub edit_similarity: f64,
+    /// Mean token cross-entropy over the held-out documents.
+    pub loss: f64,
+    pub perplexity: f64,
+}
+
+/// The evaluation's outcome: `("base" | "fine_tuned", scores)`, base first when given.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub positions: usize,
+    pub candidates: usize,
+    pub models: Vec<(&'static str, Scores)>,
+}
+
+impl Report {
+    /// A markdown table, base and fine-tuned side by side.
+    pub fn table(&self) -> String {
+        let mut out = format!("| {} positions |", self.positions);
+        let header: Vec<&str> = self.models.iter().map(|(name, _)| if *name == "base" { "base" } else { "fine-tuned" }).collect();
+        out += &format!(" {} |\n|---|{}\n", header.join(" | "), "---|".repeat(header.len()));
+        let rows: [(&str, fn(&Scores) -> String); 4] = [
+            ("exact match %", |s| format!("{:.1}", s.exact_match)),
+            ("edit similarity", |s| format!("{:.1}", s.edit_similarity)),
+            ("held-out loss", |s| format!("{:.4}", s.loss)),
+            ("perplexity", |s| format!("{:.2}", s.perplexity)),
+        ];
+        for (label, cell) in rows {
+            let cells: Vec<String> = self.models.iter().map(|(_, s)| cell(s)).collect();
+            out += &format!("| {label} | {} |\n", cells.join(" | "));
+        }
+        out
+    }
+}
+
+/// Runs the evaluation and writes its files into `output_dir`.
+pub fn run(options: &EvalOptions) -> Result<Report> {
+    let documents = zerotune_data::load_documents(&options.validation, &options.text_column, &options.filter)?;
+    let invalid = |message: String| WorkerError::Invalid(format!("--validation_file {}: {message}", options.validation.display()));
+    if documents.is_empty() {
+        return Err(invalid("holds no documents: there is nothing to evaluate on".into()));
+    }
+    let per_doc: Vec<Vec<Position>> = documents.iter().enumerate().map(|(i, d)| candidates(i, &d.text)).collect();
+    let total: usize = per_doc.iter().map(Vec::len).sum();
+    if total == 0 {
+        return Err(invalid("has no line to predict (a non-blank line after a document's first)".into()));
+    }
+    let positions = draw(per_doc, options.num_positions, options.seed);
+    if positions.len() < options.num_positions {
+        eprintln!(
+            "eval: {} holds {total} candidate lines, fewer than --num_positions {}: evaluating all of them",
+            options.validation.display(),
+            options.num_positions
+        );
+    }
+    let tokenizer_dir = |dir: &Path| zerotune_hf::model_dir(dir);
+    let tokenizer = zerotune_hf::tokenizer::load(&tokenizer_dir(&options.model))?;
+    if let Some(base) = &options.base {
+        let theirs = zerotune_hf::tokenizer::load(&tokenizer_dir(base))?;
+        if theirs.get_vocab(true) != tokenizer.get_vocab(true) {
+            return Err(WorkerError::Invalid(format!(
+                "--base {} and --model {} have different tokenizers: their completions would not be comparable",
+                base.display(),
+                options.model.display()
+            )));
+        }
+    }
+    let mut models: Vec<(&'static str, &Path)> = vec![];
+    if let Some(base) = &options.base {
+        models.push(("base", base));
+    }
+    models.push(("fine_tuned", &options.model));
+    let mut report = Report { positions: positions.len(), candidates: total, models: vec![] };
+    let mut lines = vec![];
+    for (name, dir) in models {
+        let loaded = Loaded::open(dir, options.device, options.precision)?;
+        let limit = options.context_tokens.min(loaded.config.n_positions.saturating_sub(options.max_new_tokens));
+        if limit == 0 {
+            return Err(WorkerError::Invalid(format!(
+                "--max_new_tokens {} leaves no room for a prompt in the context of {} tokens",
+                options.max_new_tokens, loaded.config.n_positions
+            )));
+        }
+        let prompts: Vec<Vec<u32>> = positions
+            .iter()
+            .map(|p| Ok(cut_left(&loaded.encode(&documents[p.doc].text[..p.start])?, limit).to_vec()))
+            .collect::<Result<_>>()?;
+        let predictions = predict(&loaded, &prompts, options.max_new_tokens, options.batch);
+        let (mut em, mut es) = (0.0, 0.0);
+        for (p, prediction) in positions.iter().zip(&predictions) {
+            let (exact, similarity) = (metrics::exact_match(prediction, &p.target), metrics::edit_similarity(prediction, &p.target));
+            em += exact;
+            es += similarity;
+            lines.push(json!({
+                "model": name, "url": url(&documents, p.doc), "line": p.line, "target": p.target, "prediction": prediction,
+                "exact_match": exact, "edit_similarity": similarity,
+            }));
+        }
+        let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
+        let loss = held_out_loss(&loaded, &documents, block)?;
+        let n = positions.len() as f64;
+        report.models.push((name, Scores { exact_match: em / n, edit_similarity: es / n, loss, perplexity: loss.exp() }));
+    }
+    write_outputs(&options.output_dir, &report, &lines)?;
+    Ok(report)
+}
+
+/// A document's `url`, or its place in the set when it has none.
+fn url(documents: &[Document], doc: usize) -> String {
+    documents[doc].url.clone().unwrap_or_else(|| format!("document {doc}"))
+}
+
+/// Each prompt's greedy completion up to its first newline (or `max_new_tokens`), `batch` at a
+/// time through the engine: a prompt joins as soon as another finishes.
+pub fn predict(loaded: &Loaded, prompts: &[Vec<u32>], max_new_tokens: usize, batch: usize) -> Vec<String> {
+    let mut engine: Engine<usize> = Engine::new(&loaded.model, loaded.device, loaded.eos);
+    let mut texts: Vec<TextState> = prompts.iter().map(|_| TextState::new(vec!["\n".into()])).collect();
+    let mut next = 0;
+    loop {
+        let mut emitted = vec![];
+        while engine.len() < batch.max(1) && next < prompts.len() {
+            let prompt = Prompt { ids: prompts[next].clone(), max_new_tokens, logprobs: None, prompt_logprobs: false };
+            emitted.extend(engine.admit(&prompt, vec![(next, Sampler::new(SamplingParams::default(), Rng::new(0, 0)))]).1);
+            next += 1;
+        }
+        emitted.extend(engine.step());
+        let mut stopped = vec![];
+        for e in emitted {
+            let text = &mut texts[e.key];
+            if text.stopped() {
+                continue;
+            }
+            if let Some(token) = e.token {
+                if text.push(&loaded.tokenizer, token.id).stopped {
+                    stopped.push(e.key);
+                }
+            }
+            if e.finish.is_some() {
+                text.finish(&loaded.tokenizer);
+            }
+        }
+        engine.cancel(|key| stopped.contains(key));
+        if engine.is_empty() && next == prompts.len() {
+            return texts.iter().map(|t| t.text().to_string()).collect();
+        }
+    }
+}
+
+/// Mean token cross-entropy of `documents` joined with EOS and cut into blocks of `block`
+/// tokens (the last, shorter block included, so a small set is still measured).
+fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Result<f64> {
+    let mut ids: Vec<i64> = vec![];
+    for doc in documents {
+        ids.extend(loaded.encode(&doc.text)?.into_iter().map(i64::from));
+        ids.extend(loaded.eos.map(i64::from));
+    }
+    let _guard = tch::no_grad_guard();
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for chunk in ids.chunks(block.max(2)).filter(|c| c.len() >= 2) {
+        let input = Tensor::from_slice(chunk).view([1, -1]).to_device(loaded.device);
+        sum += loaded.model.loss_sum(&input).to_kind(Kind::Double).double_value(&[]);
+        tokens += chunk.len() - 1;
+    }
+    if tokens == 0 {
+        return Err(WorkerError::Invalid("the held-out documents are too short to measure a loss (fewer than 2 tokens)".into()));
+    }
+    Ok(sum / tokens as f64)
+}
+
+/// completion_eval.json and predictions.jsonl, each written beside its place and renamed in.
+fn write_outputs(dir: &Path, report: &Report, lines: &[serde_json::Value]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let models: serde_json::Map<String, serde_json::Value> = report
+        .models
+        .iter()
+        .map(|(name, s)| {
+            let scores =
+                json!({"exact_match": s.exact_match, "edit_similarity": s.edit_similarity, "loss": s.loss, "perplexity": s.perplexity});
+            (name.to_string(), scores)
+        })
+        .collect();
+    let summary = json!({"positions": report.positions, "candidate_lines": report.candidates, "models": models});
+    zerotune_hf::write::write_json(&dir.join("completion_eval.json"), &summary)?;
+    let path = dir.join("predictions.jsonl");
+    let partial = dir.join("predictions.jsonl.partial");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io_err(&partial))?);
+    for line in lines {
+        writeln!(out, "{line}").map_err(io_err(&partial))?;
+    }
+    out.flush().map_err(io_err(&partial))?;
+    drop(out);
+    std::fs::rename(&partial, &path).map_err(io_err(&path))
+}
