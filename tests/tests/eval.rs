@@ -9,7 +9,6 @@ use std::process::{Command, Output};
 
 use common::{binary, fixtures, s, stderr};
 use serde_json::{json, Value};
-use zerotune_tests::meta;
 
 /// Small code documents, each with a url, as JSON Lines.
 fn documents(dir: &Path) -> std::path::PathBuf {

@@ -69,7 +69,8 @@ impl Report {
         let mut out = format!("| {} positions |", self.positions);
         let header: Vec<&str> = self.models.iter().map(|(name, _)| if *name == "base" { "base" } else { "fine-tuned" }).collect();
         out += &format!(" {} |\n|---|{}\n", header.join(" | "), "---|".repeat(header.len()));
-        let rows: [(&str, fn(&Scores) -> String); 4] = [
+        type Cell = fn(&Scores) -> String;
+        let rows: [(&str, Cell); 4] = [
             ("exact match %", |s| format!("{:.1}", s.exact_match)),
             ("edit similarity", |s| format!("{:.1}", s.edit_similarity)),
             ("held-out loss", |s| format!("{:.4}", s.loss)),
