@@ -98,6 +98,10 @@ pub struct TrainArgs {
     /// Evaluate every N steps (with --do_eval); without it only at the end.
     #[arg(long)]
     pub eval_steps: Option<u64>,
+    /// With --do_eval, next-line completion on this many positions of the validation documents
+    /// at the end, the starting model against the final one (`worker eval`); 0 turns it off.
+    #[arg(long, default_value_t = 200)]
+    pub completion_eval_positions: usize,
     /// Save a checkpoint every N steps; 0 saves only the final model.
     #[arg(long, default_value_t = 500)]
     pub save_steps: u64,
@@ -229,6 +233,8 @@ pub struct TrainPlan {
     pub do_eval: bool,
     pub logging_steps: u64,
     pub eval_steps: Option<u64>,
+    /// Positions of the completion evaluation at the end (0: none).
+    pub completion_eval_positions: usize,
     pub save_steps: Option<u64>,
     pub save_total_limit: Option<usize>,
     pub device: String,
@@ -441,6 +447,7 @@ impl TrainPlan {
             do_eval: args.do_eval,
             logging_steps: args.logging_steps.max(1),
             eval_steps: args.eval_steps.filter(|&n| n > 0 && args.do_eval),
+            completion_eval_positions: if args.do_eval { args.completion_eval_positions } else { 0 },
             save_steps: (args.save_steps > 0).then_some(args.save_steps),
             save_total_limit: args.save_total_limit,
             device: device.clone(),

@@ -4,6 +4,7 @@
 
 pub mod blame;
 pub mod checkpoint;
+pub mod completion_eval;
 pub mod config;
 pub mod dataset;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod job;
 pub mod launch;
 pub mod prepare;
 pub mod progress;
+pub mod report;
 pub mod sampler;
 pub mod service;
 

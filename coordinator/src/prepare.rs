@@ -23,6 +23,8 @@ pub struct Prepared {
     pub sampler: Sampler,
     pub total_steps: u64,
     pub warmup_steps: u64,
+    /// The held-out documents, for the completion evaluation at the end.
+    pub validation_docs: Vec<Document>,
 }
 
 fn flag(message: String) -> CoordinatorError {
@@ -91,7 +93,7 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         }
     }
     let warmup_steps = plan.warmup_steps(total_steps);
-    Ok(Prepared { config, tokenizer_files, cache, block_size, sampler, total_steps, warmup_steps })
+    Ok(Prepared { config, tokenizer_files, cache, block_size, sampler, total_steps, warmup_steps, validation_docs: val_docs })
 }
 
 /// Training and validation documents: `validation` when given, else a split of `train`.

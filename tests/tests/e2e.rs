@@ -154,3 +154,79 @@ fn fine_tunes_a_pretrained_fp16_bin_checkpoint_with_a_deepspeed_config() {
     assert_eq!(plan["zero_optimization"], serde_json::json!({"stage": 2, "offload_optimizer": true, "reduce_bucket_size": 500_000_000}));
     assert!(out.join("tokenizer.json").is_file());
 }
+
+/// The SVG curves of a report.html as {data-key: points in its path}, read by Python's parser.
+fn report_curves(report: &std::path::Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+from html.parser import HTMLParser
+class Curves(HTMLParser):
+    curves, svgs = {}, 0
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.svgs += tag == "svg"
+        if tag == "path" and "data-key" in a:
+            assert a["data-key"] not in self.curves, "one path per curve"
+            self.curves[a["data-key"]] = sum(1 for t in a["d"].split() if t[0] in "ML")
+p = Curves()
+p.feed(open(sys.argv[1], encoding="utf-8").read())
+p.close()
+assert p.svgs == 4, p.svgs
+print(json.dumps(p.curves))
+"#;
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON is set by scripts/test.sh");
+    let out = Command::new(python).args(["-c", script, &s(report)]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn do_eval_compares_the_start_with_the_result_and_writes_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, cache) = (tmp.path().join("run"), tmp.path().join("cache"));
+    let base = fixtures().join("tiny-decode");
+    let flags = ["--do_train", "--do_eval", "--validation_split_percentage", "20", "--block_size", "32", "--max_steps", "4"];
+    let run = train(
+        &cache,
+        &[
+            &["--model_name_or_path", &s(&base), "--train_file", &s(&source_dir()), "--output_dir", &s(&out)],
+            &flags[..],
+            &["--per_device_train_batch_size", "2", "--logging_steps", "1", "--eval_steps", "2", "--completion_eval_positions", "12"],
+        ]
+        .concat(),
+    );
+    let err = stderr(&run);
+    assert!(run.status.success(), "{err}");
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(table.contains("| 12 positions | base | fine-tuned |"), "the table is printed: {table}");
+    assert!(err.contains(&format!("report: {}", out.canonicalize().unwrap().join("report.html").display())), "{err}");
+
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("completion_eval.json")).unwrap()).unwrap();
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("predictions.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(summary["positions"], 12);
+    assert_eq!(lines.len(), 24, "one line per position and model");
+    for model in ["base", "fine_tuned"] {
+        let mine: Vec<&serde_json::Value> = lines.iter().filter(|l| l["model"] == model).collect();
+        for key in ["exact_match", "edit_similarity"] {
+            let mean = mine.iter().map(|l| l[key].as_f64().unwrap()).sum::<f64>() / mine.len() as f64;
+            assert!((summary["models"][model][key].as_f64().unwrap() - mean).abs() < 1e-9, "{model} {key} is the mean of the lines");
+        }
+        assert!(mine.iter().all(|l| l["url"].as_str().is_some_and(|u| u.ends_with(".rs"))), "urls are the source paths");
+    }
+
+    // One path per curve, with one point per metrics.jsonl row that has the value.
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let curves = report_curves(&out.join("report.html"));
+    for key in ["loss", "eval_loss", "learning_rate", "tokens_per_second"] {
+        let rows = records.iter().filter(|r| r.get(key).is_some()).count();
+        assert!(rows > 0, "{key}");
+        assert_eq!(curves[key].as_u64(), Some(rows as u64), "{key}: {curves}");
+    }
+    // `coordinator report` rewrites it for any run dir.
+    std::fs::remove_file(out.join("report.html")).unwrap();
+    let again = Command::new(binary("coordinator")).args(["report", &s(&out)]).output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(report_curves(&out.join("report.html")), curves);
+}

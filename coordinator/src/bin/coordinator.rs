@@ -21,6 +21,11 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Prepare the token cache a `train` run with the same data flags would use, and stop.
     Tokenize(TokenizeArgs),
+    /// Write OUTPUT_DIR/report.html for a run directory (finished, stopped, running or resumed).
+    Report {
+        /// The run's --output_dir.
+        output_dir: PathBuf,
+    },
     /// Turn a source directory into JSON Lines of {"text", "url"}.
     #[command(rename_all = "snake_case")]
     Files2jsonl {
@@ -44,6 +49,9 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
         Command::Tokenize(args) => tokenize(&args),
+        Command::Report { output_dir } => {
+            zerotune_coordinator::report::write(&output_dir).map(|path| println!("{}", path.display())).map_err(Into::into)
+        }
         Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes } => {
             files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude))
         }

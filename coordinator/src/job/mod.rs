@@ -22,6 +22,7 @@ use crate::events::Signal;
 use crate::launch;
 use crate::prepare::{prepare, Prepared};
 use crate::sampler::Sampler;
+use crate::{completion_eval, report};
 use attempt::{attempt, forward_signals};
 use commands::Cadence;
 
@@ -61,6 +62,7 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
         plan.device,
         if plan.world_size > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
     );
+    let (validation_docs, block_size) = (prepared.validation_docs, prepared.block_size);
     let mut run = Run {
         cadence: Cadence {
             total_steps: prepared.total_steps,
@@ -78,7 +80,7 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     };
     let mut controls = forward_signals()?;
     let mut restarts = 0;
-    loop {
+    let outcome = loop {
         match attempt(&plan, &run, resume.clone(), &mut controls).await {
             Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.max_restarts => {
                 restarts += 1;
@@ -101,9 +103,23 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
                 let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
                 eprintln!("restart {restarts} of {}: resuming from {from}", plan.max_restarts);
             }
-            other => return other,
+            other => break other,
+        }
+    };
+    let finished = matches!(&outcome, Ok(o) if o.stopped_on.is_none());
+    if finished && plan.completion_eval_positions > 0 {
+        if validation_docs.is_empty() {
+            eprintln!("no validation documents: the completion evaluation is skipped");
+        } else {
+            eprintln!("completion evaluation on {} validation documents", validation_docs.len());
+            tokio::task::block_in_place(|| completion_eval::run(&plan, &output_dir, &validation_docs, block_size))?;
         }
     }
+    match report::write(&output_dir) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(err) => eprintln!("warning: no report.html: {err}"),
+    }
+    outcome
 }
 
 /// What every attempt of a run shares.
@@ -215,7 +231,15 @@ fn collectives(plan: &TrainPlan) -> Collectives {
 }
 
 fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, worker: &WorkerPlan) -> Result<()> {
+    let model = match &plan.model {
+        ModelChoice::Pretrained(dir) => dir.display().to_string(),
+        ModelChoice::Scratch(_) => "from scratch".to_string(),
+    };
     let run = json!({
+        "model_name_or_path": model,
+        "num_parameters": prepared.config.num_parameters(),
+        "precision": plan.precision,
+        "learning_rate": plan.optimizer.lr,
         "train_file": plan.train_file,
         "validation_file": plan.validation_file,
         "token_cache": prepared.cache.path,

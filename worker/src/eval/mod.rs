@@ -143,7 +143,8 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             em += exact;
             es += similarity;
             lines.push(json!({
-                "model": name, "url": url(&documents, p.doc), "line": p.line, "target": p.target, "prediction": prediction,
+                "model": name, "url": url(&documents, p.doc), "line": p.line, "prompt_tail": prompt_tail(&documents[p.doc].text[..p.start]),
+                "target": p.target, "prediction": prediction,
                 "exact_match": exact, "edit_similarity": similarity,
             }));
         }
@@ -154,6 +155,12 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
     }
     write_outputs(&options.output_dir, &report, &lines)?;
     Ok(report)
+}
+
+/// The last lines before a position (for the report's examples), at most 3.
+fn prompt_tail(prompt: &str) -> String {
+    let lines: Vec<&str> = prompt.trim_end_matches('\n').split('\n').collect();
+    lines[lines.len().saturating_sub(3)..].join("\n")
 }
 
 /// A document's `url`, or its place in the set when it has none.

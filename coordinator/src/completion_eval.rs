@@ -1,0 +1,44 @@
+//! The completion evaluation at the end of `train --do_eval`: `worker eval` on the validation
+//! documents, handed over on its standard input (no copy of them is written anywhere), the
+//! starting model (when training did not start from scratch) against the final one. Its table
+//! goes to this process's stdout, its files into the output dir.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use zerotune_data::Document;
+
+use crate::config::{ModelChoice, TrainPlan};
+use crate::error::{CoordinatorError, Result};
+
+pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_size: usize) -> Result<()> {
+    let worker = &plan.worker_bin;
+    let mut command = Command::new(worker);
+    command.arg("eval").arg("--model").arg(output_dir).arg("--validation_file").arg("-").arg("--output_dir").arg(output_dir);
+    command.args(["--num_positions", &plan.completion_eval_positions.to_string(), "--block_size", &block_size.to_string()]);
+    command.args(["--seed", &plan.seed.to_string(), "--device", if plan.device == "cpu" { "cpu" } else { "cuda" }]);
+    if let ModelChoice::Pretrained(base) = &plan.model {
+        command.arg("--base").arg(base);
+    }
+    if plan.precision == zerotune_proto::plan::Precision::Fp16 {
+        command.arg("--fp16");
+    }
+    let failed = |message: String| CoordinatorError::Launcher(format!("the completion evaluation ({} eval) {message}", worker.display()));
+    let mut child = command.stdin(Stdio::piped()).spawn().map_err(|e| failed(format!("cannot start: {e}")))?;
+    {
+        let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
+        for doc in documents {
+            let line = serde_json::json!({"text": doc.text, "url": doc.url});
+            if writeln!(stdin, "{line}").is_err() {
+                break; // it exited early: its status says why
+            }
+        }
+        let _ = stdin.flush();
+    }
+    let status = child.wait().map_err(|e| failed(format!("could not be waited for: {e}")))?;
+    if !status.success() {
+        return Err(failed(format!("failed ({status}); the trained model in {} is complete", output_dir.display())));
+    }
+    Ok(())
+}
