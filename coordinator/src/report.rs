@@ -211,9 +211,9 @@ fn examples_section(predictions: &[Value]) -> String {
                 text(b, "prediction")
             );
         }
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<dt>fine-tuned ({:.0})</dt><dd><pre>{}</pre></dd></dl></section>\n",
+            "<dt>fine-tuned ({:.0})</dt><dd><pre>{}</pre></dd></dl></section>",
             p["edit_similarity"].as_f64().unwrap_or(0.0),
             text(p, "prediction")
         );
