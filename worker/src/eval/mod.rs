@@ -136,7 +136,9 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             .iter()
             .map(|p| Ok(cut_left(&loaded.encode(&documents[p.doc].text[..p.start])?, limit).to_vec()))
             .collect::<Result<_>>()?;
+        let started = std::time::Instant::now();
         let predictions = predict(&loaded, &prompts, options.max_new_tokens, options.batch);
+        let predicting = started.elapsed().as_secs_f64();
         let (mut em, mut es) = (0.0, 0.0);
         for (p, prediction) in positions.iter().zip(&predictions) {
             let (exact, similarity) = (metrics::exact_match(prediction, &p.target), metrics::edit_similarity(prediction, &p.target));
@@ -149,7 +151,14 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             }));
         }
         let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
-        let loss = held_out_loss(&loaded, &documents, block)?;
+        let started = std::time::Instant::now();
+        let (loss, tokens) = held_out_loss(&loaded, &documents, block)?;
+        eprintln!(
+            "eval {name}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
+            positions.len(),
+            positions.len() as f64 / predicting,
+            started.elapsed().as_secs_f64()
+        );
         let n = positions.len() as f64;
         report.models.push((name, Scores { exact_match: em / n, edit_similarity: es / n, loss, perplexity: loss.exp() }));
     }
@@ -205,8 +214,9 @@ pub fn predict(loaded: &Loaded, prompts: &[Vec<u32>], max_new_tokens: usize, bat
 }
 
 /// Mean token cross-entropy of `documents` joined with EOS and cut into blocks of `block`
-/// tokens (the last, shorter block included, so a small set is still measured).
-fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Result<f64> {
+/// tokens (the last, shorter block included, so a small set is still measured), and the number
+/// of tokens it averages over.
+fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Result<(f64, usize)> {
     let mut ids: Vec<i64> = vec![];
     for doc in documents {
         ids.extend(loaded.encode(&doc.text)?.into_iter().map(i64::from));
@@ -222,7 +232,7 @@ fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Resul
     if tokens == 0 {
         return Err(WorkerError::Invalid("the held-out documents are too short to measure a loss (fewer than 2 tokens)".into()));
     }
-    Ok(sum / tokens as f64)
+    Ok((sum / tokens as f64, tokens))
 }
 
 /// completion_eval.json and predictions.jsonl, each written beside its place and renamed in.
