@@ -52,15 +52,16 @@ impl Blame {
     }
 
     /// The most direct failure. Consequences are set aside first: a rank that said why it failed
-    /// then exits with an error and disconnects, and a rank whose exit we saw also disconnects.
-    /// What is left is ordered by cause, then by rank, so the same failures give the same verdict
-    /// whatever order they arrived in.
+    /// then dies (by a signal or an error exit) and disconnects, and a rank whose exit we saw also
+    /// disconnects. What is left is ordered by cause, then rank, then message, so the same
+    /// failures give the same verdict whatever order they arrived in.
     pub fn verdict(self) -> Option<CoordinatorError> {
         let has = |rank: Option<u32>, pred: &dyn Fn(Cause) -> bool| {
             rank.is_some() && self.failures.iter().any(|f| f.rank == rank && pred(f.cause))
         };
         let explained = |f: &Failure| match f.cause {
-            Cause::Exited => has(f.rank, &Cause::is_report),
+            // A rank that said why it stopped is then killed (NCCL aborts), exits and disconnects.
+            Cause::Killed | Cause::Exited => has(f.rank, &Cause::is_report),
             Cause::Disconnected => has(f.rank, &|c| c != Cause::Disconnected),
             _ => false,
         };
@@ -69,7 +70,7 @@ impl Blame {
             .into_iter()
             .zip(keep)
             .filter_map(|(f, keep)| keep.then_some(f))
-            .min_by_key(|f| (f.cause, f.rank.unwrap_or(u32::MAX)))
+            .min_by_key(|f| (f.cause, f.rank.unwrap_or(u32::MAX), f.error.to_string()))
             .map(|f| f.error)
     }
 }
@@ -147,6 +148,14 @@ mod tests {
             failure(Exited, Some(1)),
             failure(Disconnected, Some(1)),
         ];
+        always(&failures, "Exited Some(1)");
+    }
+
+    /// NCCL aborts a rank whose collective failed: that rank's signal is its report's consequence.
+    #[test]
+    fn a_rank_killed_after_its_report_is_represented_by_the_report() {
+        use Cause::*;
+        let failures = [failure(PeerLost, Some(0)), failure(Killed, Some(0)), failure(Disconnected, Some(1)), failure(Exited, Some(1))];
         always(&failures, "Exited Some(1)");
     }
 

@@ -174,7 +174,7 @@ fn completion_section(eval: &Value) -> String {
         [("base", "base"), ("fine_tuned", "fine-tuned")].into_iter().filter(|(k, _)| models.contains_key(*k)).collect();
     let mut out = format!(
         "<h2>Completion: next line on {} held-out positions</h2><table class=\"scores\"><tr><th></th>{}</tr>",
-        eval["positions"],
+        escape(&eval["positions"].to_string()),
         names.iter().map(|(_, label)| format!("<th>{label}</th>")).collect::<String>()
     );
     for (key, label, digits) in [
@@ -201,7 +201,13 @@ fn examples_section(predictions: &[Value]) -> String {
     let mut out = String::from("<h2>Examples</h2><div class=\"examples\">\n");
     for p in picks {
         let text = |v: &Value, key: &str| escape(v[key].as_str().unwrap_or_default());
-        let _ = write!(out, "<section><h3>{}:{}</h3><pre class=\"prompt\">{}</pre><dl>", text(p, "url"), p["line"], text(p, "prompt_tail"));
+        let _ = write!(
+            out,
+            "<section><h3>{}:{}</h3><pre class=\"prompt\">{}</pre><dl>",
+            text(p, "url"),
+            escape(&p["line"].to_string()),
+            text(p, "prompt_tail")
+        );
         let _ = write!(out, "<dt>target</dt><dd><pre>{}</pre></dd>", text(p, "target"));
         if let Some(b) = base(p) {
             let _ = write!(

@@ -238,8 +238,10 @@ fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
     let auth = [("Content-Type", "application/json"), ("Authorization", "Bearer sekret")];
     let post = |body: &str| http::request(&server.addr, "POST", "/v1/completions", &auth, body);
     let long = "x ".repeat(200);
-    let cases: [(String, u16, Option<&str>); 5] = [
+    let cases: [(String, u16, Option<&str>); 7] = [
         (json!({"prompt": long, "max_tokens": 16}).to_string(), 400, Some("max_tokens")),
+        (json!({"prompt": "a", "n": 9}).to_string(), 400, Some("n")),
+        (json!({"prompt": [5, 1003]}).to_string(), 400, Some("prompt")),
         ("{\"prompt\": ".into(), 400, None),
         (json!({"prompt": "a", "temperature": "warm"}).to_string(), 400, Some("temperature")),
         (json!({"prompt": "a", "n": 0}).to_string(), 400, Some("n")),
@@ -262,7 +264,14 @@ fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
     assert_eq!(http::get(&server.addr, "/v1/models").status, 401);
     let reply = post(r#"{"prompt":"def f(","max_tokens":4}"#);
     assert_eq!(reply.status, 200, "after every mistake the server still serves: {}", reply.body);
-    assert_eq!(server.metric("zerotune_requests_total{status=\"400\"}"), 6.0);
+    assert_eq!(server.metric("zerotune_requests_total{status=\"400\"}"), 8.0);
+    // A whole context of prompt, scored with echo and logprobs: 200, one logprob per token after the first.
+    let full: Vec<u32> = (1..=64).collect();
+    let reply = post(&json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 1}).to_string());
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let lp = &reply.json()["choices"][0]["logprobs"];
+    assert_eq!((lp["tokens"].as_array().unwrap().len(), lp["token_logprobs"][0].is_null()), (64, true));
+    assert_eq!(reply.json()["choices"][0]["finish_reason"], "length");
 }
 
 /// With one batch row and one queue place, a request held in the batch (the test hold) and one

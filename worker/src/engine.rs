@@ -92,7 +92,7 @@ impl<'m, K: Clone> Engine<'m, K> {
     pub fn admit(&mut self, prompt: &Prompt, choices: Vec<(K, Sampler)>) -> (Vec<Option<Logprob>>, Vec<Emitted<K>>) {
         let _guard = tch::no_grad_guard();
         let n_positions = self.model.config.n_positions;
-        assert!(!prompt.ids.is_empty() && prompt.ids.len() < n_positions, "the caller checks the prompt against the context");
+        assert!(!prompt.ids.is_empty() && prompt.ids.len() <= n_positions, "the caller checks the prompt against the context");
         let ids: Vec<i64> = prompt.ids.iter().map(|&i| i as i64).collect();
         let input = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
         let mut single = KvCache::default();

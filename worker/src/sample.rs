@@ -8,7 +8,7 @@ use std::collections::HashMap;
 /// How one sequence picks its tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 (or below 1e-5) means greedy.
     pub temperature: f64,
     /// 1 disables nucleus filtering.
     pub top_p: f64,
@@ -84,7 +84,8 @@ impl Sampler {
                 }
             }
         }
-        let id = if p.temperature <= 0.0 { argmax(logits) } else { self.draw(logits) };
+        // Below GREEDY_BELOW the division would overflow f32: sampling's limit there is greedy.
+        let id = if p.temperature < GREEDY_BELOW { argmax(logits) } else { self.draw(logits) };
         *self.counts.entry(id).or_default() += 1;
         id
     }
@@ -127,6 +128,9 @@ impl Sampler {
         last as u32
     }
 }
+
+/// Temperatures below this decode greedily.
+const GREEDY_BELOW: f64 = 1e-5;
 
 /// The first index of the largest value, as torch.argmax.
 pub fn argmax(xs: &[f32]) -> u32 {

@@ -100,8 +100,8 @@ impl TextState {
     }
 }
 
-/// The byte offset of the first stop string in `text` that ends after `from` (any stop string
-/// starting at or after `from`, or straddling it).
+/// The byte offset of the first stop string in `text` that starts at or after `from` (the
+/// caller starts `from` a longest stop string before the new text, so none is missed).
 pub fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<usize> {
     let from = floor_char_boundary(text, from);
     stops.iter().filter_map(|stop| text[from..].find(stop.as_str()).map(|i| from + i)).min()

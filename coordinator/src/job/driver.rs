@@ -170,7 +170,8 @@ impl<'a> Job<'a> {
                     None
                 }
                 Event::Disconnected { rank } => {
-                    // Not an end yet: the rank's own report may still follow.
+                    beats.remove(&rank); // it cannot beat any more: its silence is no news
+                                         // Not an end yet: the rank's own report may still follow.
                     (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
                         let message =
                             "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
@@ -179,12 +180,16 @@ impl<'a> Job<'a> {
                 }
                 Event::Failed { rank, kind, message } => {
                     self.ended.insert(rank);
+                    beats.remove(&rank);
                     let cause = if kind == FailureKind::PeerLost { Cause::PeerLost } else { Cause::OwnError };
                     Some((cause, Some(rank), self.worker_error(rank, message)))
                 }
                 Event::Exited { rank, status } => {
                     self.exited += 1;
-                    rank.map(|rank| self.ended.insert(rank));
+                    if let Some(rank) = rank {
+                        self.ended.insert(rank);
+                        beats.remove(&rank);
+                    }
                     if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
                         if self.exited == self.spec.processes && blame.is_empty() {
                             return Ok(());

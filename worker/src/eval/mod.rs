@@ -132,6 +132,13 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
                 options.max_new_tokens, loaded.config.n_positions
             )));
         }
+        let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
+        if block > loaded.config.n_positions {
+            return Err(WorkerError::Invalid(format!(
+                "--block_size {block} is above the model's context of {} tokens (n_positions); lower it",
+                loaded.config.n_positions
+            )));
+        }
         let prompts: Vec<Vec<u32>> = positions
             .iter()
             .map(|p| Ok(cut_left(&loaded.encode(&documents[p.doc].text[..p.start])?, limit).to_vec()))
@@ -150,7 +157,6 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
                 "exact_match": exact, "edit_similarity": similarity,
             }));
         }
-        let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
         let started = std::time::Instant::now();
         let (loss, tokens) = held_out_loss(&loaded, &documents, block)?;
         eprintln!(

@@ -4,6 +4,7 @@
 //! server-sent events. A request whose client went away is cancelled and frees its rows.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -107,15 +108,39 @@ impl Batcher {
                     break;
                 }
                 pending.pop_front();
-                let first = self.admit(&mut engine, id, p, live.get_mut(&id).expect("pending requests are live"));
-                self.settle(&mut engine, first, &mut live);
+                let l = live.get_mut(&id).expect("pending requests are live");
+                match catch_unwind(AssertUnwindSafe(|| self.admit(&mut engine, id, p, l))) {
+                    Ok(first) => self.settle(&mut engine, first, &mut live),
+                    Err(_) => self.fail_all(&mut engine, &mut live, &mut pending),
+                }
             }
             while hold.holding() {
                 self.drop_gone_clients(&mut engine, &mut live, &mut pending);
             }
-            let next = engine.step();
-            self.settle(&mut engine, next, &mut live);
+            match catch_unwind(AssertUnwindSafe(|| engine.step())) {
+                Ok(next) => self.settle(&mut engine, next, &mut live),
+                Err(_) => self.fail_all(&mut engine, &mut live, &mut pending),
+            }
         }
+    }
+
+    /// After libtorch failed mid-step (out of memory, say; its message is in the log above): the
+    /// requests in flight get a 500 (a stream an error event), the batch starts afresh, and the
+    /// server goes on with the requests still queued.
+    fn fail_all<'m>(&'m self, engine: &mut Engine<'m, Key>, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
+        eprintln!("worker: the engine failed; answering {} request(s) in flight with an error and going on", live.len());
+        for (_, l) in live.drain() {
+            if l.unadmitted > 0 {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Reply::Stream(tx) = &l.job.reply {
+                let error = serde_json::json!({"error": {"message": "the engine failed on this request (see the server's log)", "type": "server_error", "param": null, "code": null}});
+                let _ = tx.send(sse(&error));
+            }
+        }
+        pending.clear();
+        *engine = Engine::new(&self.model, self.device, self.eos);
+        self.metrics.active_sequences.store(0, Ordering::Relaxed);
     }
 
     /// Delivers what the engine emitted, drops the choices a stop string ended, updates the gauge.
@@ -199,12 +224,11 @@ impl Batcher {
 
     /// The echoed prompt's logprob entries (the first token has none).
     fn prompt_entries(&self, lp: &mut ChoiceLogprobs, ids: &[u32], logprobs: &[Option<Logprob>]) {
-        let mut offset = 0;
+        // Offsets as the prompt decodes incrementally, so a character split across tokens counts once.
+        let mut text = TextState::new(vec![]);
         for (&id, logprob) in ids.iter().zip(logprobs) {
-            let token = self.token_text(id);
-            lp.text_offset.push(offset);
-            offset += token.len();
-            lp.tokens.push(token);
+            lp.text_offset.push(text.push(&self.tokenizer, id).offset);
+            lp.tokens.push(self.token_text(id));
             lp.token_logprobs.push(logprob.as_ref().map(|l| l.value));
             lp.top_logprobs.push(logprob.as_ref().map(|l| self.alternatives(l)));
         }

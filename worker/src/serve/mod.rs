@@ -48,6 +48,8 @@ struct App {
     tokenizer: Arc<Tokenizer>,
     eos: Option<u32>,
     n_positions: usize,
+    /// Embedding rows: every token id must be below.
+    vocab_rows: usize,
     queue: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
 }
@@ -61,13 +63,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
+    let options = ServeOptions { max_batch: options.max_batch.max(1), ..options };
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
     let (queue, jobs) = mpsc::channel(options.max_queue.max(1));
     let batcher =
         Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch: options.max_batch.max(1), metrics: metrics.clone() };
     let engine = std::thread::Builder::new().name("engine".into()).spawn(move || batcher.run(jobs))?;
-    let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, queue, metrics });
+    let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, vocab_rows: config.vocab_size, queue, metrics });
     let router = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/engines/{engine}/completions", post(completions))
@@ -96,25 +99,37 @@ async fn completions(State(app): State<Arc<App>>, Extension(usage): Extension<Ar
 async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     authorize(app, headers)?;
     let request = parse_completion(body)?;
+    if request.n > app.options.max_batch {
+        let message = format!("'n' is {}, more than the server's batch of {} sequences (--max_batch)", request.n, app.options.max_batch);
+        return Err(ApiError::invalid("n", message));
+    }
+    // Tokenizing a long prompt takes a while: off the threads that serve every connection.
+    let tokenizer = app.tokenizer.clone();
+    let inputs = request.prompts.clone();
+    let tokenized = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+        inputs
+            .into_iter()
+            .map(|prompt| match prompt {
+                PromptInput::Text(text) => {
+                    let encoding = tokenizer
+                        .encode(text.as_str(), false)
+                        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
+                    Ok((encoding.get_ids().to_vec(), text))
+                }
+                PromptInput::Tokens(ids) => {
+                    let text = tokenizer.decode(&ids, false).unwrap_or_default();
+                    Ok((ids, text))
+                }
+            })
+            .collect()
+    });
+    let tokenized = tokenized.await.map_err(|_| server_error("tokenizing the prompt failed"))??;
     let mut prompts = vec![];
     let mut prompt_texts = vec![];
-    for prompt in &request.prompts {
-        let (ids, text) = match prompt {
-            PromptInput::Text(text) => {
-                let encoding = app
-                    .tokenizer
-                    .encode(text.as_str(), false)
-                    .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
-                (encoding.get_ids().to_vec(), text.clone())
-            }
-            PromptInput::Tokens(ids) => {
-                let vocab = app.tokenizer.get_vocab_size(true) as u32;
-                if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-                    return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}")));
-                }
-                (ids.clone(), app.tokenizer.decode(ids, false).unwrap_or_default())
-            }
-        };
+    for (ids, text) in tokenized {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= app.vocab_rows) {
+            return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the model's {} embedding rows", app.vocab_rows)));
+        }
         let ids = if ids.is_empty() { app.eos.into_iter().collect() } else { ids };
         if ids.is_empty() {
             return Err(ApiError::invalid("prompt", "the prompt is empty and the tokenizer has no <|endoftext|> to start from"));
@@ -146,8 +161,14 @@ async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Re
         (Reply::Whole(tx), Some(rx), None)
     };
     let job = Job { head: head.clone(), request, prompts, prompt_texts, reply, completion_tokens: usage.completion_tokens.clone() };
-    match app.queue.try_send(job) {
-        Ok(()) => app.metrics.queued.fetch_add(1, Ordering::Relaxed),
+    // Counted before it is sent: the engine may take it (and count it out) at once.
+    app.metrics.queued.fetch_add(1, Ordering::Relaxed);
+    let sent = app.queue.try_send(job);
+    if sent.is_err() {
+        app.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+    match sent {
+        Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             return Err(ApiError {
                 status: 429,
@@ -175,15 +196,15 @@ async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Re
         let body = Body::from_stream(tokio_stream::StreamExt::map(events, Ok::<_, std::convert::Infallible>));
         return Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response());
     }
-    let choices = whole.expect("not streaming").await.map_err(|_| ApiError {
-        status: 500,
-        kind: "server_error",
-        code: None,
-        param: None,
-        message: "the engine stopped before answering (see the server's log)".into(),
-    })?;
+    let choices =
+        whole.expect("not streaming").await.map_err(|_| server_error("the engine failed on this request (see the server's log)"))?;
     let completion_tokens = usage.completion_tokens.load(Ordering::Relaxed) as usize;
     Ok(axum::Json(completion_json(&head, &choices, prompt_tokens, completion_tokens)).into_response())
+}
+
+/// The server's own failure: 500, which clients may retry.
+fn server_error(message: &str) -> ApiError {
+    ApiError { status: 500, kind: "server_error", code: None, param: None, message: message.into() }
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
