@@ -75,7 +75,7 @@ with open(dst, 'wb') as g:
 rows = []
 for tp in (1, 2):
     store = work / f"store-tp{tp}"
-    args = [convert, "triton", str(source), "--model-store", str(store), "--tp", str(tp)]
+    args = [convert, "triton", str(source), "--model_store", str(store), "--tp", str(tp)]
     wall, rss = best(args, store)
     out_bytes = dir_bytes(store / f"codegen-350M-multi-{tp}gpu")
     floor_wall, _ = best([sys.executable, "-c", FLOOR.replace("{in_bytes}", str(in_bytes)),

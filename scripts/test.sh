@@ -13,7 +13,7 @@ rm -rf "$ZEROTUNE_FIXTURES"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace -- "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i - 1); if ($(i) ~ /^failed/) f += $(i - 1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -125,7 +125,7 @@ fn triton_config_pbtxt_matches_the_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, source) = (tmp.path().join("models"), tmp.path().join("mine"));
     random_codegen(&source, 2048, 96); // n_inner 96, not 4 x n_embd
-    let out = convert_ok(&["triton", &s(&source), "--model-store", &s(&store), "--tp", "2"]);
+    let out = convert_ok(&["triton", &s(&source), "--model_store", &s(&store), "--tp", "2"]);
     assert!(!stderr(&out).contains("padded"), "2048 rows are already a multiple of 1024");
     let model_dir = store.join("mine-2gpu");
     let weights = model_dir.join("fastertransformer/1/2-gpu");
@@ -166,7 +166,8 @@ fn triton_config_pbtxt_matches_the_weights() {
     let checkpoint = tmp.path().join("run/checkpoint-7");
     std::fs::create_dir_all(&checkpoint).unwrap();
     std::fs::rename(&source, checkpoint.join("model")).unwrap();
-    convert_ok(&["triton", &s(&checkpoint), "--model-store", &s(&store), "--tp", "1", "--rebase", "/model"]);
+    // FauxPilot's triton_config_gen.py names, and the hyphenated alias.
+    convert_ok(&["triton", "--hf_model_dir", &s(&checkpoint), "--model-store", &s(&store), "--tp", "1", "--rebase", "/model"]);
     let text = std::fs::read_to_string(store.join("run-checkpoint-7-1gpu/fastertransformer/config.pbtxt")).unwrap();
     assert_eq!(pbtxt_parameters(&text)["model_checkpoint_path"], "/model/fastertransformer/1/1-gpu");
     assert!(text.contains("default_model_filename: \"run-checkpoint-7\""));
@@ -175,7 +176,7 @@ fn triton_config_pbtxt_matches_the_weights() {
 #[test]
 fn resized_vocab_is_padded_from_the_model_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = convert_ok(&["triton", &s(&fixtures().join("tiny")), "--model-store", &s(tmp.path()), "--tp", "4"]);
+    let out = convert_ok(&["triton", &s(&fixtures().join("tiny")), "--model_store", &s(tmp.path()), "--tp", "4"]);
     assert!(stderr(&out).contains("1003 vocab rows padded to 1024"), "{}", stderr(&out));
     let weights = tmp.path().join("tiny-4gpu/fastertransformer/1/4-gpu");
     let source = WeightFiles::open(&fixtures().join("tiny")).unwrap();
@@ -214,7 +215,7 @@ fn bad_inputs_are_refused_with_clear_errors() {
     let store = tmp.path().join("store");
     let tiny = s(&fixtures().join("tiny"));
     let triton = |extra: &[&str]| {
-        [&["triton", tiny.as_str(), "--model-store", &s(&store)], extra].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        [&["triton", tiny.as_str(), "--model_store", &s(&store)], extra].concat().iter().map(|a| a.to_string()).collect::<Vec<_>>()
     };
     let run = |args: Vec<String>, needle: &str| refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), &store, needle);
     run(triton(&["--tp", "3"]), "--tp 3: FasterTransformer needs a power of two from 1 to 8");

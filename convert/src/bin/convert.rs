@@ -48,11 +48,16 @@ enum Command {
         force: bool,
     },
     /// Write the complete FauxPilot model dir <store>/<name>-<N>gpu/ and its .env lines.
+    #[command(rename_all = "snake_case")]
     Triton {
         /// CodeGen directory (HF layout, or a zerotune checkpoint-<step>/).
-        input: PathBuf,
+        #[arg(required_unless_present = "hf_model_dir", conflicts_with = "hf_model_dir")]
+        input: Option<PathBuf>,
+        /// The same as INPUT, under the name FauxPilot's triton_config_gen.py gives it.
+        #[arg(long, alias = "hf-model-dir")]
+        hf_model_dir: Option<PathBuf>,
         /// FauxPilot's models directory.
-        #[arg(long)]
+        #[arg(long, alias = "model-store")]
         model_store: PathBuf,
         /// Tensor-parallel degree N = number of GPUs (1, 2, 4 or 8).
         #[arg(long, default_value_t = 1)]
@@ -101,15 +106,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             staged.commit()?;
             println!("{} -> {} (FasterTransformer GPT-J, tp {tp}, {})", input.display(), target.display(), model.weight_data_type());
         }
-        Command::Triton { input, model_store, tp, name, rebase, dtype, force } => {
+        Command::Triton { input, hf_model_dir, model_store, tp, name, rebase, dtype, force } => {
+            let input = input.or(hf_model_dir).expect("clap requires one of INPUT and --hf_model_dir");
             let (source, model) = plan(&input, tp, &dtype)?;
             let name = name.unwrap_or_else(|| triton::default_name(&input));
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
                 return Err(ConvertError::Invalid(format!("--name {name:?}: use letters, digits, '.', '_' and '-' only")).into());
             }
             let paths = TritonPaths::new(&model_store, &name, tp, rebase.as_deref())
-                .map_err(|e| anyhow::anyhow!("--model-store {}: {e}", model_store.display()))?;
-            std::fs::create_dir_all(&model_store).map_err(|e| anyhow::anyhow!("--model-store {}: {e}", model_store.display()))?;
+                .map_err(|e| anyhow::anyhow!("--model_store {}: {e}", model_store.display()))?;
+            std::fs::create_dir_all(&model_store).map_err(|e| anyhow::anyhow!("--model_store {}: {e}", model_store.display()))?;
             let staged = Staged::new(&paths.model_dir, force)?;
             let weights = staged.path().join(TritonPaths::weights_subdir(tp));
             std::fs::create_dir_all(&weights).map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
