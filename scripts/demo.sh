@@ -36,7 +36,7 @@ echo "== 4. serve it (worker serve) and send the FauxPilot extension's request"
 log=$(mktemp)
 target/debug/worker serve --model "$OUT" --port 0 --device cpu 2>"$log" &
 server=$!
-trap 'kill "$server" 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill "$server" 2>/dev/null || true; rm -f "$log"' EXIT
 until grep -q " at http://" "$log"; do
     kill -0 "$server" 2>/dev/null || { cat "$log"; exit 1; }
     sleep 0.1 # the server is loading the model
