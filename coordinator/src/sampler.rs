@@ -2,34 +2,9 @@
 //! every world-th id (torch `DistributedSampler`), grouped into micro-batches and optimizer steps.
 //! A position (epoch, step within it) fully determines what comes next, so resume is exact.
 
-/// SplitMix64: a small, fast, well-mixed PRNG; plenty for shuffling.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, n) (Lemire's multiply-shift; the bias is negligible for block counts).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-}
-
 /// Fisher-Yates shuffle with a seeded generator.
 pub fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut rng = SplitMix64::new(seed);
-    for i in (1..items.len()).rev() {
-        items.swap(i, rng.below(i + 1));
-    }
+    zerotune_data::rng::shuffle(items, &mut zerotune_data::rng::SplitMix64::new(seed));
 }
 
 /// The batch arithmetic of one run.

@@ -1,9 +1,11 @@
 //! The documents a job trains and evaluates on, without libtorch: a source tree through
 //! files2jsonl (filters and skip counts), or `.jsonl`/`.json`/`.csv`/`.txt` input, each document
-//! with its text and where it came from. The coordinator and `worker eval` read data the same way.
+//! with its text and where it came from; and the seeded generator that orders them. The
+//! coordinator and `worker eval` read data the same way.
 
 pub mod documents;
 pub mod files2jsonl;
+pub mod rng;
 
 pub use documents::{load_documents, Document};
 pub use files2jsonl::Filter;

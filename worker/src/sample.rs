@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use zerotune_data::rng::SplitMix64;
+
 /// How one sequence picks its tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -26,30 +28,30 @@ impl Default for SamplingParams {
     }
 }
 
-/// A small, fast, seedable generator (SplitMix64): plenty for sampling, and the same stream on
-/// every machine.
+/// A sequence's generator: SplitMix64 (zerotune-data), seeded per request and choice.
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     /// The stream of choice `index` of a request seeded with `seed`.
     pub fn new(seed: u64, index: u64) -> Self {
-        let mut rng = Self(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = SplitMix64::new(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
         rng.next_u64();
-        rng
+        Self(rng)
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
+    }
+
+    /// The underlying generator.
+    pub fn inner(&mut self) -> &mut SplitMix64 {
+        &mut self.0
     }
 }
 

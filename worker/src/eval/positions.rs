@@ -2,6 +2,8 @@
 //! held-out document, drawn with a seeded generator round-robin across documents (in a shuffled
 //! order), and the prompt for each: the document up to that line, cut to its last tokens.
 
+use zerotune_data::rng::shuffle;
+
 use crate::sample::Rng;
 
 /// One line to predict.
@@ -37,10 +39,10 @@ pub fn candidates(doc: usize, text: &str) -> Vec<Position> {
 pub fn draw(per_doc: Vec<Vec<Position>>, n: usize, seed: u64) -> Vec<Position> {
     let mut rng = Rng::new(seed, 0);
     let mut order: Vec<usize> = (0..per_doc.len()).collect();
-    shuffle(&mut order, &mut rng);
+    shuffle(&mut order, rng.inner());
     let mut queues: Vec<Vec<Position>> = per_doc;
     for queue in &mut queues {
-        shuffle(queue, &mut rng);
+        shuffle(queue, rng.inner());
     }
     let mut drawn = vec![];
     while drawn.len() < n {
@@ -59,14 +61,6 @@ pub fn draw(per_doc: Vec<Vec<Position>>, n: usize, seed: u64) -> Vec<Position> {
     }
     drawn.sort_by_key(|p| (p.doc, p.line));
     drawn
-}
-
-/// Fisher-Yates.
-fn shuffle<T>(items: &mut [T], rng: &mut Rng) {
-    for i in (1..items.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        items.swap(i, j);
-    }
 }
 
 /// The last `limit` of `ids`.
