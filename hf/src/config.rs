@@ -7,6 +7,10 @@ use serde_json::{Map, Value};
 
 use crate::{invalid, io_err, Error, Result};
 
+/// CodeGen-1's qkv_proj holds its heads in this many chunks (`mp_num` in HF's modeling_codegen.py;
+/// CodeGen2 uses 8, not supported).
+pub const MP_NUM: usize = 4;
+
 /// The fields of HF `CodeGenConfig` the model needs; other keys survive a load/save round trip.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CodeGenConfig {

@@ -7,7 +7,7 @@ pub mod read;
 pub mod tokenizer;
 pub mod write;
 
-pub use config::CodeGenConfig;
+pub use config::{CodeGenConfig, MP_NUM};
 pub use dtype::Dtype;
 pub use read::{RawTensor, WeightFiles};
 
@@ -37,6 +37,12 @@ pub enum Error {
          pytorch_model.bin, pytorch_model.bin.index.json)"
     )]
     NoWeights { dir: PathBuf },
+    #[error("{dir}: the checkpoint lacks {count} tensor(s) the config needs, e.g. {first}")]
+    MissingTensors { dir: PathBuf, count: usize, first: String },
+    #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?} (a checkpoint of another size or a resized vocabulary?)")]
+    ShapeMismatch { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor {name} is stored as {dtype:?}, which is not a floating-point type")]
+    NotFloat { path: PathBuf, name: String, dtype: Dtype },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -108,6 +108,28 @@ impl WeightFiles {
         Ok(())
     }
 
+    /// Checks that every `(name, shape)` in `expected` is here, with that shape, in a float dtype:
+    /// all missing names are counted first (`dir` names the model in that error), then each
+    /// tensor's shape and dtype in order.
+    pub fn check<'a>(&self, dir: &Path, expected: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<()> {
+        let expected: Vec<(&str, &[usize])> = expected.into_iter().collect();
+        let missing: Vec<&str> = expected.iter().map(|&(name, _)| name).filter(|name| !self.contains(name)).collect();
+        if let Some(first) = missing.first() {
+            return Err(Error::MissingTensors { dir: dir.into(), count: missing.len(), first: first.to_string() });
+        }
+        for (name, shape) in expected {
+            let entry = &self.entries[name];
+            let path = || self.paths[entry.file].clone();
+            if entry.shape != shape {
+                return Err(Error::ShapeMismatch { path: path(), name: name.into(), found: entry.shape.clone(), expected: shape.to_vec() });
+            }
+            if !entry.dtype.is_float() {
+                return Err(Error::NotFloat { path: path(), name: name.into(), dtype: entry.dtype });
+            }
+        }
+        Ok(())
+    }
+
     /// Tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
@@ -244,4 +266,27 @@ fn pth_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entr
         entries.push((key, Entry { file, dtype, shape, start: offset, end: offset + bytes }));
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::write::{write_safetensors, MAX_SHARD_BYTES};
+
+    #[test]
+    fn check_names_the_missing_the_misshapen_and_the_non_float() {
+        let dir = tempfile::tempdir().unwrap();
+        let ints = RawTensor { dtype: Dtype::I64, shape: vec![2], data: vec![0; 16] };
+        let tensors = vec![("a".to_string(), RawTensor::from_f32(vec![2, 3], &[0.0; 6])), ("i".to_string(), ints)];
+        write_safetensors(dir.path(), &tensors, MAX_SHARD_BYTES).unwrap();
+        let files = WeightFiles::open(dir.path()).unwrap();
+        let check = |expected: &[(&str, &[usize])]| files.check(dir.path(), expected.iter().copied()).map_err(|e| e.to_string());
+        assert_eq!(check(&[("a", &[2, 3])]), Ok(()));
+        let missing = check(&[("a", &[2, 3]), ("b", &[1]), ("c", &[1])]).unwrap_err();
+        assert!(missing.contains("lacks 2 tensor(s)") && missing.contains("e.g. b"), "{missing}");
+        let shape = check(&[("a", &[3, 2])]).unwrap_err();
+        assert!(shape.contains("model.safetensors: tensor a has shape [2, 3] but config.json implies [3, 2]"), "{shape}");
+        let dtype = check(&[("i", &[2])]).unwrap_err();
+        assert!(dtype.contains("tensor i is stored as I64"), "{dtype}");
+    }
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::{invalid, io_err, Dtype, RawTensor, Result};
+use crate::{invalid, io_err, CodeGenConfig, Dtype, RawTensor, Result};
 
 /// HF's default `max_shard_size` ("5GB", decimal).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -113,6 +113,17 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(io_err(path))
 }
 
+/// `dir/generation_config.json` as HF writes it beside a model saved from its config: the
+/// config's bos and eos ids.
+pub fn write_generation_config(dir: &Path, config: &CodeGenConfig) -> Result<()> {
+    let generation = serde_json::json!({
+        "_from_model_config": true,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    });
+    write_json(&dir.join("generation_config.json"), &generation)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +153,15 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         let err = WeightFiles::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("model.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn generation_config_has_the_config_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CodeGenConfig { bos_token_id: 1, eos_token_id: 2, ..CodeGenConfig::builtin("tiny").unwrap() };
+        write_generation_config(dir.path(), &config).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("generation_config.json")).unwrap();
+        assert_eq!(text, "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n");
     }
 
     #[test]
