@@ -77,8 +77,8 @@ async fn connect(args: &AgentArgs) -> anyhow::Result<Client> {
         endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .http2_keep_alive_interval(zerotune_proto::KEEPALIVE)
+        .keep_alive_timeout(zerotune_proto::KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .connect()
         .await
@@ -95,7 +95,7 @@ fn serve(
     args: &AgentArgs,
     stream: &mut Option<tonic::Streaming<zerotune_proto::v1::Command>>,
 ) -> anyhow::Result<()> {
-    let host = hostname();
+    let host = zerotune_proto::hostname();
     let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id(), local_rank };
     let reply = rt.block_on(client.register(register))?.into_inner();
@@ -235,8 +235,4 @@ fn fault_injection(rank: u32, step: u64) {
 
 fn tensors(batches: &[Batch], device: Device) -> anyhow::Result<Vec<Tensor>> {
     Ok(batches.iter().map(|b| batch_tensor(b.rows, b.cols, &b.tokens, device)).collect::<Result<_, _>>()?)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
