@@ -13,15 +13,15 @@ use crate::config::{ModelChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
 
 pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_size: usize) -> Result<()> {
-    let worker = &plan.worker_bin;
+    let worker = &plan.launch.worker_bin;
     let mut command = Command::new(worker);
     command.arg("eval").arg("--model").arg(output_dir).arg("--validation_file").arg("-").arg("--output_dir").arg(output_dir);
-    command.args(["--num_positions", &plan.completion_eval_positions.to_string(), "--block_size", &block_size.to_string()]);
-    command.args(["--seed", &plan.seed.to_string(), "--device", if plan.device == "cpu" { "cpu" } else { "cuda" }]);
+    command.args(["--num_positions", &plan.output.completion_eval_positions.to_string(), "--block_size", &block_size.to_string()]);
+    command.args(["--seed", &plan.training.seed.to_string(), "--device", &plan.launch.device.to_string()]);
     if let ModelChoice::Pretrained(base) = &plan.model {
         command.arg("--base").arg(base);
     }
-    if plan.precision == zerotune_proto::plan::Precision::Fp16 {
+    if plan.training.precision == zerotune_proto::plan::Precision::Fp16 {
         command.arg("--fp16");
     }
     let failed = |message: String| CoordinatorError::Launcher(format!("the completion evaluation ({} eval) {message}", worker.display()));

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::config::Device;
 use crate::error::{CoordinatorError, Result};
 use crate::events::{Event, ExitStatus};
 use crate::hosts::{self, Placement};
@@ -32,8 +33,7 @@ pub enum Launcher {
 pub struct LaunchSpec<'a> {
     pub launcher: &'a Launcher,
     pub placements: &'a [Placement],
-    /// "cpu" or "cuda".
-    pub device: &'a str,
+    pub device: Device,
     pub worker: &'a Path,
     /// Extra environment for every worker (`.deepspeed_env`, NCCL_*, ...).
     pub env: &'a [(String, String)],
@@ -50,7 +50,7 @@ pub fn start(
     match spec.launcher {
         Launcher::Local => {
             // GPU workers find NCCL through one shim directory, made once per launch.
-            let library_path = (spec.device != "cpu")
+            let library_path = (spec.device != Device::Cpu)
                 .then(nccl_shim)
                 .flatten()
                 .map(|dir| format!("{}:{}", dir.display(), std::env::var("LD_LIBRARY_PATH").unwrap_or_default()));
@@ -130,27 +130,35 @@ pub async fn unreachable_hosts(launcher: &Launcher, placements: &[Placement]) ->
 }
 
 /// DeepSpeed's per-process environment.
-fn rank_env(p: &Placement, world: usize, device: &str) -> Vec<(String, String)> {
+fn rank_env(p: &Placement, world: usize, device: Device) -> Vec<(String, String)> {
     let mut env = vec![
         ("RANK".to_string(), p.rank.to_string()),
         ("LOCAL_RANK".to_string(), p.local_rank.to_string()),
         ("WORLD_SIZE".to_string(), world.to_string()),
     ];
-    if device != "cpu" {
+    if device != Device::Cpu {
         // One process per GPU: it sees only its own device.
         env.push(("CUDA_VISIBLE_DEVICES".to_string(), p.slot.to_string()));
     }
     env
 }
 
-fn worker_args(url: &str, rank: usize, device: &str) -> Vec<String> {
-    let device = if device == "cpu" { "cpu" } else { "cuda:0" };
+fn worker_args(url: &str, rank: usize, device: Device) -> Vec<String> {
+    let device = if device == Device::Cpu { "cpu" } else { "cuda:0" };
     ["run", "--coordinator", url, "--rank", &rank.to_string(), "--device", device].map(String::from).to_vec()
 }
 
 /// The shell script one ssh connection runs: same directory and worker path as here, the secret
 /// read from stdin (never on a command line), the rank's environment, then the worker.
-pub fn remote_script(p: &Placement, world: usize, device: &str, url: &str, worker: &Path, env: &[(String, String)], cwd: &Path) -> String {
+pub fn remote_script(
+    p: &Placement,
+    world: usize,
+    device: Device,
+    url: &str,
+    worker: &Path,
+    env: &[(String, String)],
+    cwd: &Path,
+) -> String {
     let mut vars: Vec<String> = rank_env(p, world, device).iter().chain(env).map(|(k, v)| format!("{k}={}", quote(v))).collect();
     vars.sort();
     let args: Vec<String> = worker_args(url, p.rank, device).iter().map(|a| quote(a)).collect();
@@ -171,7 +179,7 @@ pub fn remote_script(p: &Placement, world: usize, device: &str, url: &str, worke
 pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
     let world = spec.placements.len();
     let nodes = spec.placements.iter().map(|p| &p.host).collect::<std::collections::BTreeSet<_>>().len();
-    let device = if spec.device == "cpu" { "cpu" } else { "cuda:$SLURM_LOCALID" };
+    let device = if spec.device == Device::Cpu { "cpu" } else { "cuda:$SLURM_LOCALID" };
     let script = format!(
         "trap '' INT TERM; RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
         quote(&spec.worker.to_string_lossy()),
@@ -275,8 +283,15 @@ mod tests {
     #[test]
     fn remote_script_reads_the_secret_from_stdin_and_sets_the_rank() {
         let env = [("NCCL_DEBUG".to_string(), "INFO".to_string()), ("X".to_string(), "a b'c".to_string())];
-        let script =
-            remote_script(&placement(3, "n1", 1), 4, "cuda", "http://10.0.0.1:29500", Path::new("/opt/zt/worker"), &env, Path::new("/w d"));
+        let script = remote_script(
+            &placement(3, "n1", 1),
+            4,
+            Device::Cuda(None),
+            "http://10.0.0.1:29500",
+            Path::new("/opt/zt/worker"),
+            &env,
+            Path::new("/w d"),
+        );
         assert_eq!(
             script,
             "cd '/w d' && IFS= read -r ZEROTUNE_JOB_SECRET && export ZEROTUNE_JOB_SECRET && exec env CUDA_VISIBLE_DEVICES=1 \
@@ -288,7 +303,13 @@ mod tests {
     #[test]
     fn srun_runs_one_task_per_rank() {
         let placements = [placement(0, "a", 0), placement(1, "a", 1), placement(2, "b", 0), placement(3, "b", 1)];
-        let spec = LaunchSpec { launcher: &Launcher::Slurm, placements: &placements, device: "cuda", worker: Path::new("/w"), env: &[] };
+        let spec = LaunchSpec {
+            launcher: &Launcher::Slurm,
+            placements: &placements,
+            device: Device::Cuda(None),
+            worker: Path::new("/w"),
+            env: &[],
+        };
         let argv = srun_argv(&spec, "http://h:1");
         assert_eq!(argv[..4], ["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1"]);
         assert!(argv[6].ends_with("--rank $SLURM_PROCID --device cuda:$SLURM_LOCALID") && argv[6].contains("WORLD_SIZE=4"));

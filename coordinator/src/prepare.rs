@@ -6,8 +6,8 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
 
-use crate::config::{ModelChoice, TokenizerChoice, TrainPlan};
-use zerotune_data::{Document, Filter};
+use crate::config::{DataPlan, ModelChoice, TokenizerChoice, TrainPlan};
+use zerotune_data::Document;
 
 use crate::dataset::{self, CacheKey, TokenCache};
 use crate::error::{io_err, CoordinatorError, Result};
@@ -32,14 +32,7 @@ fn flag(message: String) -> CoordinatorError {
 }
 
 pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
-    let (train_docs, val_docs) = load_split(
-        &plan.train_file,
-        plan.validation_file.as_deref(),
-        &plan.text_column,
-        plan.validation_split_percentage,
-        plan.seed,
-        &plan.filter,
-    )?;
+    let (train_docs, val_docs) = load_split(&plan.data, plan.training.seed)?;
     let (tok, tokenizer_files) = match &plan.tokenizer {
         TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?),
         TokenizerChoice::Train { vocab_size } => {
@@ -52,40 +45,40 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
     let config = model_config(plan, &tok)?;
     let eos = tokenizer::eos_id(&tok).unwrap_or(config.eos_token_id as u32);
 
-    let block_size = plan.block_size.unwrap_or(config.n_positions.min(1024));
+    let block_size = plan.data.block_size.unwrap_or(config.n_positions.min(1024));
     if block_size > config.n_positions {
         return Err(flag(format!(
             "--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it",
             config.n_positions
         )));
     }
-    let cache = tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, config.vocab_size, &plan.cache_dir)?;
+    let cache = tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
     if cache.train_blocks == 0 {
         return Err(CoordinatorError::Data {
-            path: plan.train_file.clone(),
+            path: plan.data.train_file.clone(),
             message: format!("its training split makes no complete block of {block_size} tokens; add data or lower --block_size"),
         });
     }
-    if plan.do_eval && cache.validation_blocks == 0 {
+    if plan.output.do_eval && cache.validation_blocks == 0 {
         eprintln!("warning: the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
     }
 
     let sampler = Sampler {
         blocks: cache.train_blocks,
-        world: plan.world_size,
-        micro_batch: plan.micro_batch,
-        accumulation: plan.accumulation,
-        seed: plan.seed,
+        world: plan.world_size(),
+        micro_batch: plan.batch.micro,
+        accumulation: plan.batch.accumulation,
+        seed: plan.training.seed,
     };
     let per_epoch = sampler.steps_per_epoch() as u64;
     if per_epoch == 0 {
         return Err(flag(format!(
             "{} training blocks are fewer than one optimizer step needs: world {} x micro {} x accumulation {} = {}; lower --per_device_train_batch_size, --gradient_accumulation_steps or --block_size",
-            cache.train_blocks, plan.world_size, plan.micro_batch, plan.accumulation, plan.world_size * plan.micro_batch * plan.accumulation
+            cache.train_blocks, plan.world_size(), plan.batch.micro, plan.batch.accumulation, plan.world_size() * plan.batch.micro * plan.batch.accumulation
         )));
     }
-    let total_steps = plan.max_steps.unwrap_or_else(|| (plan.epochs * per_epoch as f64).ceil().max(1.0) as u64);
-    if let Some(ds_total) = plan.ds_total_steps {
+    let total_steps = plan.training.max_steps.unwrap_or_else(|| (plan.training.epochs * per_epoch as f64).ceil().max(1.0) as u64);
+    if let Some(ds_total) = plan.training.ds_total_steps {
         if ds_total != total_steps {
             return Err(flag(format!(
                 "ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\""
@@ -97,21 +90,18 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
 }
 
 /// Training and validation documents: `validation` when given, else a split of `train`.
-pub fn load_split(
-    train: &Path,
-    validation: Option<&Path>,
-    column: &str,
-    percent: u32,
-    seed: u64,
-    filter: &Filter,
-) -> Result<(Vec<Document>, Vec<Document>)> {
-    let docs = zerotune_data::load_documents(train, column, filter)?;
+pub fn load_split(data: &DataPlan, seed: u64) -> Result<(Vec<Document>, Vec<Document>)> {
+    let (column, filter) = (&data.text_column, &data.filter);
+    let docs = zerotune_data::load_documents(&data.train_file, column, filter)?;
     if docs.is_empty() {
-        return Err(CoordinatorError::Data { path: train.into(), message: "has no documents: the training set is empty".into() });
+        return Err(CoordinatorError::Data {
+            path: data.train_file.clone(),
+            message: "has no documents: the training set is empty".into(),
+        });
     }
-    Ok(match validation {
+    Ok(match &data.validation_file {
         Some(path) => (docs, zerotune_data::load_documents(path, column, filter)?),
-        None => dataset::split_by_documents(docs, percent, seed),
+        None => dataset::split_by_documents(docs, data.validation_split_percentage, seed),
     })
 }
 

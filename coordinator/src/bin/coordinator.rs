@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use zerotune_coordinator::config::{TrainArgs, TrainPlan};
-use zerotune_coordinator::{config, job, prepare};
+use zerotune_coordinator::config::{DataArgs, TrainArgs, TrainPlan};
+use zerotune_coordinator::{job, prepare};
 use zerotune_data::files2jsonl::{self, Filter};
-use zerotune_data::SourceArgs;
 
 #[derive(Parser)]
 #[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]
@@ -87,42 +86,33 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 #[derive(clap::Args)]
 #[command(rename_all = "snake_case")]
 struct TokenizeArgs {
-    #[arg(long)]
-    train_file: PathBuf,
-    #[arg(long)]
-    validation_file: Option<PathBuf>,
     #[command(flatten)]
-    source: SourceArgs,
-    #[arg(long, default_value_t = 5)]
-    validation_split_percentage: u32,
+    data: DataArgs,
     /// Directory holding tokenizer.json or vocab.json + merges.txt.
     #[arg(long)]
     tokenizer_name: PathBuf,
-    #[arg(long)]
-    block_size: usize,
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
+    /// The seed of the validation split (train's --seed).
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
 
 fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let (train, tokenizer_dir, block_size) = (&args.train_file, &args.tokenizer_name, args.block_size);
-    let column = &args.source.text_column_name;
-    let filter = args.source.filter()?;
-    let (train_docs, val_docs) =
-        prepare::load_split(train, args.validation_file.as_deref(), column, args.validation_split_percentage, args.seed, &filter)?;
+    let data = args.data.plan()?;
+    let Some(block_size) = data.block_size else {
+        anyhow::bail!("--block_size is required: train's default, min(1024, n_positions), needs the model's config");
+    };
+    let (train_docs, val_docs) = prepare::load_split(&data, args.seed)?;
+    let tokenizer_dir = &args.tokenizer_name;
     let tok = zerotune_hf::tokenizer::load(tokenizer_dir)?;
     let eos = zerotune_hf::tokenizer::eos_id(&tok)
         .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(config::default_cache_dir);
-    let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &cache_dir)?;
+    let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &data.cache_dir)?;
     let bytes: usize = train_docs.iter().chain(&val_docs).map(|d| d.text.len()).sum();
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{}: {} bytes -> {} train / {} validation blocks of {block_size} in {secs:.2}s ({:.1} MB/s) -> {}",
-        train.display(),
+        data.train_file.display(),
         bytes,
         cache.train_blocks,
         cache.validation_blocks,

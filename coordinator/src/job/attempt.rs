@@ -64,7 +64,7 @@ pub(super) async fn attempt(
         eprintln!("resuming from {} at step {}", r.dir, r.step);
     }
     let worker_plan = WorkerPlan { resume, ..run.worker_plan.clone() };
-    let world = plan.world_size as u32;
+    let world = plan.world_size() as u32;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let pace = Arc::new(Pace::new(world, first_step));
     let mut receivers = vec![];
@@ -76,19 +76,19 @@ pub(super) async fn attempt(
     }
 
     // Loopback unless workers run elsewhere; then on --master_port, reached at --master_addr.
-    let (bind, host) = match plan.launcher {
+    let (bind, host) = match plan.launch.launcher {
         Launcher::Local => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
-        _ => ("0.0.0.0".to_string(), plan.master_addr.clone().unwrap_or_else(hostname)),
+        _ => ("0.0.0.0".to_string(), plan.launch.master_addr.clone().unwrap_or_else(hostname)),
     };
-    let port = if plan.launcher == Launcher::Local { 0 } else { plan.master_port };
+    let port = if plan.launch.launcher == Launcher::Local { 0 } else { plan.launch.master_port };
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
         .await
         .map_err(|e| CoordinatorError::Server(format!("cannot listen on {bind}:{port} (--master_port): {e}")))?;
     let port = listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?.port();
-    let scheme = if plan.tls.is_some() { "https" } else { "http" };
+    let scheme = if plan.launch.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{host}:{port}");
     let mut builder = server_builder();
-    if let Some(tls) = &plan.tls {
+    if let Some(tls) = &plan.launch.tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
@@ -106,16 +106,20 @@ pub(super) async fn attempt(
         },
     ));
     let mut env = launch::propagated_env()?;
-    if let Some(tls) = &plan.tls {
+    if let Some(tls) = &plan.launch.tls {
         env.push((zerotune_proto::TLS_CA_ENV.into(), String::from_utf8_lossy(&tls.ca).into_owned()));
     }
-    let device = if plan.device == "cpu" { "cpu" } else { "cuda" };
-    let spec = LaunchSpec { launcher: &plan.launcher, placements: &plan.placements, device, worker: &plan.worker_bin, env: &env };
+    let spec = LaunchSpec { launcher: &plan.launch.launcher, placements: &plan.launch.placements, device: plan.launch.device, worker: &plan.launch.worker_bin, env: &env };
     let watchers = launch::start(&spec, &url, &secret, &events_tx)?;
     drop(events_tx);
 
     let steps_per_epoch = run.sampler.steps_per_epoch() as u64;
-    let mut progress = Progress::new(&output_dir, run.total_steps, steps_per_epoch, plan.logging_steps, first_step > 1)?;
+    let mut progress = Progress::new(&output_dir, run.total_steps, steps_per_epoch, plan.output.logging_steps, first_step > 1)?;
+    if let Some(r) = &worker_plan.resume {
+        // The resumed checkpoint's history comes first, so later checkpoints carry the whole run's.
+        let state = crate::checkpoint::read_trainer_state(std::path::Path::new(&r.dir))?;
+        progress.resume_history(state.log_history, r.step);
+    }
     let mut job = Job::new(JobSpec {
         world,
         output_dir: output_dir.clone(),
@@ -134,10 +138,10 @@ pub(super) async fn attempt(
         (result, _) => result,
     };
     pace.close();
-    if result.is_err() && matches!(plan.launcher, Launcher::Ssh { .. } | Launcher::Manual) {
+    if result.is_err() && matches!(plan.launch.launcher, Launcher::Ssh { .. } | Launcher::Manual) {
         // Ranks we cannot kill ourselves hear the abort in their next heartbeat, even mid-step.
         abort.throw();
-        abort.wait_told(job.hosts.len(), 2 * zerotune_proto::plan::heartbeat_interval(plan.heartbeat_timeout)).await;
+        abort.wait_told(job.hosts.len(), 2 * zerotune_proto::plan::heartbeat_interval(plan.launch.heartbeat_timeout)).await;
     }
     let stopped = job.stopped_at.zip(job.stop);
     let _ = stop_tx.send(());

@@ -1,0 +1,285 @@
+//! `coordinator train` flags, in HF's spelling (run_clm.py / TrainingArguments / the deepspeed
+//! launcher), grouped by concern; `coordinator tokenize` shares the data group. Values with a
+//! fixed set of spellings parse into enums here, so the plan never matches on strings.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use zerotune_data::SourceArgs;
+use zerotune_proto::plan::ScheduleKind;
+
+/// Every `train` flag. Boolean flags work alone or with a value (`--fp16`, `--fp16 true`), as
+/// with HfArgumentParser.
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub training: TrainingArgs,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+}
+
+/// Where the weights and the tokenizer come from.
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct ModelArgs {
+    /// HF-layout CodeGen directory to fine-tune (config.json + weights + tokenizer).
+    #[arg(long)]
+    pub model_name_or_path: Option<PathBuf>,
+    /// Train from scratch: a built-in config (tiny, codegen-350M, codegen-2B, codegen-6B,
+    /// codegen-16B) or a config.json path / directory.
+    #[arg(long)]
+    pub config_name: Option<String>,
+    /// Directory holding tokenizer.json or vocab.json + merges.txt (default: the model's).
+    #[arg(long)]
+    pub tokenizer_name: Option<PathBuf>,
+    /// Train a byte-level BPE tokenizer of this many tokens on the training data.
+    #[arg(long)]
+    pub train_tokenizer: Option<usize>,
+}
+
+/// The documents and how they become token blocks (`train` and `tokenize`).
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct DataArgs {
+    /// Training data: .jsonl/.json, .csv, .txt, or a source directory (files2jsonl built in).
+    #[arg(long)]
+    pub train_file: PathBuf,
+    /// Validation data; without it --validation_split_percentage of the documents is held out.
+    #[arg(long)]
+    pub validation_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[arg(long, default_value_t = 5)]
+    pub validation_split_percentage: u32,
+    /// Tokens per training block (default: min(1024, n_positions)).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Where token caches live (default: ~/.cache/zerotune/tokens).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The optimization, evaluation and output flags of HF TrainingArguments.
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct TrainingArgs {
+    #[arg(long, default_value_t = 8)]
+    pub per_device_train_batch_size: usize,
+    #[arg(long, default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// Total optimizer steps; overrides --num_train_epochs when positive.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+    #[arg(long, default_value = "linear", value_parser = parse_schedule)]
+    pub lr_scheduler_type: ScheduleKind,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub fp16: Option<bool>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub bf16: Option<bool>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub overwrite_output_dir: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub do_train: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub do_eval: bool,
+    #[arg(long, default_value_t = 500)]
+    pub logging_steps: u64,
+    /// Evaluate every N steps (with --do_eval); without it only at the end.
+    #[arg(long)]
+    pub eval_steps: Option<u64>,
+    /// With --do_eval, next-line completion on this many positions of the validation documents
+    /// at the end, the starting model against the final one (`worker eval`); 0 turns it off.
+    #[arg(long, default_value_t = 200)]
+    pub completion_eval_positions: usize,
+    /// Save a checkpoint every N steps; 0 saves only the final model.
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: u64,
+    /// Keep at most this many checkpoints (oldest removed first).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// Continue from a checkpoint: a `checkpoint-<step>` directory, or `latest` (in --output_dir).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<ResumeFrom>,
+    /// DeepSpeed config (ZeRO, batch, optimizer, scheduler, fp16/bf16; "auto" allowed).
+    #[arg(long)]
+    pub deepspeed: Option<PathBuf>,
+}
+
+/// Where the ranks run and how they are started and watched (the deepspeed launcher's flags).
+#[derive(clap::Args, Debug, Clone)]
+#[command(rename_all = "snake_case")]
+pub struct LaunchArgs {
+    /// cpu, cuda, cuda:N (that one GPU) or auto (cuda when a GPU is present).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
+    /// The worker binary (default: `worker` next to this executable).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// GPU ranks on this machine (one worker process per GPU, like `deepspeed --num_gpus`).
+    #[arg(long)]
+    pub num_gpus: Option<usize>,
+    /// CPU ranks on this machine (one worker process each), for machines without GPUs.
+    #[arg(long)]
+    pub num_workers: Option<usize>,
+    /// Seconds without any rank finishing a step (or a save, or an evaluation) before the job is
+    /// declared hung and stopped (HF's --ddp_timeout; the first step gets the same allowance).
+    #[arg(long, default_value_t = 1800)]
+    pub ddp_timeout: u64,
+    /// Seconds a rank may go without a heartbeat (stopped, frozen or unreachable) before it is
+    /// declared failed; workers that hear nothing from the coordinator for as long exit.
+    #[arg(long, default_value_t = zerotune_proto::plan::DEFAULT_HEARTBEAT_TIMEOUT_S)]
+    pub heartbeat_timeout: u64,
+    /// If a worker fails, resume from the latest checkpoint up to this many times.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: u32,
+    /// DeepSpeed hostfile: one `hostname slots=N` per line; ranks are node-major in its order.
+    #[arg(long)]
+    pub hostfile: Option<PathBuf>,
+    /// Use the first N hosts of the hostfile.
+    #[arg(long)]
+    pub num_nodes: Option<usize>,
+    /// Only these hosts/slots, e.g. `worker-0@worker-1:0,2` or `localhost:1,2`.
+    #[arg(long)]
+    pub include: Option<String>,
+    /// All but these hosts/slots (same syntax as --include).
+    #[arg(long)]
+    pub exclude: Option<String>,
+    /// Address workers use to reach the coordinator (multi-node; default: this host's name).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port the coordinator listens on for a multi-node job (0: any free port).
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Default: ssh when the hostfile names another machine, otherwise local.
+    #[arg(long, value_enum)]
+    pub launcher: Option<LauncherKind>,
+    /// Serve workers over TLS with this certificate (PEM); needs --tls_key.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) workers verify the coordinator with (default: --tls_cert, self-signed).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// The remote shell for --launcher ssh (any program called as `CMD host script`).
+    #[arg(long, default_value = "ssh -o BatchMode=yes")]
+    pub ssh_command: String,
+}
+
+/// `--launcher`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LauncherKind {
+    /// Processes on this machine.
+    Local,
+    /// One remote shell per rank (--ssh_command).
+    Ssh,
+    /// One `srun` for every rank, inside a Slurm allocation.
+    Slurm,
+    /// Print each rank's command for you to start.
+    Manual,
+}
+
+/// `--device` as given: `auto` is resolved when the plan is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    /// `cuda`, or `cuda:N` for that one GPU.
+    Cuda(Option<usize>),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        match spec {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            s => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| format!("{s:?}: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// `--resume_from_checkpoint`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// The checkpoint `latest` names in --output_dir.
+    Latest,
+    /// A `checkpoint-<step>` directory.
+    Dir(PathBuf),
+}
+
+impl FromStr for ResumeFrom {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        match spec {
+            "" => Err("expected `latest` or a checkpoint-<step> directory".into()),
+            "latest" => Ok(Self::Latest),
+            dir => Ok(Self::Dir(dir.into())),
+        }
+    }
+}
+
+/// HF's `--lr_scheduler_type` names.
+fn parse_schedule(name: &str) -> Result<ScheduleKind, String> {
+    match name {
+        "linear" => Ok(ScheduleKind::Linear),
+        "cosine" => Ok(ScheduleKind::Cosine),
+        "constant" => Ok(ScheduleKind::Constant),
+        "constant_with_warmup" => Ok(ScheduleKind::ConstantWithWarmup),
+        other => Err(format!("{other:?}: expected linear, cosine, constant or constant_with_warmup")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_parse_into_their_enums() {
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(Some(3))));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(None)));
+        assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains("expected auto, cpu, cuda or cuda:N"));
+        assert!("gpu".parse::<DeviceSpec>().is_err());
+        assert_eq!("latest".parse(), Ok(ResumeFrom::Latest));
+        assert_eq!("out/checkpoint-4".parse(), Ok(ResumeFrom::Dir("out/checkpoint-4".into())));
+        assert_eq!(parse_schedule("constant_with_warmup"), Ok(ScheduleKind::ConstantWithWarmup));
+        assert!(parse_schedule("poly").unwrap_err().contains("expected linear"));
+    }
+}

@@ -1,0 +1,503 @@
+//! `--deepspeed ds_config.json`, read as HF Trainer reads it: `"auto"` takes the flag's value,
+//! any other value must agree with the flag; batch, optimizer, scheduler, precision and ZeRO
+//! settings come into the plan. Keys are typed; a key DeepSpeed does not have (a typo such as
+//! `zero_optimisation`) is refused by name, and DeepSpeed keys with no effect here are accepted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
+
+use super::args::TrainArgs;
+use super::{flag, precision, TrainPlan, Warmup, Zero};
+use crate::error::Result;
+
+/// A value that may be `"auto"`: HF Trainer fills it from the matching flag.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Auto<T> {
+    Auto,
+    Value(T),
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Auto<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        if value == "auto" {
+            return Ok(Self::Auto);
+        }
+        T::deserialize(value).map(Self::Value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<T> Auto<T> {
+    fn value(&self) -> Option<&T> {
+        match self {
+            Self::Auto => None,
+            Self::Value(v) => Some(v),
+        }
+    }
+}
+
+/// Keys of a section that are not fields of its struct, checked against what DeepSpeed accepts.
+type Rest = BTreeMap<String, Value>;
+
+/// The parts of a DeepSpeed config that zerotune applies.
+#[derive(Debug, Default, Deserialize)]
+pub struct DsConfig {
+    train_batch_size: Option<Auto<u64>>,
+    train_micro_batch_size_per_gpu: Option<Auto<u64>>,
+    gradient_accumulation_steps: Option<Auto<u64>>,
+    gradient_clipping: Option<Auto<f64>>,
+    optimizer: Option<Optimizer>,
+    scheduler: Option<Scheduler>,
+    fp16: Option<Fp16>,
+    bf16: Option<Enabled>,
+    zero_optimization: Option<ZeroSection>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Deserialize)]
+struct Optimizer {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    params: OptimizerParams,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OptimizerParams {
+    lr: Option<Auto<f64>>,
+    betas: Option<Auto<[f64; 2]>>,
+    eps: Option<Auto<f64>>,
+    weight_decay: Option<Auto<f64>>,
+    adam_w_mode: Option<bool>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Deserialize)]
+struct Scheduler {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    params: SchedulerParams,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SchedulerParams {
+    warmup_min_lr: Option<Auto<f64>>,
+    warmup_max_lr: Option<Auto<f64>>,
+    warmup_num_steps: Option<Auto<u64>>,
+    warmup_type: Option<String>,
+    total_num_steps: Option<Auto<u64>>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Fp16 {
+    enabled: Option<Auto<bool>>,
+    loss_scale: Option<f64>,
+    initial_scale_power: Option<u32>,
+    loss_scale_window: Option<u32>,
+    hysteresis: Option<u32>,
+    min_loss_scale: Option<f64>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Enabled {
+    enabled: Option<Auto<bool>>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ZeroSection {
+    stage: Option<u8>,
+    offload_optimizer: Option<Offload>,
+    reduce_bucket_size: Option<Auto<f64>>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Offload {
+    device: Option<OffloadDevice>,
+    #[serde(flatten)]
+    rest: Rest,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum OffloadDevice {
+    None,
+    Cpu,
+    Nvme,
+}
+
+/// DeepSpeed keys that have no effect in zerotune (its behaviour is fixed, or the feature is
+/// another tool's), per section. Anything not here and not a field above is a mistake.
+const ACCEPTED: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "steps_per_print",
+            "wall_clock_breakdown",
+            "memory_breakdown",
+            "dump_state",
+            "zero_allow_untested_optimizer",
+            "zero_force_ds_cpu_optimizer",
+            "prescale_gradients",
+            "gradient_predivide_factor",
+            "communication_data_type",
+            "sparse_gradients",
+            "activation_checkpointing",
+            "flops_profiler",
+            "tensorboard",
+            "wandb",
+            "csv_monitor",
+            "comms_logger",
+            "checkpoint",
+            "data_types",
+            "aio",
+        ],
+    ),
+    ("optimizer.params", &["torch_adam", "amsgrad", "bias_correction", "fp32_optimizer_states"]),
+    ("scheduler.params", &["last_batch_iteration", "warmup_min_ratio", "cos_min_ratio", "warmup_max_lr_ratio"]),
+    ("fp16", &["auto_cast", "consecutive_hysteresis"]),
+    ("bf16", &["immediate_grad_update"]),
+    (
+        "zero_optimization",
+        &[
+            "allgather_partitions",
+            "allgather_bucket_size",
+            "overlap_comm",
+            "reduce_scatter",
+            "contiguous_gradients",
+            "round_robin_gradients",
+            "elastic_checkpoint",
+            "load_from_fp32_weights",
+            "ignore_unused_parameters",
+            "sub_group_size",
+            "offload_param",
+        ],
+    ),
+    (
+        "zero_optimization.offload_optimizer",
+        &["pin_memory", "nvme_path", "buffer_count", "fast_init", "ratio", "pipeline_read", "pipeline_write"],
+    ),
+];
+
+impl DsConfig {
+    /// Reads and checks `path`: JSON syntax, every value's type, and every key's name.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
+        let bad = |m: String| flag(format!("--deepspeed {}: {m}", path.display()));
+        let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let config: Self = serde_path_to_error::deserialize(value).map_err(|e| bad(format!("{}: {}", e.path(), e.inner())))?;
+        let unknown = config.unknown_keys();
+        if !unknown.is_empty() {
+            return Err(bad(format!(
+                "{} (DeepSpeed has no such key; check the spelling, or remove it)",
+                unknown.iter().map(|key| describe_unknown(key)).collect::<Vec<_>>().join("; ")
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Dotted names of the keys no section knows.
+    fn unknown_keys(&self) -> Vec<String> {
+        let zero = self.zero_optimization.as_ref();
+        let sections: [(&str, Option<&Rest>); 8] = [
+            ("", Some(&self.rest)),
+            ("optimizer", self.optimizer.as_ref().map(|o| &o.rest)),
+            ("optimizer.params", self.optimizer.as_ref().map(|o| &o.params.rest)),
+            ("scheduler", self.scheduler.as_ref().map(|s| &s.rest)),
+            ("scheduler.params", self.scheduler.as_ref().map(|s| &s.params.rest)),
+            ("fp16", self.fp16.as_ref().map(|f| &f.rest)),
+            ("zero_optimization", zero.map(|z| &z.rest)),
+            ("zero_optimization.offload_optimizer", zero.and_then(|z| z.offload_optimizer.as_ref()).map(|o| &o.rest)),
+        ];
+        let bf16 = ("bf16", self.bf16.as_ref().map(|b| &b.rest));
+        let mut unknown = vec![];
+        for (section, rest) in sections.into_iter().chain([bf16]) {
+            let accepted = ACCEPTED.iter().find(|(name, _)| *name == section).map_or(&[][..], |(_, keys)| keys);
+            for key in rest.into_iter().flat_map(|r| r.keys()) {
+                if !accepted.contains(&key.as_str()) {
+                    unknown.push(if section.is_empty() { key.clone() } else { format!("{section}.{key}") });
+                }
+            }
+        }
+        unknown
+    }
+}
+
+/// `unknown key zero_optimisation (did you mean zero_optimization?)`.
+fn describe_unknown(dotted: &str) -> String {
+    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
+    let mut known: Vec<&str> = ACCEPTED.iter().filter(|(name, _)| *name == section).flat_map(|(_, keys)| keys.iter().copied()).collect();
+    known.extend(FIELDS.iter().filter(|(name, _)| *name == section).flat_map(|(_, keys)| keys.iter().copied()));
+    match known.into_iter().filter(|k| edit_distance(k, key) <= 2).min_by_key(|k| edit_distance(k, key)) {
+        Some(close) => format!("unknown key {dotted} (did you mean {close}?)"),
+        None => format!("unknown key {dotted}"),
+    }
+}
+
+/// The typed keys per section, for suggestions.
+const FIELDS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+            "optimizer",
+            "scheduler",
+            "fp16",
+            "bf16",
+            "zero_optimization",
+        ],
+    ),
+    ("optimizer", &["type", "params"]),
+    ("optimizer.params", &["lr", "betas", "eps", "weight_decay", "adam_w_mode"]),
+    ("scheduler", &["type", "params"]),
+    ("scheduler.params", &["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps"]),
+    ("fp16", &["enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"]),
+    ("bf16", &["enabled"]),
+    ("zero_optimization", &["stage", "offload_optimizer", "reduce_bucket_size"]),
+    ("zero_optimization.offload_optimizer", &["device"]),
+];
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Collects the values that disagree with the command line.
+#[derive(Default)]
+struct Agreement(Vec<String>);
+
+impl Agreement {
+    fn check<T: Serialize>(&mut self, key: &str, ds: Option<&Auto<T>>, hf_name: &str, hf: impl Serialize) {
+        let Some(ds) = ds.and_then(Auto::value) else { return };
+        let (ds, hf) = (serde_json::to_value(ds).unwrap_or_default(), serde_json::to_value(hf).unwrap_or_default());
+        let equal = match (ds.as_f64(), hf.as_f64()) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+            _ => ds == hf,
+        };
+        if !equal {
+            self.0.push(format!("- ds {key}={ds} vs hf {hf_name}={hf}"));
+        }
+    }
+}
+
+impl DsConfig {
+    /// Checks the values against the flags and applies the config's settings to `plan`.
+    pub fn apply(&self, plan: &mut TrainPlan, args: &TrainArgs, path: &Path) -> Result<()> {
+        let bad = |m: String| flag(format!("--deepspeed {}: {m}", path.display()));
+        let t = &args.training;
+        let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));
+        let optimizer = self.optimizer.as_ref();
+        let params = optimizer.map(|o| &o.params);
+        let scheduler = self.scheduler.as_ref().map(|s| &s.params);
+        let world = plan.world_size();
+        let mut agreement = Agreement::default();
+        let a = &mut agreement;
+        a.check(
+            "train_micro_batch_size_per_gpu",
+            self.train_micro_batch_size_per_gpu.as_ref(),
+            "per_device_train_batch_size",
+            t.per_device_train_batch_size,
+        );
+        a.check(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps.as_ref(),
+            "gradient_accumulation_steps",
+            t.gradient_accumulation_steps,
+        );
+        let (micro, accumulation) = (t.per_device_train_batch_size, t.gradient_accumulation_steps);
+        let factors = format!("world {world} x micro {micro} x accumulation {accumulation}");
+        a.check("train_batch_size", self.train_batch_size.as_ref(), &factors, world * micro * accumulation);
+        a.check("gradient_clipping", self.gradient_clipping.as_ref(), "max_grad_norm", t.max_grad_norm);
+        a.check("optimizer.params.lr", params.and_then(|p| p.lr.as_ref()), "learning_rate", t.learning_rate);
+        a.check("optimizer.params.betas", params.and_then(|p| p.betas.as_ref()), "adam_beta1/adam_beta2", [t.adam_beta1, t.adam_beta2]);
+        a.check("optimizer.params.eps", params.and_then(|p| p.eps.as_ref()), "adam_epsilon", t.adam_epsilon);
+        a.check("optimizer.params.weight_decay", params.and_then(|p| p.weight_decay.as_ref()), "weight_decay", t.weight_decay);
+        a.check("fp16.enabled", self.fp16.as_ref().and_then(|f| f.enabled.as_ref()), "fp16", fp16);
+        a.check("bf16.enabled", self.bf16.as_ref().and_then(|b| b.enabled.as_ref()), "bf16", bf16);
+        a.check("scheduler.params.warmup_max_lr", scheduler.and_then(|s| s.warmup_max_lr.as_ref()), "learning_rate", t.learning_rate);
+        if !agreement.0.is_empty() {
+            return Err(bad(format!(
+                "values that mismatch the command line (set them to \"auto\" or make them agree):\n{}",
+                agreement.0.join("\n")
+            )));
+        }
+        if let Some(optimizer) = optimizer {
+            match optimizer.kind.as_str() {
+                "AdamW" => {}
+                "Adam" if optimizer.params.adam_w_mode == Some(false) => {
+                    return Err(bad("optimizer.params.adam_w_mode false (L2-coupled Adam) is not supported".into()))
+                }
+                "Adam" => {}
+                kind => return Err(bad(format!("optimizer.type {kind:?}: only Adam/AdamW (decoupled weight decay) is supported"))),
+            }
+        }
+        if let Some(scheduler) = &self.scheduler {
+            self.apply_scheduler(scheduler, plan, args).map_err(bad)?;
+        }
+        let enabled = |section: Option<&Auto<bool>>| section.and_then(Auto::value).copied().unwrap_or(false);
+        let ds_fp16 = enabled(self.fp16.as_ref().and_then(|f| f.enabled.as_ref()));
+        let ds_bf16 = enabled(self.bf16.as_ref().and_then(|b| b.enabled.as_ref()));
+        plan.training.precision = precision(fp16 || ds_fp16, bf16 || ds_bf16, false)?;
+        if let (Precision::Fp16, Some(f)) = (plan.training.precision, &self.fp16) {
+            if let Some(scale) = f.loss_scale.filter(|&s| s != 0.0) {
+                return Err(bad(format!("fp16.loss_scale {scale}: only dynamic loss scaling (0) is supported")));
+            }
+            let default = LossScaler::default();
+            plan.training.loss_scaler = LossScaler {
+                initial_scale_power: f.initial_scale_power.unwrap_or(default.initial_scale_power),
+                window: f.loss_scale_window.unwrap_or(default.window),
+                hysteresis: f.hysteresis.unwrap_or(default.hysteresis),
+                min_scale: f.min_loss_scale.unwrap_or(default.min_scale),
+                abort_at_min_scale: true,
+            };
+        }
+        plan.zero = self.zero().map_err(bad)?;
+        Ok(())
+    }
+
+    fn apply_scheduler(&self, scheduler: &Scheduler, plan: &mut TrainPlan, args: &TrainArgs) -> std::result::Result<(), String> {
+        let params = &scheduler.params;
+        plan.training.schedule = match scheduler.kind.as_str() {
+            "WarmupLR" => ScheduleKind::ConstantWithWarmup,
+            "WarmupDecayLR" => ScheduleKind::Linear,
+            "WarmupCosineLR" => ScheduleKind::Cosine,
+            other => return Err(format!("scheduler.type {other:?}: supported are WarmupLR, WarmupDecayLR, WarmupCosineLR")),
+        };
+        let warmup_type = params.warmup_type.as_deref().unwrap_or("log");
+        if scheduler.kind != "WarmupCosineLR" && warmup_type != "linear" {
+            return Err(format!("scheduler.params.warmup_type {warmup_type:?}: only \"linear\" warmup is supported (DeepSpeed defaults to \"log\"); set it, or drop the scheduler block to use --lr_scheduler_type"));
+        }
+        if let Some(&min_lr) = params.warmup_min_lr.as_ref().and_then(Auto::value) {
+            if min_lr != 0.0 {
+                return Err(format!("scheduler.params.warmup_min_lr {min_lr}: only 0 is supported"));
+            }
+        }
+        if let Some(&n) = params.warmup_num_steps.as_ref().and_then(Auto::value) {
+            let flag_steps = args.training.warmup_steps;
+            if flag_steps > 0 && flag_steps != n {
+                return Err(format!("scheduler.params.warmup_num_steps {n} vs hf warmup_steps {flag_steps}"));
+            }
+            plan.training.warmup = Warmup::Steps(n);
+        }
+        plan.training.ds_total_steps = params.total_num_steps.as_ref().and_then(Auto::value).copied();
+        Ok(())
+    }
+
+    fn zero(&self) -> std::result::Result<Zero, String> {
+        let section = self.zero_optimization.as_ref();
+        let stage = section.and_then(|z| z.stage).unwrap_or(0);
+        if stage > 2 {
+            return Err(format!("zero_optimization.stage {stage}: zerotune implements ZeRO stages 0-2"));
+        }
+        let device = section.and_then(|z| z.offload_optimizer.as_ref()).and_then(|o| o.device).unwrap_or(OffloadDevice::None);
+        if device == OffloadDevice::Nvme {
+            return Err("zero_optimization.offload_optimizer.device \"nvme\": zerotune offloads to \"cpu\" only".into());
+        }
+        let reduce_bucket_size = match section.and_then(|z| z.reduce_bucket_size) {
+            None => DEFAULT_REDUCE_BUCKET,
+            Some(Auto::Value(n)) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+            Some(v) => {
+                let shown = match v {
+                    Auto::Auto => "\"auto\"".to_string(),
+                    Auto::Value(n) => n.to_string(),
+                };
+                return Err(format!(
+                    "zero_optimization.reduce_bucket_size {shown}: expected a positive number of elements (\"auto\" is not supported)"
+                ));
+            }
+        };
+        Ok(Zero { stage, offload_optimizer: device == OffloadDevice::Cpu, reduce_bucket_size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> Result<DsConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.json");
+        std::fs::write(&path, json).unwrap();
+        DsConfig::read(&path)
+    }
+
+    #[test]
+    fn a_misspelled_key_is_refused_by_name_with_a_suggestion() {
+        let err = read(r#"{"zero_optimisation": {"stage": 2}}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown key zero_optimisation (did you mean zero_optimization?)"), "{err}");
+        let err = read(r#"{"zero_optimization": {"stage": 2, "offload_optimizer": {"devise": "cpu"}}}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown key zero_optimization.offload_optimizer.devise (did you mean device?)"), "{err}");
+        let err = read(r#"{"fp16": {"enabled": true, "intial_scale_power": 8}, "bogus": 1}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown key bogus;") && err.contains("fp16.intial_scale_power (did you mean initial_scale_power?)"), "{err}");
+    }
+
+    #[test]
+    fn hf_s_zero2_config_reads_with_its_no_effect_keys() {
+        let config = read(
+            r#"{"fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1},
+            "bf16": {"enabled": "auto"},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto", "warmup_type": "linear"}},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": true}, "allgather_partitions": true,
+                "allgather_bucket_size": 2e8, "overlap_comm": true, "reduce_scatter": true, "reduce_bucket_size": 2e8, "contiguous_gradients": true},
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+            "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": false}"#,
+        )
+        .unwrap();
+        assert_eq!(config.zero().unwrap(), Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: 200_000_000 });
+        assert_eq!(config.fp16.as_ref().unwrap().enabled, Some(Auto::Auto));
+    }
+
+    #[test]
+    fn wrong_types_name_their_key() {
+        let err = read(r#"{"zero_optimization": {"stage": "two"}}"#).unwrap_err().to_string();
+        assert!(err.contains("zero_optimization.stage: invalid type: string \"two\""), "{err}");
+        let err = read(r#"{"fp16": {"initial_scale_power": 16.5}}"#).unwrap_err().to_string();
+        assert!(err.contains("fp16.initial_scale_power: invalid type: floating point"), "{err}");
+        let err = read(r#"{"train_batch_size": -4}"#).unwrap_err().to_string();
+        assert!(err.contains("train_batch_size: invalid value: integer `-4`"), "{err}");
+        let err = read(r#"{"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}"#).unwrap_err().to_string();
+        assert!(err.contains("zero_optimization.offload_optimizer.device: unknown variant `gpu`"), "{err}");
+        assert!(read("{").unwrap_err().to_string().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(edit_distance("zero_optimisation", "zero_optimization"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}

@@ -1,0 +1,538 @@
+//! `coordinator train` flags (run_clm.py / HF TrainingArguments names, `args.rs`) plus
+//! `--deepspeed ds_config.json` (`ds_config.rs`), resolved into one validated `TrainPlan` the way
+//! HF Trainer resolves "auto", with the ranks' placement (`placement.rs`). Only the plan reaches
+//! library code; every error names the flag or config key at fault.
+
+mod args;
+mod ds_config;
+mod placement;
+
+pub use args::{DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
+pub use ds_config::{Auto, DsConfig};
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use zerotune_data::Filter;
+use zerotune_hf::CodeGenConfig;
+use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
+
+use crate::error::{CoordinatorError, Result};
+use crate::hosts::Placement;
+use crate::launch::Launcher;
+
+/// Where the initial weights come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelChoice {
+    Pretrained(PathBuf),
+    Scratch(Box<CodeGenConfig>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerChoice {
+    Dir(PathBuf),
+    Train { vocab_size: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Warmup {
+    Steps(u64),
+    Ratio(f64),
+}
+
+/// The device every rank computes on (`--device auto` resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// GPU ranks; `Some(n)`: the one rank runs on GPU n.
+    Cuda(Option<usize>),
+}
+
+impl Device {
+    /// What a worker is told: each GPU rank sees its one GPU (CUDA_VISIBLE_DEVICES) as `cuda`.
+    pub fn worker_flag(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda(_) => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// ZeRO settings from ds_config.json.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Zero {
+    pub stage: u8,
+    pub offload_optimizer: bool,
+    /// Elements per rank in one stage-2 gradient reduce-scatter.
+    pub reduce_bucket_size: usize,
+}
+
+/// The documents and their token blocks.
+#[derive(Clone, Debug)]
+pub struct DataPlan {
+    pub train_file: PathBuf,
+    pub validation_file: Option<PathBuf>,
+    pub text_column: String,
+    pub validation_split_percentage: u32,
+    /// Tokens per block; `None`: min(1024, n_positions), known once the model config is.
+    pub block_size: Option<usize>,
+    pub filter: Filter,
+    pub cache_dir: PathBuf,
+}
+
+/// Per-rank batch sizes (the world is the number of placements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPlan {
+    pub micro: usize,
+    pub eval: usize,
+    pub accumulation: usize,
+}
+
+/// The optimization: length, schedule, optimizer, precision, seed.
+#[derive(Clone, Debug)]
+pub struct TrainingPlan {
+    pub epochs: f64,
+    pub max_steps: Option<u64>,
+    pub warmup: Warmup,
+    pub schedule: ScheduleKind,
+    /// A ds_config `total_num_steps` that the computed total must equal.
+    pub ds_total_steps: Option<u64>,
+    pub optimizer: AdamW,
+    pub max_grad_norm: f64,
+    pub precision: Precision,
+    pub loss_scaler: LossScaler,
+    pub seed: u64,
+}
+
+/// What the run writes and when: logs, evaluations, checkpoints.
+#[derive(Clone, Debug)]
+pub struct OutputPlan {
+    pub dir: PathBuf,
+    pub overwrite: bool,
+    pub logging_steps: u64,
+    pub do_eval: bool,
+    pub eval_steps: Option<u64>,
+    /// Positions of the completion evaluation at the end (0: none).
+    pub completion_eval_positions: usize,
+    pub save_steps: Option<u64>,
+    pub save_total_limit: Option<usize>,
+    pub resume_from: Option<ResumeFrom>,
+}
+
+/// Where the ranks run, how they are started, and how long they may stay silent.
+#[derive(Clone, Debug)]
+pub struct LaunchPlan {
+    pub device: Device,
+    pub worker_bin: PathBuf,
+    /// Where each rank runs (global rank order).
+    pub placements: Vec<Placement>,
+    pub launcher: Launcher,
+    /// `--num_gpus` was given: GPU ranks talk over NCCL even when there is one.
+    pub num_gpus_given: bool,
+    pub master_addr: Option<String>,
+    pub master_port: u16,
+    pub tls: Option<Tls>,
+    pub ddp_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    pub max_restarts: u32,
+}
+
+/// The validated run.
+#[derive(Clone, Debug)]
+pub struct TrainPlan {
+    pub model: ModelChoice,
+    pub tokenizer: TokenizerChoice,
+    pub data: DataPlan,
+    pub batch: BatchPlan,
+    pub training: TrainingPlan,
+    pub zero: Zero,
+    pub output: OutputPlan,
+    pub launch: LaunchPlan,
+}
+
+/// The coordinator's TLS identity and the CA its workers trust, as PEM.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
+}
+
+fn flag(message: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Flag(message.into())
+}
+
+impl DataArgs {
+    /// The data section of a plan (`block_size` as given).
+    pub fn plan(&self) -> Result<DataPlan> {
+        Ok(DataPlan {
+            train_file: self.train_file.clone(),
+            validation_file: self.validation_file.clone(),
+            text_column: self.source.text_column_name.clone(),
+            validation_split_percentage: self.validation_split_percentage,
+            block_size: self.block_size,
+            filter: self.source.filter()?,
+            cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        })
+    }
+}
+
+impl TrainPlan {
+    /// Validates flags and the DeepSpeed config into a plan.
+    pub fn resolve(args: &TrainArgs) -> Result<Self> {
+        let (t, l) = (&args.training, &args.launch);
+        if !t.do_train {
+            return Err(flag("nothing to do: pass --do_train (evaluation-only runs are not supported yet)"));
+        }
+        let (model, tokenizer) = model_and_tokenizer(&args.model)?;
+        let device = resolve_device(l.device);
+        let (placements, launcher) = placement::placements_and_launcher(l, device)?;
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(flag(format!("--warmup_ratio {} must be in [0, 1)", t.warmup_ratio)));
+        }
+        let warmup = if t.warmup_steps > 0 { Warmup::Steps(t.warmup_steps) } else { Warmup::Ratio(t.warmup_ratio) };
+        for (name, value) in [
+            ("--per_device_train_batch_size", t.per_device_train_batch_size),
+            ("--per_device_eval_batch_size", t.per_device_eval_batch_size),
+            ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ] {
+            if value == 0 {
+                return Err(flag(format!("{name} must be at least 1")));
+            }
+        }
+        let mut plan = Self {
+            model,
+            tokenizer,
+            data: args.data.plan()?,
+            batch: BatchPlan {
+                micro: t.per_device_train_batch_size,
+                eval: t.per_device_eval_batch_size,
+                accumulation: t.gradient_accumulation_steps,
+            },
+            training: TrainingPlan {
+                epochs: t.num_train_epochs,
+                max_steps: (t.max_steps > 0).then_some(t.max_steps as u64),
+                warmup,
+                schedule: t.lr_scheduler_type,
+                ds_total_steps: None,
+                optimizer: AdamW {
+                    lr: t.learning_rate,
+                    beta1: t.adam_beta1,
+                    beta2: t.adam_beta2,
+                    eps: t.adam_epsilon,
+                    weight_decay: t.weight_decay,
+                },
+                max_grad_norm: t.max_grad_norm,
+                precision: Precision::Fp32,
+                loss_scaler: LossScaler::default(),
+                seed: t.seed,
+            },
+            // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
+            // already in host memory, so it runs the host kernel.
+            zero: Zero { stage: 0, offload_optimizer: device == Device::Cpu, reduce_bucket_size: DEFAULT_REDUCE_BUCKET },
+            output: OutputPlan {
+                dir: t.output_dir.clone(),
+                overwrite: t.overwrite_output_dir,
+                logging_steps: t.logging_steps.max(1),
+                do_eval: t.do_eval,
+                eval_steps: t.eval_steps.filter(|&n| n > 0 && t.do_eval),
+                completion_eval_positions: if t.do_eval { t.completion_eval_positions } else { 0 },
+                save_steps: (t.save_steps > 0).then_some(t.save_steps),
+                save_total_limit: t.save_total_limit,
+                resume_from: t.resume_from_checkpoint.clone(),
+            },
+            launch: LaunchPlan {
+                device,
+                worker_bin: match &l.worker_bin {
+                    Some(path) => path.clone(),
+                    None => sibling_binary("worker")?,
+                },
+                placements,
+                launcher,
+                num_gpus_given: l.num_gpus.is_some() || (device != Device::Cpu && (l.hostfile.is_some() || l.include.is_some())),
+                master_addr: l.master_addr.clone(),
+                master_port: l.master_port,
+                tls: placement::tls(l)?,
+                ddp_timeout: Duration::from_secs(l.ddp_timeout.max(1)),
+                heartbeat_timeout: Duration::from_secs(l.heartbeat_timeout.max(1)),
+                max_restarts: l.max_restarts,
+            },
+        };
+        let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));
+        if let Some(path) = &t.deepspeed {
+            DsConfig::read(path)?.apply(&mut plan, args, path)?;
+        } else {
+            plan.training.precision = precision(fp16, bf16, t.bf16.is_none() && device != Device::Cpu)?;
+        }
+        if plan.training.precision == Precision::Fp16 && device == Device::Cpu {
+            return Err(flag("--fp16 needs a GPU (--device cuda); on CPU train in fp32 (the default) or --bf16"));
+        }
+        Ok(plan)
+    }
+
+    /// Ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.launch.placements.len()
+    }
+
+    /// Sequences in one optimizer step, over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.batch.micro * self.batch.accumulation * self.world_size()
+    }
+
+    /// The plan to continue on the ranks not on `lost` hosts (renumbered in order), with the same
+    /// global batch, so the same data in the same steps: gradient accumulation grows as the world
+    /// shrinks. Refused, naming every factor, when the batch does not divide among what is left.
+    pub fn without_hosts(&self, lost: &BTreeSet<String>) -> Result<TrainPlan> {
+        let placements: Vec<Placement> = self
+            .launch
+            .placements
+            .iter()
+            .filter(|p| !lost.contains(&p.host))
+            .enumerate()
+            .map(|(rank, p)| Placement { rank, ..p.clone() })
+            .collect();
+        let (world, global, micro) = (placements.len(), self.global_batch(), self.batch.micro);
+        let lost_list = lost.iter().cloned().collect::<Vec<_>>().join(", ");
+        if world == 0 {
+            return Err(flag(format!("no rank is left once the hosts that stopped answering ({lost_list}) are dropped")));
+        }
+        if global % (micro * world) != 0 {
+            return Err(flag(format!(
+                "without {lost_list}, {world} rank(s) are left and cannot keep the global batch of {global} (micro {micro} x accumulation {} x world {}): \
+                 it is not a multiple of micro {micro} x {world} ranks; continue by hand with --resume_from_checkpoint latest and a batch that fits",
+                self.batch.accumulation,
+                self.world_size()
+            )));
+        }
+        let mut fewer = self.clone();
+        fewer.batch.accumulation = global / (micro * world);
+        fewer.launch.placements = placements;
+        Ok(fewer)
+    }
+
+    /// Warmup in steps for a run of `total` steps (HF: ceil(total * warmup_ratio)).
+    pub fn warmup_steps(&self, total: u64) -> u64 {
+        match self.training.warmup {
+            Warmup::Steps(n) => n,
+            Warmup::Ratio(r) => (total as f64 * r).ceil() as u64,
+        }
+    }
+}
+
+fn model_and_tokenizer(args: &ModelArgs) -> Result<(ModelChoice, TokenizerChoice)> {
+    let model = match (&args.model_name_or_path, &args.config_name) {
+        (Some(dir), None) => ModelChoice::Pretrained(dir.clone()),
+        (None, Some(name)) => ModelChoice::Scratch(Box::new(config_by_name(name)?)),
+        (Some(_), Some(_)) => return Err(flag("pass either --model_name_or_path (fine-tune) or --config_name (from scratch), not both")),
+        (None, None) => return Err(flag("no model: pass --model_name_or_path DIR, or --config_name tiny to train from scratch")),
+    };
+    let tokenizer = match (&args.train_tokenizer, &args.tokenizer_name, &model) {
+        (Some(_), Some(_), _) => return Err(flag("pass either --tokenizer_name or --train_tokenizer, not both")),
+        (Some(vocab_size), None, _) if *vocab_size < 300 => {
+            return Err(flag(format!("--train_tokenizer {vocab_size}: a byte-level BPE needs at least 300 tokens (256 bytes + merges)")))
+        }
+        (Some(vocab_size), None, _) => TokenizerChoice::Train { vocab_size: *vocab_size },
+        (None, Some(dir), _) => TokenizerChoice::Dir(dir.clone()),
+        (None, None, ModelChoice::Pretrained(dir)) => TokenizerChoice::Dir(dir.clone()),
+        (None, None, ModelChoice::Scratch(_)) => {
+            return Err(flag("--config_name needs a tokenizer: pass --tokenizer_name DIR or --train_tokenizer VOCAB_SIZE"))
+        }
+    };
+    Ok((model, tokenizer))
+}
+
+fn precision(fp16: bool, bf16: bool, gpu_default_bf16: bool) -> Result<Precision> {
+    match (fp16, bf16) {
+        (true, true) => Err(flag("--fp16 and --bf16 are mutually exclusive")),
+        (true, false) => Ok(Precision::Fp16),
+        (false, true) => Ok(Precision::Bf16),
+        (false, false) if gpu_default_bf16 => Ok(Precision::Bf16),
+        (false, false) => Ok(Precision::Fp32),
+    }
+}
+
+/// `auto` is cuda where this machine has a GPU.
+fn resolve_device(spec: DeviceSpec) -> Device {
+    match spec {
+        DeviceSpec::Auto if Path::new("/dev/nvidiactl").exists() => Device::Cuda(None),
+        DeviceSpec::Auto | DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(index) => Device::Cuda(index),
+    }
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("zerotune").join("tokens")
+}
+
+/// A binary installed next to the running executable.
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| flag(format!("cannot locate this executable: {e}")))?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        return Err(flag(format!("{} not found next to {}; build it (cargo build) or pass --worker_bin", name, exe.display())));
+    }
+    Ok(path)
+}
+
+/// A built-in config name, or a config.json file / directory holding one.
+pub fn config_by_name(name: &str) -> Result<CodeGenConfig> {
+    if let Some(config) = CodeGenConfig::builtin(name) {
+        return Ok(config);
+    }
+    let path = Path::new(name);
+    if path.is_dir() {
+        return Ok(CodeGenConfig::from_dir(path)?);
+    }
+    if path.is_file() {
+        return Ok(CodeGenConfig::from_file(path)?);
+    }
+    Err(flag(format!("--config_name {name:?}: not a built-in config ({}) nor a config.json path", CodeGenConfig::BUILTIN_NAMES)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(extra: &[&str]) -> TrainArgs {
+        let mut argv = vec![
+            "x",
+            "--config_name",
+            "tiny",
+            "--train_tokenizer",
+            "400",
+            "--train_file",
+            "d.jsonl",
+            "--output_dir",
+            "o",
+            "--do_train",
+            "--device",
+            "cpu",
+            "--worker_bin",
+            "/bin/true",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).args
+    }
+
+    fn ds(json: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds.json");
+        std::fs::write(&path, json).unwrap();
+        let path = path.to_string_lossy().into_owned();
+        (dir, path)
+    }
+
+    #[test]
+    fn fewer_hosts_keep_the_global_batch_with_more_accumulation() {
+        let dir = tempfile::tempdir().unwrap();
+        let hostfile = dir.path().join("hostfile");
+        std::fs::write(&hostfile, "a slots=2\nb slots=1\nc slots=1\n").unwrap();
+        let hostfile = hostfile.to_string_lossy().into_owned();
+        let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"];
+        let plan = TrainPlan::resolve(&parse(&args)).unwrap();
+        assert_eq!((plan.world_size(), plan.global_batch()), (4, 24));
+        let lost = |hosts: &[&str]| hosts.iter().map(|h| h.to_string()).collect::<BTreeSet<String>>();
+
+        let fewer = plan.without_hosts(&lost(&["a"])).unwrap();
+        assert_eq!((fewer.world_size(), fewer.batch.accumulation, fewer.batch.micro), (2, 6, 2));
+        let ranks: Vec<(usize, &str, usize)> = fewer.launch.placements.iter().map(|p| (p.rank, p.host.as_str(), p.slot)).collect();
+        assert_eq!(ranks, [(0, "b", 0), (1, "c", 0)], "renumbered in order, slots kept");
+        assert_eq!(plan.without_hosts(&lost(&["b"])).unwrap().batch.accumulation, 4);
+        let one = plan.without_hosts(&lost(&["a", "c"])).unwrap();
+        assert_eq!((one.world_size(), one.batch.accumulation, one.launch.placements[0].host.as_str()), (1, 12, "b"));
+
+        let err = plan.without_hosts(&lost(&["a", "b", "c"])).unwrap_err().to_string();
+        assert!(err.contains("no rank is left") && err.contains("a, b, c"), "{err}");
+        let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"];
+        let err = TrainPlan::resolve(&parse(&args)).unwrap().without_hosts(&lost(&["b"])).unwrap_err().to_string();
+        assert!(
+            err.contains("without b, 3 rank(s) are left and cannot keep the global batch of 4 (micro 1 x accumulation 1 x world 4)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn auto_values_take_the_flags() {
+        let (_d, path) = ds(r#"{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#);
+        let plan =
+            TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
+        assert_eq!((plan.batch.micro, plan.training.optimizer.lr), (2, 1e-3));
+        assert_eq!(plan.zero, Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: DEFAULT_REDUCE_BUCKET });
+    }
+
+    #[test]
+    fn mismatches_name_every_factor() {
+        let (_d, path) = ds(r#"{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 96, "gradient_accumulation_steps": 8}"#);
+        let err =
+            TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8"]))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("train_batch_size=96 vs hf world 1 x micro 4 x accumulation 8=32"), "{err}");
+        assert!(!err.contains("train_micro_batch_size_per_gpu="), "{err}");
+    }
+
+    #[test]
+    fn log_warmup_and_stage_3_are_refused_clearly() {
+        let (_d, path) = ds(r#"{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}"#);
+        let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
+        assert!(err.contains("warmup_type \"log\""), "{err}");
+        let (_d, path) = ds(r#"{"zero_optimization": {"stage": 3}}"#);
+        assert!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string().contains("stage 3"));
+        let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}"#);
+        let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
+        assert!(err.contains("reduce_bucket_size \"auto\": expected a positive number"), "{err}");
+        let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e8}}"#);
+        assert_eq!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap().zero.reduce_bucket_size, 200_000_000);
+    }
+
+    #[test]
+    fn cuda_n_places_the_one_rank_on_that_gpu() {
+        let mut args = parse(&[]);
+        args.launch.device = DeviceSpec::Cuda(Some(3));
+        let plan = TrainPlan::resolve(&args).unwrap();
+        assert_eq!((plan.launch.device.to_string(), plan.launch.device.worker_flag()), ("cuda:3".into(), "cuda"));
+        assert_eq!((plan.world_size(), plan.launch.placements[0].slot), (1, 3));
+        args.launch.num_gpus = Some(2);
+        let err = TrainPlan::resolve(&args).unwrap_err().to_string();
+        assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "{err}");
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert!(TrainPlan::resolve(&parse(&["--fp16"])).unwrap_err().to_string().contains("--fp16 needs a GPU"));
+        let err =
+            Cli::try_parse_from(["x", "--train_file", "d", "--output_dir", "o", "--lr_scheduler_type", "poly"]).err().unwrap().to_string();
+        assert!(err.contains("--lr_scheduler_type") && err.contains("expected linear, cosine"), "{err}");
+        let mut args = parse(&[]);
+        args.training.do_train = false;
+        assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--do_train"));
+        let plan = TrainPlan::resolve(&parse(&["--fp16", "false", "--warmup_ratio", "0.1"])).unwrap();
+        assert_eq!((plan.training.precision, plan.warmup_steps(95)), (Precision::Fp32, 10));
+    }
+}

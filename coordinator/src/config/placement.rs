@@ -1,0 +1,114 @@
+//! Where the ranks run and how they are started: the hostfile or this machine, narrowed by
+//! --include/--exclude/--num_nodes/--num_gpus (or Slurm's environment), the launcher, and the
+//! coordinator's TLS identity.
+
+use std::path::Path;
+
+use super::args::{LaunchArgs, LauncherKind};
+use super::{flag, Device, Tls};
+use crate::error::Result;
+use crate::hosts::{self, Node, Placement};
+use crate::launch::Launcher;
+
+/// The ranks in global order, and the launcher that starts them.
+pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec<Placement>, Launcher)> {
+    let (gpus, workers) = (args.num_gpus, args.num_workers);
+    match (gpus, workers) {
+        (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
+        (Some(0), _) | (_, Some(0)) => return Err(flag("--num_gpus / --num_workers must be at least 1")),
+        (Some(n), None) if device == Device::Cpu => {
+            return Err(flag(format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks")))
+        }
+        (None, Some(n)) if device != Device::Cpu => {
+            return Err(flag(format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs")))
+        }
+        _ => {}
+    }
+    let per_node = gpus.or(workers);
+    if let Device::Cuda(Some(index)) = device {
+        if per_node.is_some() || args.hostfile.is_some() || args.include.is_some() || args.exclude.is_some() {
+            return Err(flag(format!(
+                "--device cuda:{index} runs one rank on GPU {index}: to choose GPUs for several ranks, use --device cuda with --include localhost:{index},..."
+            )));
+        }
+    }
+    if args.launcher == Some(LauncherKind::Slurm) {
+        let env = |key: &str| std::env::var(key).ok();
+        return Ok((hosts::slurm_placements(&env, args.num_nodes, per_node)?, Launcher::Slurm));
+    }
+    let nodes = match &args.hostfile {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| flag(format!("--hostfile {}: {e}", path.display())))?;
+            hosts::parse_hostfile(&text, path)?
+        }
+        None if args.num_nodes.is_some_and(|n| n > 1) => {
+            return Err(flag("--num_nodes > 1 needs --hostfile (one \"hostname slots=N\" per line)"))
+        }
+        None => vec![Node { host: "localhost".into(), slots: local_slots(args, device, per_node) }],
+    };
+    let selection = hosts::Selection {
+        include: args.include.as_deref(),
+        exclude: args.exclude.as_deref(),
+        num_nodes: args.num_nodes,
+        num_gpus: if args.hostfile.is_some() { per_node } else { None },
+    };
+    let placements = hosts::placements(&hosts::select(nodes, &selection)?);
+    let remote = placements.iter().find(|p| !hosts::is_local(&p.host)).map(|p| p.host.clone());
+    let launcher = match (args.launcher, remote) {
+        (None, Some(_)) | (Some(LauncherKind::Ssh), _) => Launcher::Ssh { command: ssh_command(&args.ssh_command)? },
+        (Some(LauncherKind::Local), Some(host)) => {
+            return Err(flag(format!("--launcher local cannot start ranks on {host}: use ssh, slurm or manual")))
+        }
+        (None | Some(LauncherKind::Local), None) => Launcher::Local,
+        (Some(LauncherKind::Slurm), _) => Launcher::Slurm,
+        (Some(LauncherKind::Manual), _) => Launcher::Manual,
+    };
+    Ok((placements, launcher))
+}
+
+/// This machine's slots: the ones asked for, its GPUs (for --include/--exclude), or the one
+/// GPU `cuda:N` names.
+fn local_slots(args: &LaunchArgs, device: Device, per_node: Option<usize>) -> Vec<usize> {
+    if let Device::Cuda(Some(index)) = device {
+        return vec![index];
+    }
+    let visible = (0..64).take_while(|i| Path::new(&format!("/dev/nvidia{i}")).exists()).count();
+    let count = match per_node {
+        Some(n) => n,
+        None if device != Device::Cpu && (args.include.is_some() || args.exclude.is_some()) => visible.max(1),
+        None => 1,
+    };
+    (0..count).collect()
+}
+
+fn ssh_command(spec: &str) -> Result<Vec<String>> {
+    let words: Vec<String> = spec.split_whitespace().map(String::from).collect();
+    if words.is_empty() {
+        return Err(flag("--ssh_command is empty"));
+    }
+    Ok(words)
+}
+
+fn read_pem(path: &Path, flag_name: &str) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|e| flag(format!("{flag_name} {}: {e}", path.display())))?;
+    if !pem.starts_with(b"-----BEGIN") {
+        return Err(flag(format!("{flag_name} {}: not a PEM file (expected -----BEGIN ...)", path.display())));
+    }
+    Ok(pem)
+}
+
+/// The coordinator's certificate and key, and the CA its workers trust.
+pub fn tls(args: &LaunchArgs) -> Result<Option<Tls>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (None, None) if args.tls_ca.is_none() => Ok(None),
+        (Some(cert), Some(key)) => {
+            let cert_pem = read_pem(cert, "--tls_cert")?;
+            let ca = match &args.tls_ca {
+                Some(ca) => read_pem(ca, "--tls_ca")?,
+                None => cert_pem.clone(),
+            };
+            Ok(Some(Tls { cert: cert_pem, key: read_pem(key, "--tls_key")?, ca }))
+        }
+        _ => Err(flag("TLS needs both --tls_cert and --tls_key (and optionally --tls_ca)")),
+    }
+}
