@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use zerotune_proto::plan::{Resume, WorkerPlan};
+use zerotune_proto::{hostname, KEEPALIVE, KEEPALIVE_TIMEOUT};
 
 use super::commands::produce_commands;
 use super::driver::{Job, JobSpec};
@@ -164,11 +165,5 @@ pub(super) async fn attempt(
 /// HTTP/2 pings every few seconds: a worker whose host vanished without closing its connection
 /// is dropped (and so reported) within KEEPALIVE x 3, at the transport level beside the heartbeats.
 fn server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder().http2_keepalive_interval(Some(KEEPALIVE)).http2_keepalive_timeout(Some(2 * KEEPALIVE))
-}
-
-pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    tonic::transport::Server::builder().http2_keepalive_interval(Some(KEEPALIVE)).http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
