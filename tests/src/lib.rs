@@ -1,6 +1,9 @@
-//! Test support shared by every crate's tests: where the HF reference fixtures live.
+//! Test support shared by every crate's tests: where the HF reference fixtures live, and the
+//! small helpers every test file reaches for (paths as arguments, a process's stderr, errors
+//! relative to a reference).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// Must equal FIXTURE_VERSION in tests/fixtures/make_fixtures.py.
 pub const FIXTURE_VERSION: u64 = 6;
@@ -26,4 +29,48 @@ fn checked() -> (PathBuf, serde_json::Value) {
     let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(meta["version"].as_u64(), Some(FIXTURE_VERSION), "stale fixtures in {}: regenerate with scripts/test.sh", dir.display());
     (dir, meta)
+}
+
+/// `path` as a command-line argument.
+pub fn s(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A finished process's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// max |a - b| over two equally long lists of values (NaN when any difference is NaN).
+pub fn max_abs_diff<T: Copy + Into<f64>>(ours: &[T], reference: &[T]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "the values to compare differ in length");
+    ours.iter().zip(reference).map(|(&a, &b)| (a.into() - b.into()).abs()).fold(0.0, nan_max)
+}
+
+/// max |a - b| / max |b| (the scale at least 1e-12; NaN when any difference is NaN).
+pub fn rel_err<T: Copy + Into<f64>>(ours: &[T], reference: &[T]) -> f64 {
+    let scale = reference.iter().map(|&b| b.into().abs()).fold(0.0, f64::max).max(1e-12);
+    max_abs_diff(ours, reference) / scale
+}
+
+/// `f64::max`, except that a NaN wins, so a comparison against a tolerance fails.
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_err_is_relative_to_the_reference_and_keeps_nan() {
+        assert_eq!(rel_err(&[1.0f32, 2.5], &[1.0, 2.0]), 0.25);
+        assert_eq!(rel_err(&[0.0f64], &[0.0]), 0.0);
+        assert!(rel_err(&[f32::NAN, 1.0], &[1.0, 1.0]).is_nan());
+        assert!(rel_err(&[1.0, f32::NAN], &[1.0, 1.0]).is_nan());
+    }
 }

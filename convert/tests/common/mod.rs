@@ -6,18 +6,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use zerotune_hf::WeightFiles;
-pub use zerotune_tests::fixtures;
-
-pub fn s(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
+#[allow(unused_imports)] // each test binary uses its own few
+pub use zerotune_tests::{fixtures, rel_err, s, stderr};
 
 pub fn convert(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_convert")).args(args).output().unwrap()
-}
-
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Runs `convert` and insists it succeeded.
@@ -40,12 +33,4 @@ pub fn python_logits(script: &str, model: &Path) -> Vec<f32> {
 
 pub fn reference(name: &str) -> Vec<f32> {
     WeightFiles::open_file(&fixtures().join("reference.safetensors")).unwrap().read(name).unwrap().to_f32().unwrap()
-}
-
-/// max |a - b| / max |b|.
-pub fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let diff = ours.iter().zip(reference).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
-    let scale = reference.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
-    diff / scale
 }

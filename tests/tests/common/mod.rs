@@ -8,7 +8,8 @@ use std::process::{Command, Output};
 
 pub mod http;
 
-pub use zerotune_tests::fixtures;
+#[allow(unused_imports)] // each test binary uses its own few
+pub use zerotune_tests::{fixtures, s, stderr};
 
 /// `target/<profile>/<name>`, next to the test executable's `deps/` directory.
 pub fn binary(name: &str) -> PathBuf {
@@ -36,14 +37,6 @@ pub fn train(cache: &Path, args: &[&str]) -> Output {
     out
 }
 
-pub fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-pub fn s(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
-
 /// The pid in a coordinator line `rank R joined: HOST DEVICE pid PID local rank L`.
 pub fn joined_pid(line: &str) -> Option<u32> {
     line.split(" pid ").nth(1)?.split_whitespace().next()?.parse().ok()
@@ -64,15 +57,9 @@ pub fn signal(pid: u32, signal: i32) {
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
 
-/// max |a - b| / max |b| over every tensor of two model dirs.
+/// The largest `rel_err` over the tensors of two model dirs.
 pub fn weights_rel_err(ours: &Path, reference: &Path) -> f64 {
     let (a, b) = (zerotune_hf::WeightFiles::open(ours).unwrap(), zerotune_hf::WeightFiles::open(reference).unwrap());
-    let mut worst: f64 = 0.0;
-    for name in b.names() {
-        let (x, y) = (a.read(name).unwrap().to_f32().unwrap(), b.read(name).unwrap().to_f32().unwrap());
-        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs() as f64).fold(0.0, f64::max);
-        let scale = y.iter().map(|q| q.abs() as f64).fold(0.0, f64::max).max(1e-12);
-        worst = worst.max(diff / scale);
-    }
-    worst
+    let values = |files: &zerotune_hf::WeightFiles, name: &str| files.read(name).unwrap().to_f32().unwrap();
+    b.names().map(|name| zerotune_tests::rel_err(&values(&a, name), &values(&b, name))).fold(0.0, zerotune_tests::nan_max)
 }
