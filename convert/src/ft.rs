@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use zerotune_hf::{tokenizer, Dtype};
+use zerotune_hf::{tokenizer, Dtype, MP_NUM};
 
 use crate::cast::{cast_into, transpose_into, Transpose};
-use crate::qkv::{split_qkv, MP_NUM};
+use crate::qkv::split_qkv;
 use crate::source::Source;
 use crate::{ConvertError, Result};
 
@@ -94,6 +94,20 @@ impl FtModel {
             "fp32"
         }
     }
+}
+
+/// Opens `input` and plans its conversion for `tp` ranks in `dtype`; says on stderr when vocab
+/// rows are padded.
+pub fn open_planned(input: &Path, tp: usize, dtype: Dtype) -> Result<(Source, FtModel)> {
+    let source = Source::open(input)?;
+    let model = FtModel::plan(&source, tp, dtype)?;
+    if model.vocab_size != model.source_vocab_size {
+        eprintln!(
+            "note: {} vocab rows padded to {} (a multiple of {VOCAB_MULTIPLE}): zero embedding and lm_head rows, lm_head bias {PAD_LOGIT_BIAS} so padded ids are never chosen",
+            model.source_vocab_size, model.vocab_size,
+        );
+    }
+    Ok((source, model))
 }
 
 /// The `<eos>` id of the tokenizer in `dir`, or None when it has no tokenizer files.

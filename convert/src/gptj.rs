@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use zerotune_hf::tokenizer;
-use zerotune_hf::write::{stream_safetensors, write_json, Entry, MAX_SHARD_BYTES};
+use zerotune_hf::write::{stream_safetensors, write_generation_config, write_json, Entry, MAX_SHARD_BYTES};
 use zerotune_hf::Dtype;
 
 use crate::qkv::split_qkv;
@@ -51,8 +51,7 @@ pub fn convert(source: &Source, out: &Path, dtype: Dtype) -> Result<()> {
         Ok(bytes)
     })?;
     write_json(&out.join("config.json"), &gptj_config(source, dtype))?;
-    let generation = json!({"_from_model_config": true, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id});
-    write_json(&out.join("generation_config.json"), &generation)?;
+    write_generation_config(out, config)?;
     tokenizer::write_files(out, &tokenizer::read_files(&source.dir)?)?;
     Ok(())
 }

@@ -2,8 +2,7 @@
 //! outputs as [mp_num=4, 3E/4] and splits each chunk into (query, value, key), E/4 rows each; so
 //! row j of chunk c goes to row c*E/4 + j of q, v or k (reference/fastertransformer-format.md §1).
 
-/// CodeGen-1 splits qkv_proj into this many chunks (CodeGen2 uses 8; not supported here).
-pub const MP_NUM: usize = 4;
+use zerotune_hf::MP_NUM;
 
 /// Splits `qkv` ([3E, E] row-major, `elem` bytes per value) into (q, k, v), each [E, E].
 pub fn split_qkv(qkv: &[u8], e: usize, elem: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {

@@ -20,21 +20,7 @@ impl Source {
         let dir = zerotune_hf::model_dir(dir);
         let config = CodeGenConfig::from_dir(&dir)?;
         let weights = WeightFiles::open(&dir)?;
-        for (name, shape) in config.parameter_shapes() {
-            match weights.info(&name) {
-                None => return Err(ConvertError::Invalid(format!("{}: missing tensor {name}", dir.display()))),
-                Some((_, found)) if found != shape.as_slice() => {
-                    return Err(ConvertError::Invalid(format!(
-                        "{}: tensor {name} has shape {found:?}, config.json implies {shape:?}",
-                        dir.display()
-                    )))
-                }
-                Some((dtype, _)) if !dtype.is_float() => {
-                    return Err(ConvertError::Invalid(format!("{}: tensor {name} is {dtype:?}, not a float type", dir.display())))
-                }
-                Some(_) => {}
-            }
-        }
+        weights.check(&dir, config.parameter_shapes().iter().map(|(name, shape)| (name.as_str(), shape.as_slice())))?;
         Ok(Self { dir, config, weights })
     }
 

@@ -4,7 +4,47 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::ft::FtModel;
+use crate::ft::{self, FtModel};
+use crate::output::Staged;
+use crate::source::Source;
+use crate::{ConvertError, Result};
+
+/// What `write_model_dir` wrote.
+pub struct Written {
+    /// `<store>/<name>-<N>gpu`.
+    pub model_dir: PathBuf,
+    /// `<store>/<name>-<N>gpu.env`, holding `env`.
+    pub env_path: PathBuf,
+    /// FauxPilot's `.env` lines for this model.
+    pub env: String,
+}
+
+/// `convert triton`: the complete FauxPilot model dir `<store>/<name>-<N>gpu/` (FT files and
+/// config.pbtxt, staged and moved in only when complete, replacing an old one only with
+/// `force`), then its `.env` beside it. `rebase` is the model dir's mount point in the container.
+pub fn write_model_dir(source: &Source, model: &FtModel, store: &Path, name: &str, rebase: Option<&str>, force: bool) -> Result<Written> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err(ConvertError::Invalid(format!("--name {name:?}: use letters, digits, '.', '_' and '-' only")));
+    }
+    let tp = model.tp;
+    let store_err = |e: std::io::Error| ConvertError::Invalid(format!("--model_store {}: {e}", store.display()));
+    let paths = TritonPaths::new(store, name, tp, rebase).map_err(store_err)?;
+    std::fs::create_dir_all(store).map_err(store_err)?;
+    let staged = Staged::new(&paths.model_dir, force)?;
+    let weights = staged.path().join(TritonPaths::weights_subdir(tp));
+    std::fs::create_dir_all(&weights).map_err(|e| ConvertError::Invalid(format!("{}: {e}", weights.display())))?;
+    ft::write(source, model, &weights, &paths.model_dir.join(TritonPaths::weights_subdir(tp)))?;
+    write(&staged.path().join("fastertransformer/config.pbtxt"), &config_pbtxt(model, name, &paths.checkpoint_path))?;
+    staged.commit()?;
+    let env = env_file(name, &paths.model_dir, tp);
+    let env_path = paths.model_dir.with_file_name(format!("{name}-{tp}gpu.env"));
+    write(&env_path, &env)?;
+    Ok(Written { model_dir: paths.model_dir, env_path, env })
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| ConvertError::Invalid(format!("cannot write {}: {e}", path.display())))
+}
 
 /// Where `<store>/<name>-<N>gpu` and its parts live.
 pub struct TritonPaths {

@@ -1,13 +1,12 @@
 //! `convert`: a CodeGen checkpoint -> HF GPT-J, FasterTransformer GPT-J, or a FauxPilot model dir.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use zerotune_convert::ft::{self, FtModel};
+use zerotune_convert::ft;
 use zerotune_convert::output::Staged;
 use zerotune_convert::source::{parse_dtype, Source};
-use zerotune_convert::triton::{self, TritonPaths};
-use zerotune_convert::{gptj, ConvertError};
+use zerotune_convert::{gptj, triton};
 
 #[derive(Parser)]
 #[command(version, about = "zerotune convert: CodeGen -> GPT-J, FasterTransformer and Triton/FauxPilot")]
@@ -99,7 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} -> {} (GPT-J, {})", input.display(), output.display(), dtype.torch_name());
         }
         Command::Fastertransformer { input, output, tp, dtype, force } => {
-            let (source, model) = plan(&input, tp, &dtype)?;
+            let (source, model) = ft::open_planned(&input, tp, parse_dtype(&dtype)?)?;
             let target = output.join(format!("{tp}-gpu"));
             let staged = Staged::new(&target, force)?;
             ft::write(&source, &model, staged.path(), &target)?;
@@ -108,53 +107,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Triton { input, hf_model_dir, model_store, tp, name, rebase, dtype, force } => {
             let input = input.or(hf_model_dir).expect("clap requires one of INPUT and --hf_model_dir");
-            let (source, model) = plan(&input, tp, &dtype)?;
+            let (source, model) = ft::open_planned(&input, tp, parse_dtype(&dtype)?)?;
             let name = name.unwrap_or_else(|| triton::default_name(&input));
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                return Err(ConvertError::Invalid(format!("--name {name:?}: use letters, digits, '.', '_' and '-' only")).into());
-            }
-            let paths = TritonPaths::new(&model_store, &name, tp, rebase.as_deref())
-                .map_err(|e| anyhow::anyhow!("--model_store {}: {e}", model_store.display()))?;
-            std::fs::create_dir_all(&model_store).map_err(|e| anyhow::anyhow!("--model_store {}: {e}", model_store.display()))?;
-            let staged = Staged::new(&paths.model_dir, force)?;
-            let weights = staged.path().join(TritonPaths::weights_subdir(tp));
-            std::fs::create_dir_all(&weights).map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
-            ft::write(&source, &model, &weights, &paths.model_dir.join(TritonPaths::weights_subdir(tp)))?;
-            write(&staged.path().join("fastertransformer/config.pbtxt"), &triton::config_pbtxt(&model, &name, &paths.checkpoint_path))?;
-            staged.commit()?;
-            let env = triton::env_file(&name, &paths.model_dir, tp);
-            let env_path = paths.model_dir.with_file_name(format!("{name}-{tp}gpu.env"));
-            write(&env_path, &env)?;
+            let written = triton::write_model_dir(&source, &model, &model_store, &name, rebase.as_deref(), force)?;
             println!(
                 "{} -> {} (FauxPilot model '{name}', {tp} GPU(s), {} weights)",
                 input.display(),
-                paths.model_dir.display(),
+                written.model_dir.display(),
                 model.weight_data_type()
             );
-            println!("FauxPilot .env (also written to {}):\n{env}", env_path.display());
+            println!("FauxPilot .env (also written to {}):\n{}", written.env_path.display(), written.env);
         }
     }
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// Opens the source and checks it splits `tp` ways in `dtype`; says when vocab rows are padded.
-fn plan(input: &Path, tp: usize, dtype: &str) -> anyhow::Result<(Source, FtModel)> {
-    let dtype = parse_dtype(dtype)?;
-    let source = Source::open(input)?;
-    let model = FtModel::plan(&source, tp, dtype)?;
-    if model.vocab_size != model.source_vocab_size {
-        eprintln!(
-            "note: {} vocab rows padded to {} (a multiple of {}): zero embedding and lm_head rows, lm_head bias {} so padded ids are never chosen",
-            model.source_vocab_size,
-            model.vocab_size,
-            ft::VOCAB_MULTIPLE,
-            ft::PAD_LOGIT_BIAS
-        );
-    }
-    Ok((source, model))
-}
-
-fn write(path: &Path, text: &str) -> anyhow::Result<()> {
-    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
 }
