@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Kind};
+use tch::Device;
 use tokenizers::Tokenizer;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::ModelSource;
@@ -15,30 +15,15 @@ use crate::model::CodeGen;
 use crate::sample::{Rng, Sampler, SamplingParams};
 use crate::train::load_params;
 
-/// The compute precision of a loaded model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Bf16,
-    Fp16,
-}
+/// The compute precision of a loaded model: the training plan's.
+pub use zerotune_proto::plan::Precision;
 
-impl Precision {
-    /// fp32 on the CPU; on a GPU bf16, or fp16 when asked.
-    pub fn for_device(device: Device, fp16: bool) -> Self {
-        match (device, fp16) {
-            (Device::Cpu, _) => Self::Fp32,
-            (_, true) => Self::Fp16,
-            (_, false) => Self::Bf16,
-        }
-    }
-
-    fn kind(self) -> Kind {
-        match self {
-            Self::Fp32 => Kind::Float,
-            Self::Bf16 => Kind::BFloat16,
-            Self::Fp16 => Kind::Half,
-        }
+/// The precision a loaded model computes in: fp32 on the CPU; on a GPU bf16, or fp16 when asked.
+pub fn inference_precision(device: Device, fp16: bool) -> Precision {
+    match (device, fp16) {
+        (Device::Cpu, _) => Precision::Fp32,
+        (_, true) => Precision::Fp16,
+        (_, false) => Precision::Bf16,
     }
 }
 
@@ -59,7 +44,7 @@ impl Loaded {
         let dir = zerotune_hf::model_dir(dir);
         let tokenizer = zerotune_hf::tokenizer::load(&dir)?;
         let source = ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() };
-        let (config, params) = load_params(&source, precision.kind(), device, false, 0)?;
+        let (config, params) = load_params(&source, crate::dtype::precision_kind(precision), device, false, 0)?;
         let model = CodeGen::new(&config, &params);
         let eos = zerotune_hf::tokenizer::eos_id(&tokenizer).or(u32::try_from(config.eos_token_id).ok());
         Ok(Self { dir, config, model, tokenizer, eos, device })
@@ -82,6 +67,52 @@ pub struct Generation {
     pub new_ids: Vec<u32>,
     pub text: String,
     pub finish: Finish,
+}
+
+impl Generation {
+    /// How it ended, as HF and the completions API name it: `stop` (EOS) or `length`.
+    pub fn finish_reason(&self) -> &'static str {
+        match self.finish {
+            Finish::Eos => "stop",
+            Finish::Length | Finish::Context => "length",
+        }
+    }
+}
+
+/// `worker generate`: what to complete with which model.
+pub struct GenerateArgs {
+    /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+    pub model: PathBuf,
+    pub prompt: String,
+    pub max_new_tokens: usize,
+    pub params: SamplingParams,
+    pub seed: u64,
+    pub device: Device,
+    /// Print {"prompt_ids", "new_ids", "completion", "finish_reason"} as JSON instead of the text.
+    pub json: bool,
+}
+
+/// `worker generate`: loads the model (at `inference_precision`), completes the prompt and prints
+/// the prompt with its completion, or the JSON reply, on stdout; a completion cut short by the
+/// context gets a note on stderr.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let loaded = Loaded::open(&args.model, args.device, inference_precision(args.device, false))?;
+    let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
+    if out.finish == Finish::Context {
+        eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
+    }
+    if args.json {
+        let reply = serde_json::json!({
+            "prompt_ids": out.prompt_ids,
+            "new_ids": out.new_ids,
+            "completion": out.text,
+            "finish_reason": out.finish_reason(),
+        });
+        println!("{reply}");
+    } else {
+        println!("{}{}", args.prompt, out.text);
+    }
+    Ok(())
 }
 
 /// Completes `prompt` with up to `max_new_tokens` tokens.

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod checkpoint;
 pub mod comm;
 pub mod device;
+pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -8,9 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use zerotune_worker::agent::{self, AgentArgs};
 use zerotune_worker::device;
-use zerotune_worker::engine::Finish;
 use zerotune_worker::eval::{self, EvalOptions};
-use zerotune_worker::generate::{generate, Loaded, Precision};
+use zerotune_worker::generate::{self, inference_precision, GenerateArgs, Loaded};
 use zerotune_worker::sample::SamplingParams;
 use zerotune_worker::serve::{self, ServeOptions};
 
@@ -158,23 +157,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device: spec, json } => {
             let device = device::parse(&spec)?;
-            let loaded = Loaded::open(&model, device, Precision::for_device(device, false))?;
             let params = SamplingParams { temperature, top_k, top_p, ..Default::default() };
-            let out = generate(&loaded, &prompt, max_new_tokens, params, seed)?;
-            let reason = match out.finish {
-                Finish::Eos => "stop",
-                Finish::Length | Finish::Context => "length",
-            };
-            if out.finish == Finish::Context {
-                eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
-            }
-            if json {
-                let reply = serde_json::json!({"prompt_ids": out.prompt_ids, "new_ids": out.new_ids, "completion": out.text, "finish_reason": reason});
-                println!("{reply}");
-            } else {
-                println!("{prompt}{}", out.text);
-            }
-            Ok(())
+            Ok(generate::run(GenerateArgs { model, prompt, max_new_tokens, params, seed, device, json })?)
         }
         Command::Eval(args) => {
             let device = device::parse(&args.device)?;
@@ -192,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: args.seed,
                 batch: args.max_batch,
                 device,
-                precision: Precision::for_device(device, args.fp16),
+                precision: inference_precision(device, args.fp16),
             };
             let report = eval::run(&options)?;
             println!("{}", report.table());
@@ -204,7 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tch::set_num_threads(threads);
             }
             let device = device::parse(&spec)?;
-            let precision = Precision::for_device(device, fp16);
+            let precision = inference_precision(device, fp16);
             let loaded = Loaded::open(&model, device, precision)?;
             let model_name = model_name.unwrap_or_else(|| {
                 let dir = model.canonicalize().unwrap_or(model.clone());

@@ -10,8 +10,8 @@ use super::kv::{BatchCache, KvCache};
 use super::params::ParamSet;
 use super::rotary::Rotary;
 
-/// CodeGen's qkv_proj holds its heads in this many chunks (`mp_num` in HF).
-const MP_NUM: i64 = 4;
+/// CodeGen's qkv_proj chunk count, as an i64 for tensor shapes.
+const MP_NUM: i64 = zerotune_hf::MP_NUM as i64;
 
 struct LayerNorm {
     weight: Tensor,

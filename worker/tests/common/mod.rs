@@ -2,7 +2,7 @@
 //! tests/fixtures/make_fixtures.py (scripts/test.sh runs it first).
 
 use tch::{Kind, Tensor};
-use zerotune_hf::{Dtype, WeightFiles};
+use zerotune_hf::WeightFiles;
 pub use zerotune_tests::{fixtures, meta};
 
 pub struct Reference(WeightFiles);
@@ -19,25 +19,17 @@ impl Reference {
 
 pub fn tensor_from(files: &WeightFiles, name: &str) -> Tensor {
     let (dtype, shape) = files.info(name).unwrap_or_else(|| panic!("fixture has no {name}"));
-    let kind = match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::F16 => Kind::Half,
-        other => panic!("unexpected fixture dtype {other:?}"),
-    };
     let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    Tensor::from_data_size(files.bytes(name).unwrap(), &shape, kind)
+    Tensor::from_data_size(files.bytes(name).unwrap(), &shape, zerotune_worker::dtype::kind(dtype))
 }
 
-/// max |a - b| / max |b|, printed with the first values so a failure shows where.
+/// `zerotune_tests::rel_err` of two tensors, printed with the first values so a failure shows where.
 pub fn rel_err(label: &str, ours: &Tensor, reference: &Tensor) -> f64 {
-    let ours = ours.to_kind(Kind::Double);
-    let reference = reference.to_kind(Kind::Double);
     assert_eq!(ours.size(), reference.size(), "{label}: shapes differ");
-    let diff = (&ours - &reference).abs().max().double_value(&[]);
-    let scale = reference.abs().max().double_value(&[]).max(1e-12);
-    let first = |t: &Tensor| Vec::<f64>::try_from(t.flatten(0, -1).narrow(0, 0, t.numel().min(3) as i64)).unwrap();
-    println!("{label}: ours {:?} ref {:?} max diff {diff:.3e} rel {:.3e}", first(&ours), first(&reference), diff / scale);
-    diff / scale
+    let values = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    let (ours, reference) = (values(ours), values(reference));
+    let (diff, rel) = (zerotune_tests::max_abs_diff(&ours, &reference), zerotune_tests::rel_err(&ours, &reference));
+    let first = |v: &[f64]| v[..v.len().min(3)].to_vec();
+    println!("{label}: ours {:?} ref {:?} max diff {diff:.3e} rel {rel:.3e}", first(&ours), first(&reference));
+    rel
 }
