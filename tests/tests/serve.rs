@@ -24,8 +24,12 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str], env: &[(&str, &Path)]) -> Self {
+        Self::start_model(&model(), extra, env)
+    }
+
+    fn start_model(model: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Self {
         let mut child = Command::new(binary("worker"))
-            .args(["serve", "--model", &s(&model()), "--port", "0", "--device", "cpu", "--threads", "1"])
+            .args(["serve", "--model", &s(model), "--port", "0", "--device", "cpu", "--threads", "1"])
             .args(extra)
             .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .stderr(Stdio::piped())
@@ -152,7 +156,9 @@ fn the_openai_sdk_gets_hf_greedy_text_plain_and_streamed_logprobs_and_seeded_cho
 
 #[test]
 fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
-    let server = Server::start(&["--max_batch", "8"], &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let hold = tmp.path().join("hold");
+    let server = Server::start(&["--max_batch", "8"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
     let cases = cases();
     for case in &cases {
         let reply = server.post("/v1/completions", greedy(&case["prompt"]));
@@ -173,7 +179,9 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
         assert_eq!(streamed, want, "{}: stop {stop:?}", case["prompt"]);
         assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     }
-    // 8 clients, each sending every prompt in its own order, all at once.
+    // 8 clients, each sending every prompt in its own order, all at once. The first 8 requests
+    // are held until all of them are in one batch: 8 rows of different lengths step together.
+    std::fs::write(&hold, "").unwrap();
     let clients: Vec<_> = (0..8)
         .map(|client| {
             let (addr, cases) = (server.addr.clone(), cases.clone());
@@ -188,6 +196,8 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
             })
         })
         .collect();
+    server.wait_for_metric("zerotune_active_sequences", 8.0);
+    std::fs::remove_file(&hold).unwrap();
     for client in clients {
         client.join().unwrap();
     }
@@ -196,16 +206,29 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
 
 #[test]
 fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
-    let server = Server::start(&[], &[]);
     // Venthe/vscode-fauxpilot 1.2.0: the OpenAI Node SDK with baseURL .../v1/engines/codegen.
     let body = r#"{"model":"fastertransformer","prompt":"def add(a, b):\n    return","max_tokens":200,"temperature":0.1,"stop":["\n"]}"#;
     let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer dummy")];
-    // 200 new tokens do not fit the tiny model's 64: the same request with room left.
+    // 200 new tokens do not fit the tiny model's 64: a 400 that says both numbers.
+    let server = Server::start(&[], &[]);
     let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
     assert_eq!(reply.status, 400, "{}", reply.body);
-    assert!(reply.json()["error"]["message"].as_str().unwrap().contains("maximum context length is 64 tokens"), "{}", reply.body);
-    let body = body.replace("\"max_tokens\":200", "\"max_tokens\":50");
-    let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, &body);
+    let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("maximum context length is 64 tokens") && message.contains("200 for the completion"), "{message}");
+    // The same weights with a context of 256 (CodeGen has no position embeddings: n_positions
+    // only bounds the context) answer the exact request.
+    let tmp = tempfile::tempdir().unwrap();
+    let long_context = tmp.path().join("tiny-decode-256");
+    std::fs::create_dir(&long_context).unwrap();
+    for entry in std::fs::read_dir(model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, long_context.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(long_context.join("config.json")).unwrap()).unwrap();
+    config["n_positions"] = json!(256);
+    std::fs::write(long_context.join("config.json"), config.to_string()).unwrap();
+    let long = Server::start_model(&long_context, &[], &[]);
+    let reply = http::request(&long.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
     assert_eq!(reply.status, 200, "{}", reply.body);
     let v = reply.json();
     let choice = &v["choices"][0];
@@ -226,10 +249,13 @@ fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
     assert!(server.metric("zerotune_request_duration_seconds_count") >= 2.0);
     let missing = http::get(&server.addr, "/v2/nothing");
     assert_eq!((missing.status, missing.json()["error"]["code"].as_str()), (404, Some("not_found")));
+    let wrong_method = http::get(&server.addr, "/v1/completions");
+    assert_eq!((wrong_method.status, wrong_method.json()["error"]["code"].as_str()), (405, Some("method_not_allowed")));
     // One log line per request, with no prompt text in it.
     server.wait_for_log("GET /v1/models 200");
-    assert!(server.log().iter().any(|l| l.starts_with("POST /v1/engines/codegen/completions 200 ") && l.contains(" tokens ")));
-    assert!(!server.log().iter().any(|l| l.contains("def add")), "prompts are never logged");
+    long.wait_for_log("POST /v1/engines/codegen/completions 200 ");
+    assert!(long.log().iter().any(|l| l.starts_with("POST /v1/engines/codegen/completions 200 ") && l.contains(" tokens ")));
+    assert!(!server.log().iter().chain(&long.log()).any(|l| l.contains("def add")), "prompts are never logged");
 }
 
 #[test]
@@ -295,10 +321,11 @@ fn a_full_queue_answers_429_and_a_departed_client_frees_its_slot() {
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(refused.json()["error"]["code"], "queue_full");
 
-    // The first client walks away mid-stream: its row goes to the queued request.
+    // The first client walks away mid-stream: its row goes to the queued request, still held.
     drop(first);
     server.wait_for_metric("zerotune_cancelled_requests_total", 1.0);
-    server.wait_for_metric("zerotune_active_sequences", 0.0);
+    server.wait_for_metric("zerotune_queue_depth", 0.0);
+    server.wait_for_metric("zerotune_active_sequences", 1.0); // the queued request took the freed row
     std::fs::remove_file(&hold).unwrap();
     let reply = queued.join().unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);

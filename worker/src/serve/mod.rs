@@ -6,7 +6,6 @@
 pub mod api;
 mod batcher;
 pub mod metrics;
-mod test_hook;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -79,6 +79,9 @@ pub async fn run(
         .route("/health", get(|| async { axum::Json(json!({"status": "ok"})) }))
         .route("/metrics", get(render_metrics))
         .fallback(|| async { error(&ApiError { status: 404, code: Some("not_found"), ..ApiError::invalid("", "no such route") }) })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            error(&ApiError { status: 405, code: Some("method_not_allowed"), ..ApiError::invalid("", format!("{method} is not allowed on this route")) })
+        })
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(axum::middleware::from_fn_with_state(app.clone(), log_request))
         .with_state(app.clone());
@@ -89,7 +92,20 @@ pub async fn run(
 }
 
 /// `POST /v1/completions` and `/v1/engines/{engine}/completions`.
-async fn completions(State(app): State<Arc<App>>, Extension(usage): Extension<Arc<Usage>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(app): State<Arc<App>>,
+    Extension(usage): Extension<Arc<Usage>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        // A body over the size limit (413), or one that broke off.
+        Err(rejection) => {
+            let status = rejection.status().as_u16();
+            return error(&ApiError { status, code: Some("invalid_body"), ..ApiError::invalid("", rejection.body_text()) });
+        }
+    };
     match start(&app, &usage, &headers, &body).await {
         Ok(response) => response,
         Err(err) => error(&err),
