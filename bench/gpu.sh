@@ -4,7 +4,8 @@
 #    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16).
 # 2. Training throughput and peak GPU memory, codegen-350M-multi shape from scratch, block 2048,
 #    micro 1, accumulation 8: zerotune (ZeRO-2 + CPU offload, world size 1) in fp16 and bf16, and
-#    DeepSpeed ZeRO-2 + offload (../shared/anchors/gpu, the seed's config) in the same call.
+#    DeepSpeed ZeRO-2 + offload (.gpu/anchor from ANCHOR in bench/gpu_prepare.sh, the seed's config)
+#    in the same call; skipped when .gpu/anchor is absent.
 # Peak memory is sampled with nvidia-smi for both (process total), and DeepSpeed's own
 # torch.cuda.max_memory_allocated is shown too.
 set -uo pipefail
@@ -16,7 +17,7 @@ DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-codegen-350M}
 BLOCK=${BLOCK:-2048}
 STEPS=${STEPS:-8}
-ANCHOR=${ANCHOR_SPECS:-1}
+ANCHOR=${ANCHOR_SPECS:-$([ -d .gpu/anchor ] && echo 1 || echo 0)}
 export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 BIN=$PWD/.gpu/bin
 declare -A TINY

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Fills .gpu/ (git-ignored, carried to the GPU machine): stripped binaries, the tiny HF fixture,
-# and the DeepSpeed anchor with its wheels (../shared/anchors/gpu). Then, on the GPU machine:
+# and, when ANCHOR=DIR names it, the DeepSpeed baseline with its wheels (docs/toolchain.md).
+# Then, on the GPU machine:
 #   bash bench/gpu.sh        (writes logs under $OUT, prints the table last)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ANCHOR=${ANCHOR:-../shared/anchors/gpu}
+ANCHOR=${ANCHOR:-}
 cargo build --workspace --bins
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/fixtures
 for b in coordinator worker convert; do strip -o ".gpu/bin/$b" "target/debug/$b"; done
 cp -r target/fixtures/tiny .gpu/fixtures/
-cp -r "$ANCHOR" .gpu/anchor
+if [ -n "$ANCHOR" ]; then
+  cp -r "$ANCHOR" .gpu/anchor
+else
+  echo "note: no ANCHOR=DIR given: bench/gpu.sh will skip the DeepSpeed baseline (docs/toolchain.md)"
+fi
 du -sh .gpu

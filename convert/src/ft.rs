@@ -1,6 +1,6 @@
 //! CodeGen -> FasterTransformer GPT-J weights for N-way tensor parallelism: FauxPilot's
 //! `codegen_gptj_convert.py` + `huggingface_gptj_convert.py` in one streamed pass, with the file
-//! layout and splits of reference/fastertransformer-format.md §2 (raw little-endian arrays, no
+//! layout and splits of docs/formats.md, FasterTransformer section (raw little-endian arrays, no
 //! header) and a config.ini that both FauxPilot's FT and FT >= 5.1 accept.
 
 use std::fmt::Write as _;

@@ -1,6 +1,6 @@
 //! CodeGen's fused `qkv_proj` -> GPT-J's separate q, k, v projections. CodeGen views the 3E
 //! outputs as [mp_num=4, 3E/4] and splits each chunk into (query, value, key), E/4 rows each; so
-//! row j of chunk c goes to row c*E/4 + j of q, v or k (reference/fastertransformer-format.md §1).
+//! row j of chunk c goes to row c*E/4 + j of q, v or k (docs/formats.md, CodeGen -> HF GPT-J).
 
 use zerotune_hf::MP_NUM;
 

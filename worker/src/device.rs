@@ -1,5 +1,5 @@
 //! Picks the compute device. CUDA needs libtorch_cuda loaded first: rustc's --as-needed drops it
-//! from the link, so it is dlopen'ed when a GPU is asked for (TOOLCHAIN.md); the same binary runs
+//! from the link, so it is dlopen'ed when a GPU is asked for (docs/toolchain.md); the same binary runs
 //! on machines without one.
 
 use tch::Device;

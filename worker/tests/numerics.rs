@@ -7,12 +7,13 @@ mod common;
 use common::{fixtures, meta, rel_err, tensor_from, Reference};
 use tch::{Device, Kind, Tensor};
 use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
+use zerotune_worker::checkpoint::load_params;
 use zerotune_worker::engine::{Engine, Prompt};
 use zerotune_worker::model::{BatchCache, CodeGen, KvCache};
 use zerotune_worker::sample::{Rng, Sampler, SamplingParams};
-use zerotune_worker::train::{load_params, Trainer};
+use zerotune_worker::train::Trainer;
 
-/// Tolerances, fp32 (STYLE.md: written down once).
+/// Tolerances, fp32 (docs/style.md: written down once).
 const LOGITS_REL: f64 = 1e-5;
 const GRAD_REL: f64 = 1e-4;
 const TRAIN_LOSS_REL: f64 = 1e-4;

@@ -1,6 +1,6 @@
 //! Collectives behind one trait, so the ZeRO-2 step is written once: a TCP ring between CPU ranks
 //! (`ring.rs`) and NCCL between GPUs (`nccl.rs`). Every rank issues the same collectives in the
-//! same order, unconditionally (DESIGN.md: no collective on a data-dependent branch).
+//! same order, unconditionally (docs/architecture.md: no collective on a data-dependent branch).
 
 pub mod nccl;
 pub mod ring;

@@ -1,6 +1,6 @@
 //! Collectives between GPUs through NCCL (cudarc's bindings, library loaded at run time). Calls go
 //! on the default stream that torch also uses, so they are ordered with compute without extra
-//! synchronisation (TOOLCHAIN.md). The launcher puts a `libnccl.so` link to the pip wheel's
+//! synchronisation (docs/toolchain.md). The launcher puts a `libnccl.so` link to the pip wheel's
 //! `libnccl.so.2` on the worker's LD_LIBRARY_PATH (cudarc does not look for the `.so.2` name).
 
 use cudarc::nccl::sys;

@@ -1,6 +1,6 @@
 //! The offloaded optimizer (ZeRO-Offload): fp32 master weights and Adam moments of the owned range
 //! in host memory, stepped tile by tile so that the transfers overlap the host's work. With 16-bit
-//! parameters both directions move 2 bytes per parameter (DESIGN.md), where DeepSpeed moves 4.
+//! parameters both directions move 2 bytes per parameter (docs/architecture.md), where DeepSpeed moves 4.
 
 use std::ops::Range;
 
