@@ -1,7 +1,9 @@
 //! The coordinator <-> worker wire: generated gRPC code (`zerotune/v1/coordinator.proto`), the
-//! job plan the coordinator hands each worker, and the metadata key that carries the job secret.
+//! job plan the coordinator hands each worker, the checkpoint's JSON files both sides read, and
+//! the metadata key that carries the job secret.
 
 pub mod plan;
+pub mod state;
 
 pub mod v1 {
     tonic::include_proto!("zerotune.v1");

@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Everything a worker needs to train, besides the batches themselves.
+/// Everything a worker needs to train, besides the batches themselves. The coordinator sets every
+/// field: none has a default here, so a worker never runs on a value the coordinator did not choose.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerPlan {
     /// Where the initial weights come from.
@@ -24,30 +25,23 @@ pub struct WorkerPlan {
     pub gradient_accumulation_steps: u32,
     /// ZeRO stage: 0 replicates the optimizer on every rank; 1 and 2 partition it (2 also
     /// reduce-scatters gradients every micro-step, so no rank holds the full gradient).
-    #[serde(default)]
     pub zero_stage: u8,
     /// Stage 2 reduce-scatters gradients in buckets of this many elements, all ranks' blocks
     /// together, as DeepSpeed counts (ds_config `zero_optimization.reduce_bucket_size`), so no
     /// full-size buffer is needed.
-    #[serde(default = "default_bucket")]
     pub reduce_bucket_size: usize,
     /// Run AdamW on fp32 master weights and moments in host memory (ZeRO-Offload); otherwise
     /// with torch ops on the compute device.
-    #[serde(default = "yes")]
     pub offload_optimizer: bool,
     /// The offloaded step moves gradients down and weights up in tiles of this many elements,
     /// overlapping each tile's transfers with the host's work on its neighbour.
-    #[serde(default = "default_offload_tile")]
     pub offload_tile: usize,
     /// Continue from this checkpoint instead of the model's initial weights.
-    #[serde(default)]
     pub resume: Option<Resume>,
     /// How ranks talk to each other.
-    #[serde(default)]
     pub collectives: Collectives,
     /// --heartbeat_timeout in milliseconds: the coordinator fails a rank silent for this long,
     /// and a rank whose coordinator has not answered for this long exits.
-    #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_ms: u64,
 }
 
@@ -66,16 +60,11 @@ pub fn heartbeat_interval(timeout: std::time::Duration) -> std::time::Duration {
 /// The default --heartbeat_timeout.
 pub const DEFAULT_HEARTBEAT_TIMEOUT_S: u64 = 30;
 
-fn default_heartbeat_timeout() -> u64 {
-    DEFAULT_HEARTBEAT_TIMEOUT_S * 1000
-}
-
 /// The collectives backend of a job.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Collectives {
     /// One rank, nothing to exchange.
-    #[default]
     None,
     /// CPU ranks: a TCP ring.
     Ring,
@@ -83,24 +72,12 @@ pub enum Collectives {
     Nccl,
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// DeepSpeed's default `reduce_bucket_size`.
 pub const DEFAULT_REDUCE_BUCKET: usize = 500_000_000;
-
-fn default_bucket() -> usize {
-    DEFAULT_REDUCE_BUCKET
-}
 
 /// Elements per tile of the offloaded step: 16 MB each way at 16 bits, a few milliseconds of host
 /// work, so the per-tile synchronisation is noise and the first and last transfers are short.
 pub const DEFAULT_OFFLOAD_TILE: usize = 1 << 23;
-
-fn default_offload_tile() -> usize {
-    DEFAULT_OFFLOAD_TILE
-}
 
 /// A complete checkpoint to resume from: `dir` is `checkpoint-<step>/`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

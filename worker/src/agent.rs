@@ -110,7 +110,7 @@ fn serve(
     while let Some(cmd) = rt.block_on(stream.message())? {
         match cmd.kind {
             Some(command::Kind::Step(step)) => {
-                fault_injection(rank, step.step);
+                crate::test_hook::fault(rank, step.step);
                 let batches = tensors(&step.micro_batches, args.device)?;
                 let o = trainer.train_step(&batches)?;
                 let report = StepReport {
@@ -207,30 +207,6 @@ fn reachable_ip(url: &str) -> anyhow::Result<std::net::IpAddr> {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(authority).map_err(|e| anyhow::anyhow!("cannot resolve the coordinator address {authority}: {e}"))?;
     Ok(socket.local_addr()?.ip())
-}
-
-/// Test hook for fault handling: `ZEROTUNE_FAULT=RANK:STEP:MARKER[:stop|:hang]` makes that rank
-/// SIGKILL itself (`stop`: SIGSTOP, frozen whole; `hang`: its work blocks forever while its
-/// heartbeat goes on) when it starts that step, once (the marker file records that it happened).
-fn fault_injection(rank: u32, step: u64) {
-    let Ok(spec) = std::env::var("ZEROTUNE_FAULT") else { return };
-    let mut parts = spec.splitn(3, ':');
-    let (Some(r), Some(s), Some(rest)) = (parts.next(), parts.next(), parts.next()) else { return };
-    let (marker, fault) = match rest.rsplit_once(':') {
-        Some((marker, fault @ ("stop" | "hang"))) => (marker, fault),
-        _ => (rest, "kill"),
-    };
-    if r.parse() != Ok(rank) || s.parse() != Ok(step) || std::fs::File::create_new(marker).is_err() {
-        return;
-    }
-    match fault {
-        "hang" => loop {
-            std::thread::park();
-        },
-        // SAFETY: sends a signal to this very process.
-        "stop" => unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) },
-        _ => unsafe { libc::kill(libc::getpid(), libc::SIGKILL) },
-    };
 }
 
 fn tensors(batches: &[Batch], device: Device) -> anyhow::Result<Vec<Tensor>> {

@@ -1,15 +1,57 @@
-//! Model weights in and out of HF layout: fill a `ParamSet` from any HF weight files (checking
-//! names and shapes against config.json), and write the fp32 master weights back as safetensors
-//! with config.json and generation_config.json.
+//! What a worker reads and writes besides batches: a model's parameters from HF layout (checking
+//! names and shapes against config.json) or from its random initialisation, the fp32 master
+//! weights back as safetensors with config.json and generation_config.json, and a checkpoint's
+//! optimizer state, one slice per rank joined by `optimizer/layout.json`.
 
+use std::ops::Range;
 use std::path::Path;
 
-use tch::{Kind, Tensor};
-use zerotune_hf::write::{write_json, write_safetensors, MAX_SHARD_BYTES};
+use tch::{Device, Kind, Tensor};
+use zerotune_hf::write::{write_file, write_json, write_safetensors, MAX_SHARD_BYTES};
 use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
+use zerotune_proto::plan::ModelSource;
+use zerotune_proto::state::{OptimizerLayout, LAYOUT_FILE};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{io_err, Result, WorkerError};
 use crate::model::ParamSet;
+
+/// The tensors of an optimizer slice, in order: fp32 master weights, AdamW's first and second
+/// moments.
+pub const OPTIMIZER_STATE: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
+
+/// Loads `source` into a fresh `ParamSet` of `kind` on `device`.
+pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(CodeGenConfig, ParamSet)> {
+    let config = model_config(source)?;
+    let params = load_params_padded(source, &config, kind, device, trainable, seed, 0)?;
+    Ok((config, params))
+}
+
+/// The config.json of `source`.
+pub fn model_config(source: &ModelSource) -> Result<CodeGenConfig> {
+    Ok(match source {
+        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
+        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
+            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
+    })
+}
+
+/// Like `load_params`, the flat buffer at least `len` long (ZeRO's padding).
+pub fn load_params_padded(
+    source: &ModelSource,
+    config: &CodeGenConfig,
+    kind: Kind,
+    device: Device,
+    trainable: bool,
+    seed: u64,
+    len: usize,
+) -> Result<ParamSet> {
+    let mut params = ParamSet::zeros_padded(config, kind, device, trainable, len);
+    match source {
+        ModelSource::Pretrained { dir } => load_weights(&mut params, Path::new(dir))?,
+        ModelSource::Scratch { .. } => params.init_like_hf(config, seed),
+    }
+    Ok(params)
+}
 
 /// Copies every parameter from the weight files in `dir` into `params` (any float dtype in,
 /// the ParamSet's dtype out).
@@ -59,10 +101,70 @@ pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master:
     Ok(())
 }
 
-/// The flat parameters as host f32 values.
-pub fn flat_to_f32(params: &ParamSet) -> Vec<f32> {
-    let host = params.flat.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous();
-    let mut out = vec![0f32; params.numel()];
-    host.copy_data(&mut out, params.numel());
-    out
+/// Writes rank `rank` of `world`'s optimizer slice (`state`: the values of `OPTIMIZER_STATE` over
+/// its partition of the flat parameters) into `dir`, and `layout` where given (rank 0).
+pub fn save_optimizer(dir: &Path, rank: usize, world: usize, state: &[Vec<f32>; 3], layout: Option<&OptimizerLayout>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tensors: Vec<(String, RawTensor)> = OPTIMIZER_STATE
+        .iter()
+        .zip(state)
+        .map(|(name, values)| (name.to_string(), RawTensor::from_f32(vec![values.len()], values)))
+        .collect();
+    write_file(&dir.join(slice_file(rank, world)), &tensors)?;
+    if let Some(layout) = layout {
+        write_json(&dir.join(LAYOUT_FILE), &serde_json::to_value(layout).expect("the layout serialises"))?;
+    }
+    Ok(())
+}
+
+/// Reads the optimizer state of `owned` (a range of the flat parameters of a model of `numel`)
+/// from `dir`, a checkpoint's `optimizer/`, whatever world size wrote it: the layout, and the
+/// values of `OPTIMIZER_STATE` over `owned`.
+pub fn load_optimizer(dir: &Path, numel: usize, owned: &Range<usize>) -> Result<(OptimizerLayout, [Vec<f32>; 3])> {
+    let path = dir.join(LAYOUT_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let layout: OptimizerLayout = serde_json::from_str(&text).map_err(|e| WorkerError::Invalid(format!("{}: {e}", path.display())))?;
+    if layout.numel != numel {
+        return Err(WorkerError::Invalid(format!(
+            "{}: holds {} parameters, the model has {numel} (another model size?)",
+            path.display(),
+            layout.numel
+        )));
+    }
+    let world = layout.partitions.len();
+    let mut state = [vec![0f32; owned.len()], vec![0f32; owned.len()], vec![0f32; owned.len()]];
+    for (r, &[start, end]) in layout.partitions.iter().enumerate() {
+        let (from, to) = (start.max(owned.start), end.min(owned.end));
+        if from < to {
+            read_slice(&dir.join(slice_file(r, world)), start..end, from..to, &mut state, owned.start)?;
+        }
+    }
+    Ok((layout, state))
+}
+
+/// Copies `want` (flat indices) from the slice file `path`, which holds `range`, into `state`,
+/// whose first element is flat index `state_start`.
+fn read_slice(path: &Path, range: Range<usize>, want: Range<usize>, state: &mut [Vec<f32>; 3], state_start: usize) -> Result<()> {
+    let files = WeightFiles::open_file(path)?;
+    for (values, name) in state.iter_mut().zip(OPTIMIZER_STATE) {
+        let bytes = files.bytes(name).ok_or_else(|| WorkerError::Invalid(format!("{}: no tensor {name}", path.display())))?;
+        if bytes.len() != range.len() * 4 {
+            return Err(WorkerError::Invalid(format!(
+                "{}: {name} has {} bytes, {LAYOUT_FILE} implies {}",
+                path.display(),
+                bytes.len(),
+                range.len() * 4
+            )));
+        }
+        let src = &bytes[(want.start - range.start) * 4..(want.end - range.start) * 4];
+        for (dst, b) in values[want.start - state_start..want.end - state_start].iter_mut().zip(src.chunks_exact(4)) {
+            *dst = f32::from_le_bytes(b.try_into().expect("chunks of 4 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// `rank-XXXXX-of-XXXXX.safetensors`: one rank's optimizer slice.
+fn slice_file(rank: usize, world: usize) -> String {
+    format!("rank-{rank:05}-of-{world:05}.safetensors")
 }

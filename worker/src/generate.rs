@@ -9,11 +9,11 @@ use tokenizers::Tokenizer;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::ModelSource;
 
+use crate::checkpoint::load_params;
 use crate::engine::{Engine, Finish, Prompt};
 use crate::error::{Result, WorkerError};
 use crate::model::CodeGen;
 use crate::sample::{Rng, Sampler, SamplingParams};
-use crate::train::load_params;
 
 /// The compute precision of a loaded model: the training plan's.
 pub use zerotune_proto::plan::Precision;

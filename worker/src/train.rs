@@ -1,4 +1,4 @@
-//! One rank's training state and step, ZeRO-style (DESIGN.md): every micro-batch's gradients go
+//! One rank's training state and step, ZeRO-style (docs/architecture.md): every micro-batch's gradients go
 //! into fp32 flat buffers (stage 2: reduce-scattered at once into this rank's partition); at the
 //! accumulation boundary one all-reduce carries the global norm (and so the fp16 overflow flag)
 //! and the loss; AdamW updates only the rank's fp32 master partition, in host memory (offload,
@@ -9,13 +9,14 @@ use std::ops::Range;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::write::write_json;
-use zerotune_hf::{CodeGenConfig, RawTensor, WeightFiles};
-use zerotune_proto::plan::{ModelSource, Precision, WorkerPlan};
+use zerotune_hf::CodeGenConfig;
+use zerotune_proto::plan::{Precision, WorkerPlan};
+use zerotune_proto::state::{LayoutSlot, OptimizerLayout, OPTIMIZER_DIR};
 
-use crate::checkpoint::{load_weights, save_model};
+use crate::checkpoint::{load_optimizer, load_params_padded, model_config, save_model, save_optimizer};
 use crate::comm::{Collective, Single};
-use crate::error::{io_err, Result, WorkerError};
+use crate::error::{Result, WorkerError};
+use crate::grads::GradBuffers;
 use crate::model::{CodeGen, ParamSet};
 use crate::optim::adamw::{AdamState, Segment};
 use crate::optim::device_adam::DeviceAdam;
@@ -33,18 +34,6 @@ pub struct StepOutcome {
     pub tokens: u64,
     pub skipped: bool,
     pub loss_scale: f64,
-}
-
-/// Gradient buffers per ZeRO stage (all fp32 on the device).
-enum GradBuffers {
-    /// Stage 0, and any stage on one rank: the full accumulator, all-reduced at the boundary.
-    Replicated { acc: Tensor },
-    /// Stage 1: the full accumulator, reduce-scattered into `part` at the boundary.
-    Partitioned { acc: Tensor, part: Tensor },
-    /// Stage 2: each micro-step's gradients gathered bucket by bucket (`bucket`: world blocks of
-    /// the same range of every partition), reduce-scattered into `incoming` and added to the
-    /// partition accumulator `part`: no full-size gradient buffer.
-    Streamed { bucket: Tensor, incoming: Tensor, part: Tensor },
 }
 
 /// fp32 master weights and moments of the owned range.
@@ -73,39 +62,6 @@ pub struct Trainer {
     pub step: u64,
 }
 
-/// Loads `source` into a fresh `ParamSet` of `kind` on `device`.
-pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(CodeGenConfig, ParamSet)> {
-    let config = model_config(source)?;
-    let params = load_params_padded(source, &config, kind, device, trainable, seed, 0)?;
-    Ok((config, params))
-}
-
-fn model_config(source: &ModelSource) -> Result<CodeGenConfig> {
-    Ok(match source {
-        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
-        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
-            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
-    })
-}
-
-/// Like `load_params`, the flat buffer at least `len` long (ZeRO's padding).
-fn load_params_padded(
-    source: &ModelSource,
-    config: &CodeGenConfig,
-    kind: Kind,
-    device: Device,
-    trainable: bool,
-    seed: u64,
-    len: usize,
-) -> Result<ParamSet> {
-    let mut params = ParamSet::zeros_padded(config, kind, device, trainable, len);
-    match source {
-        ModelSource::Pretrained { dir } => load_weights(&mut params, Path::new(dir))?,
-        ModelSource::Scratch { .. } => params.init_like_hf(config, seed),
-    }
-    Ok(params)
-}
-
 impl Trainer {
     /// A single-rank trainer.
     pub fn new(plan: WorkerPlan, device: Device) -> Result<Self> {
@@ -125,18 +81,7 @@ impl Trainer {
         let shard = ShardMap::new(numel, comm.world());
         let params = load_params_padded(&plan.model, &config, kind, device, true, plan.seed, shard.padded())?;
         let owned = if plan.zero_stage == 0 { 0..numel } else { shard.range(comm.rank()) };
-        let f32_zeros = |n: usize| Tensor::zeros([n as i64], (Kind::Float, device));
-        let grads = match plan.zero_stage {
-            0 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
-            // On one rank the partition is everything: one accumulator, nothing to reduce.
-            _ if shard.world == 1 => GradBuffers::Replicated { acc: f32_zeros(shard.padded()) },
-            1 => GradBuffers::Partitioned { acc: f32_zeros(shard.padded()), part: f32_zeros(shard.partition) },
-            _ => {
-                // reduce_bucket_size counts the whole bucket, as in DeepSpeed: each rank's block is a share.
-                let b = (plan.reduce_bucket_size / shard.world).clamp(1, shard.partition);
-                GradBuffers::Streamed { bucket: f32_zeros(b * shard.world), incoming: f32_zeros(b), part: f32_zeros(shard.partition) }
-            }
-        };
+        let grads = GradBuffers::new(plan.zero_stage, &shard, plan.reduce_bucket_size, device);
         let owned_params = params.flat.narrow(0, owned.start as i64, owned.len() as i64);
         let optimizer = if plan.offload_optimizer {
             // Widened on the host: no device memory is borrowed for an fp32 copy, even briefly.
@@ -165,10 +110,6 @@ impl Trainer {
         }
     }
 
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
     /// One optimizer step over `micro_batches` (each (B, T) int64 on the device).
     pub fn train_step(&mut self, micro_batches: &[Tensor]) -> Result<StepOutcome> {
         self.step += 1;
@@ -186,7 +127,7 @@ impl Trainer {
             self.accumulate_grads()?;
         }
         let outcome = self.optimizer_step(scale, loss_sum, divisor, tokens);
-        self.zero_grads()?;
+        self.grads.zero()?;
         outcome
     }
 
@@ -194,72 +135,14 @@ impl Trainer {
     fn accumulate_grads(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Option<Tensor>> = self.params.tensors.iter().map(|t| Some(t.grad()).filter(Tensor::defined)).collect();
-        match &mut self.grads {
-            GradBuffers::Replicated { acc } | GradBuffers::Partitioned { acc, .. } => {
-                for (slot, grad) in self.params.slots.iter().zip(&grads) {
-                    if let Some(grad) = grad {
-                        let _ = acc.narrow(0, slot.offset as i64, slot.numel as i64).f_add_(&grad.view(-1))?;
-                    }
-                }
-            }
-            GradBuffers::Streamed { bucket, incoming, part } => {
-                let (p, b) = (self.shard.partition, incoming.numel());
-                for start in (0..p).step_by(b) {
-                    let len = b.min(p - start);
-                    let _ = bucket.f_zero_()?;
-                    for r in 0..self.shard.world {
-                        // Block r of the bucket: flat range [r P + start, + len) of rank r's partition.
-                        let (lo, hi) = (r * p + start, r * p + start + len);
-                        for (slot, grad) in self.params.slots.iter().zip(&grads) {
-                            let (from, to) = (slot.offset.max(lo), (slot.offset + slot.numel).min(hi));
-                            if let (Some(grad), true) = (grad, from < to) {
-                                let n = (to - from) as i64;
-                                let src = grad.view(-1).narrow(0, (from - slot.offset) as i64, n);
-                                bucket.narrow(0, (r * b + from - lo) as i64, n).f_copy_(&src)?;
-                            }
-                        }
-                    }
-                    self.comm.reduce_scatter(bucket, incoming)?;
-                    let _ = part.narrow(0, start as i64, len as i64).f_add_(&incoming.narrow(0, 0, len as i64))?;
-                }
-            }
-        }
+        self.grads.accumulate(&self.params.slots, &grads, &self.shard, self.comm.as_mut())?;
         self.params.zero_grads();
         Ok(())
     }
 
-    fn zero_grads(&mut self) -> Result<()> {
-        let _ = match &mut self.grads {
-            GradBuffers::Replicated { acc } => acc.f_zero_()?,
-            GradBuffers::Partitioned { acc, part } => {
-                let _ = acc.f_zero_()?;
-                part.f_zero_()?
-            }
-            GradBuffers::Streamed { part, .. } => part.f_zero_()?,
-        };
-        Ok(())
-    }
-
-    /// The reduced gradients of the owned range, and of the range this rank alone accounts for
-    /// in the global norm.
-    fn reduced_grads(&mut self) -> Result<(Tensor, Tensor)> {
-        let (rank, n) = (self.comm.rank(), self.owned.len() as i64);
-        let unique = self.shard.range(rank);
-        Ok(match &mut self.grads {
-            GradBuffers::Replicated { acc } => {
-                self.comm.all_reduce(acc)?;
-                (acc.narrow(0, 0, n), acc.narrow(0, unique.start as i64, unique.len() as i64))
-            }
-            GradBuffers::Partitioned { acc, part } => {
-                self.comm.reduce_scatter(acc, part)?;
-                (part.narrow(0, 0, n), part.narrow(0, 0, n))
-            }
-            GradBuffers::Streamed { part, .. } => (part.narrow(0, 0, n), part.narrow(0, 0, n)),
-        })
-    }
-
     fn optimizer_step(&mut self, scale: f64, loss_sum: Tensor, divisor: f64, tokens: u64) -> Result<StepOutcome> {
-        let (grad, unique) = self.reduced_grads()?;
+        // The owned range's gradients, and the range this rank alone accounts for in the norm.
+        let (grad, unique) = self.grads.reduced(self.owned.len(), &self.shard, self.comm.as_mut())?;
         // One all-reduce for the squared norm (non-finite iff some gradient overflowed) and the
         // loss.
         let mut stats = Tensor::f_stack(&[sum_of_squares(&unique)?, loss_sum], 0)?;
@@ -385,77 +268,33 @@ impl Trainer {
     /// flat parameters) into `dir`, and from rank 0 the layout that joins the slices: they
     /// concatenate in rank order to the full state, so any world size can resume from them.
     pub fn save_optimizer(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let unique = self.shard.range(rank);
         let at = (unique.start - self.owned.start) as i64;
-        let names = ["master", "exp_avg", "exp_avg_sq"];
-        let state: Vec<(String, RawTensor)> = names
-            .iter()
-            .zip(self.state_tensors())
-            .map(|(name, t)| {
-                let values = Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state");
-                (name.to_string(), RawTensor::from_f32(vec![values.len()], &values))
-            })
-            .collect();
-        zerotune_hf::write::write_file(&dir.join(slice_file(rank, world)), &state)?;
-        if rank == 0 {
-            let partitions: Vec<[usize; 2]> = (0..world).map(|r| self.shard.range(r)).map(|r| [r.start, r.end]).collect();
-            let slots: Vec<_> =
-                self.params.slots.iter().map(|s| serde_json::json!({"name": s.name, "shape": s.shape, "offset": s.offset})).collect();
-            let layout = serde_json::json!({
-                "world_size": world,
-                "numel": self.shard.numel,
-                "partitions": partitions,
-                "adam_steps": self.optimizer_steps(),
-                "loss_scaler": self.scaler,
-                "slots": slots,
-            });
-            write_json(&dir.join("layout.json"), &layout)?;
+        let slice = self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state"));
+        let layout = (rank == 0).then(|| self.layout());
+        save_optimizer(dir, rank, world, &slice, layout.as_ref())
+    }
+
+    /// How this run's optimizer slices join (`optimizer/layout.json`).
+    fn layout(&self) -> OptimizerLayout {
+        let world = self.comm.world();
+        let slots = self.params.slots.iter().map(|s| LayoutSlot { name: s.name.clone(), shape: s.shape.clone(), offset: s.offset });
+        OptimizerLayout {
+            world_size: world,
+            numel: self.shard.numel,
+            partitions: (0..world).map(|r| self.shard.range(r)).map(|r| [r.start, r.end]).collect(),
+            adam_steps: self.optimizer_steps(),
+            loss_scaler: self.scaler.as_ref().map(LossScaler::state),
+            slots: slots.collect(),
         }
-        Ok(())
     }
 
     /// Restores the state saved in `dir` (a `checkpoint-<step>/`) for the owned range, whatever
     /// world size wrote it, then fills the compute buffer from the fp32 master.
     fn resume(&mut self, dir: &Path, step: u64) -> Result<()> {
-        let optimizer = dir.join("optimizer");
-        let layout_path = optimizer.join("layout.json");
-        let text = std::fs::read_to_string(&layout_path).map_err(io_err(&layout_path))?;
-        let layout: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| WorkerError::Invalid(format!("{}: {e}", layout_path.display())))?;
-        let bad = |m: &str| WorkerError::Invalid(format!("{}: {m}", layout_path.display()));
-        if layout["numel"].as_u64() != Some(self.shard.numel as u64) {
-            return Err(bad(&format!("holds {} parameters, the model has {} (another model size?)", layout["numel"], self.shard.numel)));
-        }
-        let partitions: Vec<[usize; 2]> = serde_json::from_value(layout["partitions"].clone()).map_err(|_| bad("no partitions list"))?;
-        let world = partitions.len();
-        let mut state = [vec![0f32; self.owned.len()], vec![0f32; self.owned.len()], vec![0f32; self.owned.len()]];
-        for (r, [start, end]) in partitions.into_iter().enumerate() {
-            let (from, to) = (start.max(self.owned.start), end.min(self.owned.end));
-            if from >= to {
-                continue;
-            }
-            let path = optimizer.join(slice_file(r, world));
-            let files = WeightFiles::open_file(&path)?;
-            for (values, name) in state.iter_mut().zip(["master", "exp_avg", "exp_avg_sq"]) {
-                let bytes = files.bytes(name).ok_or_else(|| WorkerError::Invalid(format!("{}: no tensor {name}", path.display())))?;
-                if bytes.len() != (end - start) * 4 {
-                    return Err(WorkerError::Invalid(format!(
-                        "{}: {name} has {} bytes, layout.json implies {}",
-                        path.display(),
-                        bytes.len(),
-                        (end - start) * 4
-                    )));
-                }
-                let src = &bytes[(from - start) * 4..(to - start) * 4];
-                for (dst, b) in values[from - self.owned.start..to - self.owned.start].iter_mut().zip(src.chunks_exact(4)) {
-                    *dst = f32::from_le_bytes(b.try_into().unwrap());
-                }
-            }
-        }
-        let steps = layout["adam_steps"].as_u64().unwrap_or(step);
-        let [master, exp_avg, exp_avg_sq] = state;
+        let (layout, [master, exp_avg, exp_avg_sq]) = load_optimizer(&dir.join(OPTIMIZER_DIR), self.shard.numel, &self.owned)?;
+        let steps = layout.adam_steps;
         match &mut self.optimizer {
             Optimizer::Host(host) => host.adam = AdamState { master, exp_avg, exp_avg_sq, steps },
             Optimizer::Device(d) => {
@@ -463,8 +302,8 @@ impl Trainer {
                 *d = DeviceAdam { master: on(master), exp_avg: on(exp_avg), exp_avg_sq: on(exp_avg_sq), steps };
             }
         }
-        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), layout.get("loss_scaler").filter(|v| !v.is_null())) {
-            *scaler = serde_json::from_value(saved.clone()).map_err(|_| bad("unreadable loss_scaler"))?;
+        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), layout.loss_scaler) {
+            *scaler = LossScaler::from_state(saved);
         }
         self.step = step;
         tch::manual_seed(self.plan.seed.wrapping_add(step) as i64);
@@ -500,11 +339,6 @@ fn sum_of_squares(xs: &Tensor) -> Result<Tensor> {
         total = total.f_add(&tail.f_square()?)?;
     }
     Ok(total)
-}
-
-/// `rank-XXXXX-of-XXXXX.safetensors`: one rank's optimizer slice.
-fn slice_file(rank: usize, world: usize) -> String {
-    format!("rank-{rank:05}-of-{world:05}.safetensors")
 }
 
 /// Runs of parameters with the same weight-decay rule, in flat order.

@@ -3,8 +3,9 @@
 //! there); after every `window` clean steps since the last overflow, double.
 
 use zerotune_proto::plan::LossScaler as Settings;
+use zerotune_proto::state::LossScalerState;
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LossScaler {
     pub scale: f64,
     settings: Settings,
@@ -14,8 +15,6 @@ pub struct LossScaler {
     /// Steps skipped for overflow so far.
     pub skipped: u64,
 }
-
-use serde::{Deserialize, Serialize};
 
 /// Overflow at the minimum scale with `abort_at_min_scale` set.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -32,6 +31,18 @@ impl LossScaler {
             last_overflow_iteration: -1,
             skipped: 0,
         }
+    }
+
+    /// The scaler as a checkpoint holds it (`optimizer/layout.json`).
+    pub fn state(&self) -> LossScalerState {
+        let Self { scale, settings, hysteresis_left, iteration, last_overflow_iteration, skipped } = *self;
+        LossScalerState { scale, settings, hysteresis_left, iteration, last_overflow_iteration, skipped }
+    }
+
+    /// The scaler a checkpoint held.
+    pub fn from_state(state: LossScalerState) -> Self {
+        let LossScalerState { scale, settings, hysteresis_left, iteration, last_overflow_iteration, skipped } = state;
+        Self { scale, settings, hysteresis_left, iteration, last_overflow_iteration, skipped }
     }
 
     /// Records one step's outcome and adjusts the scale for the next one.
@@ -97,5 +108,15 @@ mod tests {
         // i6: (6-5)%2 -> 16; i7: (7-5)%2 == 0 -> 32.
         assert_eq!(run(&mut s, &seq), [16., 16., 16., 32., 32., 16., 16., 32.]);
         assert_eq!(s.skipped, 3);
+    }
+
+    /// A checkpoint's scaler continues as the saved one would have.
+    #[test]
+    fn the_saved_state_restores_the_scaler() {
+        let mut s = scaler(4, 2, 2, 1.0);
+        run(&mut s, &[false, true, true]);
+        let mut restored = LossScaler::from_state(s.state());
+        assert_eq!(restored, s);
+        assert_eq!(run(&mut restored, &[false, false, true]), run(&mut s, &[false, false, true]));
     }
 }
