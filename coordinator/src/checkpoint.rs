@@ -1,13 +1,13 @@
 //! Checkpoint bookkeeping on the coordinator's side: once every rank has written its part of
 //! `checkpoint-<step>/`, add the tokenizer files and trainer_state.json, then point `latest` at it
 //! by atomic rename, and prune beyond `--save_total_limit`. A crash before the rename leaves the
-//! previous checkpoint as `latest`.
+//! previous checkpoint as `latest`. A resume reads trainer_state.json back.
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use zerotune_proto::state::{TrainerState, TRAINER_STATE_FILE};
 
-use crate::error::{io_err, Result};
+use crate::error::{io_err, CoordinatorError, Result};
 
 pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
@@ -24,13 +24,13 @@ pub fn finalize(
     output_dir: &Path,
     step: u64,
     tokenizer_files: &[(String, Vec<u8>)],
-    trainer_state: &Value,
+    trainer_state: &TrainerState,
     keep: Option<usize>,
 ) -> Result<()> {
     let dir = checkpoint_dir(output_dir, step);
     write_files(&dir.join("model"), tokenizer_files)?;
-    let state = dir.join("trainer_state.json");
-    zerotune_hf::write::write_json(&state, trainer_state)?;
+    let state = dir.join(TRAINER_STATE_FILE);
+    zerotune_hf::write::write_json(&state, &serde_json::to_value(trainer_state).expect("the trainer state serialises"))?;
     let tmp = output_dir.join("latest.tmp");
     std::fs::write(&tmp, format!("checkpoint-{step}\n")).map_err(io_err(&tmp))?;
     let latest = output_dir.join("latest");
@@ -39,6 +39,13 @@ pub fn finalize(
         prune(output_dir, keep.max(1))?;
     }
     Ok(())
+}
+
+/// The trainer_state.json of the checkpoint in `dir`.
+pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(TRAINER_STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map_err(|e| CoordinatorError::Data { path, message: format!("not a trainer state: {e}") })
 }
 
 /// Removes the oldest `checkpoint-<step>` directories so that `keep` remain.
@@ -59,14 +66,28 @@ fn prune(output_dir: &Path, keep: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn state(step: u64) -> TrainerState {
+        TrainerState {
+            global_step: step,
+            epoch: step as f64 / 4.0,
+            max_steps: 20,
+            train_batch_size: 1,
+            gradient_accumulation_steps: 2,
+            world_size: 2,
+            sampler: zerotune_proto::state::SamplerPosition { seed: 42, epoch: step / 10, step_in_epoch: step % 10, blocks: 40 },
+            log_history: (1..=step).map(|s| serde_json::json!({"step": s, "loss": s as f64 * 0.25})).collect(),
+        }
+    }
+
     #[test]
     fn latest_moves_and_old_checkpoints_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
         for step in [5, 10, 15] {
             std::fs::create_dir_all(checkpoint_dir(out, step).join("model")).unwrap();
-            finalize(out, step, &[("tokenizer.json".into(), b"{}".to_vec())], &serde_json::json!({"global_step": step}), Some(2)).unwrap();
+            finalize(out, step, &[("tokenizer.json".into(), b"{}".to_vec())], &state(step), Some(2)).unwrap();
             assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), format!("checkpoint-{step}\n"));
+            assert_eq!(read_trainer_state(&checkpoint_dir(out, step)).unwrap(), state(step));
         }
         assert!(!checkpoint_dir(out, 5).exists());
         assert!(checkpoint_dir(out, 10).join("trainer_state.json").is_file());

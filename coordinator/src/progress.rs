@@ -16,7 +16,8 @@ pub struct Progress {
     logging_steps: u64,
     metrics: std::io::BufWriter<std::fs::File>,
     metrics_path: std::path::PathBuf,
-    /// Every logged record, for trainer_state.json.
+    /// Every logged record, for trainer_state.json: a resumed run's starts with the history of
+    /// the checkpoint it resumed from.
     pub history: Vec<Value>,
     started: Option<(Instant, u64)>,
     tokens: u64,
@@ -47,6 +48,14 @@ impl Progress {
             window: vec![],
             tty: std::io::stderr().is_terminal(),
         })
+    }
+
+    /// Continues the history of a run resumed at `step` from a checkpoint with `log_history`.
+    /// Records past `step` are dropped (ranks run ahead while a checkpoint completes, so its
+    /// history can hold a step or two more): the resumed run logs those steps again.
+    pub fn resume_history(&mut self, log_history: Vec<Value>, step: u64) {
+        let before = log_history.into_iter().filter(|r| r.get("step").and_then(Value::as_u64).is_none_or(|s| s <= step));
+        self.history.splice(0..0, before);
     }
 
     pub fn epoch(&self, step: u64) -> f64 {
@@ -150,5 +159,29 @@ fn format_secs(secs: f64) -> String {
         format!("{}h{:02}m", s / 3600, s % 3600 / 60)
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(history: &[Value]) -> Vec<u64> {
+        history.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+    }
+
+    /// A run resumed at step 4 keeps the records up to 4 (an evaluation at 4 included), drops the
+    /// later ones the checkpoint may hold, and appends its own.
+    #[test]
+    fn a_resumed_history_continues_the_checkpoint_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut progress = Progress::new(dir.path(), 8, 8, 1, true).unwrap();
+        let mut saved: Vec<Value> = (1..=6).map(|step| json!({"step": step, "loss": 1.0})).collect();
+        saved.insert(4, json!({"step": 4, "eval_loss": 2.0, "perplexity": 7.4}));
+        progress.resume_history(saved, 4);
+        progress.step(StepReport { step: 5, loss: 0.5, learning_rate: 1e-3, tokens: 10, loss_scale: 1.0, ..Default::default() }).unwrap();
+        assert_eq!(steps(&progress.history), [1, 2, 3, 4, 4, 5]);
+        assert_eq!(progress.history[4]["eval_loss"], 2.0);
+        assert_eq!(progress.history[5]["loss"], 0.5);
     }
 }

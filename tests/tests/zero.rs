@@ -121,7 +121,18 @@ fn resume_continues_exactly_on_the_same_or_another_world_size() {
         assert!(err < REL, "{name}: rel {err}");
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         assert!(!metrics.contains("\"step\":6,") && metrics.contains("\"step\":7,"), "the resumed run starts at step 7");
+        // Its last checkpoint's history is the whole run's: the checkpoint's records, then its own.
+        let history = log_history(&out.join("checkpoint-12"));
+        let steps: Vec<u64> = history.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=12).collect::<Vec<_>>(), "{name}: every step once in log_history");
+        assert_eq!(history[..6], log_history(&full.join("checkpoint-6"))[..6], "{name}: the records before the resume are kept");
     }
+}
+
+/// The `log_history` of the checkpoint `dir`'s trainer_state.json.
+fn log_history(dir: &Path) -> Vec<serde_json::Value> {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap()).unwrap();
+    state["log_history"].as_array().unwrap().clone()
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::pace::Pace;
@@ -17,6 +16,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::events::{Control, Event, ExitStatus, Signal};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
+use zerotune_proto::state::{SamplerPosition, TrainerState};
 use zerotune_proto::v1::FailureKind;
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
@@ -305,18 +305,19 @@ impl<'a> Job<'a> {
     }
 
     /// HF-style trainer_state.json plus what an exact resume needs.
-    fn trainer_state(&self, step: u64, progress: &Progress) -> serde_json::Value {
-        let per_epoch = self.spec.sampler.steps_per_epoch() as u64;
-        json!({
-            "global_step": step,
-            "epoch": progress.epoch(step),
-            "max_steps": self.spec.total_steps,
-            "train_batch_size": self.spec.plan.micro_batch,
-            "gradient_accumulation_steps": self.spec.plan.accumulation,
-            "world_size": self.spec.world,
-            "sampler": {"seed": self.spec.sampler.seed, "epoch": step / per_epoch, "step_in_epoch": step % per_epoch, "blocks": self.spec.sampler.blocks},
-            "log_history": progress.history,
-        })
+    fn trainer_state(&self, step: u64, progress: &Progress) -> TrainerState {
+        let (sampler, per_epoch) = (&self.spec.sampler, self.spec.sampler.steps_per_epoch() as u64);
+        let (epoch, step_in_epoch) = (step / per_epoch, step % per_epoch);
+        TrainerState {
+            global_step: step,
+            epoch: progress.epoch(step),
+            max_steps: self.spec.total_steps,
+            train_batch_size: self.spec.plan.batch.micro,
+            gradient_accumulation_steps: self.spec.plan.batch.accumulation,
+            world_size: self.spec.world,
+            sampler: SamplerPosition { seed: sampler.seed, epoch, step_in_epoch, blocks: sampler.blocks },
+            log_history: progress.history.clone(),
+        }
     }
 }
 

@@ -155,14 +155,9 @@ fn resolve_checkpoint(output_dir: &Path, spec: &str) -> Result<Resume> {
     } else {
         PathBuf::from(spec)
     };
-    let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: cannot read {}: {e}", spec, state_path.display())))?;
-    let state: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} is not valid JSON: {e}", state_path.display())))?;
-    let step = state["global_step"]
-        .as_u64()
-        .ok_or_else(|| CoordinatorError::Flag(format!("--resume_from_checkpoint: {} has no global_step", state_path.display())))?;
+    let state = crate::checkpoint::read_trainer_state(&dir)
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
+    let step = state.global_step;
     if !dir.join("optimizer/layout.json").is_file() {
         return Err(CoordinatorError::Flag(format!(
             "--resume_from_checkpoint: {} has no optimizer/layout.json (incomplete checkpoint?)",
