@@ -97,8 +97,9 @@ impl<'a> Job<'a> {
         let mut beats: BTreeMap<u32, (Instant, u64)> = BTreeMap::new();
         let plan = self.spec.plan;
         loop {
-            let hung_at = last_progress + plan.ddp_timeout;
-            let silent = beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + plan.heartbeat_timeout));
+            let hung_at = last_progress + plan.launch.ddp_timeout;
+            let silent =
+                beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + plan.launch.heartbeat_timeout));
             let wake = [Some(hung_at), deadline, silent.map(|s| s.2)].into_iter().flatten().min().expect("hung_at");
             let next = async {
                 tokio::select! {
@@ -114,7 +115,7 @@ impl<'a> Job<'a> {
                         let message = format!(
                             "no heartbeat for {} s (--heartbeat_timeout) after step {step}: the process is stopped or frozen, \
                              or its host is unreachable",
-                            plan.heartbeat_timeout.as_secs()
+                            plan.launch.heartbeat_timeout.as_secs()
                         );
                         blame.add(Cause::OwnError, Some(rank), self.worker_error(rank, message));
                         break;
@@ -247,7 +248,7 @@ impl<'a> Job<'a> {
             progress.note(&format!("saved the final model to {}", output_dir.display()));
         } else {
             let state = self.trainer_state(report.step, progress);
-            checkpoint::finalize(output_dir, report.step, self.spec.tokenizer_files, &state, self.spec.plan.save_total_limit)?;
+            checkpoint::finalize(output_dir, report.step, self.spec.tokenizer_files, &state, self.spec.plan.output.save_total_limit)?;
             progress.note(&format!("saved checkpoint-{}", report.step));
             if !last {
                 return Ok(false);
@@ -290,7 +291,7 @@ impl<'a> Job<'a> {
         let rank = last_step.iter().find(|(_, &s)| s == behind).map_or(0, |(r, _)| *r);
         let message = format!(
             "no progress for {} s (--ddp_timeout): rank(s) {} last finished step {behind}; a hung process or collective. The job was stopped",
-            self.spec.plan.ddp_timeout.as_secs(),
+            self.spec.plan.launch.ddp_timeout.as_secs(),
             ranks.join(", ")
         );
         CoordinatorError::Worker { rank, host: self.host(rank), message }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde_json::json;
 use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
 
-use crate::config::{ModelChoice, TrainPlan};
+use crate::config::{Device, ModelChoice, ResumeFrom, TrainPlan};
 use crate::dataset::TokenCache;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::events::Signal;
@@ -38,16 +38,16 @@ pub struct Outcome {
 }
 
 pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
-    let mut resume = match &plan.resume_from_checkpoint {
-        Some(spec) => Some(resolve_checkpoint(&plan.output_dir, spec)?),
+    let mut resume = match &plan.output.resume_from {
+        Some(spec) => Some(resolve_checkpoint(&plan.output.dir, spec)?),
         None => {
             check_output_dir(&plan)?;
             None
         }
     };
     let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
-    std::fs::create_dir_all(&plan.output_dir).map_err(io_err(&plan.output_dir))?;
-    let output_dir = plan.output_dir.canonicalize().map_err(io_err(&plan.output_dir))?;
+    std::fs::create_dir_all(&plan.output.dir).map_err(io_err(&plan.output.dir))?;
+    let output_dir = plan.output.dir.canonicalize().map_err(io_err(&plan.output.dir))?;
     let worker_plan = worker_plan(&plan, &prepared)?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
@@ -55,21 +55,21 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
         prepared.config.num_parameters(),
         prepared.total_steps,
         prepared.sampler.steps_per_epoch(),
-        plan.micro_batch,
-        plan.accumulation,
-        plan.world_size,
+        plan.batch.micro,
+        plan.batch.accumulation,
+        plan.world_size(),
         prepared.block_size,
-        plan.device,
-        if plan.world_size > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
+        plan.launch.device,
+        if plan.world_size() > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },
     );
     let (validation_docs, block_size) = (prepared.validation_docs, prepared.block_size);
     let mut run = Run {
         cadence: Cadence {
             total_steps: prepared.total_steps,
-            eval_steps: plan.eval_steps,
-            do_eval: plan.do_eval && prepared.cache.validation_blocks > 0,
-            save_steps: plan.save_steps,
-            eval_batch: plan.eval_batch,
+            eval_steps: plan.output.eval_steps,
+            do_eval: plan.output.do_eval && prepared.cache.validation_blocks > 0,
+            save_steps: plan.output.save_steps,
+            eval_batch: plan.batch.eval,
             output_dir: output_dir.clone(),
         },
         sampler: prepared.sampler,
@@ -82,43 +82,46 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     let mut restarts = 0;
     let outcome = loop {
         match attempt(&plan, &run, resume.clone(), &mut controls).await {
-            Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.max_restarts => {
+            Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.launch.max_restarts => {
                 restarts += 1;
                 eprintln!("{failure}");
-                let lost = launch::unreachable_hosts(&plan.launcher, &plan.placements).await;
+                let lost = launch::unreachable_hosts(&plan.launch.launcher, &plan.launch.placements).await;
                 if !lost.is_empty() {
                     let fewer = plan.without_hosts(&lost).map_err(|e| CoordinatorError::Flag(format!("{failure}; cannot restart: {e}")))?;
                     eprintln!(
                         "host(s) {} do not answer: continuing on the {} rank(s) still available, gradient accumulation {} -> {} (the global batch stays {})",
                         lost.into_iter().collect::<Vec<_>>().join(", "),
-                        fewer.world_size,
-                        plan.accumulation,
-                        fewer.accumulation,
-                        fewer.world_size * fewer.micro_batch * fewer.accumulation,
+                        fewer.world_size(),
+                        plan.batch.accumulation,
+                        fewer.batch.accumulation,
+                        fewer.global_batch(),
                     );
                     run.resize(&fewer);
                     plan = fewer;
                 }
                 resume = latest_checkpoint(&output_dir)?;
                 let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
-                eprintln!("restart {restarts} of {}: resuming from {from}", plan.max_restarts);
+                eprintln!("restart {restarts} of {}: resuming from {from}", plan.launch.max_restarts);
             }
             other => break other,
         }
     };
     let finished = matches!(&outcome, Ok(o) if o.stopped_on.is_none());
-    if finished && plan.completion_eval_positions > 0 {
+    let mut evaluated = Ok(());
+    if finished && plan.output.completion_eval_positions > 0 {
         if validation_docs.is_empty() {
             eprintln!("no validation documents: the completion evaluation is skipped");
         } else {
             eprintln!("completion evaluation on {} validation documents", validation_docs.len());
-            tokio::task::block_in_place(|| completion_eval::run(&plan, &output_dir, &validation_docs, block_size))?;
+            evaluated = tokio::task::block_in_place(|| completion_eval::run(&plan, &output_dir, &validation_docs, block_size));
         }
     }
+    // The report shows whatever the run left, also when the evaluation failed.
     match report::write(&output_dir) {
         Ok(path) => eprintln!("report: {}", path.display()),
         Err(err) => eprintln!("warning: no report.html: {err}"),
     }
+    evaluated?;
     outcome
 }
 
@@ -135,15 +138,17 @@ struct Run {
 impl Run {
     /// The same run on `plan`'s ranks (after hosts were lost): same global batch, more accumulation.
     fn resize(&mut self, plan: &TrainPlan) {
-        self.sampler = Sampler { world: plan.world_size, accumulation: plan.accumulation, ..self.sampler };
-        self.worker_plan.gradient_accumulation_steps = plan.accumulation as u32;
+        self.sampler = Sampler { world: plan.world_size(), accumulation: plan.batch.accumulation, ..self.sampler };
+        self.worker_plan.gradient_accumulation_steps = plan.batch.accumulation as u32;
         self.worker_plan.collectives = collectives(plan);
     }
 }
 
 /// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), checked complete.
-fn resolve_checkpoint(output_dir: &Path, spec: &str) -> Result<Resume> {
-    let dir = if spec == "latest" {
+fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom) -> Result<Resume> {
+    let dir = if let ResumeFrom::Dir(dir) = spec {
+        dir.clone()
+    } else {
         let pointer = output_dir.join("latest");
         let name = std::fs::read_to_string(&pointer).map_err(|e| {
             CoordinatorError::Flag(format!(
@@ -152,8 +157,6 @@ fn resolve_checkpoint(output_dir: &Path, spec: &str) -> Result<Resume> {
             ))
         })?;
         output_dir.join(name.trim())
-    } else {
-        PathBuf::from(spec)
     };
     let state = crate::checkpoint::read_trainer_state(&dir)
         .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
@@ -173,13 +176,13 @@ fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
     if !output_dir.join("latest").is_file() {
         return Ok(None);
     }
-    resolve_checkpoint(output_dir, "latest").map(Some)
+    resolve_checkpoint(output_dir, &ResumeFrom::Latest).map(Some)
 }
 /// HF refuses a non-empty output_dir unless told to overwrite; so do we.
 fn check_output_dir(plan: &TrainPlan) -> Result<()> {
-    let dir = &plan.output_dir;
+    let dir = &plan.output.dir;
     let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if non_empty && !plan.overwrite_output_dir {
+    if non_empty && !plan.output.overwrite {
         return Err(CoordinatorError::Flag(format!(
             "--output_dir {} exists and is not empty; pass --overwrite_output_dir to train into it anyway",
             dir.display()
@@ -198,29 +201,29 @@ fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
     };
     Ok(WorkerPlan {
         model,
-        precision: plan.precision,
-        optimizer: plan.optimizer,
-        schedule: Schedule { kind: plan.schedule, warmup_steps: prepared.warmup_steps, total_steps: prepared.total_steps },
-        max_grad_norm: plan.max_grad_norm,
-        loss_scaler: plan.loss_scaler,
-        seed: plan.seed,
-        gradient_accumulation_steps: plan.accumulation as u32,
+        precision: plan.training.precision,
+        optimizer: plan.training.optimizer,
+        schedule: Schedule { kind: plan.training.schedule, warmup_steps: prepared.warmup_steps, total_steps: prepared.total_steps },
+        max_grad_norm: plan.training.max_grad_norm,
+        loss_scaler: plan.training.loss_scaler,
+        seed: plan.training.seed,
+        gradient_accumulation_steps: plan.batch.accumulation as u32,
         zero_stage: plan.zero.stage,
         offload_optimizer: plan.zero.offload_optimizer,
         reduce_bucket_size: plan.zero.reduce_bucket_size,
         offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
         resume: None,
-        heartbeat_timeout_ms: plan.heartbeat_timeout.as_millis() as u64,
+        heartbeat_timeout_ms: plan.launch.heartbeat_timeout.as_millis() as u64,
         collectives: collectives(plan),
     })
 }
 
 fn collectives(plan: &TrainPlan) -> Collectives {
-    match (plan.device.as_str(), plan.num_gpus_given) {
-        ("cpu", _) if plan.world_size > 1 => Collectives::Ring,
-        ("cpu", _) => Collectives::None,
+    match (plan.launch.device, plan.launch.num_gpus_given) {
+        (Device::Cpu, _) if plan.world_size() > 1 => Collectives::Ring,
+        (Device::Cpu, _) => Collectives::None,
         (_, true) => Collectives::Nccl,
-        _ if plan.world_size > 1 => Collectives::Nccl,
+        _ if plan.world_size() > 1 => Collectives::Nccl,
         _ => Collectives::None,
     }
 }
@@ -233,19 +236,19 @@ fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, work
     let run = json!({
         "model_name_or_path": model,
         "num_parameters": prepared.config.num_parameters(),
-        "precision": plan.precision,
-        "learning_rate": plan.optimizer.lr,
-        "train_file": plan.train_file,
-        "validation_file": plan.validation_file,
+        "precision": plan.training.precision,
+        "learning_rate": plan.training.optimizer.lr,
+        "train_file": plan.data.train_file,
+        "validation_file": plan.data.validation_file,
         "token_cache": prepared.cache.path,
         "train_blocks": prepared.cache.train_blocks,
         "validation_blocks": prepared.cache.validation_blocks,
         "block_size": prepared.block_size,
-        "world_size": plan.world_size,
-        "per_device_train_batch_size": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation,
+        "world_size": plan.world_size(),
+        "per_device_train_batch_size": plan.batch.micro,
+        "gradient_accumulation_steps": plan.batch.accumulation,
         "total_steps": prepared.total_steps,
-        "device": plan.device,
+        "device": plan.launch.device.to_string(),
         "zero_optimization": plan.zero,
         "model_config": prepared.config.to_hf_json("float32"),
         "worker_plan": worker,
