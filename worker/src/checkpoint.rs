@@ -7,8 +7,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::write::{write_file, write_json, write_safetensors, MAX_SHARD_BYTES};
-use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
+use zerotune_hf::write::{write_file, write_generation_config, write_json, write_safetensors, MAX_SHARD_BYTES};
+use zerotune_hf::{CodeGenConfig, RawTensor, WeightFiles};
 use zerotune_proto::plan::ModelSource;
 use zerotune_proto::state::{OptimizerLayout, LAYOUT_FILE};
 
@@ -57,24 +57,11 @@ pub fn load_params_padded(
 /// the ParamSet's dtype out).
 pub fn load_weights(params: &mut ParamSet, dir: &Path) -> Result<()> {
     let files = WeightFiles::open(dir)?;
-    let missing: Vec<&str> = params.slots.iter().map(|s| s.name.as_str()).filter(|n| !files.contains(n)).collect();
-    if let Some(first) = missing.first() {
-        return Err(WorkerError::MissingTensors { dir: dir.into(), count: missing.len(), first: first.to_string() });
-    }
+    files.check(dir, params.slots.iter().map(|s| (s.name.as_str(), s.shape.as_slice())))?;
     let _guard = tch::no_grad_guard();
     for (slot, tensor) in params.slots.iter().zip(params.tensors.iter_mut()) {
-        let (dtype, shape) = files.info(&slot.name).expect("presence checked");
-        let path = files.path_of(&slot.name).expect("presence checked").to_path_buf();
-        if shape != slot.shape.as_slice() {
-            return Err(WorkerError::ShapeMismatch { path, name: slot.name.clone(), found: shape.to_vec(), expected: slot.shape.clone() });
-        }
-        let kind = match dtype {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::Bf16 => Kind::BFloat16,
-            Dtype::F64 => Kind::Double,
-            other => return Err(WorkerError::NotFloat { path, name: slot.name.clone(), dtype: other }),
-        };
+        let (dtype, _) = files.info(&slot.name).expect("presence checked");
+        let kind = crate::dtype::kind(dtype);
         let bytes = files.bytes(&slot.name).expect("presence checked");
         let source = Tensor::f_from_data_size(bytes, &[slot.numel as i64], kind)?;
         tensor.view(-1).f_copy_(&source)?;
@@ -92,12 +79,7 @@ pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master:
         .collect();
     write_safetensors(dir, &tensors, MAX_SHARD_BYTES)?;
     write_json(&dir.join("config.json"), &config.to_hf_json("float32"))?;
-    let generation = serde_json::json!({
-        "_from_model_config": true,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-    });
-    write_json(&dir.join("generation_config.json"), &generation)?;
+    write_generation_config(dir, config)?;
     Ok(())
 }
 

@@ -9,12 +9,6 @@ pub enum WorkerError {
     /// Input documents that cannot be read (`worker eval`); the message names the file and line.
     #[error(transparent)]
     Input(#[from] zerotune_data::DataError),
-    #[error("{dir}: the checkpoint lacks {count} tensor(s) the config needs, e.g. {first}")]
-    MissingTensors { dir: PathBuf, count: usize, first: String },
-    #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?} (a checkpoint of another size or a resized vocabulary?)")]
-    ShapeMismatch { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
-    #[error("{path}: tensor {name} is stored as {dtype:?}, which is not a floating-point type")]
-    NotFloat { path: PathBuf, name: String, dtype: zerotune_hf::Dtype },
     #[error("the loss became {loss} at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]
     NonFiniteLoss { step: u64, loss: f64 },
     #[error("the gradients became non-finite (norm {norm}) at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]

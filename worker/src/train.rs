@@ -70,11 +70,7 @@ impl Trainer {
 
     /// A trainer for rank `comm.rank()` of `comm.world()`; every rank must call this together.
     pub fn with_comm(plan: WorkerPlan, device: Device, comm: Box<dyn Collective>) -> Result<Self> {
-        let kind = match plan.precision {
-            Precision::Fp32 => Kind::Float,
-            Precision::Bf16 => Kind::BFloat16,
-            Precision::Fp16 => Kind::Half,
-        };
+        let kind = crate::dtype::precision_kind(plan.precision);
         tch::manual_seed(plan.seed as i64);
         let config = model_config(&plan.model)?;
         let numel = config.num_parameters();
