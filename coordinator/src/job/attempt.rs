@@ -110,7 +110,13 @@ pub(super) async fn attempt(
     if let Some(tls) = &plan.launch.tls {
         env.push((zerotune_proto::TLS_CA_ENV.into(), String::from_utf8_lossy(&tls.ca).into_owned()));
     }
-    let spec = LaunchSpec { launcher: &plan.launch.launcher, placements: &plan.launch.placements, device: plan.launch.device, worker: &plan.launch.worker_bin, env: &env };
+    let spec = LaunchSpec {
+        launcher: &plan.launch.launcher,
+        placements: &plan.launch.placements,
+        device: plan.launch.device,
+        worker: &plan.launch.worker_bin,
+        env: &env,
+    };
     let watchers = launch::start(&spec, &url, &secret, &events_tx)?;
     drop(events_tx);
 

@@ -80,7 +80,11 @@ pub async fn run(
         .route("/metrics", get(render_metrics))
         .fallback(|| async { error(&ApiError { status: 404, code: Some("not_found"), ..ApiError::invalid("", "no such route") }) })
         .method_not_allowed_fallback(|method: axum::http::Method| async move {
-            error(&ApiError { status: 405, code: Some("method_not_allowed"), ..ApiError::invalid("", format!("{method} is not allowed on this route")) })
+            error(&ApiError {
+                status: 405,
+                code: Some("method_not_allowed"),
+                ..ApiError::invalid("", format!("{method} is not allowed on this route"))
+            })
         })
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(axum::middleware::from_fn_with_state(app.clone(), log_request))
