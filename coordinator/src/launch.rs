@@ -11,23 +11,10 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::config::Device;
+use crate::config::{Device, Launcher};
 use crate::error::{CoordinatorError, Result};
 use crate::events::{Event, ExitStatus};
 use crate::hosts::{self, Placement};
-
-/// How workers are started.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Launcher {
-    Local,
-    /// `command host script`: ssh, or any stand-in with the same calling convention.
-    Ssh {
-        command: Vec<String>,
-    },
-    Slurm,
-    /// Print each rank's command; the user starts them.
-    Manual,
-}
 
 /// Everything needed to start the ranks of one attempt.
 pub struct LaunchSpec<'a> {

@@ -300,7 +300,7 @@ fn launcher_flag_conflicts_are_refused() {
         (vec!["--hostfile", &s(&hostfile), "--include", "node-c"], "node-c is not in the hostfile"),
         (vec!["--hostfile", &s(&hostfile), "--launcher", "local"], "--launcher local cannot start ranks on node-a"),
         (vec!["--num_nodes", "2"], "--num_nodes > 1 needs --hostfile"),
-        (vec!["--launcher", "pdsh"], "--launcher \"pdsh\""),
+        (vec!["--launcher", "pdsh"], "invalid value 'pdsh' for '--launcher <LAUNCHER>'"),
     ] {
         let run = Command::new(binary("coordinator")).args(train_args(&out, &t.join("cache"))).args(&extra).output().unwrap();
         let err = stderr(&run);

@@ -9,6 +9,7 @@ mod placement;
 
 pub use args::{DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
 pub use ds_config::{Auto, DsConfig};
+pub use placement::Launcher;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,6 @@ use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_R
 
 use crate::error::{CoordinatorError, Result};
 use crate::hosts::Placement;
-use crate::launch::Launcher;
 
 /// Where the initial weights come from.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,7 +8,19 @@ use super::args::{LaunchArgs, LauncherKind};
 use super::{flag, Device, Tls};
 use crate::error::Result;
 use crate::hosts::{self, Node, Placement};
-use crate::launch::Launcher;
+
+/// How workers are started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    Local,
+    /// `command host script`: ssh, or any stand-in with the same calling convention.
+    Ssh {
+        command: Vec<String>,
+    },
+    Slurm,
+    /// Print each rank's command; the user starts them.
+    Manual,
+}
 
 /// The ranks in global order, and the launcher that starts them.
 pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec<Placement>, Launcher)> {

@@ -12,10 +12,11 @@ use super::commands::produce_commands;
 use super::driver::{Job, JobSpec};
 use super::pace::Pace;
 use super::{Outcome, Run};
+use crate::config::Launcher;
 use crate::config::TrainPlan;
 use crate::error::{CoordinatorError, Result};
 use crate::events::{Control, Signal};
-use crate::launch::{self, LaunchSpec, Launcher};
+use crate::launch::{self, LaunchSpec};
 use crate::progress::Progress;
 use crate::service::{AbortSwitch, JobService};
 

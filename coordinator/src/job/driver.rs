@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::pace::Pace;
 use crate::blame::{Blame, Cause};
@@ -21,6 +22,44 @@ use zerotune_proto::v1::FailureKind;
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What an event means for the event loop.
+enum Next {
+    /// Go on; with a failure to weigh when the event was one.
+    Continue(Option<(Cause, Option<u32>, CoordinatorError)>),
+    /// The run is over: every process finished, or the ranks were started by hand and saved.
+    Finished,
+}
+
+/// Liveness: the progress watchdog (--ddp_timeout: a rank that hangs alive stops everyone's
+/// progress) and heartbeats (--heartbeat_timeout).
+struct Watch {
+    last_progress: Instant,
+    last_step: BTreeMap<u32, u64>,
+    /// When each working rank last beat, and its step then.
+    beats: BTreeMap<u32, (Instant, u64)>,
+}
+
+impl Watch {
+    fn new(world: u32) -> Self {
+        Self { last_progress: Instant::now(), last_step: (0..world).map(|r| (r, 0)).collect(), beats: BTreeMap::new() }
+    }
+
+    /// The rank silent longest: (rank, its step, when its silence becomes a failure).
+    fn most_silent(&self, timeout: std::time::Duration) -> Option<(u32, u64, Instant)> {
+        self.beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + timeout))
+    }
+
+    /// A finished step, save or evaluation is progress.
+    fn saw(&mut self, event: &Event) {
+        if matches!(event, Event::Step(_) | Event::Eval(_) | Event::Saved(_)) {
+            self.last_progress = Instant::now();
+        }
+        if let Event::Step(report) = event {
+            self.last_step.insert(report.rank, report.step);
+        }
+    }
+}
 
 /// The run's fixed facts, as the driver needs them.
 pub(super) struct JobSpec<'a> {
@@ -83,23 +122,18 @@ impl<'a> Job<'a> {
         controls: &mut mpsc::UnboundedReceiver<Control>,
         progress: &mut Progress,
     ) -> Result<()> {
-        use tokio::time::Instant;
         // One death makes every rank fail (their collectives break), so the first report is
         // often not the cause: after the first failure, collect the others until every process
         // is gone and every registered rank's end was heard of (or a grace period passed), then
         // let `Blame` pick the most direct.
         let mut blame = Blame::default();
         let mut deadline: Option<Instant> = None;
-        // Progress watchdog (--ddp_timeout): a rank that hangs alive stops everyone's progress.
-        let mut last_progress = Instant::now();
-        let mut last_step: BTreeMap<u32, u64> = (0..self.spec.world).map(|r| (r, 0)).collect();
-        // Liveness (--heartbeat_timeout): when each working rank last beat, and its step then.
-        let mut beats: BTreeMap<u32, (Instant, u64)> = BTreeMap::new();
+        let mut watch = Watch::new(self.spec.world);
         let plan = self.spec.plan;
+        let launch = &plan.launch;
         loop {
-            let hung_at = last_progress + plan.launch.ddp_timeout;
-            let silent =
-                beats.iter().min_by_key(|(_, (at, _))| *at).map(|(&rank, &(at, step))| (rank, step, at + plan.launch.heartbeat_timeout));
+            let hung_at = watch.last_progress + launch.ddp_timeout;
+            let silent = watch.most_silent(launch.heartbeat_timeout);
             let wake = [Some(hung_at), deadline, silent.map(|s| s.2)].into_iter().flatten().min().expect("hung_at");
             let next = async {
                 tokio::select! {
@@ -111,104 +145,31 @@ impl<'a> Job<'a> {
                 Ok(event) => event,
                 Err(_) => match silent.filter(|s| s.2 <= Instant::now()) {
                     Some((rank, beat_step, _)) => {
-                        let step = last_step.get(&rank).map_or(beat_step, |&s| s.max(beat_step));
+                        let step = watch.last_step.get(&rank).map_or(beat_step, |&s| s.max(beat_step));
                         let message = format!(
                             "no heartbeat for {} s (--heartbeat_timeout) after step {step}: the process is stopped or frozen, \
                              or its host is unreachable",
-                            plan.launch.heartbeat_timeout.as_secs()
+                            launch.heartbeat_timeout.as_secs()
                         );
                         blame.add(Cause::OwnError, Some(rank), self.worker_error(rank, message));
                         break;
                     }
-                    None if deadline.is_none() => return Err(self.hung(&last_step)),
+                    None if deadline.is_none() => return Err(self.hung(&watch.last_step)),
                     None => break,
                 },
             };
             let Some(event) = event else { break };
-            if matches!(event, Event::Step(_) | Event::Eval(_) | Event::Saved(_)) {
-                last_progress = Instant::now();
-            }
+            watch.saw(&event);
             if let Event::Step(report) = &event {
-                last_step.insert(report.rank, report.step);
                 self.spec.pace.finished(report.rank, report.step);
             }
-            let failure = match event {
-                Event::Registered { rank, local_rank, host, device, pid } => {
-                    progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
-                    self.hosts.insert(rank, host);
-                    beats.insert(rank, (Instant::now(), 0));
-                    None
+            match self.on_event(event, blame.is_empty(), &mut watch.beats, progress)? {
+                Next::Finished => return Ok(()),
+                Next::Continue(None) => {}
+                Next::Continue(Some((cause, rank, error))) => {
+                    blame.add(cause, rank, error);
+                    deadline.get_or_insert(Instant::now() + FAILURE_GRACE);
                 }
-                Event::Heartbeat { rank, step } => {
-                    if let Some(beat) = beats.get_mut(&rank) {
-                        *beat = (Instant::now(), step);
-                    }
-                    None
-                }
-                Event::Control(control) => {
-                    self.control(control, progress)?;
-                    None
-                }
-                Event::Step(report) => {
-                    if report.rank == 0 && blame.is_empty() {
-                        progress.step(report)?;
-                    }
-                    None
-                }
-                Event::Eval(report) => {
-                    self.eval(report, progress)?;
-                    None
-                }
-                Event::Saved(report) => {
-                    let last = Path::new(&report.dir) == self.spec.output_dir || self.spec.pace.at(report.step).1;
-                    if last {
-                        beats.remove(&report.rank); // its work is done: it exits without beating again
-                        self.done.insert(report.rank);
-                    }
-                    if self.saved(report, last, blame.is_empty(), progress)? {
-                        return Ok(()); // started by hand: nothing of ours to wait for
-                    }
-                    None
-                }
-                Event::Disconnected { rank } => {
-                    beats.remove(&rank); // it cannot beat any more: its silence is no news
-                                         // Not an end yet: the rank's own report may still follow.
-                    (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
-                        let message =
-                            "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
-                        (Cause::Disconnected, Some(rank), self.worker_error(rank, message.into()))
-                    })
-                }
-                Event::Failed { rank, kind, message } => {
-                    self.ended.insert(rank);
-                    beats.remove(&rank);
-                    let cause = if kind == FailureKind::PeerLost { Cause::PeerLost } else { Cause::OwnError };
-                    Some((cause, Some(rank), self.worker_error(rank, message)))
-                }
-                Event::Exited { rank, status } => {
-                    self.exited += 1;
-                    if let Some(rank) = rank {
-                        self.ended.insert(rank);
-                        beats.remove(&rank);
-                    }
-                    if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
-                        if self.exited == self.spec.processes && blame.is_empty() {
-                            return Ok(());
-                        }
-                        None
-                    } else if let Some(rank) = rank {
-                        let cause = if matches!(status, ExitStatus::Signal(_)) { Cause::Killed } else { Cause::Exited };
-                        let message = format!("the worker process exited ({status}) before the run finished");
-                        Some((cause, Some(rank), self.worker_error(rank, message)))
-                    } else {
-                        let message = format!("srun (every rank) exited ({status}) before the run finished");
-                        Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
-                    }
-                }
-            };
-            if let Some((cause, rank, error)) = failure {
-                blame.add(cause, rank, error);
-                deadline.get_or_insert(Instant::now() + FAILURE_GRACE);
             }
             let processes_gone = self.spec.processes == 0 || self.exited == self.spec.processes;
             let all_heard = self.hosts.keys().all(|rank| self.ended.contains(rank) || self.done.contains(rank));
@@ -218,6 +179,93 @@ impl<'a> Job<'a> {
             }
         }
         Err(blame.verdict().unwrap_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into())))
+    }
+
+    /// What one report, exit or signal means: bookkeeping, and a failure to weigh if it is one.
+    /// `healthy`: no failure so far (after one, steps are no longer progress to show).
+    fn on_event(
+        &mut self,
+        event: Event,
+        healthy: bool,
+        beats: &mut BTreeMap<u32, (Instant, u64)>,
+        progress: &mut Progress,
+    ) -> Result<Next> {
+        let failure = match event {
+            Event::Registered { rank, local_rank, host, device, pid } => {
+                progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
+                self.hosts.insert(rank, host);
+                beats.insert(rank, (Instant::now(), 0));
+                None
+            }
+            Event::Heartbeat { rank, step } => {
+                if let Some(beat) = beats.get_mut(&rank) {
+                    *beat = (Instant::now(), step);
+                }
+                None
+            }
+            Event::Control(control) => {
+                self.control(control, progress)?;
+                None
+            }
+            Event::Step(report) => {
+                if report.rank == 0 && healthy {
+                    progress.step(report)?;
+                }
+                None
+            }
+            Event::Eval(report) => {
+                self.eval(report, progress)?;
+                None
+            }
+            Event::Saved(report) => {
+                let last = Path::new(&report.dir) == self.spec.output_dir || self.spec.pace.at(report.step).1;
+                if last {
+                    beats.remove(&report.rank); // its work is done: it exits without beating again
+                    self.done.insert(report.rank);
+                }
+                if self.saved(report, last, healthy, progress)? {
+                    return Ok(Next::Finished); // started by hand: nothing of ours to wait for
+                }
+                None
+            }
+            Event::Disconnected { rank } => {
+                // It cannot beat any more: its silence is no news. Not an end yet: the rank's own
+                // report may still follow.
+                beats.remove(&rank);
+                (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
+                    let message =
+                        "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
+                    (Cause::Disconnected, Some(rank), self.worker_error(rank, message.into()))
+                })
+            }
+            Event::Failed { rank, kind, message } => {
+                self.ended.insert(rank);
+                beats.remove(&rank);
+                let cause = if kind == FailureKind::PeerLost { Cause::PeerLost } else { Cause::OwnError };
+                Some((cause, Some(rank), self.worker_error(rank, message)))
+            }
+            Event::Exited { rank, status } => {
+                self.exited += 1;
+                if let Some(rank) = rank {
+                    self.ended.insert(rank);
+                    beats.remove(&rank);
+                }
+                if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
+                    if self.exited == self.spec.processes && healthy {
+                        return Ok(Next::Finished);
+                    }
+                    None
+                } else if let Some(rank) = rank {
+                    let cause = if matches!(status, ExitStatus::Signal(_)) { Cause::Killed } else { Cause::Exited };
+                    let message = format!("the worker process exited ({status}) before the run finished");
+                    Some((cause, Some(rank), self.worker_error(rank, message)))
+                } else {
+                    let message = format!("srun (every rank) exited ({status}) before the run finished");
+                    Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
+                }
+            }
+        };
+        Ok(Next::Continue(failure))
     }
 
     /// Adds one rank's share of an evaluation; once every rank's is in, records it.
