@@ -131,3 +131,32 @@ fn a_loss_that_turns_nan_stops_and_keeps_the_last_checkpoint() {
     assert!(out.join("checkpoint-1/model/model.safetensors").is_file());
     assert!(!out.join("model.safetensors").exists(), "no final model after a failed run");
 }
+
+#[test]
+fn numbers_out_of_range_are_refused_before_anything_is_written() {
+    // Negative values parse as values (not as unknown flags) and are then refused, with the reason.
+    refuses(&source_dir(), &["--learning_rate", "-1"], "--learning_rate -1: must be above 0");
+    refuses(&source_dir(), &["--learning_rate", "NaN"], "--learning_rate NaN: must be above 0");
+    refuses(&source_dir(), &["--max_grad_norm", "NaN"], "--max_grad_norm NaN");
+    refuses(&source_dir(), &["--adam_beta2", "1"], "--adam_beta2 1: must be in [0, 1)");
+}
+
+#[test]
+fn sampling_flags_out_of_range_are_refused_without_a_panic() {
+    for (flag, value, want) in [
+        ("--temperature", "NaN", "--temperature NaN: must be a finite number"),
+        ("--temperature", "inf", "--temperature inf"),
+        ("--temperature", "-1", "--temperature -1"),
+        ("--top_p", "2", "--top_p 2: must be in (0, 1]"),
+        ("--top_p", "0", "--top_p 0"),
+        ("--top_p", "-1", "--top_p -1"),
+    ] {
+        let run = std::process::Command::new(common::binary("worker"))
+            .args(["generate", "--model", &s(&fixtures().join("tiny")), "--prompt", "def", "--max_new_tokens", "2", flag, value])
+            .output()
+            .unwrap();
+        let err = stderr(&run);
+        assert_eq!(run.status.code(), Some(1), "{flag} {value}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{flag} {value}: {err}");
+    }
+}

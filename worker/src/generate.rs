@@ -96,6 +96,7 @@ pub struct GenerateArgs {
 /// the prompt with its completion, or the JSON reply, on stdout; a completion cut short by the
 /// context gets a note on stderr.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    args.params.check().map_err(WorkerError::Invalid)?;
     let loaded = Loaded::open(&args.model, args.device, inference_precision(args.device, false))?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {

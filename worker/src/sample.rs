@@ -22,6 +22,21 @@ pub struct SamplingParams {
     pub frequency_penalty: f64,
 }
 
+impl SamplingParams {
+    /// Refuses what sampling cannot use, naming the `worker generate` flag.
+    pub fn check(&self) -> Result<(), String> {
+        let t = self.temperature;
+        if !t.is_finite() || t < 0.0 {
+            return Err(format!("--temperature {t}: must be a finite number, 0 (greedy) or more"));
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(format!("--top_p {p}: must be in (0, 1]"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self { temperature: 0.0, top_p: 1.0, top_k: 0, presence_penalty: 0.0, frequency_penalty: 0.0 }

@@ -74,19 +74,19 @@ pub struct TrainingArgs {
     pub per_device_eval_batch_size: usize,
     #[arg(long, default_value_t = 1)]
     pub gradient_accumulation_steps: usize,
-    #[arg(long, default_value_t = 5e-5)]
+    #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
     pub learning_rate: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub adam_beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
     pub adam_beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, default_value_t = 1e-8, allow_negative_numbers = true)]
     pub adam_epsilon: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     pub num_train_epochs: f64,
     /// Total optimizer steps; overrides --num_train_epochs when positive.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
@@ -95,7 +95,7 @@ pub struct TrainingArgs {
     pub lr_scheduler_type: ScheduleKind,
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub warmup_ratio: f64,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub fp16: Option<bool>,

@@ -195,12 +195,10 @@ impl TrainPlan {
         if !t.do_train {
             return Err(flag("nothing to do: pass --do_train (evaluation-only runs are not supported yet)"));
         }
+        check_numbers(t)?;
         let (model, tokenizer) = model_and_tokenizer(&args.model)?;
         let device = resolve_device(l.device);
         let (placements, launcher) = placement::placements_and_launcher(l, device)?;
-        if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return Err(flag(format!("--warmup_ratio {} must be in [0, 1)", t.warmup_ratio)));
-        }
         let warmup = if t.warmup_steps > 0 { Warmup::Steps(t.warmup_steps) } else { Warmup::Ratio(t.warmup_ratio) };
         for (name, value) in [
             ("--per_device_train_batch_size", t.per_device_train_batch_size),
@@ -329,6 +327,30 @@ impl TrainPlan {
             Warmup::Ratio(r) => (total as f64 * r).ceil() as u64,
         }
     }
+}
+
+/// Every number of the optimization, finite and in its range, before anything is written.
+fn check_numbers(t: &TrainingArgs) -> Result<()> {
+    let above_0 = |v: f64| v > 0.0;
+    let at_least_0 = |v: f64| v >= 0.0;
+    let beta = |v: f64| (0.0..1.0).contains(&v);
+    let rules: [(&str, f64, &dyn Fn(f64) -> bool, &str); 8] = [
+        ("--learning_rate", t.learning_rate, &above_0, "must be above 0"),
+        ("--weight_decay", t.weight_decay, &at_least_0, "must be 0 or more"),
+        ("--adam_beta1", t.adam_beta1, &beta, "must be in [0, 1)"),
+        ("--adam_beta2", t.adam_beta2, &beta, "must be in [0, 1)"),
+        ("--adam_epsilon", t.adam_epsilon, &above_0, "must be above 0"),
+        ("--max_grad_norm", t.max_grad_norm, &at_least_0, "must be 0 (no clipping) or more"),
+        ("--warmup_ratio", t.warmup_ratio, &|v| (0.0..=1.0).contains(&v), "must be in [0, 1]"),
+        // Only read when --max_steps does not set the length.
+        ("--num_train_epochs", if t.max_steps > 0 { 1.0 } else { t.num_train_epochs }, &above_0, "must be above 0 (or give --max_steps)"),
+    ];
+    for (name, value, in_range, rule) in rules {
+        if !value.is_finite() || !in_range(value) {
+            return Err(flag(format!("{name} {value}: {rule}")));
+        }
+    }
+    Ok(())
 }
 
 fn model_and_tokenizer(args: &ModelArgs) -> Result<(ModelChoice, TokenizerChoice)> {
@@ -521,6 +543,29 @@ mod tests {
         args.launch.num_gpus = Some(2);
         let err = TrainPlan::resolve(&args).unwrap_err().to_string();
         assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "{err}");
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_by_flag() {
+        for (args, want) in [
+            (["--learning_rate", "NaN"], "--learning_rate NaN: must be above 0"),
+            (["--learning_rate", "-1"], "--learning_rate -1: must be above 0"),
+            (["--learning_rate", "0"], "--learning_rate 0: must be above 0"),
+            (["--max_grad_norm", "nan"], "--max_grad_norm NaN: must be 0 (no clipping) or more"),
+            (["--max_grad_norm", "-0.5"], "--max_grad_norm -0.5"),
+            (["--adam_beta1", "1"], "--adam_beta1 1: must be in [0, 1)"),
+            (["--adam_beta2", "-0.1"], "--adam_beta2 -0.1"),
+            (["--adam_epsilon", "0"], "--adam_epsilon 0: must be above 0"),
+            (["--weight_decay", "inf"], "--weight_decay inf"),
+            (["--warmup_ratio", "1.5"], "--warmup_ratio 1.5: must be in [0, 1]"),
+            (["--num_train_epochs", "0"], "--num_train_epochs 0: must be above 0"),
+            (["--num_train_epochs", "-1"], "--num_train_epochs -1"),
+        ] {
+            let err = TrainPlan::resolve(&parse(&args)).unwrap_err().to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        let fine = parse(&["--num_train_epochs", "0", "--max_steps", "5", "--max_grad_norm", "0", "--warmup_ratio", "1"]);
+        assert_eq!(TrainPlan::resolve(&fine).unwrap().training.max_steps, Some(5), "epochs are not read with --max_steps");
     }
 
     #[test]

@@ -45,11 +45,11 @@ enum Command {
         prompt: String,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f64,
         #[arg(long, default_value_t = 0)]
         top_k: usize,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
