@@ -314,7 +314,7 @@ fn a_full_queue_answers_429_and_a_departed_client_frees_its_slot() {
     server.wait_for_metric("zerotune_active_sequences", 1.0);
     let queued = {
         let addr = server.addr.clone();
-        std::thread::spawn(move || http::post(&addr, "/v1/completions", r#"{"prompt":"x","max_tokens":3}"#))
+        std::thread::spawn(move || http::post(&addr, "/v1/completions", r#"{"prompt":"x","max_tokens":3,"temperature":0}"#))
     };
     server.wait_for_metric("zerotune_queue_depth", 1.0);
     let refused = server.post("/v1/completions", json!({"prompt": "y"}));

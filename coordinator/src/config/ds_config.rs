@@ -1,7 +1,8 @@
 //! `--deepspeed ds_config.json`, read as HF Trainer reads it: `"auto"` takes the flag's value,
 //! any other value must agree with the flag; batch, optimizer, scheduler, precision and ZeRO
 //! settings come into the plan. Keys are typed; a key DeepSpeed does not have (a typo such as
-//! `zero_optimisation`) is refused by name, and DeepSpeed keys with no effect here are accepted.
+//! `zero_optimisation`) is refused by name, and the DeepSpeed keys zerotune does not apply (its
+//! behaviour is fixed, or the feature is another tool's; `ACCEPTED`) are accepted and ignored.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,9 +107,9 @@ struct SchedulerParams {
 struct Fp16 {
     enabled: Option<Auto<bool>>,
     loss_scale: Option<f64>,
-    initial_scale_power: Option<u32>,
-    loss_scale_window: Option<u32>,
-    hysteresis: Option<u32>,
+    initial_scale_power: Option<f64>,
+    loss_scale_window: Option<f64>,
+    hysteresis: Option<f64>,
     min_loss_scale: Option<f64>,
     #[serde(flatten)]
     rest: Rest,
@@ -205,6 +206,10 @@ impl DsConfig {
         let bad = |m: String| flag(format!("--deepspeed {}: {m}", path.display()));
         let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let config: Self = serde_path_to_error::deserialize(value).map_err(|e| bad(format!("{}: {}", e.path(), e.inner())))?;
+        // A ZeRO-3 config has keys of its own: say first that the stage is the matter.
+        if let Some(stage) = config.zero_optimization.as_ref().and_then(|z| z.stage).filter(|&s| s > 2) {
+            return Err(bad(format!("zero_optimization.stage {stage}: zerotune implements ZeRO stages 0-2")));
+        }
         let unknown = config.unknown_keys();
         if !unknown.is_empty() {
             return Err(bad(format!(
@@ -376,11 +381,22 @@ impl DsConfig {
                 return Err(bad(format!("fp16.loss_scale {scale}: only dynamic loss scaling (0) is supported")));
             }
             let default = LossScaler::default();
+            // Whole numbers in range (DeepSpeed configs often write 1e3, or 1000.0).
+            let whole = |key: &str, value: Option<f64>, default: u32, range: std::ops::RangeInclusive<u32>| match value {
+                None => Ok(default),
+                Some(v) if v.fract() == 0.0 && range.contains(&(v as u32)) && v >= 0.0 => Ok(v as u32),
+                Some(v) => Err(bad(format!("fp16.{key} {v}: expected a whole number in [{}, {}]", range.start(), range.end()))),
+            };
+            let min_scale = f.min_loss_scale.unwrap_or(default.min_scale);
+            if !(min_scale.is_finite() && min_scale > 0.0) {
+                return Err(bad(format!("fp16.min_loss_scale {min_scale}: expected a finite number above 0")));
+            }
             plan.training.loss_scaler = LossScaler {
-                initial_scale_power: f.initial_scale_power.unwrap_or(default.initial_scale_power),
-                window: f.loss_scale_window.unwrap_or(default.window),
-                hysteresis: f.hysteresis.unwrap_or(default.hysteresis),
-                min_scale: f.min_loss_scale.unwrap_or(default.min_scale),
+                // 2^64 and beyond is no longer a finite fp32 scale.
+                initial_scale_power: whole("initial_scale_power", f.initial_scale_power, default.initial_scale_power, 0..=63)?,
+                window: whole("loss_scale_window", f.loss_scale_window, default.window, 1..=u32::MAX)?,
+                hysteresis: whole("hysteresis", f.hysteresis, default.hysteresis, 1..=u32::MAX)?,
+                min_scale,
                 abort_at_min_scale: true,
             };
         }
@@ -485,8 +501,8 @@ mod tests {
     fn wrong_types_name_their_key() {
         let err = read(r#"{"zero_optimization": {"stage": "two"}}"#).unwrap_err().to_string();
         assert!(err.contains("zero_optimization.stage: invalid type: string \"two\""), "{err}");
-        let err = read(r#"{"fp16": {"initial_scale_power": 16.5}}"#).unwrap_err().to_string();
-        assert!(err.contains("fp16.initial_scale_power: invalid type: floating point"), "{err}");
+        let err = read(r#"{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto"}}"#).unwrap_err().to_string();
+        assert!(err.contains("zero_optimization.stage 3: zerotune implements ZeRO stages 0-2"), "{err}");
         let err = read(r#"{"train_batch_size": -4}"#).unwrap_err().to_string();
         assert!(err.contains("train_batch_size: invalid value: integer `-4`"), "{err}");
         let err = read(r#"{"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}"#).unwrap_err().to_string();

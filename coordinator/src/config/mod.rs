@@ -329,12 +329,15 @@ impl TrainPlan {
     }
 }
 
+/// A flag's name, its value, whether the value is in range, and the rule in words.
+type NumberRule<'a> = (&'a str, f64, &'a dyn Fn(f64) -> bool, &'a str);
+
 /// Every number of the optimization, finite and in its range, before anything is written.
 fn check_numbers(t: &TrainingArgs) -> Result<()> {
     let above_0 = |v: f64| v > 0.0;
     let at_least_0 = |v: f64| v >= 0.0;
     let beta = |v: f64| (0.0..1.0).contains(&v);
-    let rules: [(&str, f64, &dyn Fn(f64) -> bool, &str); 8] = [
+    let rules: [NumberRule; 8] = [
         ("--learning_rate", t.learning_rate, &above_0, "must be above 0"),
         ("--weight_decay", t.weight_decay, &at_least_0, "must be 0 or more"),
         ("--adam_beta1", t.adam_beta1, &beta, "must be in [0, 1)"),
@@ -520,6 +523,28 @@ mod tests {
     }
 
     #[test]
+    fn loss_scaler_values_are_whole_and_in_range() {
+        let scaler = |fp16: &str| {
+            let (_d, path) = ds(&format!(r#"{{"fp16": {{"enabled": "auto", {fp16}}}}}"#));
+            let mut args = parse(&["--deepspeed", &path, "--fp16"]);
+            args.launch.device = DeviceSpec::Cuda(None);
+            TrainPlan::resolve(&args).map(|plan| plan.training.loss_scaler).map_err(|e| e.to_string())
+        };
+        let ok = scaler(r#""loss_scale_window": 1e3, "initial_scale_power": 12.0, "hysteresis": 3, "min_loss_scale": 0.5"#).unwrap();
+        assert_eq!((ok.window, ok.initial_scale_power, ok.hysteresis, ok.min_scale), (1000, 12, 3, 0.5));
+        for (fp16, want) in [
+            (r#""loss_scale_window": 0"#, "fp16.loss_scale_window 0: expected a whole number in [1, "),
+            (r#""initial_scale_power": 16.5"#, "fp16.initial_scale_power 16.5: expected a whole number in [0, 63]"),
+            (r#""initial_scale_power": 1024"#, "fp16.initial_scale_power 1024"),
+            (r#""hysteresis": -1"#, "fp16.hysteresis -1"),
+            (r#""min_loss_scale": 0"#, "fp16.min_loss_scale 0: expected a finite number above 0"),
+        ] {
+            let err = scaler(fp16).unwrap_err();
+            assert!(err.contains(want), "{fp16}: {err}");
+        }
+    }
+
+    #[test]
     fn log_warmup_and_stage_3_are_refused_clearly() {
         let (_d, path) = ds(r#"{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}"#);
         let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
@@ -543,6 +568,10 @@ mod tests {
         args.launch.num_gpus = Some(2);
         let err = TrainPlan::resolve(&args).unwrap_err().to_string();
         assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "{err}");
+        args.launch.num_gpus = None;
+        args.launch.launcher = Some(LauncherKind::Slurm);
+        let err = TrainPlan::resolve(&args).unwrap_err().to_string();
+        assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "slurm gives each task its own GPU: {err}");
     }
 
     #[test]

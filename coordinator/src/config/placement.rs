@@ -38,7 +38,8 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec
     }
     let per_node = gpus.or(workers);
     if let Device::Cuda(Some(index)) = device {
-        if per_node.is_some() || args.hostfile.is_some() || args.include.is_some() || args.exclude.is_some() {
+        let several = per_node.is_some() || args.hostfile.is_some() || args.include.is_some() || args.exclude.is_some();
+        if several || args.launcher == Some(LauncherKind::Slurm) {
             return Err(flag(format!(
                 "--device cuda:{index} runs one rank on GPU {index}: to choose GPUs for several ranks, use --device cuda with --include localhost:{index},..."
             )));
