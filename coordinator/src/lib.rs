@@ -12,6 +12,7 @@ pub mod events;
 pub mod hosts;
 pub mod job;
 pub mod launch;
+pub mod lock;
 pub mod prepare;
 pub mod progress;
 pub mod report;

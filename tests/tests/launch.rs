@@ -362,3 +362,57 @@ fn tls_between_coordinator_and_workers() {
         .unwrap();
     assert!(!half.status.success() && stderr(&half).contains("needs both --tls_cert and --tls_key"), "{}", stderr(&half));
 }
+
+/// Two jobs into one `--output_dir`: the second is refused before it writes anything, naming the
+/// first; once the first is killed, the next job takes its lock over and says so.
+#[test]
+fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let out = t.join("shared");
+    let job = || {
+        let mut command = Command::new(binary("coordinator"));
+        command.args(train_args(&out, &t.join("cache"))).args(["--num_workers", "1", "--overwrite_output_dir"]);
+        command
+    };
+    // A manual launch holds the dir while it waits for its workers: it has printed their command.
+    let held = |command: &mut Command| {
+        let manual = ["--launcher", "manual", "--master_addr", "127.0.0.1", "--master_port", "0"];
+        let mut child = command.args(manual).stderr(Stdio::piped()).spawn().unwrap();
+        let mut seen = vec![];
+        for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+            let printed = line.trim_start().starts_with("[localhost] ");
+            seen.push(line);
+            if printed {
+                return (child, seen);
+            }
+        }
+        panic!("no worker command printed:\n{}", seen.join("\n"));
+    };
+    let (first, _) = held(&mut job());
+    let mut first = KillOnDrop(first);
+    let run_json = std::fs::read_to_string(out.join("run.json")).unwrap();
+
+    let second = job().output().unwrap();
+    let err = stderr(&second);
+    assert!(!second.status.success(), "{err}");
+    assert!(err.contains("another job is using it") && err.contains(&format!("pid {}", first.0.id())), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("run.json")).unwrap(), run_json, "the first job's files are untouched");
+
+    let pid = first.0.id();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let (third, seen) = held(&mut job());
+    let _third = KillOnDrop(third);
+    assert!(seen.iter().any(|l| l.contains("taking over the lock left by") && l.contains(&format!("pid {pid}"))), "{}", seen.join("\n"));
+}
+
+/// A coordinator that waits for workers nobody starts: killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -20,6 +20,7 @@ use crate::dataset::TokenCache;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::events::Signal;
 use crate::launch;
+use crate::lock::{self, OutputLock};
 use crate::prepare::{prepare, Prepared};
 use crate::sampler::Sampler;
 use crate::{completion_eval, report};
@@ -48,6 +49,8 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
     std::fs::create_dir_all(&plan.output.dir).map_err(io_err(&plan.output.dir))?;
     let output_dir = plan.output.dir.canonicalize().map_err(io_err(&plan.output.dir))?;
+    // Held until the run, its evaluation and its report are done: one job per output dir.
+    let _lock = OutputLock::acquire(&output_dir)?;
     let worker_plan = worker_plan(&plan, &prepared)?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
@@ -181,7 +184,7 @@ fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
 /// HF refuses a non-empty output_dir unless told to overwrite; so do we.
 fn check_output_dir(plan: &TrainPlan) -> Result<()> {
     let dir = &plan.output.dir;
-    let non_empty = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let non_empty = std::fs::read_dir(dir).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != lock::LOCK_FILE))).unwrap_or(false);
     if non_empty && !plan.output.overwrite {
         return Err(CoordinatorError::Flag(format!(
             "--output_dir {} exists and is not empty; pass --overwrite_output_dir to train into it anyway",
