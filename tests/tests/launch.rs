@@ -378,9 +378,9 @@ fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
     // A manual launch holds the dir while it waits for its workers: it has printed their command.
     let held = |command: &mut Command| {
         let manual = ["--launcher", "manual", "--master_addr", "127.0.0.1", "--master_port", "0"];
-        let mut child = command.args(manual).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = KillOnDrop(command.args(manual).stderr(Stdio::piped()).spawn().unwrap());
         let mut seen = vec![];
-        for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        for line in BufReader::new(child.0.stderr.take().unwrap()).lines().map(Result::unwrap) {
             let printed = line.trim_start().starts_with("[localhost] ");
             seen.push(line);
             if printed {
@@ -389,8 +389,7 @@ fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
         }
         panic!("no worker command printed:\n{}", seen.join("\n"));
     };
-    let (first, _) = held(&mut job());
-    let mut first = KillOnDrop(first);
+    let (mut first, _) = held(&mut job());
     let run_json = std::fs::read_to_string(out.join("run.json")).unwrap();
 
     let second = job().output().unwrap();
@@ -402,8 +401,7 @@ fn a_second_job_on_the_same_output_dir_is_refused_naming_the_first() {
     let pid = first.0.id();
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    let (third, seen) = held(&mut job());
-    let _third = KillOnDrop(third);
+    let (_third, seen) = held(&mut job());
     assert!(seen.iter().any(|l| l.contains("taking over the lock left by") && l.contains(&format!("pid {pid}"))), "{}", seen.join("\n"));
 }
 
