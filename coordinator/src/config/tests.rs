@@ -1,0 +1,179 @@
+//! The plan's rules: flags and ds_config values into `TrainPlan`, placement, and what is refused.
+
+use super::*;
+use clap::Parser;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+fn parse(extra: &[&str]) -> TrainArgs {
+    let mut argv = vec![
+        "x",
+        "--config_name",
+        "tiny",
+        "--train_tokenizer",
+        "400",
+        "--train_file",
+        "d.jsonl",
+        "--output_dir",
+        "o",
+        "--do_train",
+        "--device",
+        "cpu",
+        "--worker_bin",
+        "/bin/true",
+    ];
+    argv.extend_from_slice(extra);
+    Cli::parse_from(argv).args
+}
+
+fn ds(json: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ds.json");
+    std::fs::write(&path, json).unwrap();
+    let path = path.to_string_lossy().into_owned();
+    (dir, path)
+}
+
+#[test]
+fn fewer_hosts_keep_the_global_batch_with_more_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostfile = dir.path().join("hostfile");
+    std::fs::write(&hostfile, "a slots=2\nb slots=1\nc slots=1\n").unwrap();
+    let hostfile = hostfile.to_string_lossy().into_owned();
+    let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"];
+    let plan = TrainPlan::resolve(&parse(&args)).unwrap();
+    assert_eq!((plan.world_size(), plan.global_batch()), (4, 24));
+    let lost = |hosts: &[&str]| hosts.iter().map(|h| h.to_string()).collect::<BTreeSet<String>>();
+
+    let fewer = plan.without_hosts(&lost(&["a"])).unwrap();
+    assert_eq!((fewer.world_size(), fewer.batch.accumulation, fewer.batch.micro), (2, 6, 2));
+    let ranks: Vec<(usize, &str, usize)> = fewer.launch.placements.iter().map(|p| (p.rank, p.host.as_str(), p.slot)).collect();
+    assert_eq!(ranks, [(0, "b", 0), (1, "c", 0)], "renumbered in order, slots kept");
+    assert_eq!(plan.without_hosts(&lost(&["b"])).unwrap().batch.accumulation, 4);
+    let one = plan.without_hosts(&lost(&["a", "c"])).unwrap();
+    assert_eq!((one.world_size(), one.batch.accumulation, one.launch.placements[0].host.as_str()), (1, 12, "b"));
+
+    let err = plan.without_hosts(&lost(&["a", "b", "c"])).unwrap_err().to_string();
+    assert!(err.contains("no rank is left") && err.contains("a, b, c"), "{err}");
+    let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"];
+    let err = TrainPlan::resolve(&parse(&args)).unwrap().without_hosts(&lost(&["b"])).unwrap_err().to_string();
+    assert!(
+        err.contains("without b, 3 rank(s) are left and cannot keep the global batch of 4 (micro 1 x accumulation 1 x world 4)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn auto_values_take_the_flags() {
+    let (_d, path) = ds(r#"{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#);
+    let plan =
+        TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
+    assert_eq!((plan.batch.micro, plan.training.optimizer.lr), (2, 1e-3));
+    assert_eq!(plan.zero, Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: DEFAULT_REDUCE_BUCKET });
+}
+
+#[test]
+fn mismatches_name_every_factor() {
+    let (_d, path) = ds(r#"{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 96, "gradient_accumulation_steps": 8}"#);
+    let err =
+        TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8"]))
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("train_batch_size=96 vs hf world 1 x micro 4 x accumulation 8=32"), "{err}");
+    assert!(!err.contains("train_micro_batch_size_per_gpu="), "{err}");
+}
+
+#[test]
+fn loss_scaler_values_are_whole_and_in_range() {
+    let scaler = |fp16: &str| {
+        let (_d, path) = ds(&format!(r#"{{"fp16": {{"enabled": "auto", {fp16}}}}}"#));
+        let mut args = parse(&["--deepspeed", &path, "--fp16"]);
+        args.launch.device = DeviceSpec::Cuda(None);
+        TrainPlan::resolve(&args).map(|plan| plan.training.loss_scaler).map_err(|e| e.to_string())
+    };
+    let ok = scaler(r#""loss_scale_window": 1e3, "initial_scale_power": 12.0, "hysteresis": 3, "min_loss_scale": 0.5"#).unwrap();
+    assert_eq!((ok.window, ok.initial_scale_power, ok.hysteresis, ok.min_scale), (1000, 12, 3, 0.5));
+    for (fp16, want) in [
+        (r#""loss_scale_window": 0"#, "fp16.loss_scale_window 0: expected a whole number in [1, "),
+        (r#""initial_scale_power": 16.5"#, "fp16.initial_scale_power 16.5: expected a whole number in [0, 63]"),
+        (r#""initial_scale_power": 1024"#, "fp16.initial_scale_power 1024"),
+        (r#""hysteresis": -1"#, "fp16.hysteresis -1"),
+        (r#""min_loss_scale": 0"#, "fp16.min_loss_scale 0: expected a finite number above 0"),
+    ] {
+        let err = scaler(fp16).unwrap_err();
+        assert!(err.contains(want), "{fp16}: {err}");
+    }
+}
+
+#[test]
+fn log_warmup_and_stage_3_are_refused_clearly() {
+    let (_d, path) = ds(r#"{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}"#);
+    let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
+    assert!(err.contains("warmup_type \"log\""), "{err}");
+    let (_d, path) = ds(r#"{"zero_optimization": {"stage": 3}}"#);
+    assert!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string().contains("stage 3"));
+    let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}"#);
+    let err = TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap_err().to_string();
+    assert!(err.contains("reduce_bucket_size \"auto\": expected a positive number"), "{err}");
+    let (_d, path) = ds(r#"{"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e8}}"#);
+    assert_eq!(TrainPlan::resolve(&parse(&["--deepspeed", &path])).unwrap().zero.reduce_bucket_size, 200_000_000);
+}
+
+#[test]
+fn cuda_n_places_the_one_rank_on_that_gpu() {
+    let mut args = parse(&[]);
+    args.launch.device = DeviceSpec::Cuda(Some(3));
+    let plan = TrainPlan::resolve(&args).unwrap();
+    assert_eq!((plan.launch.device.to_string(), plan.launch.device.worker_flag()), ("cuda:3".into(), "cuda"));
+    assert_eq!((plan.world_size(), plan.launch.placements[0].slot), (1, 3));
+    args.launch.num_gpus = Some(2);
+    let err = TrainPlan::resolve(&args).unwrap_err().to_string();
+    assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "{err}");
+    args.launch.num_gpus = None;
+    args.launch.launcher = Some(LauncherKind::Slurm);
+    let err = TrainPlan::resolve(&args).unwrap_err().to_string();
+    assert!(err.contains("--device cuda:3 runs one rank on GPU 3"), "slurm gives each task its own GPU: {err}");
+}
+
+#[test]
+fn numbers_out_of_range_are_refused_by_flag() {
+    for (args, want) in [
+        (["--learning_rate", "NaN"], "--learning_rate NaN: must be above 0"),
+        (["--learning_rate", "-1"], "--learning_rate -1: must be above 0"),
+        (["--learning_rate", "0"], "--learning_rate 0: must be above 0"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm NaN: must be 0 (no clipping) or more"),
+        (["--max_grad_norm", "-0.5"], "--max_grad_norm -0.5"),
+        (["--adam_beta1", "1"], "--adam_beta1 1: must be in [0, 1)"),
+        (["--adam_beta2", "-0.1"], "--adam_beta2 -0.1"),
+        (["--adam_epsilon", "0"], "--adam_epsilon 0: must be above 0"),
+        (["--weight_decay", "inf"], "--weight_decay inf"),
+        (["--warmup_ratio", "1.5"], "--warmup_ratio 1.5: must be in [0, 1]"),
+        (["--num_train_epochs", "0"], "--num_train_epochs 0: must be above 0"),
+        (["--num_train_epochs", "-1"], "--num_train_epochs -1"),
+    ] {
+        let err = TrainPlan::resolve(&parse(&args)).unwrap_err().to_string();
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let fine = parse(&["--num_train_epochs", "0", "--max_steps", "5", "--max_grad_norm", "0", "--warmup_ratio", "1"]);
+    assert_eq!(TrainPlan::resolve(&fine).unwrap().training.max_steps, Some(5), "epochs are not read with --max_steps");
+}
+
+#[test]
+fn flag_errors() {
+    assert!(TrainPlan::resolve(&parse(&["--fp16"])).unwrap_err().to_string().contains("--fp16 needs a GPU"));
+    let err =
+        Cli::try_parse_from(["x", "--train_file", "d", "--output_dir", "o", "--lr_scheduler_type", "poly"]).err().unwrap().to_string();
+    assert!(err.contains("--lr_scheduler_type") && err.contains("expected linear, cosine"), "{err}");
+    let mut args = parse(&[]);
+    args.training.do_train = false;
+    assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--do_train"));
+    let plan = TrainPlan::resolve(&parse(&["--fp16", "false", "--warmup_ratio", "0.1"])).unwrap();
+    assert_eq!((plan.training.precision, plan.warmup_steps(95)), (Precision::Fp32, 10));
+}
