@@ -43,6 +43,21 @@ impl Dtype {
         matches!(self, Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::F64)
     }
 
+    /// How many of the little-endian values in `bytes` are NaN or infinite (0 for integer types):
+    /// an all-ones exponent, tested on the bits so no value is converted.
+    pub fn count_nonfinite(self, bytes: &[u8]) -> u64 {
+        fn count<const N: usize>(bytes: &[u8], nonfinite: impl Fn([u8; N]) -> bool) -> u64 {
+            bytes.chunks_exact(N).filter(|b| nonfinite((*b).try_into().expect("chunks of N bytes"))).count() as u64
+        }
+        match self {
+            Dtype::F32 => count(bytes, |b: [u8; 4]| u32::from_le_bytes(b) & 0x7f80_0000 == 0x7f80_0000),
+            Dtype::F16 => count(bytes, |b: [u8; 2]| u16::from_le_bytes(b) & 0x7c00 == 0x7c00),
+            Dtype::Bf16 => count(bytes, |b: [u8; 2]| u16::from_le_bytes(b) & 0x7f80 == 0x7f80),
+            Dtype::F64 => count(bytes, |b: [u8; 8]| u64::from_le_bytes(b) & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000),
+            Dtype::I64 | Dtype::I32 | Dtype::U8 | Dtype::Bool => 0,
+        }
+    }
+
     pub(crate) fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
         use safetensors::Dtype as S;
         Some(match dtype {
@@ -83,5 +98,22 @@ impl Dtype {
             C::U8 => Dtype::U8,
             _ => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonfinite_values_are_counted_in_every_float_type() {
+        let values = [1.0f32, f32::NAN, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE / 2.0];
+        let bytes = |f: &dyn Fn(f32) -> Vec<u8>| values.iter().flat_map(|&v| f(v)).collect::<Vec<u8>>();
+        assert_eq!(Dtype::F32.count_nonfinite(&bytes(&|v| v.to_le_bytes().to_vec())), 3);
+        assert_eq!(Dtype::F64.count_nonfinite(&bytes(&|v| (v as f64).to_le_bytes().to_vec())), 3);
+        // f32::MAX rounds to infinity in bf16 and overflows f16.
+        assert_eq!(Dtype::Bf16.count_nonfinite(&bytes(&|v| half::bf16::from_f32(v).to_le_bytes().to_vec())), 4);
+        assert_eq!(Dtype::F16.count_nonfinite(&bytes(&|v| half::f16::from_f32(v).to_le_bytes().to_vec())), 4);
+        assert_eq!(Dtype::I32.count_nonfinite(&[0xff; 8]), 0);
     }
 }

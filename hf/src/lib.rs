@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod dtype;
+pub mod manifest;
+pub mod os;
 pub mod read;
 pub mod tokenizer;
 pub mod write;
@@ -41,6 +43,8 @@ pub enum Error {
     MissingTensors { dir: PathBuf, count: usize, first: String },
     #[error("{path}: tensor {name} has shape {found:?} but config.json implies {expected:?} (a checkpoint of another size or a resized vocabulary?)")]
     ShapeMismatch { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("{path}: tensor {name} holds {count} NaN or infinite values: the weights are damaged or diverged; use another checkpoint, or pass --allow_nonfinite to load them anyway")]
+    NonFinite { path: PathBuf, name: String, count: u64 },
     #[error("{path}: tensor {name} is stored as {dtype:?}, which is not a floating-point type")]
     NotFloat { path: PathBuf, name: String, dtype: Dtype },
 }

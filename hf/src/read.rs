@@ -165,6 +165,17 @@ impl WeightFiles {
         }
     }
 
+    /// The first tensor (in name order) holding NaN or infinite values, and how many, streamed
+    /// through the mapping one tensor at a time.
+    pub fn first_nonfinite(&self) -> Option<(&str, u64)> {
+        self.names().find_map(|name| {
+            let (dtype, _) = self.info(name)?;
+            let count = dtype.count_nonfinite(self.bytes(name)?);
+            self.release(name);
+            (count > 0).then_some((name, count))
+        })
+    }
+
     pub fn read(&self, name: &str) -> Option<RawTensor> {
         let entry = self.entries.get(name)?;
         let data = self.maps[entry.file][entry.start..entry.end].to_vec();

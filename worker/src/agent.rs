@@ -58,7 +58,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             Some(WorkerError::Peer(_)) => FailureKind::PeerLost,
             _ => FailureKind::Own,
         };
-        let report = FailureReport { rank: args.rank, message: format!("{err:#}"), kind: kind.into() };
+        let report = FailureReport { rank: args.rank, message: zerotune_hf::os::error_report(err.as_ref()), kind: kind.into() };
         let _ = rt.block_on(client.report_failure(report));
     }
     drop(stream);

@@ -78,7 +78,7 @@ enum Command {
 
 fn main() {
     if let Err(err) = run(Cli::parse()) {
-        eprintln!("convert: error: {err:#}");
+        eprintln!("convert: error: {}", zerotune_hf::os::error_report(err.as_ref()));
         std::process::exit(1);
     }
 }

@@ -56,7 +56,7 @@ fn main() {
         }
     };
     if let Err(err) = result {
-        eprintln!("coordinator: error: {err:#}");
+        eprintln!("coordinator: error: {}", zerotune_hf::os::error_report(err.as_ref()));
         std::process::exit(1);
     }
 }

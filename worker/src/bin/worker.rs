@@ -142,7 +142,7 @@ struct EvalArgs {
 
 fn main() {
     if let Err(err) = run(Cli::parse()) {
-        eprintln!("worker: error: {err:#}");
+        eprintln!("worker: error: {}", zerotune_hf::os::error_report(err.as_ref()));
         std::process::exit(1);
     }
 }
