@@ -36,6 +36,10 @@ pub struct WorkerPlan {
     /// The offloaded step moves gradients down and weights up in tiles of this many elements,
     /// overlapping each tile's transfers with the host's work on its neighbour.
     pub offload_tile: usize,
+    /// Recompute each block's activations in the backward pass instead of keeping them (HF
+    /// `--gradient_checkpointing`, ds_config `activation_checkpointing`): activation memory of one
+    /// block plus one (B, T, C) input per block, for a second forward pass of compute.
+    pub gradient_checkpointing: bool,
     /// Continue from this checkpoint instead of the model's initial weights.
     pub resume: Option<Resume>,
     /// How ranks talk to each other.

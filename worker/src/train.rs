@@ -117,9 +117,8 @@ impl Trainer {
         for ids in micro_batches {
             let (b, t) = ids.size2()?;
             tokens += (b * t) as u64;
-            let loss = self.model.loss(ids, true);
-            loss_sum += loss.detach().to_kind(Kind::Double);
-            (loss * (scale / divisor)).f_backward()?;
+            let loss = self.model.loss_backward(ids, true, scale / divisor, self.plan.gradient_checkpointing)?;
+            loss_sum += loss.to_kind(Kind::Double);
             self.accumulate_grads()?;
         }
         let outcome = self.optimizer_step(scale, loss_sum, divisor, tokens);

@@ -66,6 +66,7 @@ fn train_plan() -> WorkerPlan {
         offload_optimizer: true,
         reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
         offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
+        gradient_checkpointing: false,
         resume: None,
         collectives: Collectives::None,
         heartbeat_timeout_ms: 30_000,

@@ -132,6 +132,14 @@ pub struct TrainingArgs {
     /// DeepSpeed config (ZeRO, batch, optimizer, scheduler, fp16/bf16; "auto" allowed).
     #[arg(long)]
     pub deepspeed: Option<PathBuf>,
+    /// Recompute each block's activations in the backward pass instead of keeping them (less
+    /// memory, about a third more compute); also set by ds_config `activation_checkpointing`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
+    /// The offloaded optimizer moves gradients and weights in tiles of this many elements (for
+    /// tests and tuning; transfers of one tile overlap the host's work on the next).
+    #[arg(long, default_value_t = zerotune_proto::plan::DEFAULT_OFFLOAD_TILE)]
+    pub offload_tile_elements: usize,
 }
 
 /// Where the ranks run and how they are started and watched (the deepspeed launcher's flags).
@@ -194,6 +202,41 @@ pub struct LaunchArgs {
     /// The remote shell for --launcher ssh (any program called as `CMD host script`).
     #[arg(long, default_value = "ssh -o BatchMode=yes")]
     pub ssh_command: String,
+    /// Memory of each GPU to plan for (e.g. 24GiB, 80GB, 16000MiB; default: queried from the
+    /// GPU, or this machine's RAM for CPU ranks). A job the memory planner finds too large for it
+    /// is refused before any worker starts.
+    #[arg(long)]
+    pub gpu_memory: Option<Bytes>,
+}
+
+/// A byte count with an optional unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl FromStr for Bytes {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let s = spec.trim();
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024f64.powi(2),
+            "gib" => 1024f64.powi(3),
+            "tib" => 1024f64.powi(4),
+            other => return Err(format!("{spec:?}: unknown unit {other:?} (expected e.g. 24GiB, 80GB or 16000MiB)")),
+        };
+        match number.parse::<f64>() {
+            Ok(n) if n > 0.0 && n.is_finite() => Ok(Self((n * factor).round() as u64)),
+            _ => Err(format!("{spec:?}: expected a positive size such as 24GiB")),
+        }
+    }
 }
 
 /// `--launcher`.
@@ -281,5 +324,11 @@ mod tests {
         assert_eq!("out/checkpoint-4".parse(), Ok(ResumeFrom::Dir("out/checkpoint-4".into())));
         assert_eq!(parse_schedule("constant_with_warmup"), Ok(ScheduleKind::ConstantWithWarmup));
         assert!(parse_schedule("poly").unwrap_err().contains("expected linear"));
+        assert_eq!("24GiB".parse(), Ok(Bytes(24 << 30)));
+        assert_eq!("80GB".parse(), Ok(Bytes(80_000_000_000)));
+        assert_eq!("1.5 GiB".parse(), Ok(Bytes(3 << 29)));
+        assert_eq!("4096".parse(), Ok(Bytes(4096)));
+        assert!("24 parsecs".parse::<Bytes>().unwrap_err().contains("unknown unit"));
+        assert!("-1GiB".parse::<Bytes>().is_err() && "0GiB".parse::<Bytes>().is_err());
     }
 }

@@ -57,6 +57,9 @@ pub struct DsConfig {
     fp16: Option<Fp16>,
     bf16: Option<Enabled>,
     zero_optimization: Option<ZeroSection>,
+    /// Present: every block's activations are recomputed in the backward pass (as
+    /// --gradient_checkpointing); its keys tune DeepSpeed's own implementation (`ACCEPTED`).
+    activation_checkpointing: Option<Rest>,
     #[serde(flatten)]
     rest: Rest,
 }
@@ -174,6 +177,17 @@ const ACCEPTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("optimizer.params", &["torch_adam", "amsgrad", "bias_correction", "fp32_optimizer_states"]),
+    (
+        "activation_checkpointing",
+        &[
+            "partition_activations",
+            "cpu_checkpointing",
+            "contiguous_memory_optimization",
+            "number_checkpoints",
+            "synchronize_checkpoint_boundary",
+            "profile",
+        ],
+    ),
     ("scheduler.params", &["last_batch_iteration", "warmup_min_ratio", "cos_min_ratio", "warmup_max_lr_ratio"]),
     ("fp16", &["auto_cast", "consecutive_hysteresis"]),
     ("bf16", &["immediate_grad_update"]),
@@ -223,8 +237,9 @@ impl DsConfig {
     /// Dotted names of the keys no section knows.
     fn unknown_keys(&self) -> Vec<String> {
         let zero = self.zero_optimization.as_ref();
-        let sections: [(&str, Option<&Rest>); 8] = [
+        let sections: [(&str, Option<&Rest>); 9] = [
             ("", Some(&self.rest)),
+            ("activation_checkpointing", self.activation_checkpointing.as_ref()),
             ("optimizer", self.optimizer.as_ref().map(|o| &o.rest)),
             ("optimizer.params", self.optimizer.as_ref().map(|o| &o.params.rest)),
             ("scheduler", self.scheduler.as_ref().map(|s| &s.rest)),
@@ -272,6 +287,7 @@ const FIELDS: &[(&str, &[&str])] = &[
             "fp16",
             "bf16",
             "zero_optimization",
+            "activation_checkpointing",
         ],
     ),
     ("optimizer", &["type", "params"]),
@@ -401,6 +417,7 @@ impl DsConfig {
             };
         }
         plan.zero = self.zero().map_err(bad)?;
+        plan.training.gradient_checkpointing |= self.activation_checkpointing.is_some();
         Ok(())
     }
 
@@ -495,6 +512,15 @@ mod tests {
         .unwrap();
         assert_eq!(config.zero().unwrap(), Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: 200_000_000 });
         assert_eq!(config.fp16.as_ref().unwrap().enabled, Some(Auto::Auto));
+    }
+
+    #[test]
+    fn activation_checkpointing_is_read_with_its_keys() {
+        let config = read(r#"{"activation_checkpointing": {"partition_activations": false, "cpu_checkpointing": false, "number_checkpoints": null}}"#).unwrap();
+        assert!(config.activation_checkpointing.is_some());
+        assert!(read("{}").unwrap().activation_checkpointing.is_none());
+        let err = read(r#"{"activation_checkpointing": {"partition_activation": true}}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown key activation_checkpointing.partition_activation (did you mean partition_activations?)"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod args;
 mod ds_config;
 mod placement;
 
-pub use args::{DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
+pub use args::{Bytes, DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
 pub use ds_config::{Auto, DsConfig};
 pub use placement::Launcher;
 
@@ -113,6 +113,11 @@ pub struct TrainingPlan {
     pub precision: Precision,
     pub loss_scaler: LossScaler,
     pub seed: u64,
+    /// Recompute each block's activations in the backward pass (--gradient_checkpointing or a
+    /// ds_config `activation_checkpointing` section).
+    pub gradient_checkpointing: bool,
+    /// Elements per tile of the offloaded optimizer step (--offload_tile_elements).
+    pub offload_tile: usize,
 }
 
 /// What the run writes and when: logs, evaluations, checkpoints.
@@ -146,6 +151,8 @@ pub struct LaunchPlan {
     pub ddp_timeout: Duration,
     pub heartbeat_timeout: Duration,
     pub max_restarts: u32,
+    /// --gpu_memory: bytes per device to plan for instead of the queried ones.
+    pub gpu_memory: Option<u64>,
 }
 
 /// The validated run.
@@ -235,6 +242,8 @@ impl TrainPlan {
                 precision: Precision::Fp32,
                 loss_scaler: LossScaler::default(),
                 seed: t.seed,
+                gradient_checkpointing: t.gradient_checkpointing,
+                offload_tile: t.offload_tile_elements.max(1),
             },
             // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
             // already in host memory, so it runs the host kernel.
@@ -265,6 +274,7 @@ impl TrainPlan {
                 ddp_timeout: Duration::from_secs(l.ddp_timeout.max(1)),
                 heartbeat_timeout: Duration::from_secs(l.heartbeat_timeout.max(1)),
                 max_restarts: l.max_restarts,
+                gpu_memory: l.gpu_memory.map(|b| b.0),
             },
         };
         let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));

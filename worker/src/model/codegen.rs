@@ -2,8 +2,11 @@
 //! qkv_proj split as [mp_num=4] chunks of (query, value, key), GPT-J rotary, causal attention
 //! through `scaled_dot_product_attention`, gelu_new MLP, untied lm_head with bias.
 //! Shapes: B batch, T tokens, C = n_embd, H heads, D = C/H, V vocab rows.
+//! Gradient checkpointing (`loss_backward`) keeps only each block's input through the forward
+//! pass and recomputes the block in the backward pass, as `torch.utils.checkpoint` does for HF's
+//! `gradient_checkpointing_enable()`.
 
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Reduction, TchError, Tensor};
 use zerotune_hf::CodeGenConfig;
 
 use super::kv::{BatchCache, KvCache};
@@ -125,10 +128,15 @@ impl CodeGen {
     }
 
     /// The final hidden states after ln_f.  ids: (B, T) -> (B, T, C)
-    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        self.hidden_seeded(ids, cache, train, &DropoutSeeds::draw(train && self.has_dropout()))
+    }
+
+    fn hidden_seeded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool, seeds: &DropoutSeeds) -> Tensor {
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let mut h = Tensor::embedding(&self.wte, ids, -1, false, false).dropout(self.config.embd_pdrop, train);
+        let mut h = self.embed(ids, train, seeds);
         for (l, block) in self.blocks.iter().enumerate() {
+            seeds.block(l);
             let layer = cache.as_deref_mut().map(|c| {
                 if c.layers.len() <= l {
                     c.layers.push((Tensor::new(), Tensor::new()));
@@ -158,12 +166,78 @@ impl CodeGen {
     }
 
     fn token_loss(&self, ids: &Tensor, train: bool, reduction: Reduction) -> Tensor {
+        self.loss_of_hidden(ids, &self.hidden(ids, None, train), reduction)
+    }
+
+    /// The token loss from the final hidden states `h` (B, T, C) of `ids` (B, T).
+    fn loss_of_hidden(&self, ids: &Tensor, h: &Tensor, reduction: Reduction) -> Tensor {
         let (_, t) = ids.size2().expect("ids are (B, T)");
-        let logits = self.forward(ids, train);
+        let logits = self.logits(h);
         let v = logits.size()[2];
         let predicted = logits.narrow(1, 0, t - 1).reshape([-1, v]);
         let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
         predicted.cross_entropy_loss::<Tensor>(&targets, None, reduction, -100, 0.0)
+    }
+
+    /// The training loss of `ids` (B, T), with the gradients of `loss * grad_scale` added into the
+    /// parameters' `.grad`; returns the loss (scalar f32, detached). With `checkpointing` the blocks
+    /// run forward without autograd, keeping only their inputs (B, T, C) each; the backward pass
+    /// then goes block by block from the top, recomputing each block with autograd from its saved
+    /// input (dropout replays its seed) and back-propagating the gradient of its output into its
+    /// parameters and its input. Same operations on the same values: the same gradients.
+    pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
+        let seeds = DropoutSeeds::draw(train && self.has_dropout());
+        let loss = if checkpointing {
+            self.checkpointed_backward(ids, train, grad_scale, &seeds)?
+        } else {
+            let loss = self.loss_of_hidden(ids, &self.hidden_seeded(ids, None, train, &seeds), Reduction::Mean);
+            loss.f_mul_scalar(grad_scale)?.f_backward()?;
+            loss
+        };
+        // Both paths leave the generator in the same state, whatever the recomputation drew.
+        seeds.finish(self.blocks.len());
+        Ok(loss.detach())
+    }
+
+    fn checkpointed_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, seeds: &DropoutSeeds) -> Result<Tensor, TchError> {
+        let sequence = || Context::Sequence { start: 0, cache: None };
+        let embedded = self.embed(ids, train, seeds);
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut h = embedded.detach();
+        {
+            let _guard = tch::no_grad_guard();
+            for (l, block) in self.blocks.iter().enumerate() {
+                seeds.block(l);
+                let out = self.block(block, &h, sequence(), train);
+                inputs.push(std::mem::replace(&mut h, out));
+            }
+        }
+        let top = h.set_requires_grad(true);
+        let loss = self.loss_of_hidden(ids, &self.ln_f.forward(&top), Reduction::Mean);
+        loss.f_mul_scalar(grad_scale)?.f_backward()?;
+        let mut grad = top.grad();
+        drop(top);
+        for (l, block) in self.blocks.iter().enumerate().rev() {
+            let input = inputs.pop().expect("one input per block").set_requires_grad(true);
+            seeds.block(l);
+            let out = self.block(block, &input, sequence(), train);
+            backward_with(&out, &grad)?;
+            grad = input.grad();
+        }
+        backward_with(&embedded, &grad)?;
+        Ok(loss)
+    }
+
+    /// Token embeddings with embedding dropout.  ids: (B, T) -> (B, T, C)
+    fn embed(&self, ids: &Tensor, train: bool, seeds: &DropoutSeeds) -> Tensor {
+        seeds.embedding();
+        Tensor::embedding(&self.wte, ids, -1, false, false).dropout(self.config.embd_pdrop, train)
+    }
+
+    /// Whether training draws dropout masks at all.
+    fn has_dropout(&self) -> bool {
+        let c = &self.config;
+        c.embd_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.attn_pdrop > 0.0
     }
 
     /// Parallel residual (GPT-J/CodeGen): x + attn(ln(x)) + mlp(ln(x)).  xs: (B, T, C) -> (B, T, C)
@@ -218,6 +292,43 @@ impl CodeGen {
         };
         let out = project(&out.permute([0, 2, 1, 3]).reshape([b, t, c]), &block.out_proj, None, rows);
         out.dropout(self.config.resid_pdrop, train)
+    }
+}
+
+/// Back-propagates `grad` (the gradient of `out`, same shape) through `out`'s graph, adding into
+/// the leaves' `.grad`. tch's `backward` takes no gradient: the scalar (out · grad).sum() has
+/// exactly `grad` as its gradient with respect to `out` (1 x grad, rounded to itself).
+fn backward_with(out: &Tensor, grad: &Tensor) -> Result<(), TchError> {
+    out.f_mul(grad)?.f_sum(Kind::Float)?.f_backward()
+}
+
+/// Dropout seeds of one training pass, so a recomputed block draws the masks its first pass drew:
+/// with dropout on, the pass draws one base seed from the run's generator and reseeds it before
+/// the embedding and each block, and with its own value at the end; without dropout it touches
+/// no generator (and the run's random stream is as without checkpointing).
+struct DropoutSeeds(Option<i64>);
+
+impl DropoutSeeds {
+    fn draw(active: bool) -> Self {
+        Self(active.then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])))
+    }
+
+    fn embedding(&self) {
+        self.reseed(0);
+    }
+
+    fn block(&self, layer: usize) {
+        self.reseed(layer as i64 + 1);
+    }
+
+    fn finish(&self, layers: usize) {
+        self.reseed(layers as i64 + 1);
+    }
+
+    fn reseed(&self, offset: i64) {
+        if let Some(base) = self.0 {
+            tch::manual_seed(base.wrapping_add(offset) & i64::MAX);
+        }
     }
 }
 
