@@ -165,7 +165,6 @@ const ACCEPTED: &[(&str, &[&str])] = &[
             "gradient_predivide_factor",
             "communication_data_type",
             "sparse_gradients",
-            "activation_checkpointing",
             "flops_profiler",
             "tensorboard",
             "wandb",
