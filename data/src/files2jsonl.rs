@@ -70,6 +70,22 @@ pub enum Skip {
     VendoredDir,
 }
 
+impl Skip {
+    /// The reason's name in summaries and the data report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Skip::Excluded => "excluded",
+            Skip::TooLarge => "too_large",
+            Skip::Binary => "binary",
+            Skip::NotUtf8 => "not_utf8",
+            Skip::Generated => "generated",
+            Skip::Minified => "minified",
+            Skip::Empty => "empty",
+            Skip::VendoredDir => "vendored_dir",
+        }
+    }
+}
+
 /// The kept files in path order and the count of each skip reason.
 #[derive(Debug, Default)]
 pub struct Collected {
@@ -82,7 +98,7 @@ impl Collected {
         let bytes: usize = self.files.iter().map(|f| f.text.len()).sum();
         let mut line = format!("kept {} files ({bytes} bytes)", self.files.len());
         for (reason, n) in &self.skipped {
-            line += &format!(", skipped {n} {}", serde_json::to_value(reason).unwrap().as_str().unwrap());
+            line += &format!(", skipped {n} {}", reason.name());
         }
         line
     }

@@ -1,14 +1,21 @@
 //! The documents a job trains and evaluates on, without libtorch: a source tree through
 //! files2jsonl (filters and skip counts), or `.jsonl`/`.json`/`.csv`/`.txt` input, each document
-//! with its text and where it came from; and the seeded generator that orders them. The
-//! coordinator and `worker eval` read data the same way.
+//! with its text and where it came from; the hygiene stages (secrets.rs, dedup.rs) and the one
+//! pipeline that runs them in order (pipeline.rs) with its report (report.rs); and the seeded
+//! generator that orders documents. The coordinator and `worker eval` read data the same way.
 
+pub mod dedup;
 pub mod documents;
 pub mod files2jsonl;
+pub mod pipeline;
+pub mod report;
 pub mod rng;
+pub mod secrets;
 
+pub use dedup::DedupMode;
 pub use documents::{load_documents, Document};
 pub use files2jsonl::Filter;
+pub use report::{DataReport, Hygiene, SecretsMode};
 
 /// How documents are read, as flags (`coordinator train`, `tokenize`, `worker eval` share them).
 #[derive(Clone, Debug, clap::Args)]
@@ -34,6 +41,39 @@ impl SourceArgs {
     }
 }
 
+/// The hygiene flags (`coordinator train`, `tokenize` and `files2jsonl` share them).
+#[derive(Clone, Debug, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct HygieneArgs {
+    /// What to do with a secret found in the data: redact its value as <SECRET:rule>, drop the
+    /// file, fail listing file:line rule (before anything is written), or keep it.
+    #[arg(long, value_enum, default_value_t = SecretsMode::Redact)]
+    pub secrets: SecretsMode,
+    /// Remove duplicate documents: none, exact (same text, any line endings) or near (MinHash).
+    #[arg(long, value_enum, default_value_t = DedupMode::Near)]
+    pub dedup: DedupMode,
+    /// Near duplicates: the Jaccard similarity of word 5-shingles at or above which two
+    /// documents are copies (0 < t <= 1).
+    #[arg(long, default_value_t = 0.85)]
+    pub dedup_threshold: f64,
+    /// Documents larger than this many bytes are cut at line boundaries into pieces.
+    #[arg(long, default_value_t = 4_000_000)]
+    pub max_document_bytes: usize,
+}
+
+impl HygieneArgs {
+    pub fn hygiene(&self) -> Result<Hygiene> {
+        let t = self.dedup_threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            return Err(DataError::Flag(format!("--dedup_threshold {t}: must be in (0, 1], e.g. 0.85")));
+        }
+        if self.max_document_bytes < 1024 {
+            return Err(DataError::Flag(format!("--max_document_bytes {}: must be at least 1024", self.max_document_bytes)));
+        }
+        Ok(Hygiene { secrets: self.secrets, dedup: self.dedup, dedup_threshold: t, max_document_bytes: self.max_document_bytes })
+    }
+}
+
 use std::path::PathBuf;
 
 /// What can be wrong with input data; each names the file (and line) and says what to do.
@@ -48,6 +88,9 @@ pub enum DataError {
     /// A filter flag (a glob) is malformed; the message names it.
     #[error("{0}")]
     Flag(String),
+    /// `--secrets fail` and secrets were found: `file:line rule` each, never the value.
+    #[error("--secrets fail: {} secret(s) found, nothing was written:\n  {}\n(redact them with --secrets redact, the default, or drop the files with --secrets drop_file)", findings.len(), findings.join("\n  "))]
+    Secrets { findings: Vec<String> },
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
