@@ -1,10 +1,11 @@
-//! `coordinator`: `train` runs a fine-tuning job; `files2jsonl` turns a source tree into JSON Lines.
+//! `coordinator`: `train` runs a fine-tuning job (after its memory plan, which `estimate` prints alone); `files2jsonl` turns a source tree into JSON Lines.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use zerotune_coordinator::config::{DataArgs, TrainArgs, TrainPlan};
-use zerotune_coordinator::{job, prepare};
+use zerotune_coordinator::config::{DataArgs, Device, TrainArgs, TrainPlan};
+use zerotune_coordinator::{gpu, job, prepare};
+use zerotune_proto::plan::Precision;
 use zerotune_data::files2jsonl::{self, Filter};
 
 #[derive(Parser)]
@@ -18,6 +19,9 @@ struct Cli {
 enum Command {
     /// Fine-tune (or train from scratch) with run_clm.py / HF Trainer flags.
     Train(Box<TrainArgs>),
+    /// The memory plan of a `train` command line (the same flags): bytes per GPU and per host,
+    /// term by term, and whether it fits (--gpu_memory SIZE plans for another machine).
+    Estimate(Box<TrainArgs>),
     /// Prepare the token cache a `train` run with the same data flags would use, and stop.
     Tokenize(TokenizeArgs),
     /// Write OUTPUT_DIR/report.html for a run directory (finished, stopped, running or resumed).
@@ -47,6 +51,7 @@ enum Command {
 fn main() {
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
+        Command::Estimate(args) => estimate(*args),
         Command::Tokenize(args) => tokenize(&args),
         Command::Report { output_dir } => {
             zerotune_coordinator::report::write(&output_dir).map(|path| println!("{}", path.display())).map_err(Into::into)
@@ -61,8 +66,30 @@ fn main() {
     }
 }
 
+/// The validated plan with the GPU's precision rule applied and its memory plan checked (printed
+/// to stderr): a job that cannot fit is refused here, before any worker starts.
+fn checked_plan(args: &TrainArgs) -> anyhow::Result<(TrainPlan, String)> {
+    let mut plan = TrainPlan::resolve(args)?;
+    let gpus = if plan.launch.device == Device::Cpu { vec![] } else { gpu::query() };
+    let t = &args.training;
+    let explicit = t.fp16 == Some(true) || t.bf16 == Some(true) || (t.deepspeed.is_some() && plan.training.precision != Precision::Fp32);
+    for note in gpu::adapt_precision(&mut plan, &gpus, if explicit { gpu::Chosen::Explicit } else { gpu::Chosen::Default })? {
+        eprintln!("{note}");
+    }
+    let table = gpu::check_memory(&plan, &gpus)?;
+    Ok((plan, table))
+}
+
+fn estimate(mut args: TrainArgs) -> anyhow::Result<()> {
+    args.training.do_train = true;
+    let (_, table) = checked_plan(&args)?;
+    print!("{table}");
+    Ok(())
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let plan = TrainPlan::resolve(&args)?;
+    let (plan, table) = checked_plan(&args)?;
+    eprint!("{table}");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(job::run(plan))?;
     if let Some(signal) = outcome.stopped_on {

@@ -1,0 +1,322 @@
+//! The memory planner (`coordinator estimate`, and the table every `train` prints first): bytes
+//! per GPU and per host of a job, term by term, from the model shape and the plan, as pure
+//! functions over plain data. The terms follow what the worker allocates (params.rs, grads.rs,
+//! optim/), the ZeRO paper's accounting (arXiv 1910.02054: 2 + 2 + 12 bytes per parameter) and
+//! DeepSpeed's `estimate_zero2_model_states_mem_needs`, which `deepspeed_zero2` reproduces.
+
+use zerotune_proto::plan::Precision;
+
+/// Parameters per partition are rounded up to a multiple of this (worker zero.rs ALIGN).
+const ALIGN: u64 = 128;
+/// (B, T, C) tensors autograd keeps per CodeGen block in the compute dtype (measured on CPU ranks,
+/// bench/rank_memory.sh): ln_1's input and output, qkv (3), rotated q and k, attention output and
+/// its reshaped copy, fc_in's output (4 C) and gelu's (4 C).
+const SAVED_PER_BLOCK: u64 = 17;
+/// Bytes per (B, T, V) element of the logits: the 16-bit or fp32 projection, the fp32 upcast and
+/// log-softmax kept for the loss, and their fp32 gradients in the backward pass.
+const LOGIT_BYTES_F32_EXTRA: u64 = 12;
+/// What a worker process holds before any model: libtorch's code and allocator (CPU ranks), or
+/// the CUDA context, kernels, cuBLAS workspace and caching-allocator slack (GPU ranks).
+const CPU_RUNTIME: u64 = 400 << 20;
+const GPU_RUNTIME: u64 = 1 << 30;
+
+/// The model, as far as memory goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shape {
+    pub params: u64,
+    pub n_layer: u64,
+    pub n_embd: u64,
+    pub vocab: u64,
+}
+
+/// A job's memory-relevant settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Job {
+    pub shape: Shape,
+    pub world: u64,
+    /// The most ranks any one host runs.
+    pub ranks_per_host: u64,
+    pub micro: u64,
+    pub block: u64,
+    pub precision: Precision,
+    pub zero_stage: u8,
+    pub offload: bool,
+    pub reduce_bucket: u64,
+    pub offload_tile: u64,
+    pub checkpointing: bool,
+    /// GPU ranks (else CPU ranks, whose "device" is host memory).
+    pub gpu: bool,
+}
+
+/// Where a term's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Per GPU (on a CPU rank: the rank's own RAM).
+    Device,
+    /// Per rank in host memory (offloaded optimizer).
+    Host,
+}
+
+/// One line of the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    pub name: &'static str,
+    pub place: Place,
+    pub bytes: u64,
+    /// How it is counted, in words.
+    pub how: String,
+    /// Held only in the backward pass / only in the optimizer step: the peak is the larger of the
+    /// two, on top of the rest.
+    pub phase: Phase,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Always,
+    Backward,
+    Step,
+}
+
+impl Job {
+    fn bytes_per_value(&self) -> u64 {
+        match self.precision {
+            Precision::Fp32 => 4,
+            Precision::Bf16 | Precision::Fp16 => 2,
+        }
+    }
+
+    /// Elements per rank's partition (the padded flat buffer is world x this).
+    pub fn partition(&self) -> u64 {
+        self.shape.params.div_ceil(self.world).div_ceil(ALIGN).max(1) * ALIGN
+    }
+
+    /// Elements this rank's optimizer updates.
+    fn owned(&self) -> u64 {
+        if self.zero_stage == 0 { self.shape.params } else { self.partition() }
+    }
+}
+
+/// Every term of `job`, device terms first.
+pub fn terms(job: &Job) -> Vec<Term> {
+    let (p, n, part, k) = (job.shape.params, job.world, job.partition(), job.bytes_per_value());
+    let padded = part * n;
+    let owned = job.owned();
+    let dtype = if k == 2 { "16-bit" } else { "fp32" };
+    let term = |name, place, bytes, how: String| Term { name, place, bytes, how, phase: Phase::Always };
+    let mut out = vec![
+        term("parameters", Place::Device, padded * k, format!("{padded} x {k} B ({dtype}, flat, padded)")),
+        term("gradients", Place::Device, p * k, format!("{p} x {k} B (autograd, {dtype})")),
+    ];
+    if job.zero_stage == 0 || n == 1 {
+        out.push(term("gradient accumulator", Place::Device, padded * 4, format!("{padded} x 4 B (fp32, whole)")));
+    } else {
+        if job.zero_stage == 1 {
+            out.push(term("gradient accumulator", Place::Device, padded * 4, format!("{padded} x 4 B (fp32, whole)")));
+        }
+        out.push(term("gradient partition", Place::Device, part * 4, format!("{part} x 4 B (fp32)")));
+        if job.zero_stage == 2 {
+            let bucket = (job.reduce_bucket / n).clamp(1, part);
+            let bytes = bucket * (n + 1) * 4;
+            out.push(term("reduce-scatter buckets", Place::Device, bytes, format!("{bucket} x {} x 4 B (fp32)", n + 1)));
+        }
+    }
+    if job.offload {
+        out.push(term("optimizer state", Place::Host, owned * 12, format!("{owned} x 12 B (fp32 master, exp_avg, exp_avg_sq)")));
+        if k == 2 {
+            out.push(term("pinned buffers", Place::Host, owned * 2, format!("{owned} x 2 B (16-bit weights going up)")));
+        } else if job.gpu {
+            let tile = job.offload_tile.min(owned);
+            out.push(term("pinned buffers", Place::Host, 2 * tile * 4, format!("2 x {tile} x 4 B (fp32 upload staging tiles)")));
+        }
+        if job.gpu {
+            let tile = job.offload_tile.min(owned);
+            let bytes = 2 * tile * (k + 4);
+            out.push(Term { phase: Phase::Step, ..term("transfer tiles", Place::Device, bytes, format!("2 x {tile} x ({k} + 4) B")) });
+        }
+    } else {
+        out.push(term("optimizer state", Place::Device, owned * 12, format!("{owned} x 12 B (fp32 master, exp_avg, exp_avg_sq)")));
+        let bytes = owned * 16;
+        out.push(Term { phase: Phase::Step, ..term("optimizer step temporaries", Place::Device, bytes, format!("{owned} x 16 B")) });
+    }
+    let (b, t, c, l, v) = (job.micro, job.block, job.shape.n_embd, job.shape.n_layer, job.shape.vocab);
+    let btc = b * t * c;
+    let activations = if job.checkpointing {
+        let bytes = (l + SAVED_PER_BLOCK + 4) * btc * k;
+        (bytes, format!("{l} block inputs + 1 recomputed block ({SAVED_PER_BLOCK} + 4) x {b}x{t}x{c} x {k} B"))
+    } else {
+        (l * SAVED_PER_BLOCK * btc * k, format!("{l} blocks x {SAVED_PER_BLOCK} x {b}x{t}x{c} x {k} B"))
+    };
+    out.push(Term { phase: Phase::Backward, ..term("activations", Place::Device, activations.0, activations.1) });
+    let logits = b * t * v * (k + LOGIT_BYTES_F32_EXTRA);
+    out.push(Term {
+        phase: Phase::Backward,
+        ..term("logits", Place::Device, logits, format!("{b}x{t}x{v} x ({k} + {LOGIT_BYTES_F32_EXTRA}) B"))
+    });
+    let (runtime, what) = if job.gpu { (GPU_RUNTIME, "CUDA context, kernels, allocator slack") } else { (CPU_RUNTIME, "libtorch runtime") };
+    out.push(term("buffers", Place::Device, runtime, what.into()));
+    out
+}
+
+/// Peak bytes of the terms at `place`: what is always held plus the larger of the backward pass
+/// and the optimizer step.
+pub fn peak(terms: &[Term], place: Place) -> u64 {
+    let sum = |phase| terms.iter().filter(|t| t.place == place && t.phase == phase).map(|t| t.bytes).sum::<u64>();
+    sum(Phase::Always) + sum(Phase::Backward).max(sum(Phase::Step))
+}
+
+/// The totals a verdict is made on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Totals {
+    /// Per GPU; on CPU ranks per rank, host terms included (one RAM).
+    pub per_device: u64,
+    /// Per host: its ranks' host terms (CPU ranks: their whole totals).
+    pub per_host: u64,
+}
+
+pub fn totals(job: &Job, terms: &[Term]) -> Totals {
+    let (device, host) = (peak(terms, Place::Device), peak(terms, Place::Host));
+    if job.gpu {
+        Totals { per_device: device, per_host: host * job.ranks_per_host }
+    } else {
+        Totals { per_device: device + host, per_host: (device + host) * job.ranks_per_host }
+    }
+}
+
+/// Memory to plan against; `None`: unknown (not checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub device: Option<u64>,
+    pub host: Option<u64>,
+}
+
+/// Whether `job` fits `capacity`, and if not, the largest term and what would make it fit.
+pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
+    let terms = terms(job);
+    let t = totals(job, &terms);
+    let over_device = capacity.device.filter(|&cap| t.per_device > cap);
+    let over_host = capacity.host.filter(|&cap| job.gpu && t.per_host > cap);
+    let (what, need, cap, place) = match (over_device, over_host) {
+        (Some(cap), _) => (if job.gpu { "per GPU" } else { "per rank" }, t.per_device, cap, Place::Device),
+        (None, Some(cap)) => ("per host", t.per_host, cap, Place::Host),
+        (None, None) => return Ok(()),
+    };
+    let largest = terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| t.bytes).expect("terms");
+    Err(format!(
+        "the job needs {} {what} but {} is available; the largest term is {} ({}: {}); {}",
+        gib(need),
+        gib(cap),
+        largest.name,
+        gib(largest.bytes),
+        largest.how,
+        advice(job, capacity)
+    ))
+}
+
+/// The first of: offload, checkpointing, micro-batch 1, more GPUs (each added to the ones before)
+/// that makes `job` fit, in words.
+pub fn advice(job: &Job, capacity: Capacity) -> String {
+    let fits = |j: &Job| {
+        let t = totals(j, &terms(j));
+        capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| !j.gpu || t.per_host <= cap)
+    };
+    let mut tried = *job;
+    let mut changes = vec![];
+    if !tried.offload {
+        tried.offload = true;
+        changes.push("offload the optimizer (zero_optimization.offload_optimizer.device \"cpu\")".to_string());
+        if fits(&tried) {
+            return format!("it would fit with: {}", changes.join(", "));
+        }
+    }
+    if !tried.checkpointing {
+        tried.checkpointing = true;
+        changes.push("--gradient_checkpointing".into());
+        if fits(&tried) {
+            return format!("it would fit with: {}", changes.join(", "));
+        }
+    }
+    if tried.micro > 1 {
+        tried.micro = 1;
+        changes.push("--per_device_train_batch_size 1 (raise --gradient_accumulation_steps to keep the batch)".into());
+        if fits(&tried) {
+            return format!("it would fit with: {}", changes.join(", "));
+        }
+    }
+    if tried.zero_stage < 2 {
+        tried.zero_stage = 2;
+        changes.push("ZeRO stage 2".into());
+    }
+    for world in (1..=12).map(|i| tried.world << i) {
+        let more = Job { world, ..tried };
+        if fits(&more) {
+            changes.push(format!("{world} GPUs or more (--num_gpus / --num_nodes)"));
+            return format!("it would fit with: {}", changes.join(", "));
+        }
+    }
+    format!("it does not fit even with {} and {} times the GPUs: use a smaller model or larger devices", changes.join(", "), 1 << 12)
+}
+
+/// DeepSpeed's `estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes,
+/// cpu_offload, additional_buffer_factor=1.5)`: (bytes per CPU node, bytes per GPU) of the model
+/// states (parameters, gradients, optimizer states), as DeepSpeed publishes it.
+pub fn deepspeed_zero2(params: u64, gpus_per_node: u64, nodes: u64, cpu_offload: bool) -> (u64, u64) {
+    let total_gpus = nodes * gpus_per_node;
+    let (cpu, gpu) = if cpu_offload {
+        (params as f64 * (4 * total_gpus).max(16) as f64 * 1.5, 2 * params)
+    } else {
+        (params as f64 * 4.0 * gpus_per_node as f64 * 1.5, 4 * params + 16 * params / total_gpus)
+    };
+    (cpu as u64, gpu)
+}
+
+/// The table: one line per term, then the totals and the verdict.
+pub fn table(job: &Job, capacity: Capacity) -> String {
+    let terms = terms(job);
+    let t = totals(job, &terms);
+    let device = if job.gpu { "GPU" } else { "CPU rank" };
+    let mut out = format!(
+        "memory plan: {} parameters, world {} ({} per host), micro {} x block {}, {:?}, ZeRO {}{}{}\n",
+        job.shape.params,
+        job.world,
+        job.ranks_per_host,
+        job.micro,
+        job.block,
+        job.precision,
+        job.zero_stage,
+        if job.offload { " + CPU offload" } else { "" },
+        if job.checkpointing { ", gradient checkpointing" } else { "" },
+    );
+    for place in [Place::Device, Place::Host] {
+        for term in terms.iter().filter(|t| t.place == place) {
+            let whence = match (place, term.phase) {
+                (Place::Device, _) => format!("per {device}"),
+                (Place::Host, _) => "per rank, host".into(),
+            };
+            let phase = match term.phase {
+                Phase::Always => "",
+                Phase::Backward => " (forward/backward)",
+                Phase::Step => " (optimizer step)",
+            };
+            out += &format!("  {:<26} {:>10}  {whence}{phase}: {}\n", term.name, gib(term.bytes), term.how);
+        }
+    }
+    let check = |need: u64, cap: Option<u64>| match cap {
+        Some(cap) if need <= cap => format!("fits in {}", gib(cap)),
+        Some(cap) => format!("DOES NOT FIT in {}", gib(cap)),
+        None => "not checked".into(),
+    };
+    let per_device = if job.gpu { "per GPU" } else { "per CPU rank (device and host terms: one RAM)" };
+    out += &format!("  total {per_device}: {} ({} bytes): {}\n", gib(t.per_device), t.per_device, check(t.per_device, capacity.device));
+    let host_cap = if job.gpu { capacity.host } else { None };
+    out += &format!("  total per host ({} ranks): {}: {}\n", job.ranks_per_host, gib(t.per_host), check(t.per_host, host_cap));
+    out
+}
+
+/// Bytes as GiB with two decimals.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+#[path = "estimate_tests.rs"]
+mod tests;

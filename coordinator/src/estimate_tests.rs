@@ -1,0 +1,174 @@
+//! The planner's terms, one by one, and its model states against DeepSpeed's published formula.
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+/// codegen-350M-multi (hf config.rs checks the count).
+fn shape_350m() -> Shape {
+    Shape { params: 356_712_448, n_layer: 20, n_embd: 1024, vocab: 51200 }
+}
+
+fn job(world: u64, offload: bool, checkpointing: bool) -> Job {
+    Job {
+        shape: shape_350m(),
+        world,
+        ranks_per_host: world,
+        micro: 2,
+        block: 128,
+        precision: Precision::Bf16,
+        zero_stage: 2,
+        offload,
+        reduce_bucket: 500_000_000,
+        offload_tile: 1 << 23,
+        checkpointing,
+        gpu: true,
+    }
+}
+
+fn bytes(terms: &[Term], name: &str) -> u64 {
+    terms.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no term {name}")).bytes
+}
+
+#[test]
+fn every_term_of_a_350m_zero2_offload_gpu() {
+    let j = job(4, true, false);
+    let part = 356_712_448u64.div_ceil(4).div_ceil(128) * 128;
+    assert_eq!(j.partition(), part);
+    let t = terms(&j);
+    assert_eq!(bytes(&t, "parameters"), 4 * part * 2);
+    assert_eq!(bytes(&t, "gradients"), 356_712_448 * 2);
+    assert_eq!(bytes(&t, "gradient partition"), part * 4);
+    // 5e8 / 4 exceeds the partition: one bucket block per rank of the whole partition.
+    assert_eq!(bytes(&t, "reduce-scatter buckets"), part * 5 * 4);
+    assert_eq!(bytes(&t, "optimizer state"), part * 12);
+    assert_eq!(bytes(&t, "pinned buffers"), part * 2);
+    assert_eq!(bytes(&t, "transfer tiles"), 2 * (1 << 23) * 6);
+    assert_eq!(bytes(&t, "activations"), 20 * 17 * 2 * 128 * 1024 * 2);
+    assert_eq!(bytes(&t, "logits"), 2 * 128 * 51200 * 14);
+    assert_eq!(bytes(&t, "buffers"), GIB);
+    assert!(t.iter().all(|t| t.name != "gradient accumulator"));
+    let host: Vec<&str> = t.iter().filter(|t| t.place == Place::Host).map(|t| t.name).collect();
+    assert_eq!(host, ["optimizer state", "pinned buffers"]);
+    // The step's transfer tiles are held when the activations are not.
+    let always: u64 = t.iter().filter(|t| t.place == Place::Device && t.phase == Phase::Always).map(|t| t.bytes).sum();
+    assert_eq!(peak(&t, Place::Device), always + bytes(&t, "activations") + bytes(&t, "logits"));
+    assert_eq!(totals(&j, &t), Totals { per_device: peak(&t, Place::Device), per_host: 4 * part * 14 });
+}
+
+#[test]
+fn checkpointing_keeps_one_input_per_block_and_one_block() {
+    let (plain, ckpt) = (terms(&job(1, true, false)), terms(&job(1, true, true)));
+    let btc2 = 2 * 128 * 1024 * 2;
+    assert_eq!(bytes(&plain, "activations"), 20 * 17 * btc2);
+    assert_eq!(bytes(&ckpt, "activations"), (20 + 17 + 4) * btc2);
+    assert_eq!(bytes(&plain, "logits"), bytes(&ckpt, "logits"));
+}
+
+#[test]
+fn stages_world_one_and_fp32_choose_their_buffers() {
+    let one = terms(&job(1, true, false));
+    assert_eq!(bytes(&one, "gradient accumulator"), job(1, true, false).partition() * 4);
+    assert!(one.iter().all(|t| t.name != "gradient partition" && t.name != "transfer tiles" || t.name == "transfer tiles"));
+    let stage1 = terms(&Job { zero_stage: 1, ..job(2, false, false) });
+    let part = job(2, false, false).partition();
+    assert_eq!(bytes(&stage1, "gradient accumulator"), 2 * part * 4);
+    assert_eq!(bytes(&stage1, "gradient partition"), part * 4);
+    assert_eq!(bytes(&stage1, "optimizer state"), part * 12);
+    assert_eq!(bytes(&stage1, "optimizer step temporaries"), part * 16);
+    let stage0 = terms(&Job { zero_stage: 0, ..job(2, false, false) });
+    assert_eq!(bytes(&stage0, "optimizer state"), 356_712_448 * 12);
+    // Small buckets: reduce_bucket / world elements per rank's block.
+    let small = terms(&Job { reduce_bucket: 1000, ..job(4, true, false) });
+    assert_eq!(bytes(&small, "reduce-scatter buckets"), 250 * 5 * 4);
+    // fp32 offload on a GPU: pinned staging tiles instead of a 16-bit copy; none on CPU ranks.
+    let fp32 = Job { precision: Precision::Fp32, ..job(1, true, false) };
+    assert_eq!(bytes(&terms(&fp32), "pinned buffers"), 2 * (1 << 23) * 4);
+    assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
+    let cpu = terms(&Job { gpu: false, ..fp32 });
+    assert!(cpu.iter().all(|t| t.name != "pinned buffers" && t.name != "transfer tiles"));
+    assert_eq!(bytes(&cpu, "buffers"), 400 << 20);
+}
+
+#[test]
+fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
+    let j = Job { gpu: false, precision: Precision::Fp32, ..job(1, true, false) };
+    let t = terms(&j);
+    let total = totals(&j, &t);
+    assert_eq!(total.per_device, peak(&t, Place::Device) + peak(&t, Place::Host));
+    assert_eq!(total.per_host, total.per_device);
+}
+
+/// Padding-free parameter counts, so that DeepSpeed's count (which has no padding) is ours.
+const EVEN: u64 = 128 * 24 * 1000;
+
+#[test]
+fn model_states_equal_deepspeed_s_zero2_formula() {
+    for gpus_per_node in [1, 2, 4, 8] {
+        for nodes in [1, 3] {
+            let world = gpus_per_node * nodes;
+            let base = Job { shape: Shape { params: EVEN, ..shape_350m() }, world, ranks_per_host: gpus_per_node, ..job(world, false, false) };
+            // Without offload DeepSpeed counts 2 + 2 bytes per parameter (16-bit weights and
+            // gradients) and 16 per owned one (fp32 master, m, v and the gradient partition).
+            let t = terms(&base);
+            let ours = ["parameters", "gradients", "optimizer state"].iter().map(|n| bytes(&t, n)).sum::<u64>()
+                + if world > 1 { bytes(&t, "gradient partition") } else { bytes(&t, "gradient accumulator") };
+            let (_, ds_gpu) = deepspeed_zero2(EVEN, gpus_per_node, nodes, false);
+            assert_eq!(ours, ds_gpu, "no offload, {gpus_per_node} x {nodes}");
+            // With offload: the 16-bit weights on the GPU; on the host, with 1.5 of slack, the
+            // node's fp32 master, m, v and fp32 gradients (ours stay on the GPU: the partition),
+            // as long as DeepSpeed's max(4 x GPUs, 16) is 16.
+            let offload = Job { offload: true, ..base };
+            let t = terms(&offload);
+            let (ds_cpu, ds_gpu) = deepspeed_zero2(EVEN, gpus_per_node, nodes, true);
+            assert_eq!(bytes(&t, "parameters"), ds_gpu, "offload, {gpus_per_node} x {nodes}");
+            if nodes == 1 && world <= 4 {
+                let grads = if world > 1 { bytes(&t, "gradient partition") } else { bytes(&t, "gradient accumulator") };
+                let node = (bytes(&t, "optimizer state") + grads) * gpus_per_node;
+                assert_eq!(node * 3 / 2, ds_cpu, "offload host, {gpus_per_node} GPUs");
+            }
+        }
+    }
+}
+
+#[test]
+fn deepspeed_formula_as_published() {
+    // DeepSpeed's docs: 3B parameters on 8 GPUs, one node, offload: 2 x 3e9 on each GPU.
+    let p = 2_851_598_336;
+    assert_eq!(deepspeed_zero2(p, 8, 1, true), ((p as f64 * 32.0 * 1.5) as u64, 2 * p));
+    assert_eq!(deepspeed_zero2(p, 8, 1, false), ((p as f64 * 32.0 * 1.5) as u64, 4 * p + 2 * p));
+}
+
+#[test]
+fn a_job_too_large_is_refused_naming_its_largest_term_and_a_fix() {
+    let j = Job { micro: 8, block: 2048, ..job(1, false, false) };
+    let err = verdict(&j, Capacity { device: Some(GIB), host: None }).unwrap_err();
+    assert!(err.contains("the largest term is logits (10.94 GiB: 8x2048x51200 x (2 + 12) B)"), "{err}");
+    assert!(err.contains("available"), "{err}");
+    // 350M on a 24 GiB card with block 2048, micro 8: offload and checkpointing make it fit.
+    let err = verdict(&j, Capacity { device: Some(24 * GIB), host: None }).unwrap_err();
+    assert!(err.contains("it would fit with: offload the optimizer") && err.contains("--gradient_checkpointing"), "{err}");
+    // Too much for one GPU whatever the settings: more GPUs.
+    let huge = Job { shape: Shape { params: 16_000_000_000, n_layer: 34, n_embd: 6144, vocab: 51200 }, ..job(1, true, true) };
+    let err = verdict(&huge, Capacity { device: Some(80 * GIB), host: None }).unwrap_err();
+    assert!(err.contains("it would fit with: --per_device_train_batch_size 1") && err.contains("GPUs or more"), "{err}");
+    // Its 16-bit weights alone exceed 24 GiB: ZeRO-2 keeps them whole on every GPU.
+    let err = verdict(&huge, Capacity { device: Some(24 * GIB), host: None }).unwrap_err();
+    assert!(err.contains("it does not fit even with"), "{err}");
+    assert!(verdict(&job(1, true, true), Capacity { device: Some(24 * GIB), host: Some(64 * GIB) }).is_ok());
+    assert!(verdict(&job(1, true, true), Capacity { device: None, host: None }).is_ok());
+    // The host's share is checked too.
+    let err = verdict(&job(8, true, false), Capacity { device: Some(80 * GIB), host: Some(GIB) }).unwrap_err();
+    assert!(err.contains("per host") && err.contains("optimizer state"), "{err}");
+}
+
+#[test]
+fn the_table_has_every_term_and_the_verdicts() {
+    let j = job(2, true, true);
+    let table = table(&j, Capacity { device: Some(24 * GIB), host: None });
+    for t in terms(&j) {
+        assert!(table.contains(t.name), "{table}");
+    }
+    assert!(table.contains("total per GPU") && table.contains("fits in 24.00 GiB") && table.contains("not checked"), "{table}");
+    assert_eq!(gib(3 << 29), "1.50 GiB");
+}

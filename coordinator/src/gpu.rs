@@ -1,0 +1,195 @@
+//! What the coordinator needs to know of this machine's GPUs and memory before a job starts: their
+//! memory and compute capability (from `nvidia-smi`, no CUDA library needed), the precision a GPU
+//! without fast 16-bit math should train in (a pure decision), and the memory plan of a
+//! `TrainPlan` (`estimate.rs`) with its verdict.
+
+use std::process::Command;
+
+use zerotune_hf::CodeGenConfig;
+use zerotune_proto::plan::Precision;
+
+use crate::config::{config_by_name, Device, Launcher, ModelChoice, TrainPlan};
+use crate::error::{CoordinatorError, Result};
+use crate::estimate::{self, Capacity, Job, Shape};
+
+/// One GPU as `nvidia-smi` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuInfo {
+    pub name: String,
+    pub memory: u64,
+    /// (major, minor), e.g. (6, 1) for a P40.
+    pub compute_capability: (u32, u32),
+}
+
+/// This machine's GPUs; empty when `nvidia-smi` is absent or fails.
+pub fn query() -> Vec<GpuInfo> {
+    let out = Command::new("nvidia-smi").args(["--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"]).output();
+    match out {
+        Ok(out) if out.status.success() => parse_query(&String::from_utf8_lossy(&out.stdout)),
+        _ => vec![],
+    }
+}
+
+/// `nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader,nounits` lines
+/// (memory in MiB).
+pub fn parse_query(text: &str) -> Vec<GpuInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [name, mib, cap] = fields.as_slice() else { return None };
+            let (major, minor) = cap.split_once('.')?;
+            Some(GpuInfo {
+                name: name.to_string(),
+                memory: mib.parse::<u64>().ok()? << 20,
+                compute_capability: (major.parse().ok()?, minor.parse().ok()?),
+            })
+        })
+        .collect()
+}
+
+/// This machine's RAM (MemTotal of /proc/meminfo).
+pub fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib << 10)
+}
+
+/// How precision was chosen: by a flag or ds_config, or by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chosen {
+    Default,
+    Explicit,
+}
+
+/// What a GPU of `capability` trains in, given the plan's precision and how it was chosen; with
+/// a note to print, or an error. Below compute capability 7.0 (Pascal: P40, P100, GTX 10xx) fp16
+/// math runs at a small fraction of fp32's rate (1/64 on a P40) and there is no bf16: the default
+/// becomes fp32 compute with the optimizer offloaded; --fp16 is allowed with a warning, --bf16 is
+/// refused.
+pub fn precision_for(capability: (u32, u32), precision: Precision, chosen: Chosen) -> std::result::Result<(Precision, bool, Option<String>), String> {
+    let (major, minor) = capability;
+    if major >= 7 {
+        return Ok((precision, false, None));
+    }
+    let gpu = format!("compute capability {major}.{minor}");
+    match (precision, chosen) {
+        (Precision::Fp32, _) => Ok((Precision::Fp32, false, None)),
+        (_, Chosen::Default) => Ok((
+            Precision::Fp32,
+            true,
+            Some(format!("note: this GPU ({gpu}) has no bf16 and slow fp16 math: training in fp32 with the optimizer offloaded to the CPU")),
+        )),
+        (Precision::Fp16, Chosen::Explicit) => Ok((
+            Precision::Fp16,
+            false,
+            Some(format!("warning: --fp16 on a GPU of {gpu}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 (no --fp16) is usually faster")),
+        )),
+        (Precision::Bf16, Chosen::Explicit) => Err(format!("--bf16: a GPU of {gpu} has no bf16; train in fp32 (drop --bf16) or --fp16")),
+    }
+}
+
+/// The model config a plan trains, without loading weights.
+pub fn plan_config(plan: &TrainPlan) -> Result<CodeGenConfig> {
+    match &plan.model {
+        ModelChoice::Scratch(config) => Ok((**config).clone()),
+        ModelChoice::Pretrained(dir) => Ok(CodeGenConfig::from_dir(dir)
+            .or_else(|_| config_by_name(&dir.to_string_lossy()))
+            .map_err(|e| CoordinatorError::Flag(format!("--model_name_or_path {}: {e}", dir.display())))?),
+    }
+}
+
+/// The memory planner's view of `plan`.
+pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> Job {
+    let mut per_host = std::collections::BTreeMap::<&str, u64>::new();
+    for p in &plan.launch.placements {
+        *per_host.entry(p.host.as_str()).or_default() += 1;
+    }
+    Job {
+        shape: Shape {
+            params: config.num_parameters() as u64,
+            n_layer: config.n_layer as u64,
+            n_embd: config.n_embd as u64,
+            vocab: config.vocab_size as u64,
+        },
+        world: plan.world_size() as u64,
+        ranks_per_host: per_host.values().copied().max().unwrap_or(1),
+        micro: plan.batch.micro as u64,
+        block: plan.data.block_size.unwrap_or(config.n_positions.min(1024)) as u64,
+        precision: plan.training.precision,
+        zero_stage: plan.zero.stage,
+        offload: plan.zero.offload_optimizer,
+        reduce_bucket: plan.zero.reduce_bucket_size as u64,
+        offload_tile: plan.training.offload_tile as u64,
+        checkpointing: plan.training.gradient_checkpointing,
+        gpu: plan.launch.device != Device::Cpu,
+    }
+}
+
+/// The memory to plan against: --gpu_memory, else the GPU's (queried) or, for CPU ranks, this
+/// machine's RAM; host memory is this machine's when every rank runs here.
+pub fn capacity(plan: &TrainPlan, gpus: &[GpuInfo]) -> Capacity {
+    let local = matches!(plan.launch.launcher, Launcher::Local);
+    let ram = if local { host_memory() } else { None };
+    let device = match plan.launch.device {
+        Device::Cpu => plan.launch.gpu_memory.or(ram),
+        Device::Cuda(index) => plan.launch.gpu_memory.or_else(|| {
+            let gpu = gpus.get(index.unwrap_or(0)).or(gpus.first());
+            gpu.map(|g| g.memory).filter(|_| local)
+        }),
+    };
+    Capacity { device, host: ram }
+}
+
+/// Applies the GPU's precision rule to `plan` (when its GPUs are this machine's), returning the
+/// notes to print.
+pub fn adapt_precision(plan: &mut TrainPlan, gpus: &[GpuInfo], chosen: Chosen) -> Result<Vec<String>> {
+    let Device::Cuda(index) = plan.launch.device else { return Ok(vec![]) };
+    let Some(gpu) = gpus.get(index.unwrap_or(0)).or(gpus.first()) else { return Ok(vec![]) };
+    let (precision, offload, note) =
+        precision_for(gpu.compute_capability, plan.training.precision, chosen).map_err(|e| CoordinatorError::Flag(format!("{}: {e}", gpu.name)))?;
+    plan.training.precision = precision;
+    if offload && !plan.zero.offload_optimizer {
+        plan.zero.offload_optimizer = true;
+    }
+    Ok(note.map(|n| format!("{} ({}): {n}", gpu.name, plan.launch.device)).into_iter().collect())
+}
+
+/// The memory table of `plan`, or the refusal naming the largest term and a fix.
+pub fn check_memory(plan: &TrainPlan, gpus: &[GpuInfo]) -> Result<String> {
+    let config = plan_config(plan)?;
+    let job = job_of(plan, &config);
+    let capacity = capacity(plan, gpus);
+    let table = estimate::table(&job, capacity);
+    estimate::verdict(&job, capacity).map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} (plan for another device with --gpu_memory SIZE)")))?;
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_parse() {
+        let gpus = parse_query("Tesla P40, 24576, 6.1\nNVIDIA H200, 143771, 9.0\ngarbage\n");
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus[0], GpuInfo { name: "Tesla P40".into(), memory: 24576 << 20, compute_capability: (6, 1) });
+        assert_eq!(gpus[1].compute_capability, (9, 0));
+    }
+
+    #[test]
+    fn a_pascal_gpu_trains_in_fp32_with_offload_and_warns_on_fp16() {
+        let (p, offload, note) = precision_for((6, 1), Precision::Bf16, Chosen::Default).unwrap();
+        assert_eq!((p, offload), (Precision::Fp32, true));
+        assert!(note.unwrap().contains("no bf16 and slow fp16 math: training in fp32 with the optimizer offloaded"));
+        let (p, offload, note) = precision_for((6, 1), Precision::Fp16, Chosen::Explicit).unwrap();
+        assert_eq!((p, offload), (Precision::Fp16, false));
+        assert!(note.unwrap().starts_with("warning: --fp16"));
+        assert!(precision_for((6, 0), Precision::Bf16, Chosen::Explicit).unwrap_err().contains("has no bf16"));
+        assert_eq!(precision_for((6, 1), Precision::Fp32, Chosen::Explicit).unwrap(), (Precision::Fp32, false, None));
+        // Volta and later keep what the plan says.
+        for cap in [(7, 0), (8, 0), (9, 0)] {
+            assert_eq!(precision_for(cap, Precision::Bf16, Chosen::Default).unwrap(), (Precision::Bf16, false, None));
+            assert_eq!(precision_for(cap, Precision::Fp16, Chosen::Explicit).unwrap(), (Precision::Fp16, false, None));
+        }
+    }
+}
