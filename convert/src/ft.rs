@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use zerotune_hf::manifest::NonFinite;
 use zerotune_hf::{tokenizer, Dtype, MP_NUM};
 
 use crate::cast::{cast_into, transpose_into, Transpose};
@@ -96,10 +97,10 @@ impl FtModel {
     }
 }
 
-/// Opens `input` and plans its conversion for `tp` ranks in `dtype`; says on stderr when vocab
+/// Opens `input` (verified, see `Source::open`) and plans its conversion for `tp` ranks in `dtype`; says on stderr when vocab
 /// rows are padded.
-pub fn open_planned(input: &Path, tp: usize, dtype: Dtype) -> Result<(Source, FtModel)> {
-    let source = Source::open(input)?;
+pub fn open_planned(input: &Path, nonfinite: NonFinite, tp: usize, dtype: Dtype) -> Result<(Source, FtModel)> {
+    let source = Source::open(input, nonfinite)?;
     let model = FtModel::plan(&source, tp, dtype)?;
     if model.vocab_size != model.source_vocab_size {
         eprintln!(

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use zerotune_hf::manifest::NonFinite;
 use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
 
 use crate::cast::cast_into;
@@ -15,8 +16,11 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens `dir`; a zerotune `checkpoint-<step>/` is read through its `model/` directory.
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// Opens `dir`; a zerotune `checkpoint-<step>/` is read through its `model/` directory. A
+    /// checkpoint must be complete and match its manifest; weights without one are scanned, and
+    /// non-finite values are refused unless `nonfinite` allows them.
+    pub fn open(dir: &Path, nonfinite: NonFinite) -> Result<Self> {
+        zerotune_hf::manifest::verify_model_dir(dir, nonfinite)?;
         let dir = zerotune_hf::model_dir(dir);
         let config = CodeGenConfig::from_dir(&dir)?;
         let weights = WeightFiles::open(&dir)?;

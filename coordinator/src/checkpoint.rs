@@ -1,16 +1,60 @@
-//! Checkpoint bookkeeping on the coordinator's side: once every rank has written its part of
-//! `checkpoint-<step>/`, add the tokenizer files and trainer_state.json, then point `latest` at it
-//! by atomic rename, and prune beyond `--save_total_limit`. A crash before the rename leaves the
-//! previous checkpoint as `latest`. A resume reads trainer_state.json back.
+//! Checkpoint bookkeeping on the coordinator's side. Ranks write into `.checkpoint-<step>.partial/`;
+//! once every rank has written its part, add the tokenizer files and trainer_state.json, record
+//! the manifest (every file's size, hash and non-finite count), rename the directory to
+//! `checkpoint-<step>/`, point `latest` at it by atomic rename, and prune beyond
+//! `--save_total_limit`. A crash before the renames leaves the previous checkpoint as `latest` and
+//! a `.partial` directory that the next start removes. A resume reads trainer_state.json back.
 
 use std::path::{Path, PathBuf};
 
+use zerotune_hf::manifest::{Manifest, MANIFEST_FILE};
 use zerotune_proto::state::{TrainerState, TRAINER_STATE_FILE};
 
 use crate::error::{io_err, CoordinatorError, Result};
 
 pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Where the ranks write checkpoint `step` until it is complete.
+pub fn partial_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!(".checkpoint-{step}.partial"))
+}
+
+/// Removes what an interrupted save left in `output_dir`: `.checkpoint-<step>.partial/`
+/// directories, and the final model's manifest (the model is about to be written again). Called
+/// with the output dir's lock held, before ranks start.
+pub fn clean_leftovers(output_dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(output_dir).map_err(io_err(output_dir))? {
+        let path = entry.map_err(io_err(output_dir))?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(".checkpoint-") && name.ends_with(".partial") {
+            eprintln!("removing {}: an incomplete checkpoint an interrupted save left", path.display());
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+    }
+    let manifest = output_dir.join(MANIFEST_FILE);
+    if manifest.is_file() {
+        std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
+    }
+    Ok(())
+}
+
+/// Completes the final model in `output_dir` once every rank saved it: the tokenizer files, then
+/// the manifest of the model's files.
+pub fn finalize_model(output_dir: &Path, tokenizer_files: &[(String, Vec<u8>)]) -> Result<()> {
+    write_files(output_dir, tokenizer_files)?;
+    let mut names: Vec<String> = tokenizer_files.iter().map(|(name, _)| name.clone()).collect();
+    for entry in std::fs::read_dir(output_dir).map_err(io_err(output_dir))? {
+        let name = entry.map_err(io_err(output_dir))?.file_name().to_string_lossy().into_owned();
+        if zerotune_hf::write::is_model_file(&name) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names.dedup();
+    Manifest::of_files(output_dir, names.iter().map(String::as_str))?.write(output_dir)?;
+    Ok(())
 }
 
 /// Writes `files` (name, bytes) into `dir`.
@@ -27,10 +71,17 @@ pub fn finalize(
     trainer_state: &TrainerState,
     keep: Option<usize>,
 ) -> Result<()> {
-    let dir = checkpoint_dir(output_dir, step);
-    write_files(&dir.join("model"), tokenizer_files)?;
-    let state = dir.join(TRAINER_STATE_FILE);
+    let partial = partial_dir(output_dir, step);
+    write_files(&partial.join("model"), tokenizer_files)?;
+    let state = partial.join(TRAINER_STATE_FILE);
     zerotune_hf::write::write_json(&state, &serde_json::to_value(trainer_state).expect("the trainer state serialises"))?;
+    Manifest::of_tree(&partial)?.write(&partial)?;
+    let dir = checkpoint_dir(output_dir, step);
+    if dir.exists() {
+        // A checkpoint of this step from before a restart or an earlier run: replaced.
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    std::fs::rename(&partial, &dir).map_err(io_err(&dir))?;
     let tmp = output_dir.join("latest.tmp");
     std::fs::write(&tmp, format!("checkpoint-{step}\n")).map_err(io_err(&tmp))?;
     let latest = output_dir.join("latest");
@@ -74,6 +125,7 @@ mod tests {
             train_batch_size: 1,
             gradient_accumulation_steps: 2,
             world_size: 2,
+            block_size: Some(64),
             sampler: zerotune_proto::state::SamplerPosition { seed: 42, epoch: step / 10, step_in_epoch: step % 10, blocks: 40 },
             log_history: (1..=step).map(|s| serde_json::json!({"step": s, "loss": s as f64 * 0.25})).collect(),
         }
@@ -84,7 +136,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
         for step in [5, 10, 15] {
-            std::fs::create_dir_all(checkpoint_dir(out, step).join("model")).unwrap();
+            std::fs::create_dir_all(partial_dir(out, step).join("model")).unwrap();
             finalize(out, step, &[("tokenizer.json".into(), b"{}".to_vec())], &state(step), Some(2)).unwrap();
             assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), format!("checkpoint-{step}\n"));
             assert_eq!(read_trainer_state(&checkpoint_dir(out, step)).unwrap(), state(step));
@@ -92,5 +144,21 @@ mod tests {
         assert!(!checkpoint_dir(out, 5).exists());
         assert!(checkpoint_dir(out, 10).join("trainer_state.json").is_file());
         assert!(checkpoint_dir(out, 15).join("model/tokenizer.json").is_file());
+        assert!(!partial_dir(out, 15).exists());
+        let manifest = Manifest::read(&checkpoint_dir(out, 15)).unwrap().unwrap();
+        assert_eq!(manifest.files.keys().collect::<Vec<_>>(), ["model/tokenizer.json", "trainer_state.json"]);
+        zerotune_hf::manifest::verify_checkpoint(&checkpoint_dir(out, 15), zerotune_hf::manifest::NonFinite::Refuse).unwrap();
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_save_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        std::fs::create_dir_all(partial_dir(out, 7).join("optimizer")).unwrap();
+        std::fs::create_dir_all(checkpoint_dir(out, 5)).unwrap();
+        std::fs::write(out.join(MANIFEST_FILE), "{}").unwrap();
+        clean_leftovers(out).unwrap();
+        assert!(!partial_dir(out, 7).exists() && !out.join(MANIFEST_FILE).exists());
+        assert!(checkpoint_dir(out, 5).is_dir());
     }
 }

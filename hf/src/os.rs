@@ -29,6 +29,7 @@ pub fn advice(kind: ErrorKind) -> Option<&'static str> {
         ErrorKind::NotFound => "check that the path exists",
         ErrorKind::PermissionDenied => "check the permissions of the path, or choose another",
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => "free disk space or write elsewhere, then run again",
+        ErrorKind::FileTooLarge => "a file-size limit (ulimit -f, or the filesystem's) stopped the write: write elsewhere or raise it",
         ErrorKind::ReadOnlyFilesystem => "the filesystem is read-only: write elsewhere",
         ErrorKind::IsADirectory => "a file was expected here, not a directory",
         ErrorKind::NotADirectory => "a directory was expected here, not a file",

@@ -9,6 +9,13 @@ use crate::{invalid, io_err, CodeGenConfig, Dtype, RawTensor, Result};
 /// HF's default `max_shard_size` ("5GB", decimal).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 
+/// Whether a file named `name` belongs to a saved model's directory: its config, generation config,
+/// weights (one file or shards and their index).
+pub fn is_model_file(name: &str) -> bool {
+    matches!(name, "config.json" | "generation_config.json" | "model.safetensors.index.json")
+        || (name.starts_with("model") && name.ends_with(".safetensors"))
+}
+
 /// One tensor of a safetensors file, described before its bytes exist.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {

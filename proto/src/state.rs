@@ -28,6 +28,9 @@ pub struct TrainerState {
     pub gradient_accumulation_steps: usize,
     /// Ranks that wrote the checkpoint.
     pub world_size: u32,
+    /// Tokens per training block (absent in checkpoints from before it was recorded).
+    #[serde(default)]
+    pub block_size: Option<usize>,
     /// Where the data order stands.
     pub sampler: SamplerPosition,
     /// HF's log history: one record per logged step (loss, learning rate, grad norm, ...) and per

@@ -15,7 +15,7 @@ fn main() {
     let rows: i64 = args.next().map_or(1, |a| a.parse().unwrap());
     let tokens: i64 = args.next().map_or(500, |a| a.parse().unwrap());
     tch::set_num_threads(args.next().map_or(2, |a| a.parse().unwrap()));
-    let loaded = Loaded::open(&dir, Device::Cpu, Precision::Fp32).unwrap();
+    let loaded = Loaded::open(&dir, Device::Cpu, Precision::Fp32, zerotune_hf::manifest::NonFinite::Refuse).unwrap();
     let _guard = tch::no_grad_guard();
     let mut batch = BatchCache::new(loaded.config.n_positions as i64);
     for r in 0..rows {

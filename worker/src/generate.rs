@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 use tokenizers::Tokenizer;
+use zerotune_hf::manifest::NonFinite;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::ModelSource;
 
@@ -39,8 +40,10 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// Loads `dir` (a `checkpoint-<step>/` through its `model/`) onto `device`.
-    pub fn open(dir: &Path, device: Device, precision: Precision) -> Result<Self> {
+    /// Loads `dir` (a `checkpoint-<step>/` through its `model/`) onto `device`, once verified
+    /// against its manifest or scanned for non-finite weights (refused unless `nonfinite` allows).
+    pub fn open(dir: &Path, device: Device, precision: Precision, nonfinite: NonFinite) -> Result<Self> {
+        zerotune_hf::manifest::verify_model_dir(dir, nonfinite)?;
         let dir = zerotune_hf::model_dir(dir);
         let tokenizer = zerotune_hf::tokenizer::load(&dir)?;
         let source = ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() };
@@ -90,6 +93,7 @@ pub struct GenerateArgs {
     pub device: Device,
     /// Print {"prompt_ids", "new_ids", "completion", "finish_reason"} as JSON instead of the text.
     pub json: bool,
+    pub nonfinite: NonFinite,
 }
 
 /// `worker generate`: loads the model (at `inference_precision`), completes the prompt and prints
@@ -97,7 +101,7 @@ pub struct GenerateArgs {
 /// context gets a note on stderr.
 pub fn run(args: GenerateArgs) -> Result<()> {
     args.params.check().map_err(WorkerError::Invalid)?;
-    let loaded = Loaded::open(&args.model, args.device, inference_precision(args.device, false))?;
+    let loaded = Loaded::open(&args.model, args.device, inference_precision(args.device, false), args.nonfinite)?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {
         eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);

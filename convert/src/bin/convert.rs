@@ -7,12 +7,16 @@ use zerotune_convert::ft;
 use zerotune_convert::output::Staged;
 use zerotune_convert::source::{parse_dtype, Source};
 use zerotune_convert::{gptj, triton};
+use zerotune_hf::manifest::NonFinite;
 
 #[derive(Parser)]
 #[command(version, about = "zerotune convert: CodeGen -> GPT-J, FasterTransformer and Triton/FauxPilot")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Convert weights holding NaN or infinite values (refused by default, naming the tensor).
+    #[arg(long = "allow_nonfinite", alias = "allow-nonfinite", global = true)]
+    allow_nonfinite: bool,
 }
 
 #[derive(Subcommand)]
@@ -85,9 +89,10 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let nonfinite = if cli.allow_nonfinite { NonFinite::Allow } else { NonFinite::Refuse };
     match cli.command {
         Command::Gptj { input, output, dtype, force } => {
-            let source = Source::open(&input)?;
+            let source = Source::open(&input, nonfinite)?;
             let dtype = match dtype {
                 Some(name) => parse_dtype(&name)?,
                 None => source.dtype(),
@@ -98,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} -> {} (GPT-J, {})", input.display(), output.display(), dtype.torch_name());
         }
         Command::Fastertransformer { input, output, tp, dtype, force } => {
-            let (source, model) = ft::open_planned(&input, tp, parse_dtype(&dtype)?)?;
+            let (source, model) = ft::open_planned(&input, nonfinite, tp, parse_dtype(&dtype)?)?;
             let target = output.join(format!("{tp}-gpu"));
             let staged = Staged::new(&target, force)?;
             ft::write(&source, &model, staged.path(), &target)?;
@@ -107,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Triton { input, hf_model_dir, model_store, tp, name, rebase, dtype, force } => {
             let input = input.or(hf_model_dir).expect("clap requires one of INPUT and --hf_model_dir");
-            let (source, model) = ft::open_planned(&input, tp, parse_dtype(&dtype)?)?;
+            let (source, model) = ft::open_planned(&input, nonfinite, tp, parse_dtype(&dtype)?)?;
             let name = name.unwrap_or_else(|| triton::default_name(&input));
             let written = triton::write_model_dir(&source, &model, &model_store, &name, rebase.as_deref(), force)?;
             println!(

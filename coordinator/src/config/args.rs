@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use zerotune_data::SourceArgs;
+use zerotune_data::{HygieneArgs, SourceArgs};
 use zerotune_proto::plan::ScheduleKind;
 
 /// Every `train` flag. Boolean flags work alone or with a value (`--fp16`, `--fp16 true`), as
@@ -54,6 +54,9 @@ pub struct DataArgs {
     pub validation_file: Option<PathBuf>,
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Secrets, duplicates, leaks and document size: the data pipeline's settings.
+    #[command(flatten)]
+    pub hygiene: HygieneArgs,
     #[arg(long, default_value_t = 5)]
     pub validation_split_percentage: u32,
     /// Tokens per training block (default: min(1024, n_positions)).
@@ -129,6 +132,14 @@ pub struct TrainingArgs {
     /// Continue from a checkpoint: a `checkpoint-<step>` directory, or `latest` (in --output_dir).
     #[arg(long)]
     pub resume_from_checkpoint: Option<ResumeFrom>,
+    /// Resume although the block size or the global batch (micro x accumulation x world) differs
+    /// from the checkpoint's (HF's flag): the new shape's data order is taken up at the
+    /// checkpoint's step, so some blocks may be seen twice or not at all.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
+    pub ignore_data_skip: bool,
+    /// Load weights or a checkpoint holding NaN or infinite values (refused by default, naming the tensor).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
     /// DeepSpeed config (ZeRO, batch, optimizer, scheduler, fp16/bf16; "auto" allowed).
     #[arg(long)]
     pub deepspeed: Option<PathBuf>,

@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use zerotune_data::Filter;
+use zerotune_data::{Filter, Hygiene};
+use zerotune_hf::manifest::NonFinite;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
@@ -88,6 +89,8 @@ pub struct DataPlan {
     /// Tokens per block; `None`: min(1024, n_positions), known once the model config is.
     pub block_size: Option<usize>,
     pub filter: Filter,
+    /// Secrets, dedup, leakage and document size settings of the data pipeline.
+    pub hygiene: Hygiene,
     pub cache_dir: PathBuf,
 }
 
@@ -133,6 +136,10 @@ pub struct OutputPlan {
     pub save_steps: Option<u64>,
     pub save_total_limit: Option<usize>,
     pub resume_from: Option<ResumeFrom>,
+    /// Resume although the block size or global batch changed (--ignore_data_skip).
+    pub ignore_data_skip: bool,
+    /// Weights holding NaN or infinite values: refused, or loaded with a warning (--allow_nonfinite).
+    pub nonfinite: NonFinite,
 }
 
 /// Where the ranks run, how they are started, and how long they may stay silent.
@@ -190,6 +197,7 @@ impl DataArgs {
             validation_split_percentage: self.validation_split_percentage,
             block_size: self.block_size,
             filter: self.source.filter()?,
+            hygiene: self.hygiene.hygiene()?,
             cache_dir: self.cache_dir.clone().unwrap_or_else(default_cache_dir),
         })
     }
@@ -258,6 +266,8 @@ impl TrainPlan {
                 save_steps: (t.save_steps > 0).then_some(t.save_steps),
                 save_total_limit: t.save_total_limit,
                 resume_from: t.resume_from_checkpoint.clone(),
+                ignore_data_skip: t.ignore_data_skip,
+                nonfinite: if t.allow_nonfinite { NonFinite::Allow } else { NonFinite::Refuse },
             },
             launch: LaunchPlan {
                 device,

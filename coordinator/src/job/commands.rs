@@ -8,7 +8,7 @@ use tonic::Status;
 use zerotune_proto::v1::{command, Batch, Command, Evaluate, Finish, Save, Stop, TrainStep};
 
 use super::pace::Pace;
-use crate::checkpoint::checkpoint_dir;
+use crate::checkpoint::partial_dir;
 use crate::dataset::TokenCache;
 use crate::sampler::Sampler;
 
@@ -59,7 +59,7 @@ pub(super) fn produce_commands(
         }
         let (requested, stop) = pace.at(step);
         if requested || cadence.save_steps.is_some_and(|n| step % n == 0) {
-            let dir = checkpoint_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
+            let dir = partial_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
             if !send(command::Kind::Save(Save { step, dir })) {
                 return;
             }

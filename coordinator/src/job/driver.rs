@@ -291,7 +291,7 @@ impl<'a> Job<'a> {
         }
         let output_dir = &self.spec.output_dir;
         if Path::new(&report.dir) == output_dir {
-            checkpoint::write_files(output_dir, self.spec.tokenizer_files)?;
+            checkpoint::finalize_model(output_dir, self.spec.tokenizer_files)?;
             self.finished = self.spec.world;
             progress.note(&format!("saved the final model to {}", output_dir.display()));
         } else {
@@ -364,6 +364,7 @@ impl<'a> Job<'a> {
             train_batch_size: self.spec.plan.batch.micro,
             gradient_accumulation_steps: self.spec.plan.batch.accumulation,
             world_size: self.spec.world,
+            block_size: self.spec.plan.data.block_size,
             sampler: SamplerPosition { seed: sampler.seed, epoch, step_in_epoch, blocks: sampler.blocks },
             log_history: progress.history.clone(),
         }

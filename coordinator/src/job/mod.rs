@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
+use zerotune_hf::manifest::{verify_checkpoint, NonFinite};
 use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
+use zerotune_proto::state::TrainerState;
 
 use crate::config::{Device, ModelChoice, ResumeFrom, TrainPlan};
 use crate::dataset::TokenCache;
@@ -39,19 +41,30 @@ pub struct Outcome {
 }
 
 pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
-    let mut resume = match &plan.output.resume_from {
-        Some(spec) => Some(resolve_checkpoint(&plan.output.dir, spec)?),
+    // Every check comes before the first write: nothing in the output dir changes on a refusal.
+    let resumed = match &plan.output.resume_from {
+        Some(spec) => Some(resolve_checkpoint(&plan.output.dir, spec, plan.output.nonfinite)?),
         None => {
             check_output_dir(&plan)?;
             None
         }
     };
+    if let ModelChoice::Pretrained(dir) = &plan.model {
+        tokio::task::block_in_place(|| zerotune_hf::manifest::verify_model_dir(dir, plan.output.nonfinite))?;
+    }
     let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
+    plan.data.block_size = Some(prepared.block_size);
+    if let Some((resume, state)) = &resumed {
+        check_resume_shape(&plan, resume, state)?;
+    }
+    let mut resume = resumed.map(|(resume, _)| resume);
+    let worker_plan = worker_plan(&plan, &prepared)?;
     std::fs::create_dir_all(&plan.output.dir).map_err(io_err(&plan.output.dir))?;
     let output_dir = plan.output.dir.canonicalize().map_err(io_err(&plan.output.dir))?;
     // Held until the run, its evaluation and its report are done: one job per output dir.
     let _lock = OutputLock::acquire(&output_dir)?;
-    let worker_plan = worker_plan(&plan, &prepared)?;
+    prepared.data_report.write(&output_dir.join("data_report.json"))?;
+    crate::checkpoint::clean_leftovers(&output_dir)?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
         "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}{}",
@@ -102,7 +115,7 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
                     run.resize(&fewer);
                     plan = fewer;
                 }
-                resume = latest_checkpoint(&output_dir)?;
+                resume = latest_checkpoint(&output_dir, plan.output.nonfinite)?;
                 let from = resume.as_ref().map_or("the start".to_string(), |r| format!("checkpoint-{}", r.step));
                 eprintln!("restart {restarts} of {}: resuming from {from}", plan.launch.max_restarts);
             }
@@ -147,8 +160,9 @@ impl Run {
     }
 }
 
-/// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), checked complete.
-fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom) -> Result<Resume> {
+/// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), verified
+/// against its manifest, with its trainer state.
+fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom, nonfinite: NonFinite) -> Result<(Resume, TrainerState)> {
     let dir = if let ResumeFrom::Dir(dir) = spec {
         dir.clone()
     } else {
@@ -163,23 +177,55 @@ fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom) -> Result<Resume> {
     };
     let state = crate::checkpoint::read_trainer_state(&dir)
         .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
+    tokio::task::block_in_place(|| verify_checkpoint(&dir, nonfinite))
+        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
     let step = state.global_step;
-    if !dir.join("optimizer/layout.json").is_file() {
-        return Err(CoordinatorError::Flag(format!(
-            "--resume_from_checkpoint: {} has no optimizer/layout.json (incomplete checkpoint?)",
-            dir.display()
-        )));
-    }
     let dir = dir.canonicalize().map_err(io_err(&dir))?;
-    Ok(Resume { dir: dir.to_string_lossy().into_owned(), step })
+    Ok((Resume { dir: dir.to_string_lossy().into_owned(), step }, state))
+}
+
+/// A resume continues the data order exactly only with the checkpoint's block size and global
+/// batch (micro x accumulation x world; its factors may change); otherwise it needs
+/// --ignore_data_skip.
+fn check_resume_shape(plan: &TrainPlan, resume: &Resume, state: &TrainerState) -> Result<()> {
+    let mut changes = vec![];
+    let block = plan.data.block_size.expect("resolved by prepare");
+    if let Some(saved) = state.block_size.filter(|&saved| saved != block) {
+        changes.push(format!("--block_size {block} where the checkpoint has {saved}"));
+    }
+    let saved_batch = state.train_batch_size * state.gradient_accumulation_steps * state.world_size as usize;
+    if saved_batch != plan.global_batch() {
+        changes.push(format!(
+            "a global batch of {} (micro {} x accumulation {} x world {}) where the checkpoint has {saved_batch} ({} x {} x {})",
+            plan.global_batch(),
+            plan.batch.micro,
+            plan.batch.accumulation,
+            plan.world_size(),
+            state.train_batch_size,
+            state.gradient_accumulation_steps,
+            state.world_size
+        ));
+    }
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let changes = changes.join(" and ");
+    if plan.output.ignore_data_skip {
+        eprintln!("warning: resuming from step {} with {changes}: the data order is the new one's (--ignore_data_skip)", resume.step);
+        return Ok(());
+    }
+    Err(CoordinatorError::Flag(format!(
+        "--resume_from_checkpoint {}: {changes}, so the data order would change; resume with the checkpoint's values, or pass --ignore_data_skip to continue with these",
+        resume.dir
+    )))
 }
 
 /// The checkpoint `latest` names, if any.
-fn latest_checkpoint(output_dir: &Path) -> Result<Option<Resume>> {
+fn latest_checkpoint(output_dir: &Path, nonfinite: NonFinite) -> Result<Option<Resume>> {
     if !output_dir.join("latest").is_file() {
         return Ok(None);
     }
-    resolve_checkpoint(output_dir, &ResumeFrom::Latest).map(Some)
+    resolve_checkpoint(output_dir, &ResumeFrom::Latest, nonfinite).map(|(resume, _)| Some(resume))
 }
 /// HF refuses a non-empty output_dir unless told to overwrite; so do we.
 fn check_output_dir(plan: &TrainPlan) -> Result<()> {

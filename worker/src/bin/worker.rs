@@ -10,6 +10,7 @@ use zerotune_worker::agent::{self, AgentArgs};
 use zerotune_worker::device;
 use zerotune_worker::eval::{self, EvalOptions};
 use zerotune_worker::generate::{self, inference_precision, GenerateArgs, Loaded};
+use zerotune_hf::manifest::NonFinite;
 use zerotune_worker::sample::SamplingParams;
 use zerotune_worker::serve::{self, ServeOptions};
 
@@ -18,6 +19,10 @@ use zerotune_worker::serve::{self, ServeOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// generate, eval, serve: load weights holding NaN or infinite values (refused by default,
+    /// naming the tensor).
+    #[arg(long = "allow_nonfinite", alias = "allow-nonfinite", global = true)]
+    allow_nonfinite: bool,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +153,7 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let nonfinite = if cli.allow_nonfinite { NonFinite::Allow } else { NonFinite::Refuse };
     match cli.command {
         Command::Run { coordinator, rank, device: spec } => {
             let secret = std::env::var(zerotune_proto::SECRET_ENV)
@@ -158,7 +164,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device: spec, json } => {
             let device = device::parse(&spec)?;
             let params = SamplingParams { temperature, top_k, top_p, ..Default::default() };
-            Ok(generate::run(GenerateArgs { model, prompt, max_new_tokens, params, seed, device, json })?)
+            Ok(generate::run(GenerateArgs { model, prompt, max_new_tokens, params, seed, device, json, nonfinite })?)
         }
         Command::Eval(args) => {
             let device = device::parse(&args.device)?;
@@ -177,6 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch: args.max_batch,
                 device,
                 precision: inference_precision(device, args.fp16),
+                nonfinite,
             };
             let report = eval::run(&options)?;
             println!("{}", report.table());
@@ -189,7 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let device = device::parse(&spec)?;
             let precision = inference_precision(device, fp16);
-            let loaded = Loaded::open(&model, device, precision)?;
+            let loaded = Loaded::open(&model, device, precision, nonfinite)?;
             let model_name = model_name.unwrap_or_else(|| {
                 let dir = model.canonicalize().unwrap_or(model.clone());
                 dir.file_name().map_or("codegen".into(), |n| n.to_string_lossy().into_owned())

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use zerotune_data::{Document, Filter};
+use zerotune_hf::manifest::NonFinite;
 
 use crate::engine::{Engine, Prompt};
 use crate::error::{io_err, Result, WorkerError};
@@ -41,6 +42,8 @@ pub struct EvalOptions {
     pub batch: usize,
     pub device: Device,
     pub precision: Precision,
+    /// Weights holding NaN or infinite values: refused or loaded (--allow_nonfinite).
+    pub nonfinite: NonFinite,
 }
 
 /// One model's scores.
@@ -124,7 +127,7 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
     let mut report = Report { positions: positions.len(), candidates: total, models: vec![] };
     let mut lines = vec![];
     for (name, dir) in models {
-        let loaded = Loaded::open(dir, options.device, options.precision)?;
+        let loaded = Loaded::open(dir, options.device, options.precision, options.nonfinite)?;
         let limit = options.context_tokens.min(loaded.config.n_positions.saturating_sub(options.max_new_tokens));
         if limit == 0 {
             return Err(WorkerError::Invalid(format!(
