@@ -1,9 +1,10 @@
-//! Training data like `run_clm.py` (the documents come from zerotune-data): a validation split by
-//! whole documents; parallel tokenisation, documents joined with
-//! EOS and cut into `block_size` blocks; a token cache on disk keyed by a hash of everything that
-//! determines its content, so a rerun or a resume does not tokenise again.
+//! Token blocks like `run_clm.py` (the documents come from zerotune-data's pipeline): documents
+//! joined with EOS and cut into `block_size` blocks, tokenized in parallel a bounded batch at a
+//! time (a long document in line-aligned pieces, so memory follows the batch, not the document),
+//! streamed into a token cache on disk keyed by a hash of everything that determines its content,
+//! so a rerun or a resume does not tokenize again.
 
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -13,50 +14,95 @@ use zerotune_data::Document;
 
 use crate::error::{io_err, CoordinatorError, Result};
 
-/// Splits documents into (train, validation): a seeded shuffle, then `percent`% of whole
-/// documents (rounded, at least one when there are two or more) go to validation.
-pub fn split_by_documents(docs: Vec<Document>, percent: u32, seed: u64) -> (Vec<Document>, Vec<Document>) {
-    let n = docs.len();
-    let mut n_val = ((n as f64) * percent as f64 / 100.0).round() as usize;
-    if percent > 0 && n >= 2 {
-        n_val = n_val.clamp(1, n - 1);
+/// The longest piece of one document handed to the tokenizer at once.
+const PIECE_BYTES: usize = 64 * 1024;
+/// Text per parallel tokenizer call; peak memory follows this, not the corpus or a document.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// `text` in pieces of about `max` bytes, cut only before a `\n` that follows a non-space
+/// character: there a byte-level (GPT-2) or whitespace pre-tokenizer splits anyway, so the
+/// pieces tokenize to the same ids as the whole. A text without such a place stays whole.
+pub fn pieces(text: &str, max: usize) -> Vec<&str> {
+    let mut out = vec![];
+    let mut start = 0;
+    while text.len() - start > max {
+        let mut end = start + max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let window = &text.as_bytes()[start..end];
+        let cut = (1..window.len()).rev().find(|&i| window[i] == b'\n' && !window[i - 1].is_ascii_whitespace());
+        let cut = match cut {
+            Some(i) => start + i,
+            // No place in reach: the next one after it (or the end).
+            None => match text.as_bytes()[end..].windows(2).position(|w| w[1] == b'\n' && !w[0].is_ascii_whitespace()) {
+                Some(i) => end + i + 1,
+                None => text.len(),
+            },
+        };
+        out.push(&text[start..cut]);
+        start = cut;
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    crate::sampler::shuffle(&mut order, seed);
-    let is_val: Vec<bool> = {
-        let mut v = vec![false; n];
-        order[..n_val].iter().for_each(|&i| v[i] = true);
-        v
+    if start < text.len() || out.is_empty() {
+        out.push(&text[start..]);
+    }
+    out
+}
+
+/// Token ids of `docs`, each document followed by EOS, handed to `sink` one batch at a time.
+pub fn tokenize_into(docs: &[Document], tokenizer: &Tokenizer, eos: u32, sink: &mut dyn FnMut(&[u32]) -> Result<()>) -> Result<()> {
+    let mut batch: Vec<&str> = vec![];
+    let mut ends: Vec<bool> = vec![]; // whether a piece ends its document
+    let mut bytes = 0;
+    let mut ids: Vec<u32> = vec![];
+    let mut flush = |batch: &mut Vec<&str>, ends: &mut Vec<bool>| -> Result<()> {
+        let encodings = tokenizer
+            .encode_batch_fast(std::mem::take(batch), false)
+            .map_err(|e| CoordinatorError::Flag(format!("tokenization failed: {e}")))?;
+        ids.clear();
+        for (encoding, end) in encodings.iter().zip(ends.drain(..)) {
+            ids.extend_from_slice(encoding.get_ids());
+            if end {
+                ids.push(eos);
+            }
+        }
+        sink(&ids)
     };
-    let (mut train, mut val) = (vec![], vec![]);
-    for (doc, val_doc) in docs.into_iter().zip(is_val) {
-        if val_doc {
-            val.push(doc)
-        } else {
-            train.push(doc)
+    for doc in docs {
+        let parts = pieces(&doc.text, PIECE_BYTES);
+        let n = parts.len();
+        for (k, part) in parts.into_iter().enumerate() {
+            bytes += part.len();
+            batch.push(part);
+            ends.push(k + 1 == n);
+            if bytes >= BATCH_BYTES {
+                flush(&mut batch, &mut ends)?;
+                bytes = 0;
+            }
         }
     }
-    (train, val)
+    if !batch.is_empty() {
+        flush(&mut batch, &mut ends)?;
+    }
+    Ok(())
 }
 
 /// Token ids of all documents, each followed by EOS, cut into full blocks (the ragged tail dropped).
 pub fn tokenize_blocks(docs: &[Document], tokenizer: &Tokenizer, eos: u32, block_size: usize) -> Result<Vec<u32>> {
     let mut ids: Vec<u32> = vec![];
-    for chunk in docs.chunks(16384) {
-        let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
-        let encodings =
-            tokenizer.encode_batch_fast(texts, false).map_err(|e| CoordinatorError::Flag(format!("tokenization failed: {e}")))?;
-        for encoding in encodings {
-            ids.extend_from_slice(encoding.get_ids());
-            ids.push(eos);
-        }
-    }
+    tokenize_into(docs, tokenizer, eos, &mut |batch| {
+        ids.extend_from_slice(batch);
+        Ok(())
+    })?;
     ids.truncate(ids.len() / block_size * block_size);
     Ok(ids)
 }
 
 /// What the token cache's content depends on.
 pub struct CacheKey<'a> {
+    /// The data pipeline's settings (secrets, dedup, threshold, max document bytes), also
+    /// reflected in the documents, named so that a change of settings always re-tokenizes.
+    pub hygiene: &'a str,
     pub train: &'a [Document],
     pub validation: &'a [Document],
     pub tokenizer_json: &'a str,
@@ -67,7 +113,9 @@ pub struct CacheKey<'a> {
 impl CacheKey<'_> {
     pub fn hash(&self) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(b"zerotune token cache v1");
+        h.update(b"zerotune token cache v2");
+        h.update(&(self.hygiene.len() as u64).to_le_bytes());
+        h.update(self.hygiene.as_bytes());
         for (tag, docs) in [(b"T", self.train), (b"V", self.validation)] {
             h.update(tag);
             h.update(&(docs.len() as u64).to_le_bytes());
@@ -96,31 +144,104 @@ pub struct TokenCache {
     pub validation_blocks: usize,
 }
 
+/// Streams token ids into a cache file: whole blocks of the training split, then of the
+/// validation split (each split's ragged tail dropped); the header's counts are written last and
+/// the file appears under its name only when complete.
+pub struct CacheWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: std::io::BufWriter<std::fs::File>,
+    block_size: usize,
+    width: usize,
+    /// Ids not yet making a whole block.
+    pending: Vec<u32>,
+    /// Blocks written per split (train, validation) and the split being written.
+    blocks: [u64; 2],
+    split: usize,
+}
+
+impl CacheWriter {
+    pub fn create(path: &Path, block_size: usize, vocab: usize) -> Result<Self> {
+        let tmp = path.with_extension("tmp");
+        let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut writer = Self {
+            path: path.into(),
+            w: std::io::BufWriter::new(file),
+            tmp,
+            block_size,
+            width: if vocab <= 1 << 16 { 2 } else { 4 },
+            pending: vec![],
+            blocks: [0, 0],
+            split: 0,
+        };
+        writer.write_header()?;
+        Ok(writer)
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> CoordinatorError {
+        let path = self.tmp.clone();
+        move |source| CoordinatorError::Io { path, source }
+    }
+
+    fn write_header(&mut self) -> Result<()> {
+        let mut header = Vec::with_capacity(HEADER);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&(self.block_size as u32).to_le_bytes());
+        header.extend_from_slice(&(self.width as u32).to_le_bytes());
+        header.extend_from_slice(&self.blocks[0].to_le_bytes());
+        header.extend_from_slice(&self.blocks[1].to_le_bytes());
+        let io = self.io();
+        self.w.write_all(&header).map_err(io)
+    }
+
+    /// Appends ids to the current split, writing every whole block.
+    pub fn push(&mut self, ids: &[u32]) -> Result<()> {
+        self.pending.extend_from_slice(ids);
+        let whole = self.pending.len() / self.block_size * self.block_size;
+        let mut bytes = Vec::with_capacity(whole * self.width);
+        for &t in &self.pending[..whole] {
+            if self.width == 2 {
+                bytes.extend_from_slice(&(t as u16).to_le_bytes())
+            } else {
+                bytes.extend_from_slice(&t.to_le_bytes())
+            }
+        }
+        let io = self.io();
+        self.w.write_all(&bytes).map_err(io)?;
+        self.blocks[self.split] += (whole / self.block_size) as u64;
+        self.pending.drain(..whole);
+        Ok(())
+    }
+
+    /// Ends the training split: its ragged tail is dropped, what follows is validation.
+    pub fn end_train(&mut self) {
+        self.pending.clear();
+        self.split = 1;
+    }
+
+    /// Writes the header's counts, syncs, and renames the file into place.
+    pub fn finish(mut self) -> Result<TokenCache> {
+        let io = self.io();
+        self.w.flush().map_err(io)?;
+        let io = self.io();
+        self.w.rewind().map_err(io)?;
+        self.write_header()?;
+        let io = self.io();
+        let file = self.w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io_err(&self.tmp))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        TokenCache::open(&self.path)
+    }
+}
+
 impl TokenCache {
     /// Writes `train` and `validation` tokens (whole blocks) to `path` atomically.
     pub fn write(path: &Path, block_size: usize, vocab: usize, train: &[u32], validation: &[u32]) -> Result<Self> {
-        let width = if vocab <= 1 << 16 { 2 } else { 4 };
-        let tmp = path.with_extension("tmp");
-        {
-            let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            let mut w = std::io::BufWriter::new(file);
-            let io = |e| CoordinatorError::Io { path: tmp.clone(), source: e };
-            w.write_all(MAGIC).map_err(io)?;
-            w.write_all(&(block_size as u32).to_le_bytes()).map_err(io)?;
-            w.write_all(&(width as u32).to_le_bytes()).map_err(io)?;
-            w.write_all(&((train.len() / block_size) as u64).to_le_bytes()).map_err(io)?;
-            w.write_all(&((validation.len() / block_size) as u64).to_le_bytes()).map_err(io)?;
-            for &t in train.iter().chain(validation) {
-                let r = if width == 2 { w.write_all(&(t as u16).to_le_bytes()) } else { w.write_all(&t.to_le_bytes()) };
-                r.map_err(io)?;
-            }
-            w.into_inner()
-                .map_err(|e| CoordinatorError::Io { path: tmp.clone(), source: e.into_error() })?
-                .sync_all()
-                .map_err(io_err(&tmp))?;
-        }
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        Self::open(path)
+        let mut w = CacheWriter::create(path, block_size, vocab)?;
+        w.push(train)?;
+        w.end_train();
+        w.push(validation)?;
+        w.finish()
     }
 
     /// Maps an existing cache file, checking its header and length.
@@ -167,20 +288,20 @@ impl TokenCache {
 mod tests {
     use super::*;
 
-    fn docs(n: usize) -> Vec<Document> {
-        (0..n).map(|i| Document { text: format!("doc {i}"), url: None }).collect()
-    }
-
     #[test]
-    fn split_keeps_documents_whole_and_is_seeded() {
-        let (train, val) = split_by_documents(docs(40), 5, 7);
-        assert_eq!((train.len(), val.len()), (38, 2));
-        for d in &val {
-            assert!(!train.contains(d), "{d:?} in both splits");
-        }
-        assert_eq!(split_by_documents(docs(40), 5, 7).1, val, "same seed, same split");
-        assert_eq!(split_by_documents(docs(3), 5, 7).1.len(), 1, "at least one validation document");
-        assert_eq!(split_by_documents(docs(3), 0, 7).1.len(), 0);
+    fn pieces_tokenize_like_the_whole_document() {
+        let line = |i: usize| format!("def f{i}(x):\n    return x * {i}  \n\n\tpass\n");
+        let text: String = (0..400).map(line).collect();
+        let tok = zerotune_hf::tokenizer::train([text.as_str()].into_iter(), 400).unwrap();
+        let parts = pieces(&text, 1000);
+        assert!(parts.len() > 5 && parts.iter().all(|p| p.len() <= 1000));
+        assert_eq!(parts.concat(), text);
+        let whole = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        let joined: Vec<u32> = parts.iter().flat_map(|p| tok.encode(*p, false).unwrap().get_ids().to_vec()).collect();
+        assert_eq!(joined, whole);
+        // No place to cut within reach: the next one, else the whole text.
+        assert_eq!(pieces(&"x".repeat(50), 10), ["x".repeat(50)]);
+        assert_eq!(pieces(&format!("{}\nyy", "x".repeat(50)), 10), ["x".repeat(50), "\nyy".to_string()]);
     }
 
     #[test]

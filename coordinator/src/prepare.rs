@@ -1,5 +1,7 @@
-//! Everything decided before a worker starts: the tokenizer (loaded or trained), the model config
-//! checked against it, the block size, the token cache, and the step arithmetic.
+//! Everything decided before a worker starts: the documents through zerotune-data's pipeline
+//! (collect -> scrub -> cut -> dedup -> split -> leakage), the tokenizer (loaded or trained on the
+//! training split), the model config checked against it, the block size, then the pipeline's last
+//! stages here, tokenize -> cache, and the step arithmetic.
 
 use std::path::Path;
 
@@ -7,9 +9,11 @@ use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
 
 use crate::config::{DataPlan, ModelChoice, TokenizerChoice, TrainPlan};
-use zerotune_data::Document;
+use zerotune_data::pipeline::{self, Inputs};
+use zerotune_data::report::TokenCounts;
+use zerotune_data::{DataReport, Document};
 
-use crate::dataset::{self, CacheKey, TokenCache};
+use crate::dataset::{self, CacheKey, CacheWriter, TokenCache};
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::sampler::Sampler;
 
@@ -25,6 +29,8 @@ pub struct Prepared {
     pub warmup_steps: u64,
     /// The held-out documents, for the completion evaluation at the end.
     pub validation_docs: Vec<Document>,
+    /// What the data pipeline did, for `output_dir/data_report.json`.
+    pub data_report: DataReport,
 }
 
 fn flag(message: String) -> CoordinatorError {
@@ -32,18 +38,19 @@ fn flag(message: String) -> CoordinatorError {
 }
 
 pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
-    let (train_docs, val_docs) = load_split(&plan.data, plan.training.seed)?;
-    let (tok, tokenizer_files) = match &plan.tokenizer {
-        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?),
+    let mut data = run_pipeline(&plan.data, plan.training.seed)?;
+    let (tok, tokenizer_files, tokenizer_file) = match &plan.tokenizer {
+        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
         TokenizerChoice::Train { vocab_size } => {
-            let tok = tokenizer::train(train_docs.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
+            let tok = tokenizer::train(data.train.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
             let json = tok.to_string(true).map_err(|e| flag(format!("cannot serialise the trained tokenizer: {e}")))?;
             eprintln!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
-            (tok, vec![("tokenizer.json".to_string(), json.into_bytes())])
+            (tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into())
         }
     };
     let config = model_config(plan, &tok)?;
-    let eos = tokenizer::eos_id(&tok).unwrap_or(config.eos_token_id as u32);
+    let config_eos = u32::try_from(config.eos_token_id).ok();
+    let eos = tokenizer::eos_for(&tok, config_eos, &tokenizer_file)?;
 
     let block_size = plan.data.block_size.unwrap_or(config.n_positions.min(1024));
     if block_size > config.n_positions {
@@ -52,7 +59,8 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
             config.n_positions
         )));
     }
-    let cache = tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
+    check_enough(&plan.data.train_file, &data.train, block_size)?;
+    let cache = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
     if cache.train_blocks == 0 {
         return Err(CoordinatorError::Data {
             path: plan.data.train_file.clone(),
@@ -86,29 +94,55 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         }
     }
     let warmup_steps = plan.warmup_steps(total_steps);
-    Ok(Prepared { config, tokenizer_files, cache, block_size, sampler, total_steps, warmup_steps, validation_docs: val_docs })
-}
-
-/// Training and validation documents: `validation` when given, else a split of `train`.
-pub fn load_split(data: &DataPlan, seed: u64) -> Result<(Vec<Document>, Vec<Document>)> {
-    let (column, filter) = (&data.text_column, &data.filter);
-    let docs = zerotune_data::load_documents(&data.train_file, column, filter)?;
-    if docs.is_empty() {
-        return Err(CoordinatorError::Data {
-            path: data.train_file.clone(),
-            message: "has no documents: the training set is empty".into(),
-        });
-    }
-    Ok(match &data.validation_file {
-        Some(path) => (docs, zerotune_data::load_documents(path, column, filter)?),
-        None => dataset::split_by_documents(docs, data.validation_split_percentage, seed),
+    Ok(Prepared {
+        config,
+        tokenizer_files,
+        cache,
+        block_size,
+        sampler,
+        total_steps,
+        warmup_steps,
+        validation_docs: data.validation,
+        data_report: data.report,
     })
 }
 
-/// The token blocks of both splits, from the cache when this exact data was tokenized before.
+/// The pipeline's stages up to the leakage check, with the summary printed.
+pub fn run_pipeline(data: &DataPlan, seed: u64) -> Result<pipeline::Prepared> {
+    let inputs = Inputs {
+        train: data.train_file.clone(),
+        validation: data.validation_file.clone(),
+        text_column: data.text_column.clone(),
+        filter: data.filter.clone(),
+        validation_split_percentage: data.validation_split_percentage,
+        seed,
+    };
+    let prepared = pipeline::run(&inputs, &data.hygiene)?;
+    eprintln!("{}", prepared.report.summary());
+    Ok(prepared)
+}
+
+/// Refuses, before tokenizing, a training split too small for one block: no tokenizer makes
+/// more tokens than bytes (+ one EOS per document).
+pub fn check_enough(train_file: &Path, train: &[Document], block_size: usize) -> Result<()> {
+    let most: usize = train.iter().map(|d| d.text.len() + 1).sum();
+    if most < block_size {
+        return Err(CoordinatorError::Data {
+            path: train_file.into(),
+            message: format!(
+                "its training split ({} documents, {} bytes) cannot make one block of {block_size} tokens; add data, lower --block_size or --validation_split_percentage",
+                train.len(),
+                most - train.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Stages tokenize and cache: the token blocks of both splits, from the cache when this exact
+/// data (and these pipeline settings) was tokenized before. Fills in the report's token counts.
 pub fn tokenize_cached(
-    train: &[Document],
-    val: &[Document],
+    data: &mut pipeline::Prepared,
     tok: &Tokenizer,
     eos: u32,
     block_size: usize,
@@ -119,27 +153,42 @@ pub fn tokenize_cached(
         return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
     }
     let tokenizer_json = tok.to_string(false).map_err(|e| flag(format!("cannot serialise the tokenizer: {e}")))?;
-    let key = CacheKey { train, validation: val, tokenizer_json: &tokenizer_json, block_size, eos };
+    let hygiene = data.report.settings.key();
+    let (train, val) = (&data.train, &data.validation);
+    let key = CacheKey { hygiene: &hygiene, train, validation: val, tokenizer_json: &tokenizer_json, block_size, eos };
     std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
     let path = cache_dir.join(format!("{}.tokens", key.hash()));
-    if path.is_file() {
-        let cache = TokenCache::open(&path)?;
-        eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks);
-        return Ok(cache);
-    }
     let started = std::time::Instant::now();
-    let train_ids = dataset::tokenize_blocks(train, tok, eos, block_size)?;
-    let val_ids = dataset::tokenize_blocks(val, tok, eos, block_size)?;
-    let cache = TokenCache::write(&path, block_size, vocab, &train_ids, &val_ids)?;
-    eprintln!(
-        "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {:.2}s ({})",
-        train.len(),
-        val.len(),
-        cache.train_blocks,
-        cache.validation_blocks,
-        started.elapsed().as_secs_f64(),
-        path.display()
-    );
+    let hit = path.is_file();
+    let cache = if hit {
+        TokenCache::open(&path)?
+    } else {
+        let mut writer = CacheWriter::create(&path, block_size, vocab)?;
+        dataset::tokenize_into(train, tok, eos, &mut |ids| writer.push(ids))?;
+        writer.end_train();
+        dataset::tokenize_into(val, tok, eos, &mut |ids| writer.push(ids))?;
+        writer.finish()?
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    data.report.seconds.insert("tokenize".into(), seconds);
+    data.report.tokens = Some(TokenCounts {
+        block_size,
+        train_blocks: cache.train_blocks,
+        validation_blocks: cache.validation_blocks,
+        cache: path.display().to_string(),
+        cache_hit: hit,
+    });
+    match hit {
+        true => eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks),
+        false => eprintln!(
+            "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {seconds:.2}s ({})",
+            train.len(),
+            val.len(),
+            cache.train_blocks,
+            cache.validation_blocks,
+            path.display()
+        ),
+    }
     Ok(cache)
 }
 

@@ -178,9 +178,13 @@ impl DataReport {
                 self.cut.documents_cut, self.settings.max_document_bytes, self.cut.pieces
             ));
         }
+        let dedup = serde_json::to_value(self.settings.dedup).expect("an enum serialises");
         lines.push(format!(
-            "dedup ({:?}): {} exact and {} near duplicates removed",
-            self.settings.dedup, self.dedup.exact, self.dedup.near
+            "dedup ({}, threshold {}): {} exact and {} near duplicates removed",
+            dedup.as_str().unwrap_or_default(),
+            self.settings.dedup_threshold,
+            self.dedup.exact,
+            self.dedup.near
         ));
         if !self.split.method.is_empty() {
             lines.push(format!(

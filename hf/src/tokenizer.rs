@@ -74,6 +74,39 @@ pub fn eos_id(tokenizer: &Tokenizer) -> Option<u32> {
     tokenizer.token_to_id(EOS_TOKEN)
 }
 
+/// The file a tokenizer in `dir` is loaded from (for messages).
+pub fn file_in(dir: &Path) -> PathBuf {
+    let json = dir.join("tokenizer.json");
+    if json.is_file() {
+        json
+    } else {
+        dir.join("vocab.json")
+    }
+}
+
+/// The id that ends each document: `<|endoftext|>`, else `config_eos` (the model config's
+/// eos_token_id) when the tokenizer holds it as a special token other than an unknown token.
+/// Anything else is refused naming `file`: training with EOS id 0 (`[UNK]`) teaches nothing.
+pub fn eos_for(tokenizer: &Tokenizer, config_eos: Option<u32>, file: &Path) -> Result<u32> {
+    if let Some(id) = eos_id(tokenizer) {
+        return Ok(id);
+    }
+    if let Some(id) = config_eos {
+        let special = tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special && !t.content.to_ascii_lowercase().contains("unk"));
+        if special {
+            return Ok(id);
+        }
+    }
+    let config = match config_eos {
+        Some(id) => format!(" nor the config's eos_token_id {id} as a special token"),
+        None => String::new(),
+    };
+    Err(invalid(
+        file,
+        format!("the tokenizer has no {EOS_TOKEN} token{config}, so documents cannot be separated; use the model's own tokenizer, or train one with --train_tokenizer"),
+    ))
+}
+
 /// The tokenizer files present in `dir`, as (name, bytes), to write next to a saved model.
 pub fn read_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = vec![];
@@ -93,6 +126,32 @@ pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
         std::fs::write(&path, bytes).map_err(io_err(&path))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_is_endoftext_or_the_configs_special_token_and_otherwise_refused() {
+        let texts = ["def f(): pass", "x = 1"];
+        let tok = train(texts.iter().copied(), 300).unwrap();
+        let file = Path::new("dir/tokenizer.json");
+        assert_eq!(eos_for(&tok, Some(7), file).unwrap(), eos_id(&tok).unwrap());
+        // A WordPiece-like tokenizer: [UNK] at 0, [SEP] special at 1, no <|endoftext|>.
+        let added = |id, content| format!(r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#);
+        let json = format!(
+            r###"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{}],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,"vocab":{{"[UNK]":0,"[SEP]":1,"a":2}}}}}}"###,
+            added(0, "[UNK]"),
+            added(1, "[SEP]")
+        );
+        let wp: Tokenizer = json.parse().unwrap();
+        assert_eq!(eos_for(&wp, Some(1), file).unwrap(), 1);
+        for config in [Some(0), Some(2), None] {
+            let err = eos_for(&wp, config, file).unwrap_err().to_string();
+            assert!(err.contains("dir/tokenizer.json") && err.contains("no <|endoftext|>"), "{err}");
+        }
+    }
 }
 
 fn path_str(path: &Path) -> Result<String> {

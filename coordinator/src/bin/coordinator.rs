@@ -45,6 +45,8 @@ enum Command {
         /// Skip files larger than this many bytes.
         #[arg(long, default_value_t = 1_000_000)]
         max_file_bytes: u64,
+        #[command(flatten)]
+        hygiene: zerotune_data::HygieneArgs,
     },
 }
 
@@ -56,8 +58,8 @@ fn main() {
         Command::Report { output_dir } => {
             zerotune_coordinator::report::write(&output_dir).map(|path| println!("{}", path.display())).map_err(Into::into)
         }
-        Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes } => {
-            files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude))
+        Command::Files2jsonl { source, output, extensions, exclude, max_file_bytes, hygiene } => {
+            files2jsonl(&source, &output, Filter::new(max_file_bytes, &extensions, &exclude), &hygiene)
         }
     };
     if let Err(err) = result {
@@ -129,29 +131,39 @@ fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
     let Some(block_size) = data.block_size else {
         anyhow::bail!("--block_size is required: train's default, min(1024, n_positions), needs the model's config");
     };
-    let (train_docs, val_docs) = prepare::load_split(&data, args.seed)?;
     let tokenizer_dir = &args.tokenizer_name;
     let tok = zerotune_hf::tokenizer::load(tokenizer_dir)?;
-    let eos = zerotune_hf::tokenizer::eos_id(&tok)
-        .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no <|endoftext|> token", tokenizer_dir.display()))?;
-    let cache = prepare::tokenize_cached(&train_docs, &val_docs, &tok, eos, block_size, tok.get_vocab_size(true), &data.cache_dir)?;
-    let bytes: usize = train_docs.iter().chain(&val_docs).map(|d| d.text.len()).sum();
+    let eos = zerotune_hf::tokenizer::eos_for(&tok, None, &zerotune_hf::tokenizer::file_in(tokenizer_dir))?;
+    let mut prepared = prepare::run_pipeline(&data, args.seed)?;
+    prepare::check_enough(&data.train_file, &prepared.train, block_size)?;
+    let cache = prepare::tokenize_cached(&mut prepared, &tok, eos, block_size, tok.get_vocab_size(true), &data.cache_dir)?;
+    let report_path = cache.path.with_extension("data_report.json");
+    prepared.report.write(&report_path)?;
+    let bytes: usize = prepared.train.iter().chain(&prepared.validation).map(|d| d.text.len()).sum();
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{}: {} bytes -> {} train / {} validation blocks of {block_size} in {secs:.2}s ({:.1} MB/s) -> {}",
+        "{}: {} bytes -> {} train / {} validation blocks of {block_size} in {secs:.2}s ({:.1} MB/s) -> {} (report {})",
         data.train_file.display(),
         bytes,
         cache.train_blocks,
         cache.validation_blocks,
         bytes as f64 / secs / 1e6,
-        cache.path.display()
+        cache.path.display(),
+        report_path.display()
     );
     Ok(())
 }
 
-fn files2jsonl(source: &std::path::Path, output: &std::path::Path, filter: zerotune_data::Result<Filter>) -> anyhow::Result<()> {
-    let collected = files2jsonl::collect(source, &filter?)?;
-    files2jsonl::write_jsonl(&collected.files, output)?;
-    println!("{}: {} -> {}", source.display(), collected.summary(), output.display());
+fn files2jsonl(
+    source: &std::path::Path,
+    output: &std::path::Path,
+    filter: zerotune_data::Result<Filter>,
+    hygiene: &zerotune_data::HygieneArgs,
+) -> anyhow::Result<()> {
+    let (docs, report) = zerotune_data::pipeline::run_tree(source, &filter?, &hygiene.hygiene()?)?;
+    let files: Vec<files2jsonl::SourceFile> =
+        docs.into_iter().map(|d| files2jsonl::SourceFile { text: d.text, url: d.url.unwrap_or_default() }).collect();
+    files2jsonl::write_jsonl(&files, output)?;
+    println!("{}\n{}: {} documents -> {}", report.summary(), source.display(), files.len(), output.display());
     Ok(())
 }
