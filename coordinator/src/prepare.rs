@@ -39,6 +39,9 @@ fn flag(message: String) -> CoordinatorError {
 
 pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
     let mut data = run_pipeline(&plan.data, plan.training.seed)?;
+    if let Some(block_size) = plan.data.block_size {
+        check_enough(&plan.data.train_file, &data.train, block_size)?; // before training a tokenizer
+    }
     let (tok, tokenizer_files, tokenizer_file) = match &plan.tokenizer {
         TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
         TokenizerChoice::Train { vocab_size } => {

@@ -56,7 +56,7 @@ fn read_json(path: &Path, file: impl std::io::Read, column: &str) -> Result<Vec<
     if first == Some(b'[') {
         let rows: Vec<serde_json::Value> =
             serde_json::from_reader(reader).map_err(|e| data(path, format!("not a JSON array of objects: {e}")))?;
-        return rows.iter().enumerate().map(|(i, row)| text_of(row, column).map_err(|m| data(path, format!("item {i}: {m}")))).collect();
+        return rows.into_iter().enumerate().map(|(i, row)| text_of(row, column).map_err(|m| data(path, format!("item {i}: {m}")))).collect();
     }
     let mut docs = vec![];
     for (i, line) in reader.lines().enumerate() {
@@ -66,15 +66,16 @@ fn read_json(path: &Path, file: impl std::io::Read, column: &str) -> Result<Vec<
         }
         let bad = |message: String| DataError::Line { path: path.into(), line: i + 1, message };
         let row: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
-        docs.push(text_of(&row, column).map_err(bad)?);
+        docs.push(text_of(row, column).map_err(bad)?);
     }
     Ok(docs)
 }
 
-fn text_of(row: &serde_json::Value, column: &str) -> std::result::Result<Document, String> {
+/// The row's text (moved out, not copied: a document may be tens of MB) and url.
+fn text_of(mut row: serde_json::Value, column: &str) -> std::result::Result<Document, String> {
     let url = row.get("url").and_then(|u| u.as_str()).map(str::to_string);
-    match row.get(column) {
-        Some(serde_json::Value::String(text)) => Ok(Document { text: text.clone(), url }),
+    match row.as_object_mut().and_then(|o| o.remove(column)) {
+        Some(serde_json::Value::String(text)) => Ok(Document { text, url }),
         Some(other) => Err(format!("column {column:?} is not a string but {other}")),
         None => Err(format!("no {column:?} column (set --text_column_name)")),
     }
