@@ -14,6 +14,8 @@ use rayon::prelude::*;
 pub const SHINGLE_WORDS: usize = 5;
 /// MinHash functions per document (bands x rows).
 const HASHES: usize = 128;
+/// Buckets up to this size are checked pair by pair; larger ones against their first member.
+const ALL_PAIRS_UP_TO: usize = 16;
 
 /// Which copies count as duplicates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -172,8 +174,18 @@ pub fn find_copies(items: &[Item], mode: DedupMode, threshold: f64) -> Vec<Optio
     }
     // Candidate pairs in a fixed order, each checked by its exact Jaccard; the groups are the
     // connected components of the pairs that pass, whatever the order they are found in.
-    let mut pairs: Vec<(usize, usize)> =
-        buckets.values().filter(|b| b.len() > 1).flat_map(|b| b.iter().enumerate().flat_map(move |(k, &x)| b[k + 1..].iter().map(move |&y| (x, y)))).collect();
+    // A large bucket (many copies of one file) pairs each member with its first only, so the work
+    // stays linear in the bucket; the copies still join one group through that member.
+    let mut pairs: Vec<(usize, usize)> = vec![];
+    for bucket in buckets.values().filter(|b| b.len() > 1) {
+        if bucket.len() <= ALL_PAIRS_UP_TO {
+            for (k, &x) in bucket.iter().enumerate() {
+                pairs.extend(bucket[k + 1..].iter().map(|&y| (x, y)));
+            }
+        } else {
+            pairs.extend(bucket[1..].iter().map(|&y| (bucket[0], y)));
+        }
+    }
     pairs.sort_unstable();
     pairs.dedup();
     let similar: Vec<bool> = pairs
@@ -321,6 +333,15 @@ mod tests {
         let one = run(1);
         assert_eq!(one, run(4));
         assert!(one.iter().filter(|v| v.is_some()).count() > 0);
+    }
+
+    #[test]
+    fn many_copies_of_one_file_form_one_group_in_linear_work() {
+        let docs: Vec<(String, String)> = (0..200).map(|i| (format!("copy{i:03}.py"), format!("{} tail{i}", text(300, 0, 0)))).collect();
+        let its: Vec<Item> = docs.iter().map(|(n, t)| Item { name: n, text: t }).collect();
+        let got = find_copies(&its, DedupMode::Near, 0.85);
+        assert_eq!(got[0], None);
+        assert!(got[1..].iter().all(|v| *v == Some(Dup::Near { of: 0 })));
     }
 
     #[test]
