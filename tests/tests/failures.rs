@@ -216,6 +216,12 @@ fn every_failure_is_named_and_loses_nothing() {
     std::fs::write(&bad_utf8, b"{\"text\": \"ok\"}\n{\"text\": \"\xff\xfe\"}\n").unwrap();
     let ds = t.join("ds.json");
     std::fs::write(&ds, r#"{"zero_optimisation": {"stage": 2}}"#).unwrap();
+    // One 3 MB document (cut at line boundaries) and a training split too small for one block.
+    let big_doc = t.join("big.jsonl");
+    let big_text = "fn line() { let x = 1; }\n".repeat(120_000);
+    std::fs::write(&big_doc, serde_json::json!({ "text": big_text }).to_string()).unwrap();
+    let small = t.join("small.jsonl");
+    std::fs::write(&small, "{\"text\": \"x = 1\"}\n{\"text\": \"y = 2\"}\n").unwrap();
     let new_out = t.join("never");
     let missing = t.join("no-such-dir/data.jsonl");
     let long_prompt = "def f(x):\n    return x\n".repeat(5); // 55 of the 64 tokens
@@ -266,6 +272,13 @@ fn every_failure_is_named_and_loses_nothing() {
         with_argv(case("missing train file", &[], Ends::Refused, &["no-such-dir/data.jsonl", "check that the path exists"]), {
             let mut args = train_args(&new_out, &[]);
             args[7] = s(&missing);
+            args
+        })
+        .absent(&[&new_out]),
+        case("a 3 MB document", &["coordinator", "tokenize", "--tokenizer_name", &tiny, "--train_file", &s(&big_doc), "--block_size", "64", "--max_document_bytes", "1000000", "--cache_dir", &s(&cache)], Ends::Succeeds, &["cut: 1 documents above --max_document_bytes 1000000 into 3 pieces"]),
+        with_argv(case("a training split too small for one block", &[], Ends::Refused, &["small.jsonl", "cannot make one block of 512 tokens", "--block_size"]), {
+            let mut args = train_args(&new_out, &["--block_size", "512"]);
+            args[7] = s(&small);
             args
         })
         .absent(&[&new_out]),
