@@ -64,7 +64,6 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     // Held until the run, its evaluation and its report are done: one job per output dir.
     let _lock = OutputLock::acquire(&output_dir)?;
     prepared.data_report.write(&output_dir.join("data_report.json"))?;
-    crate::checkpoint::clean_leftovers(&output_dir)?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
         "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}{}",
@@ -97,6 +96,8 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     let mut controls = forward_signals()?;
     let mut restarts = 0;
     let outcome = loop {
+        // What an interrupted save (of an earlier job or attempt) left is removed first.
+        crate::checkpoint::clean_leftovers(&output_dir)?;
         match attempt(&plan, &run, resume.clone(), &mut controls).await {
             Err(failure @ CoordinatorError::Worker { .. }) if restarts < plan.launch.max_restarts => {
                 restarts += 1;
