@@ -147,8 +147,8 @@ pub fn find_copies(items: &[Item], mode: DedupMode, threshold: f64) -> Vec<Optio
     }
     let keys: Vec<[u8; 32]> = items.par_iter().map(|it| exact_key(it.text)).collect();
     let mut first: HashMap<[u8; 32], usize> = HashMap::new();
-    for i in 0..items.len() {
-        let kept = first.entry(keys[i]).or_insert(i);
+    for (i, key) in keys.iter().enumerate() {
+        let kept = first.entry(*key).or_insert(i);
         if keep_key(items, i) < keep_key(items, *kept) {
             *kept = i;
         }

@@ -314,7 +314,7 @@ mod tests {
         let hexs: String = alnum(200, 9).chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(40).collect();
         let cases: Vec<(&str, String, String)> = vec![
             ("private_key", format!("{}{}", "-----BEGIN RSA PRIVATE", " KEY-----\n"), format!("{}\n{}\n-----END RSA PRIVATE KEY-----", alnum(64, 1), alnum(64, 2))),
-            ("aws_access_key_id", "key_id = ".into(), format!("{}{}", "AK", format!("IA{}", upper(16, 3)))),
+            ("aws_access_key_id", "key_id = ".into(), ["AK", "IA", &upper(16, 3)].concat()),
             ("aws_secret_access_key", format!("{}_secret_access_key = ", "aws"), format!("{}/{}", alnum(20, 4), alnum(19, 5))),
             ("gcp_service_account", format!("\"{}_id\": \"", "private_key"), format!("{hexs}\"")),
             ("azure_connection_string", format!("DefaultEndpointsProtocol=https;AccountName=x;{}=", "AccountKey"), format!("{}==", alnum(86, 6))),
@@ -325,7 +325,7 @@ mod tests {
             ("stripe_key", "k = ".into(), format!("{}_live_{}", "sk", alnum(24, 14))),
             ("npm_token", "//registry.npmjs.org/:_authToken=".into(), format!("{}_{}", "npm", alnum(36, 15))),
             ("pypi_token", "password = ".into(), format!("{}-{}{}", "pypi", "AgEIcHlwaS5vcmc", alnum(60, 16))),
-            ("jwt", "auth = ".into(), format!("{}{}.{}{}.{}", "ey", format!("J{}", alnum(20, 17)), "ey", format!("J{}", alnum(30, 18)), alnum(30, 19))),
+            ("jwt", "auth = ".into(), ["ey", "J", &alnum(20, 17), ".ey", "J", &alnum(30, 18), ".", &alnum(30, 19)].concat()),
             ("url_credentials", "db = postgres://admin:".into(), format!("{}@db.internal:5432/app", alnum(12, 20))),
             ("generic_assignment", "db_password = \"".into(), format!("{}\"", alnum(14, 21))),
         ];
@@ -401,7 +401,8 @@ mod tests {
 
     #[test]
     fn line_numbers_count_from_one_in_text_order() {
-        let text = format!("a\n{}_{}\nb\n\nc = \"{}\"\n", "ghp", alnum(36, 60), format!("{}_live_{}", "sk", alnum(24, 61)));
+        let stripe = ["sk", "_live_", &alnum(24, 61)].concat();
+        let text = format!("a\n{}_{}\nb\n\nc = \"{stripe}\"\n", "ghp", alnum(36, 60));
         let found = Scanner::new().scan(&text);
         assert_eq!(found.iter().map(|f| (f.rule, f.line)).collect::<Vec<_>>(), [("github_token", 2), ("stripe_key", 5)]);
     }
