@@ -128,6 +128,10 @@ pub fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
+fn path_str(path: &Path) -> Result<String> {
+    path.to_str().map(str::to_string).ok_or_else(|| invalid(PathBuf::from(path), "path is not UTF-8"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,8 +156,4 @@ mod tests {
             assert!(err.contains("dir/tokenizer.json") && err.contains("no <|endoftext|>"), "{err}");
         }
     }
-}
-
-fn path_str(path: &Path) -> Result<String> {
-    path.to_str().map(str::to_string).ok_or_else(|| invalid(PathBuf::from(path), "path is not UTF-8"))
 }
