@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark in one call (prepare with bench/gpu_prepare.sh on the build machine).
+# PART=main (default; one device call, about 7 minutes):
 # 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu; ZeRO-2 over NCCL
-#    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16).
+#    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16),
+#    in tiles of 1000 elements so transfers are in flight during host updates, with the fp16 runs'
+#    skipped (overflow) steps beside; HostOptimizer::step on cuda bit-equal to cpu
+#    (examples/offload_check.rs); gradient checkpointing on cuda gives the weights of the plain run.
 # 2. Training throughput and peak GPU memory, codegen-350M-multi shape from scratch, block 2048,
-#    micro 1, accumulation 8: zerotune (ZeRO-2 + CPU offload, world size 1) in fp16 and bf16, and
-#    DeepSpeed ZeRO-2 + offload (.gpu/anchor from ANCHOR in bench/gpu_prepare.sh, the seed's config)
-#    in the same call; skipped when .gpu/anchor is absent.
+#    micro 1, accumulation 8: zerotune (ZeRO-2 + CPU offload, world size 1) in fp16 and bf16 next to
+#    the memory planner's total, and DeepSpeed ZeRO-2 + offload (.gpu/anchor from ANCHOR in
+#    bench/gpu_prepare.sh, the seed's config) in the same call; skipped when .gpu/anchor is absent.
+# PART=big (a second call): the largest CodeGen shape (16B, 6B, 2B: the first the planner accepts
+#    for this GPU and host) trained with offload + --gradient_checkpointing, bf16, block 2048, its
+#    tokens/s and peak memory beside the planner's; DeepSpeed on the 2B shape (the anchor's largest).
 # Peak memory is sampled with nvidia-smi for both (process total), and DeepSpeed's own
 # torch.cuda.max_memory_allocated is shown too.
+# Dry run on a machine without a GPU: DEVICE=cpu CONFIG=tiny BLOCK=64 DTYPES=bf16 PY=.venv/bin/python
+#   TORCH_LIB=.libtorch/torch/lib bash bench/gpu.sh (and PART=big BIG_CONFIGS="codegen-350M tiny").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -17,6 +26,8 @@ DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-codegen-350M}
 BLOCK=${BLOCK:-2048}
 STEPS=${STEPS:-8}
+DTYPES=${DTYPES:-fp16 bf16}
+PART=${PART:-main}
 ANCHOR=${ANCHOR_SPECS:-$([ -d .gpu/anchor ] && echo 1 || echo 0)}
 export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 BIN=$PWD/.gpu/bin
@@ -26,6 +37,10 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 
 sample_start() { (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null; sleep 0.2; done) > "$1" & SAMPLER=$!; }
 sample_stop() { kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; sort -n "$1" | tail -1; }
+planned_mib() { "$BIN/coordinator" estimate "$@" 2>&1 | sed -n 's/.*total per \(GPU\|CPU rank\)[^(]*(\([0-9]*\) bytes).*/\2/p' | awk '{printf "%d", $1 / 1048576}'; }
+skipped() { "$PY" -c 'import json,sys; print(sum(json.loads(l).get("skipped_steps", 0) for l in open(sys.argv[1])))' "$1/metrics.jsonl" 2>/dev/null || echo "?"; }
+if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
+if [ "$PART" = big ]; then source bench/gpu_big.sh; exit; fi
 
 echo "== 1. CUDA greedy ids vs CPU (tiny fixture)"
 for dev in cpu "$DEVICE"; do
@@ -60,7 +75,6 @@ for offload in cpu none; do
   printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-tiny-$offload.json"
   "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 --device cpu --num_workers 1 --deepspeed "$OUT/ds-tiny-$offload.json" \
     --output_dir "$OUT/tiny-cpu-$offload" > "$OUT/tiny-cpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-cpu-$offload.log"
-  if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
   "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 "${GPU_FLAGS[@]}" --deepspeed "$OUT/ds-tiny-$offload.json" \
     --output_dir "$OUT/tiny-gpu-$offload" > "$OUT/tiny-gpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-gpu-$offload.log"
   TINY[$offload]=$("$PY" - "$OUT/tiny-gpu-$offload/model.safetensors" "$OUT/tiny-cpu-$offload/model.safetensors" <<'PYEOF' 2>&1 | tail -1
@@ -73,19 +87,22 @@ PYEOF
   echo "offload $offload: GPU (NCCL) vs CPU final weights rel ${TINY[$offload]}"
 done
 
-echo "== 3b. 16-bit gradient transfer: offloaded step (16-bit gradients down, tiled) vs device AdamW (fp32 gradients)"
+echo "== 3b. 16-bit gradient transfer: offloaded step (16-bit gradients down, tiles of 1000) vs device AdamW (fp32 gradients)"
 # Two steps from the tiny fixture (Adam's first is sign-like, so the second shows the rounding):
 # the weight updates must agree within two unit roundoffs of the format in the 2-norm, as
-# worker/tests/numerics.rs checks on CPU.
-declare -A SIXTEEN
+# worker/tests/numerics.rs checks on CPU. Tiles of 1000 elements (the fixture has ~0.2M) keep
+# copies in flight while the host updates the neighbouring tile. An fp16 step skipped for
+# overflow (the loss scale starts at 2^16) updates nothing, so the comparison is void, not failed.
+declare -A SIXTEEN SKIPPED
 SIXTEEN_TYPES=(bf16); [ "$DEVICE" = cpu ] || SIXTEEN_TYPES+=(fp16) # fp16 needs a GPU
 for dt in "${SIXTEEN_TYPES[@]}"; do
   for offload in cpu none; do
     printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-16-$offload.json"
-    "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 2 --warmup_steps 0 --"$dt" "${GPU_FLAGS[@]}" \
+    "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 2 --warmup_steps 0 --"$dt" "${GPU_FLAGS[@]}" --offload_tile_elements 1000 \
       --deepspeed "$OUT/ds-16-$offload.json" --output_dir "$OUT/sixteen-$dt-$offload" > "$OUT/sixteen-$dt-$offload.log" 2>&1 ||
       tail -3 "$OUT/sixteen-$dt-$offload.log"
   done
+  SKIPPED[$dt]="skipped steps: offloaded $(skipped "$OUT/sixteen-$dt-cpu"), device $(skipped "$OUT/sixteen-$dt-none")"
   SIXTEEN[$dt]=$("$PY" - "$OUT/sixteen-$dt-cpu" "$OUT/sixteen-$dt-none" .gpu/fixtures/tiny "$dt" <<'PYEOF' 2>&1 | tail -1
 import sys
 import torch
@@ -98,18 +115,40 @@ limit = 2 * 2.0 ** (-9 if sys.argv[4] == "bf16" else -12)
 print("%.2e (limit %.1e: %s)" % (rel, limit, "ok" if rel < limit else "FAIL"))
 PYEOF
 )
-  echo "$dt: update rel ${SIXTEEN[$dt]}"
+  case "${SKIPPED[$dt]}" in *"offloaded 0, device 0"*) ;; *) SIXTEEN[$dt]="${SIXTEEN[$dt]%%:*}: void, a step was skipped)" ;; esac
+  echo "$dt: update rel ${SIXTEEN[$dt]}, ${SKIPPED[$dt]}"
 done
 
-declare -A TPS MEM
-for dt in fp16 bf16; do
+echo "== 3c. HostOptimizer::step on $DEVICE vs cpu, fixed random gradients, tiles of 1000 (fp32, bf16, fp16)"
+"$BIN/offload_check" "$DEVICE" cpu 100003 1000 > "$OUT/offload_check.log" 2>&1; OFFLOAD_CHECK=$([ $? = 0 ] && echo bit-equal || echo FAIL)
+cat "$OUT/offload_check.log"
+
+echo "== 3d. --gradient_checkpointing on $DEVICE: the plain run's weights (tiny fixture, fp32, 4 steps)"
+for ckpt in false true; do
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 4 --warmup_steps 1 "${GPU_FLAGS[@]}" --gradient_checkpointing "$ckpt" \
+    --deepspeed "$OUT/ds-tiny-cpu.json" --output_dir "$OUT/ckpt-$ckpt" > "$OUT/ckpt-$ckpt.log" 2>&1 || tail -3 "$OUT/ckpt-$ckpt.log"
+done
+CKPT=$("$PY" - "$OUT/ckpt-true/model.safetensors" "$OUT/ckpt-false/model.safetensors" <<'PYEOF' 2>&1 | tail -1
+import sys
+from safetensors.torch import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+rel = max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+print("%.2e (%s)" % (rel, "ok" if rel < 1e-5 else "FAIL"))
+PYEOF
+)
+echo "checkpointing vs plain final weights rel $CKPT"
+
+declare -A TPS MEM PLAN
+for dt in $DTYPES; do
   echo "== 4. zerotune $dt"
-  sample_start "$OUT/mem-ours-$dt.txt"
-  timeout 200 "$BIN/coordinator" train --config_name "$CONFIG" $NUM_GPUS --train_tokenizer 2048 --train_file "$OUT/data.txt" \
+  RUN_ARGS=(--config_name "$CONFIG" $NUM_GPUS --train_tokenizer 2048 --train_file "$OUT/data.txt" \
     --output_dir "$OUT/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
     --deepspeed "$OUT/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 8 --max_steps "$STEPS" --logging_steps "$STEPS" --save_steps 100000 \
-    --learning_rate 2e-5 --max_grad_norm 1.0 > "$OUT/ours-$dt.log" 2>&1; rc=$?
+    --learning_rate 2e-5 --max_grad_norm 1.0)
+  PLAN[$dt]=$(planned_mib "${RUN_ARGS[@]}")
+  sample_start "$OUT/mem-ours-$dt.txt"
+  timeout 200 "$BIN/coordinator" train "${RUN_ARGS[@]}" > "$OUT/ours-$dt.log" 2>&1; rc=$?
   MEM[$dt]=$(sample_stop "$OUT/mem-ours-$dt.txt")
   tail -3 "$OUT/ours-$dt.log"
   TPS[$dt]=$(tail -1 "$OUT/run-$dt/metrics.jsonl" 2>/dev/null | "$PY" -c 'import json,sys; print(round(json.loads(sys.stdin.read())["tokens_per_second"]))' 2>/dev/null || echo "failed rc=$rc")
@@ -130,10 +169,12 @@ fi
 echo
 echo "greedy ids, tiny fixture, cpu vs $DEVICE: $GEN"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
-echo "16-bit gradient transfer, tiny fixture, 2 steps, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]}, fp16 ${SIXTEEN[fp16]:--}"
-echo "| run ($CONFIG shape, block $BLOCK, micro 1, accumulation 8) | tokens/s | peak GPU MiB (nvidia-smi) | torch max allocated GiB |"
-echo "|---|---|---|---|"
-for dt in fp16 bf16; do
-  echo "| zerotune ZeRO-2 + CPU offload (NCCL, --num_gpus 1), $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | - |"
-  [ "$ANCHOR" = 1 ] && set -- ${DS[$dt]} && echo "| DeepSpeed ZeRO-2 + CPU offload, $dt | $1 | ${DSMEM[$dt]:--} | $2 |"
+echo "16-bit gradient transfer, tiny fixture, 2 steps, tiles of 1000, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]} (${SKIPPED[bf16]}), fp16 ${SIXTEEN[fp16]:--} (${SKIPPED[fp16]:-not run})"
+echo "HostOptimizer::step $DEVICE vs cpu (fp32, bf16, fp16; tiles of 1000): $OFFLOAD_CHECK"
+echo "--gradient_checkpointing vs plain, tiny fixture fp32, 4 steps, final weights rel: $CKPT"
+echo "| run ($CONFIG shape, block $BLOCK, micro 1, accumulation 8) | tokens/s | peak GPU MiB (nvidia-smi) | planner MiB | torch max allocated GiB |"
+echo "|---|---|---|---|---|"
+for dt in $DTYPES; do
+  echo "| zerotune ZeRO-2 + CPU offload (NCCL, --num_gpus 1), $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | ${PLAN[$dt]:--} | - |"
+  [ "$ANCHOR" = 1 ] && set -- ${DS[$dt]} && echo "| DeepSpeed ZeRO-2 + CPU offload, $dt | $1 | ${DSMEM[$dt]:--} | - | $2 |"
 done

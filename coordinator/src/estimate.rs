@@ -17,7 +17,7 @@ const SAVED_PER_BLOCK: u64 = 17;
 const LOGIT_BYTES_F32_EXTRA: u64 = 12;
 /// What a worker process holds before any model: libtorch's code and allocator (CPU ranks), or
 /// the CUDA context, kernels, cuBLAS workspace and caching-allocator slack (GPU ranks).
-const CPU_RUNTIME: u64 = 400 << 20;
+const CPU_RUNTIME: u64 = 200 << 20;
 const GPU_RUNTIME: u64 = 1 << 30;
 
 /// The model, as far as memory goes.
@@ -44,6 +44,8 @@ pub struct Job {
     pub reduce_bucket: u64,
     pub offload_tile: u64,
     pub checkpointing: bool,
+    /// Checkpoints are saved during the run (their optimizer slices), not only the final model.
+    pub checkpoints: bool,
     /// GPU ranks (else CPU ranks, whose "device" is host memory).
     pub gpu: bool,
 }
@@ -65,8 +67,8 @@ pub struct Term {
     pub bytes: u64,
     /// How it is counted, in words.
     pub how: String,
-    /// Held only in the backward pass / only in the optimizer step: the peak is the larger of the
-    /// two, on top of the rest.
+    /// Held only in the forward/backward pass, the optimizer step or a save: the peak is the
+    /// largest of the three on top of what is always held.
     pub phase: Phase,
 }
 
@@ -75,7 +77,11 @@ pub enum Phase {
     Always,
     Backward,
     Step,
+    Save,
 }
+
+/// Elements per rank in each all-gather of a partitioned master at save time (worker train.rs).
+const SAVE_CHUNK: u64 = 1 << 26;
 
 impl Job {
     fn bytes_per_value(&self) -> u64 {
@@ -126,7 +132,7 @@ pub fn terms(job: &Job) -> Vec<Term> {
             out.push(term("pinned buffers", Place::Host, owned * 2, format!("{owned} x 2 B (16-bit weights going up)")));
         } else if job.gpu {
             let tile = job.offload_tile.min(owned);
-            out.push(term("pinned buffers", Place::Host, 2 * tile * 4, format!("2 x {tile} x 4 B (fp32 upload staging tiles)")));
+            out.push(term("pinned buffers", Place::Host, tile * 4, format!("{tile} x 4 B (fp32 upload staging tile)")));
         }
         if job.gpu {
             let tile = job.offload_tile.min(owned);
@@ -154,14 +160,47 @@ pub fn terms(job: &Job) -> Vec<Term> {
     });
     let (runtime, what) = if job.gpu { (GPU_RUNTIME, "CUDA context, kernels, allocator slack") } else { (CPU_RUNTIME, "libtorch runtime") };
     out.push(term("buffers", Place::Device, runtime, what.into()));
+    out.extend(save_terms(job));
     out
 }
 
-/// Peak bytes of the terms at `place`: what is always held plus the larger of the backward pass
-/// and the optimizer step.
-pub fn peak(terms: &[Term], place: Place) -> u64 {
-    let sum = |phase| terms.iter().filter(|t| t.place == place && t.phase == phase).map(|t| t.bytes).sum::<u64>();
-    sum(Phase::Always) + sum(Phase::Backward).max(sum(Phase::Step))
+/// What saving holds for a while: rank 0 serialises the fp32 model (and first gathers it, from a
+/// partitioned optimizer, through a device buffer of world chunks); checkpoints copy each rank's
+/// optimizer slice out.
+fn save_terms(job: &Job) -> Vec<Term> {
+    let (p, n, part) = (job.shape.params, job.world, job.partition());
+    let partitioned = n > 1 && job.zero_stage > 0;
+    let mut model = (p * 4, format!("{p} x 4 B (the fp32 model serialised, rank 0)"));
+    if partitioned {
+        model = (p * 8, format!("{p} x (4 + 4) B (the fp32 model gathered and serialised, rank 0)"));
+    }
+    let per_value = if job.offload { 12 } else { 24 };
+    let optimizer = (part * per_value, format!("{part} x {per_value} B (the optimizer slice copied out)"));
+    let host = if job.checkpoints && optimizer.0 > model.0 { optimizer } else { model };
+    let save = |name, place, (bytes, how): (u64, String)| Term { name, place, bytes, how, phase: Phase::Save };
+    let mut out = vec![save("saving", Place::Host, host)];
+    if partitioned {
+        let chunk = part.min(SAVE_CHUNK);
+        out.push(save("save gather buffer", Place::Device, (chunk * n * 4, format!("{chunk} x {n} x 4 B (fp32)"))));
+    }
+    out
+}
+
+/// Peak bytes of the terms at `place` (both: `None`, one RAM): what is always held plus the
+/// largest of the forward/backward pass, the optimizer step and a save.
+pub fn peak(terms: &[Term], place: Option<Place>) -> u64 {
+    peak_of_ranks(terms, place, 1)
+}
+
+/// The same for `ranks` ranks sharing the memory, of which one (rank 0) saves.
+fn peak_of_ranks(terms: &[Term], place: Option<Place>, ranks: u64) -> u64 {
+    let sum = |phase| terms.iter().filter(|t| place.is_none_or(|p| t.place == p) && t.phase == phase).map(|t| t.bytes).sum::<u64>();
+    ranks * sum(Phase::Always) + (ranks * sum(Phase::Backward)).max(ranks * sum(Phase::Step)).max(sum(Phase::Save))
+}
+
+/// A term's share of the memory `ranks` ranks share (one of them saves).
+fn share(term: &Term, ranks: u64) -> u64 {
+    if term.phase == Phase::Save { term.bytes } else { term.bytes * ranks }
 }
 
 /// The totals a verdict is made on.
@@ -174,11 +213,10 @@ pub struct Totals {
 }
 
 pub fn totals(job: &Job, terms: &[Term]) -> Totals {
-    let (device, host) = (peak(terms, Place::Device), peak(terms, Place::Host));
     if job.gpu {
-        Totals { per_device: device, per_host: host * job.ranks_per_host }
+        Totals { per_device: peak(terms, Some(Place::Device)), per_host: peak_of_ranks(terms, Some(Place::Host), job.ranks_per_host) }
     } else {
-        Totals { per_device: device + host, per_host: (device + host) * job.ranks_per_host }
+        Totals { per_device: peak(terms, None), per_host: peak_of_ranks(terms, None, job.ranks_per_host) }
     }
 }
 
@@ -200,7 +238,8 @@ pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
         (None, Some(cap)) => ("per host", t.per_host, cap, Place::Host),
         (None, None) => return Ok(()),
     };
-    let largest = terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| t.bytes).expect("terms");
+    let ranks = if place == Place::Host { job.ranks_per_host } else { 1 };
+    let largest = terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| (share(t, ranks), t.phase == Phase::Always)).expect("terms");
     Err(format!(
         "the job needs {} {what} but {} is available; the largest term is {} ({}: {}); {}",
         gib(need),
@@ -249,11 +288,12 @@ pub fn advice(job: &Job, capacity: Capacity) -> String {
     for world in (1..=12).map(|i| tried.world << i) {
         let more = Job { world, ..tried };
         if fits(&more) {
-            changes.push(format!("{world} GPUs or more (--num_gpus / --num_nodes)"));
+            changes.push(if job.gpu { format!("{world} GPUs or more (--num_gpus / --num_nodes)") } else { format!("{world} ranks or more") });
             return format!("it would fit with: {}", changes.join(", "));
         }
     }
-    format!("it does not fit even with {} and {} times the GPUs: use a smaller model or larger devices", changes.join(", "), 1 << 12)
+    let more = if job.gpu { "GPUs" } else { "ranks" };
+    format!("it does not fit even with {} and {} times the {more}: use a smaller model or larger devices", changes.join(", "), 1 << 12)
 }
 
 /// DeepSpeed's `estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes,
@@ -296,6 +336,7 @@ pub fn table(job: &Job, capacity: Capacity) -> String {
                 Phase::Always => "",
                 Phase::Backward => " (forward/backward)",
                 Phase::Step => " (optimizer step)",
+                Phase::Save => " (saving)",
             };
             out += &format!("  {:<26} {:>10}  {whence}{phase}: {}\n", term.name, gib(term.bytes), term.how);
         }

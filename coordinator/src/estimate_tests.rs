@@ -22,6 +22,7 @@ fn job(world: u64, offload: bool, checkpointing: bool) -> Job {
         reduce_bucket: 500_000_000,
         offload_tile: 1 << 23,
         checkpointing,
+        checkpoints: false,
         gpu: true,
     }
 }
@@ -49,11 +50,18 @@ fn every_term_of_a_350m_zero2_offload_gpu() {
     assert_eq!(bytes(&t, "buffers"), GIB);
     assert!(t.iter().all(|t| t.name != "gradient accumulator"));
     let host: Vec<&str> = t.iter().filter(|t| t.place == Place::Host).map(|t| t.name).collect();
-    assert_eq!(host, ["optimizer state", "pinned buffers"]);
-    // The step's transfer tiles are held when the activations are not.
+    assert_eq!(host, ["optimizer state", "pinned buffers", "saving"]);
+    // The step's transfer tiles are held when the activations are not, and so is the buffer
+    // through which the fp32 model is gathered for saving (here the largest of the three).
     let always: u64 = t.iter().filter(|t| t.place == Place::Device && t.phase == Phase::Always).map(|t| t.bytes).sum();
-    assert_eq!(peak(&t, Place::Device), always + bytes(&t, "activations") + bytes(&t, "logits"));
-    assert_eq!(totals(&j, &t), Totals { per_device: peak(&t, Place::Device), per_host: 4 * part * 14 });
+    assert_eq!(bytes(&t, "save gather buffer"), part.min(1 << 26) * 4 * 4);
+    assert!(bytes(&t, "save gather buffer") > bytes(&t, "activations") + bytes(&t, "logits"));
+    assert_eq!(peak(&t, Some(Place::Device)), always + bytes(&t, "save gather buffer"));
+    let one = terms(&job(1, true, false));
+    let always: u64 = one.iter().filter(|t| t.place == Place::Device && t.phase == Phase::Always).map(|t| t.bytes).sum();
+    assert_eq!(peak(&one, Some(Place::Device)), always + bytes(&one, "activations") + bytes(&one, "logits"));
+    assert_eq!(bytes(&t, "saving"), 356_712_448 * 8);
+    assert_eq!(totals(&j, &t), Totals { per_device: peak(&t, Some(Place::Device)), per_host: 4 * part * 14 + 356_712_448 * 8 });
 }
 
 #[test]
@@ -81,13 +89,13 @@ fn stages_world_one_and_fp32_choose_their_buffers() {
     // Small buckets: reduce_bucket / world elements per rank's block.
     let small = terms(&Job { reduce_bucket: 1000, ..job(4, true, false) });
     assert_eq!(bytes(&small, "reduce-scatter buckets"), 250 * 5 * 4);
-    // fp32 offload on a GPU: pinned staging tiles instead of a 16-bit copy; none on CPU ranks.
+    // fp32 offload on a GPU: a pinned staging tile instead of a 16-bit copy; none on CPU ranks.
     let fp32 = Job { precision: Precision::Fp32, ..job(1, true, false) };
-    assert_eq!(bytes(&terms(&fp32), "pinned buffers"), 2 * (1 << 23) * 4);
+    assert_eq!(bytes(&terms(&fp32), "pinned buffers"), (1 << 23) * 4);
     assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
     let cpu = terms(&Job { gpu: false, ..fp32 });
     assert!(cpu.iter().all(|t| t.name != "pinned buffers" && t.name != "transfer tiles"));
-    assert_eq!(bytes(&cpu, "buffers"), 400 << 20);
+    assert_eq!(bytes(&cpu, "buffers"), 200 << 20);
 }
 
 #[test]
@@ -95,8 +103,16 @@ fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
     let j = Job { gpu: false, precision: Precision::Fp32, ..job(1, true, false) };
     let t = terms(&j);
     let total = totals(&j, &t);
-    assert_eq!(total.per_device, peak(&t, Place::Device) + peak(&t, Place::Host));
+    // One RAM: the phases of both places add up, the save (4 B per parameter) beating the
+    // forward/backward pass here.
+    let always: u64 = t.iter().filter(|t| t.phase == Phase::Always).map(|t| t.bytes).sum();
+    assert_eq!(bytes(&t, "saving"), 356_712_448 * 4);
+    assert!(bytes(&t, "saving") > bytes(&t, "activations") + bytes(&t, "logits"));
+    assert_eq!(total.per_device, always + bytes(&t, "saving"));
     assert_eq!(total.per_host, total.per_device);
+    // Checkpoints copy the optimizer slice out: 12 B per parameter, more than the model's 4.
+    let t = terms(&Job { checkpoints: true, ..j });
+    assert_eq!(bytes(&t, "saving"), j.partition() * 12);
 }
 
 /// Padding-free parameter counts, so that DeepSpeed's count (which has no padding) is ours.

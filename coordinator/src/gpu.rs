@@ -8,7 +8,7 @@ use std::process::Command;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::Precision;
 
-use crate::config::{config_by_name, Device, Launcher, ModelChoice, TrainPlan};
+use crate::config::{config_by_name, Device, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
 use crate::estimate::{self, Capacity, Job, Shape};
 
@@ -88,10 +88,17 @@ pub fn precision_for(capability: (u32, u32), precision: Precision, chosen: Chose
     }
 }
 
-/// The model config a plan trains, without loading weights.
+/// The model config a plan trains, without loading weights: from scratch with a trained tokenizer
+/// the embedding is sized to it (prepare.rs), at most the asked size rounded up to 64.
 pub fn plan_config(plan: &TrainPlan) -> Result<CodeGenConfig> {
     match &plan.model {
-        ModelChoice::Scratch(config) => Ok((**config).clone()),
+        ModelChoice::Scratch(config) => {
+            let mut config = (**config).clone();
+            if let TokenizerChoice::Train { vocab_size } = plan.tokenizer {
+                config.vocab_size = vocab_size.div_ceil(64) * 64;
+            }
+            Ok(config)
+        }
         ModelChoice::Pretrained(dir) => Ok(CodeGenConfig::from_dir(dir)
             .or_else(|_| config_by_name(&dir.to_string_lossy()))
             .map_err(|e| CoordinatorError::Flag(format!("--model_name_or_path {}: {e}", dir.display())))?),
@@ -121,6 +128,7 @@ pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> Job {
         reduce_bucket: plan.zero.reduce_bucket_size as u64,
         offload_tile: plan.training.offload_tile as u64,
         checkpointing: plan.training.gradient_checkpointing,
+        checkpoints: plan.output.save_steps.is_some(),
         gpu: plan.launch.device != Device::Cpu,
     }
 }

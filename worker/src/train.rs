@@ -214,14 +214,20 @@ impl Trainer {
         }
     }
 
-    /// The whole fp32 master on rank 0 (None elsewhere). Every rank must call this together:
-    /// with a partitioned optimizer the partitions are all-gathered in bounded chunks.
+    /// The fp32 master of the owned range, where it is: borrowed from host memory, or copied
+    /// down from the device.
+    fn owned_master(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        Ok(match &self.optimizer {
+            Optimizer::Host(host) => std::borrow::Cow::Borrowed(&host.adam.master[..]),
+            Optimizer::Device(d) => std::borrow::Cow::Owned(Vec::<f32>::try_from(d.master.to_device(Device::Cpu))?),
+        })
+    }
+
+    /// The whole fp32 master on rank 0 (None elsewhere) of a partitioned optimizer: every rank
+    /// must call this together; the partitions are all-gathered in bounded chunks.
     fn full_master(&mut self) -> Result<Option<Vec<f32>>> {
-        let [master, ..] = self.state_tensors();
         let (rank, world, numel) = (self.comm.rank(), self.comm.world(), self.shard.numel);
-        if self.plan.zero_stage == 0 || world == 1 {
-            return Ok((rank == 0).then(|| Vec::<f32>::try_from(master).expect("f32 master")));
-        }
+        let master = Tensor::from_slice(&self.owned_master()?);
         let p = self.shard.partition;
         let chunk = p.min(1 << 26);
         let mut buffer = Tensor::zeros([(world * chunk) as i64], (Kind::Float, self.device));
@@ -253,6 +259,13 @@ impl Trainer {
     /// Writes the model (HF layout, fp32 master weights) into `dir` from rank 0; every rank
     /// must call this together.
     pub fn save_model(&mut self, dir: &Path) -> Result<()> {
+        if self.plan.zero_stage == 0 || self.comm.world() == 1 {
+            // Rank 0 holds the whole master: written from where it is (no copy of the largest state).
+            if self.comm.rank() == 0 {
+                save_model(dir, &self.config, &self.params, &self.owned_master()?)?;
+            }
+            return Ok(());
+        }
         if let Some(master) = self.full_master()? {
             save_model(dir, &self.config, &self.params, &master)?;
         }
@@ -266,7 +279,16 @@ impl Trainer {
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let unique = self.shard.range(rank);
         let at = (unique.start - self.owned.start) as i64;
-        let slice = self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state"));
+        let slice = match &self.optimizer {
+            // One copy of the slice, not a tensor of the whole state first.
+            Optimizer::Host(host) => {
+                let adam = &host.adam;
+                [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| v[at as usize..at as usize + unique.len()].to_vec())
+            }
+            Optimizer::Device(_) => {
+                self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state"))
+            }
+        };
         let layout = (rank == 0).then(|| self.layout());
         save_optimizer(dir, rank, world, &slice, layout.as_ref())
     }
@@ -302,7 +324,10 @@ impl Trainer {
         }
         self.step = step;
         tch::manual_seed(self.plan.seed.wrapping_add(step) as i64);
-        let [master, ..] = self.state_tensors();
+        let master = match &self.optimizer {
+            Optimizer::Host(host) => Tensor::from_slice(&host.adam.master),
+            Optimizer::Device(d) => d.master.shallow_clone(),
+        };
         let _guard = tch::no_grad_guard();
         self.params.flat.narrow(0, self.owned.start as i64, self.owned.len() as i64).f_copy_(&master)?;
         if self.plan.zero_stage > 0 {

@@ -15,6 +15,11 @@ pub struct HostOptimizer {
     /// With 16-bit parameters: their format, which gradients come down in and weights go up in,
     /// and the host buffer (pinned on CUDA) the new weights are cast into.
     sixteen: Option<(Cast, Tensor)>,
+    /// With fp32 parameters on a GPU: one tile of pinned host memory the master weights are copied
+    /// into before going up, so the upload is asynchronous (from pageable memory CUDA copies
+    /// synchronously, and the overlap is lost). One tile suffices: each tile's upload is queued
+    /// after the wait that ends the previous one.
+    staging: Option<Tensor>,
     device: Device,
     /// Elements per tile.
     tile: usize,
@@ -32,7 +37,10 @@ impl HostOptimizer {
             let buffer = Tensor::zeros([master.len() as i64], (kind, Device::Cpu));
             (cast, if device == Device::Cpu { buffer } else { buffer.pin_memory(device) })
         });
-        Self { adam: AdamState::new(master), sixteen, device, tile: tile.max(1) }
+        let tile = tile.max(1);
+        let staging = (cast == Cast::None && device != Device::Cpu)
+            .then(|| Tensor::zeros([tile.min(master.len()) as i64], (Kind::Float, Device::Cpu)).pin_memory(device));
+        Self { adam: AdamState::new(master), sixteen, staging, device, tile }
     }
 
     /// One AdamW step from `grad` (the owned range's fp32 gradients on the device) into `params`
@@ -87,6 +95,10 @@ impl HostOptimizer {
             incoming = next.unwrap_or(incoming);
         }
         if let Some(done) = updated {
+            // The previous tile's upload may still read the fp32 staging tile.
+            if self.staging.is_some() {
+                self.wait();
+            }
             self.upload(done, params)?;
         }
         self.wait();
@@ -96,13 +108,18 @@ impl HostOptimizer {
     /// Queues the copy of `tile`'s new weights into the same elements of `params`.
     fn upload(&self, tile: &Range<usize>, params: &mut Tensor) -> Result<()> {
         let (start, len) = (tile.start as i64, tile.len() as i64);
-        let source = match &self.sixteen {
-            Some((_, buffer)) => buffer.narrow(0, start, len),
-            // SAFETY: the f32 master outlives the copy, which has read it when `to_device_` returns
-            // (torch stages a copy from unpinned memory before returning).
-            None => unsafe {
-                Tensor::f_from_blob(self.adam.master[tile.clone()].as_ptr() as *const u8, &[len], &[1], Kind::Float, Device::Cpu)?
-            },
+        let master = &self.adam.master[tile.clone()];
+        let source = match (&self.sixteen, &self.staging) {
+            (Some((_, buffer)), _) => buffer.narrow(0, start, len),
+            (None, Some(staging)) => {
+                // SAFETY: the staging tensor is a contiguous f32 host buffer of at least a tile;
+                // every earlier upload from it has completed (`step` waits before each upload).
+                unsafe { std::slice::from_raw_parts_mut(staging.data_ptr() as *mut f32, master.len()) }.copy_from_slice(master);
+                staging.narrow(0, 0, len)
+            }
+            // SAFETY: the f32 master outlives the copy, which on the CPU is done when `to_device_`
+            // returns.
+            (None, None) => unsafe { Tensor::f_from_blob(master.as_ptr() as *const u8, &[len], &[1], Kind::Float, Device::Cpu)? },
         };
         let on_device = source.f_to_device_(self.device, params.kind(), true, false)?;
         params.narrow(0, start, len).f_copy_(&on_device)?;
