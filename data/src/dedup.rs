@@ -138,9 +138,20 @@ fn keep_key<'a>(items: &[Item<'a>], i: usize) -> (usize, &'a str, usize) {
     (items[i].name.len(), items[i].name, i)
 }
 
+/// The MinHash signature of each item for `Near` mode (computed once, used by both
+/// `find_copies` and `find_leaks`); empty ones for the other modes.
+pub fn signatures(items: &[Item], mode: DedupMode) -> Vec<Vec<u32>> {
+    if mode != DedupMode::Near {
+        return vec![vec![]; items.len()];
+    }
+    let params = hash_params();
+    items.par_iter().map(|it| signature(&shingles(it.text), &params)).collect()
+}
+
 /// For each item, `None` when it is kept, or what it duplicates. `threshold` is the Jaccard
-/// similarity at or above which two documents are near copies (`Near` mode).
-pub fn find_copies(items: &[Item], mode: DedupMode, threshold: f64) -> Vec<Option<Dup>> {
+/// similarity at or above which two documents are near copies (`Near` mode); `sigs` come from
+/// `signatures(items, mode)`.
+pub fn find_copies(items: &[Item], sigs: &[Vec<u32>], mode: DedupMode, threshold: f64) -> Vec<Option<Dup>> {
     let mut verdict: Vec<Option<Dup>> = vec![None; items.len()];
     if mode == DedupMode::None {
         return verdict;
@@ -162,12 +173,11 @@ pub fn find_copies(items: &[Item], mode: DedupMode, threshold: f64) -> Vec<Optio
     if mode == DedupMode::Exact {
         return verdict;
     }
+    assert_eq!(sigs.len(), items.len(), "one signature per item");
     let live: Vec<usize> = (0..items.len()).filter(|&i| verdict[i].is_none()).collect();
-    let params = hash_params();
     let (bands, rows) = banding(threshold);
-    let sigs: Vec<Vec<u32>> = live.par_iter().map(|&i| signature(&shingles(items[i].text), &params)).collect();
     let mut buckets: HashMap<(u32, u64), Vec<usize>> = HashMap::new();
-    for (slot, sig) in sigs.iter().enumerate() {
+    for (slot, sig) in live.iter().map(|&i| &sigs[i]).enumerate() {
         for key in band_keys(sig, bands, rows) {
             buckets.entry(key).or_default().push(slot);
         }
@@ -213,8 +223,8 @@ pub fn find_copies(items: &[Item], mode: DedupMode, threshold: f64) -> Vec<Optio
 }
 
 /// For each validation item, `None`, or the training item it copies (exact, or near at
-/// `threshold` in `Near` mode).
-pub fn find_leaks(train: &[Item], validation: &[Item], mode: DedupMode, threshold: f64) -> Vec<Option<Dup>> {
+/// `threshold` in `Near` mode); `train_sigs` come from `signatures(train, mode)`.
+pub fn find_leaks(train: &[Item], train_sigs: &[Vec<u32>], validation: &[Item], mode: DedupMode, threshold: f64) -> Vec<Option<Dup>> {
     if mode == DedupMode::None || validation.is_empty() {
         return vec![None; validation.len()];
     }
@@ -224,8 +234,8 @@ pub fn find_leaks(train: &[Item], validation: &[Item], mode: DedupMode, threshol
     let (bands, rows) = banding(threshold);
     let mut buckets: HashMap<(u32, u64), Vec<usize>> = HashMap::new();
     if mode == DedupMode::Near {
-        let sigs: Vec<Vec<u32>> = train.par_iter().map(|it| signature(&shingles(it.text), &params)).collect();
-        for (i, sig) in sigs.iter().enumerate() {
+        assert_eq!(train_sigs.len(), train.len(), "one signature per training item");
+        for (i, sig) in train_sigs.iter().enumerate() {
             for key in band_keys(sig, bands, rows) {
                 buckets.entry(key).or_default().push(i);
             }
@@ -274,6 +284,10 @@ impl UnionFind {
 mod tests {
     use super::*;
 
+    fn copies(items: &[Item], mode: DedupMode) -> Vec<Option<Dup>> {
+        find_copies(items, &signatures(items, mode), mode, 0.85)
+    }
+
     fn items<'a>(docs: &'a [(&'a str, String)]) -> Vec<Item<'a>> {
         docs.iter().map(|(name, text)| Item { name, text }).collect()
     }
@@ -303,9 +317,9 @@ mod tests {
             ("src/c.py", "x = 1\ny = 2\n".to_string()),
             ("other.py", "z = 3\n".to_string()),
         ];
-        let got = find_copies(&items(&docs), DedupMode::Exact, 0.85);
+        let got = copies(&items(&docs), DedupMode::Exact);
         assert_eq!(got, [Some(Dup::Exact { of: 1 }), None, Some(Dup::Exact { of: 1 }), None]);
-        assert_eq!(find_copies(&items(&docs), DedupMode::None, 0.85), [None; 4]);
+        assert_eq!(copies(&items(&docs), DedupMode::None), [None; 4]);
     }
 
     #[test]
@@ -318,9 +332,9 @@ mod tests {
         ];
         let j = |a: &str, b: &str| jaccard(&shingles(a), &shingles(b));
         assert!(j(&docs[0].1, &docs[1].1) >= 0.85 && j(&docs[0].1, &docs[2].1) < 0.6);
-        let got = find_copies(&items(&docs), DedupMode::Near, 0.85);
+        let got = copies(&items(&docs), DedupMode::Near);
         assert_eq!(got, [None, Some(Dup::Near { of: 0 }), None, None]);
-        assert_eq!(find_copies(&items(&docs), DedupMode::Exact, 0.85), [None; 4]);
+        assert_eq!(copies(&items(&docs), DedupMode::Exact), [None; 4]);
     }
 
     #[test]
@@ -328,7 +342,7 @@ mod tests {
         let docs: Vec<(String, String)> = (0..60).map(|i| (format!("f{}.py", 59 - i), text(120, i % 4, i / 4))).collect();
         let its: Vec<Item> = docs.iter().map(|(n, t)| Item { name: n, text: t }).collect();
         let run = |threads| {
-            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| find_copies(&its, DedupMode::Near, 0.85))
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| copies(&its, DedupMode::Near))
         };
         let one = run(1);
         assert_eq!(one, run(4));
@@ -339,7 +353,7 @@ mod tests {
     fn many_copies_of_one_file_form_one_group_in_linear_work() {
         let docs: Vec<(String, String)> = (0..200).map(|i| (format!("copy{i:03}.py"), format!("{} tail{i}", text(300, 0, 0)))).collect();
         let its: Vec<Item> = docs.iter().map(|(n, t)| Item { name: n, text: t }).collect();
-        let got = find_copies(&its, DedupMode::Near, 0.85);
+        let got = copies(&its, DedupMode::Near);
         assert_eq!(got[0], None);
         assert!(got[1..].iter().all(|v| *v == Some(Dup::Near { of: 0 })));
     }
@@ -348,9 +362,10 @@ mod tests {
     fn leaks_are_validation_copies_of_training_documents() {
         let train = [("t/a.py", text(150, 0, 0)), ("t/b.py", text(150, 0, 7).replace('w', "v"))];
         let val = [("v/a.py", text(150, 1, 3)), ("v/b.py", train[1].1.clone()), ("v/c.py", "fresh code here".to_string())];
-        let got = find_leaks(&items(&train), &items(&val), DedupMode::Near, 0.85);
+        let leaks = |mode| find_leaks(&items(&train), &signatures(&items(&train), mode), &items(&val), mode, 0.85);
+        let got = leaks(DedupMode::Near);
         assert_eq!(got, [Some(Dup::Near { of: 0 }), Some(Dup::Exact { of: 1 }), None]);
-        let exact = find_leaks(&items(&train), &items(&val), DedupMode::Exact, 0.85);
+        let exact = leaks(DedupMode::Exact);
         assert_eq!(exact, [None, Some(Dup::Exact { of: 1 }), None]);
     }
 }

@@ -72,19 +72,23 @@ pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
         val
     });
     clock.lap("cut");
-    let (docs, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
+    let (docs, sigs, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
     report.dedup = dedup_counts;
     clock.lap("dedup");
-    let (train, val, split_counts) = match validation {
+    let (train, train_sigs, val, split_counts) = match validation {
         Some(val) => {
             let counts = SplitCounts { method: "validation_file".into(), train_documents: docs.len(), validation_documents: val.len() };
-            (docs, val, counts)
+            (docs, sigs, val, counts)
         }
-        None => split(docs, inputs.validation_split_percentage, inputs.seed),
+        None => {
+            let (train, val, counts) = split(docs.into_iter().zip(sigs).collect(), inputs.validation_split_percentage, inputs.seed);
+            let (train, train_sigs): (Vec<Named>, Vec<Vec<u32>>) = train.into_iter().unzip();
+            (train, train_sigs, val.into_iter().map(|(n, _)| n).collect(), counts)
+        }
     };
     report.split = split_counts;
     clock.lap("split");
-    let (val, leaks) = leakage(&train, val, hygiene.dedup, hygiene.dedup_threshold);
+    let (val, leaks) = leakage(&train, &train_sigs, val, hygiene.dedup, hygiene.dedup_threshold);
     report.leakage = leaks;
     clock.lap("leakage");
     if train.is_empty() {
@@ -114,7 +118,7 @@ pub fn run_tree(root: &Path, filter: &Filter, hygiene: &Hygiene) -> Result<(Vec<
     let (docs, cut_counts) = cut(docs, hygiene.max_document_bytes);
     report.cut = cut_counts;
     clock.lap("cut");
-    let (docs, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
+    let (docs, _, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
     report.dedup = dedup_counts;
     clock.lap("dedup");
     report.train_documents = docs.len();
@@ -266,13 +270,15 @@ fn removed(docs: &[Named], found: &[Option<Dup>], of: &[Named], counts: &mut Cop
     }
 }
 
-/// Stage dedup: exact copies, then (`near`) near copies, one of each group kept.
-pub fn dedup(docs: Vec<Named>, mode: dedup::DedupMode, threshold: f64) -> (Vec<Named>, CopyCounts) {
-    let found = dedup::find_copies(&items(&docs), mode, threshold);
+/// Stage dedup: exact copies, then (`near`) near copies, one of each group kept; returns the
+/// kept documents with their MinHash signatures (for the leakage check).
+pub fn dedup(docs: Vec<Named>, mode: dedup::DedupMode, threshold: f64) -> (Vec<Named>, Vec<Vec<u32>>, CopyCounts) {
+    let sigs = dedup::signatures(&items(&docs), mode);
+    let found = dedup::find_copies(&items(&docs), &sigs, mode, threshold);
     let mut counts = CopyCounts::default();
     removed(&docs, &found, &docs, &mut counts);
-    let kept = docs.into_iter().zip(found).filter(|(_, d)| d.is_none()).map(|(n, _)| n).collect();
-    (kept, counts)
+    let (kept, sigs) = docs.into_iter().zip(sigs).zip(found).filter(|(_, d)| d.is_none()).map(|(kept, _)| kept).unzip();
+    (kept, sigs, counts)
 }
 
 /// Stage split: a seeded shuffle, then `percent`% of whole documents (rounded, at least one
@@ -300,9 +306,9 @@ pub fn split<T>(docs: Vec<T>, percent: u32, seed: u64) -> (Vec<T>, Vec<T>, Split
 }
 
 /// Stage leakage: validation documents that copy a training document (as `--dedup` defines a
-/// copy) are removed from validation.
-pub fn leakage(train: &[Named], val: Vec<Named>, mode: dedup::DedupMode, threshold: f64) -> (Vec<Named>, CopyCounts) {
-    let found = dedup::find_leaks(&items(train), &items(&val), mode, threshold);
+/// copy) are removed from validation; `train_sigs` from `dedup`.
+pub fn leakage(train: &[Named], train_sigs: &[Vec<u32>], val: Vec<Named>, mode: dedup::DedupMode, threshold: f64) -> (Vec<Named>, CopyCounts) {
+    let found = dedup::find_leaks(&items(train), train_sigs, &items(&val), mode, threshold);
     let mut counts = CopyCounts::default();
     removed(&val, &found, train, &mut counts);
     let kept = val.into_iter().zip(found).filter(|(_, d)| d.is_none()).map(|(n, _)| n).collect();

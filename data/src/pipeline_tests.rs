@@ -68,13 +68,13 @@ fn dedup_and_leakage_name_what_they_removed() {
     let base = words(300, "w");
     let near = base.replacen("w150\n", "changed\n", 1);
     let docs = vec![named("long/path/a.py", &base), named("b.py", &base.replace('\n', "\r\n")), named("c.py", &near), named("d.py", &words(300, "z"))];
-    let (kept, counts) = dedup(docs, DedupMode::Near, 0.85);
+    let (kept, sigs, counts) = dedup(docs, DedupMode::Near, 0.85);
     assert_eq!((counts.exact, counts.near), (1, 1));
     assert_eq!(kept.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b.py", "d.py"]);
     assert_eq!(counts.removed[0].name, "long/path/a.py");
     assert_eq!(counts.removed[0].kept, "b.py");
     let val = vec![named("v1.py", &near.replacen("w10\n", "x10\n", 1)), named("v2.py", &words(300, "q"))];
-    let (val, leaks) = leakage(&kept, val, DedupMode::Near, 0.85);
+    let (val, leaks) = leakage(&kept, &sigs, val, DedupMode::Near, 0.85);
     assert_eq!((leaks.near, val.len(), val[0].name.as_str()), (1, 1, "v2.py"));
 }
 
