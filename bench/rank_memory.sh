@@ -6,7 +6,7 @@
 # (`coordinator estimate`) and the floor of its state (params, their gradients, the fp32
 # gradient accumulator, fp32 master + Adam moments). On a CPU rank "device" and host memory are
 # the same RAM, so every buffer counts once.
-#   DTYPE=fp32|bf16 (default fp32, the CPU default)   CONFIG=codegen-350M   BLOCK=128   MICRO=2
+#   DTYPE=fp32|bf16 (default fp32, the CPU default)   CONFIG=codegen-350M   BLOCK=128   MICRO=2   STEPS=2
 #   BASELINE_BIN=DIR: also run DIR/coordinator (another build), without checkpointing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,7 @@ DTYPE=${DTYPE:-fp32}
 CONFIG=${CONFIG:-codegen-350M}
 BLOCK=${BLOCK:-128}
 MICRO=${MICRO:-2}
+STEPS=${STEPS:-2}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 target/debug/coordinator files2jsonl . "$WORK/data.jsonl" --exclude 'runs/**' >/dev/null
@@ -24,7 +25,7 @@ echo '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}
 [ -f target/fixtures/tokenizer-big/tokenizer.json ] || .venv/bin/python tests/fixtures/make_fixtures.py target/fixtures >/dev/null
 flags=(--config_name "$CONFIG" --tokenizer_name target/fixtures/tokenizer-big --train_file "$WORK/data.jsonl" --do_train --device cpu
   --deepspeed "$WORK/ds.json" --block_size "$BLOCK" --per_device_train_batch_size "$MICRO" --gradient_accumulation_steps 2
-  --max_steps 2 --save_steps 0 --logging_steps 1 --cache_dir "$WORK/cache")
+  --max_steps "$STEPS" --save_steps 0 --logging_steps 1 --cache_dir "$WORK/cache")
 [ "$DTYPE" = bf16 ] && flags+=(--bf16)
 
 gib() { awk -v b="$1" 'BEGIN {printf "%.2f", b / 2^30}'; }
@@ -43,7 +44,7 @@ params=$(target/debug/coordinator estimate "${flags[@]}" --output_dir "$WORK/est
 width=$([ "$DTYPE" = bf16 ] && echo 2 || echo 4)
 floor=$(awk -v n="$params" -v w="$width" 'BEGIN {printf "%.0f", n * (w + w + 4 + 12)}')
 echo
-echo "One CPU rank, $CONFIG shape ($params params), $DTYPE, ZeRO-2 + offload, world 1, block $BLOCK, micro $MICRO, accumulation 2, 2 steps ($(nproc) cores)"
+echo "One CPU rank, $CONFIG shape ($params params), $DTYPE, ZeRO-2 + offload, world 1, block $BLOCK, micro $MICRO, accumulation 2, $STEPS steps ($(nproc) cores)"
 echo "| run | peak RSS GiB | planner GiB | planner / measured | wall s |"
 echo "|---|---|---|---|---|"
 echo "| state floor: params + their gradients ($width+$width B) + fp32 accumulator (4 B) + master and moments (12 B) per param | $(gib "$floor") | - | - | - |"

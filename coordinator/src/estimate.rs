@@ -12,9 +12,11 @@ const ALIGN: u64 = 128;
 /// bench/rank_memory.sh): ln_1's input and output, qkv (3), rotated q and k, attention output and
 /// its reshaped copy, fc_in's output (4 C) and gelu's (4 C).
 const SAVED_PER_BLOCK: u64 = 17;
-/// Bytes per (B, T, V) element of the logits: the 16-bit or fp32 projection, the fp32 upcast and
-/// log-softmax kept for the loss, and their fp32 gradients in the backward pass.
-const LOGIT_BYTES_F32_EXTRA: u64 = 12;
+/// Bytes per (B, T, V) element of the logits at their peak, in fp32: the projection (upcast from
+/// 16 bits, which adds that copy), the shifted copy and log-softmax's output at the end of the
+/// forward pass; log-softmax's output and the gradients in and out of it at the start of the
+/// backward pass.
+const LOGIT_BYTES_F32: u64 = 12;
 /// What a worker process holds before any model: libtorch's code and allocator (CPU ranks), or
 /// the CUDA context, kernels, cuBLAS workspace and caching-allocator slack (GPU ranks).
 const CPU_RUNTIME: u64 = 200 << 20;
@@ -153,11 +155,8 @@ pub fn terms(job: &Job) -> Vec<Term> {
         (l * SAVED_PER_BLOCK * btc * k, format!("{l} blocks x {SAVED_PER_BLOCK} x {b}x{t}x{c} x {k} B"))
     };
     out.push(Term { phase: Phase::Backward, ..term("activations", Place::Device, activations.0, activations.1) });
-    let logits = b * t * v * (k + LOGIT_BYTES_F32_EXTRA);
-    out.push(Term {
-        phase: Phase::Backward,
-        ..term("logits", Place::Device, logits, format!("{b}x{t}x{v} x ({k} + {LOGIT_BYTES_F32_EXTRA}) B"))
-    });
+    let per_logit = LOGIT_BYTES_F32 + if k == 2 { 2 } else { 0 };
+    out.push(Term { phase: Phase::Backward, ..term("logits", Place::Device, b * t * v * per_logit, format!("{b}x{t}x{v} x {per_logit} B")) });
     let (runtime, what) = if job.gpu { (GPU_RUNTIME, "CUDA context, kernels, allocator slack") } else { (CPU_RUNTIME, "libtorch runtime") };
     out.push(term("buffers", Place::Device, runtime, what.into()));
     out.extend(save_terms(job));
@@ -292,8 +291,9 @@ pub fn advice(job: &Job, capacity: Capacity) -> String {
             return format!("it would fit with: {}", changes.join(", "));
         }
     }
-    let more = if job.gpu { "GPUs" } else { "ranks" };
-    format!("it does not fit even with {} and {} times the {more}: use a smaller model or larger devices", changes.join(", "), 1 << 12)
+    let more = format!("{} times the {}", 1 << 12, if job.gpu { "GPUs" } else { "ranks" });
+    let with = if changes.is_empty() { more } else { format!("{} and {more}", changes.join(", ")) };
+    format!("it does not fit even with {with}: use a smaller model or larger devices")
 }
 
 /// DeepSpeed's `estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes,

@@ -93,6 +93,7 @@ fn stages_world_one_and_fp32_choose_their_buffers() {
     let fp32 = Job { precision: Precision::Fp32, ..job(1, true, false) };
     assert_eq!(bytes(&terms(&fp32), "pinned buffers"), (1 << 23) * 4);
     assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
+    assert_eq!(bytes(&terms(&fp32), "logits"), 2 * 128 * 51200 * 12);
     let cpu = terms(&Job { gpu: false, ..fp32 });
     assert!(cpu.iter().all(|t| t.name != "pinned buffers" && t.name != "transfer tiles"));
     assert_eq!(bytes(&cpu, "buffers"), 200 << 20);
@@ -159,7 +160,7 @@ fn deepspeed_formula_as_published() {
 fn a_job_too_large_is_refused_naming_its_largest_term_and_a_fix() {
     let j = Job { micro: 8, block: 2048, ..job(1, false, false) };
     let err = verdict(&j, Capacity { device: Some(GIB), host: None }).unwrap_err();
-    assert!(err.contains("the largest term is logits (10.94 GiB: 8x2048x51200 x (2 + 12) B)"), "{err}");
+    assert!(err.contains("the largest term is logits (10.94 GiB: 8x2048x51200 x 14 B)"), "{err}");
     assert!(err.contains("available"), "{err}");
     // 350M on a 24 GiB card with block 2048, micro 8: offload and checkpointing make it fit.
     let err = verdict(&j, Capacity { device: Some(24 * GIB), host: None }).unwrap_err();

@@ -33,7 +33,7 @@ fn flags(dir: &Path, checkpointing: bool) -> Vec<String> {
     [
         "--config_name", &config_file(dir), "--tokenizer_name", &s(&fixtures().join("tokenizer-big")), "--train_file", &s(&source_dir()), "--do_train",
         "--device", "cpu", "--deepspeed", &s(&ds), "--block_size", "128", "--per_device_train_batch_size", "4",
-        "--gradient_accumulation_steps", "2", "--max_steps", "1", "--save_steps", "0", "--logging_steps", "1",
+        "--gradient_accumulation_steps", "2", "--max_steps", "2", "--save_steps", "0", "--logging_steps", "1",
         "--completion_eval_positions", "0", "--cache_dir", &s(&dir.join("cache")), "--output_dir",
         &s(&dir.join(format!("out-{checkpointing}"))), "--gradient_checkpointing", if checkpointing { "true" } else { "false" },
     ]
