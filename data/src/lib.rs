@@ -54,7 +54,7 @@ pub struct HygieneArgs {
     pub dedup: DedupMode,
     /// Near duplicates: the Jaccard similarity of word 5-shingles at or above which two
     /// documents are copies (0 < t <= 1).
-    #[arg(long, default_value_t = 0.85)]
+    #[arg(long, default_value_t = 0.85, allow_negative_numbers = true)]
     pub dedup_threshold: f64,
     /// Documents larger than this many bytes are cut at line boundaries into pieces.
     #[arg(long, default_value_t = 4_000_000)]
@@ -94,3 +94,32 @@ pub enum DataError {
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        hygiene: HygieneArgs,
+    }
+
+    fn hygiene(args: &[&str]) -> std::result::Result<Hygiene, String> {
+        let cli = Cli::try_parse_from([&["test"], args].concat()).map_err(|e| e.to_string())?;
+        cli.hygiene.hygiene().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn hygiene_flags_parse_and_out_of_range_values_are_refused_by_name() {
+        assert_eq!(hygiene(&[]).unwrap(), Hygiene::default());
+        let h = hygiene(&["--secrets", "drop_file", "--dedup", "exact", "--dedup_threshold", "0.9", "--max_document_bytes", "2048"]).unwrap();
+        assert_eq!((h.secrets, h.dedup, h.dedup_threshold, h.max_document_bytes), (SecretsMode::DropFile, DedupMode::Exact, 0.9, 2048));
+        for bad in ["0", "-0.5", "1.5", "NaN"] {
+            assert!(hygiene(&["--dedup_threshold", bad]).unwrap_err().contains("--dedup_threshold"), "{bad}");
+        }
+        assert!(hygiene(&["--max_document_bytes", "10"]).unwrap_err().contains("--max_document_bytes 10"));
+        assert!(hygiene(&["--secrets", "shout"]).is_err());
+    }
+}
