@@ -136,7 +136,9 @@ pub fn terms(job: &Job) -> Vec<Term> {
             let tile = job.offload_tile.min(owned);
             out.push(term("pinned buffers", Place::Host, tile * 4, format!("{tile} x 4 B (fp32 upload staging tile)")));
         }
-        if job.gpu {
+        // 16-bit gradients are cast (fp16: first scaled) on the device, a tile at a time, two in
+        // flight; fp32 ones go down as they are.
+        if job.gpu && k == 2 {
             let tile = job.offload_tile.min(owned);
             let bytes = 2 * tile * (k + 4);
             out.push(Term { phase: Phase::Step, ..term("transfer tiles", Place::Device, bytes, format!("2 x {tile} x ({k} + 4) B")) });
@@ -231,7 +233,7 @@ pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
     let terms = terms(job);
     let t = totals(job, &terms);
     let over_device = capacity.device.filter(|&cap| t.per_device > cap);
-    let over_host = capacity.host.filter(|&cap| job.gpu && t.per_host > cap);
+    let over_host = capacity.host.filter(|&cap| t.per_host > cap);
     let (what, need, cap, place) = match (over_device, over_host) {
         (Some(cap), _) => (if job.gpu { "per GPU" } else { "per rank" }, t.per_device, cap, Place::Device),
         (None, Some(cap)) => ("per host", t.per_host, cap, Place::Host),
@@ -255,7 +257,7 @@ pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
 pub fn advice(job: &Job, capacity: Capacity) -> String {
     let fits = |j: &Job| {
         let t = totals(j, &terms(j));
-        capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| !j.gpu || t.per_host <= cap)
+        capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| t.per_host <= cap)
     };
     let mut tried = *job;
     let mut changes = vec![];
@@ -348,8 +350,7 @@ pub fn table(job: &Job, capacity: Capacity) -> String {
     };
     let per_device = if job.gpu { "per GPU" } else { "per CPU rank (device and host terms: one RAM)" };
     out += &format!("  total {per_device}: {} ({} bytes): {}\n", gib(t.per_device), t.per_device, check(t.per_device, capacity.device));
-    let host_cap = if job.gpu { capacity.host } else { None };
-    out += &format!("  total per host ({} ranks): {}: {}\n", job.ranks_per_host, gib(t.per_host), check(t.per_host, host_cap));
+    out += &format!("  total per host ({} ranks): {}: {}\n", job.ranks_per_host, gib(t.per_host), check(t.per_host, capacity.host));
     out
 }
 

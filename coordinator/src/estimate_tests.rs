@@ -94,6 +94,7 @@ fn stages_world_one_and_fp32_choose_their_buffers() {
     assert_eq!(bytes(&terms(&fp32), "pinned buffers"), (1 << 23) * 4);
     assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
     assert_eq!(bytes(&terms(&fp32), "logits"), 2 * 128 * 51200 * 12);
+    assert!(terms(&fp32).iter().all(|t| t.name != "transfer tiles"));
     let cpu = terms(&Job { gpu: false, ..fp32 });
     assert!(cpu.iter().all(|t| t.name != "pinned buffers" && t.name != "transfer tiles"));
     assert_eq!(bytes(&cpu, "buffers"), 200 << 20);
@@ -111,6 +112,12 @@ fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
     assert!(bytes(&t, "saving") > bytes(&t, "activations") + bytes(&t, "logits"));
     assert_eq!(total.per_device, always + bytes(&t, "saving"));
     assert_eq!(total.per_host, total.per_device);
+    // Three CPU ranks on one machine share its RAM: each fits in 12 GiB, the three not in 16.
+    let three = Job { world: 3, ranks_per_host: 3, ..j };
+    let t3 = totals(&three, &terms(&three));
+    assert!(t3.per_device < 12 * GIB && t3.per_host > 16 * GIB, "{t3:?}");
+    let err = verdict(&three, Capacity { device: Some(12 * GIB), host: Some(16 * GIB) }).unwrap_err();
+    assert!(err.contains("per host"), "{err}");
     // Checkpoints copy the optimizer slice out: 12 B per parameter, more than the model's 4.
     let t = terms(&Job { checkpoints: true, ..j });
     assert_eq!(bytes(&t, "saving"), j.partition() * 12);
