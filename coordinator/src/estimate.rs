@@ -100,7 +100,11 @@ impl Job {
 
     /// Elements this rank's optimizer updates.
     fn owned(&self) -> u64 {
-        if self.zero_stage == 0 { self.shape.params } else { self.partition() }
+        if self.zero_stage == 0 {
+            self.shape.params
+        } else {
+            self.partition()
+        }
     }
 }
 
@@ -158,7 +162,10 @@ pub fn terms(job: &Job) -> Vec<Term> {
     };
     out.push(Term { phase: Phase::Backward, ..term("activations", Place::Device, activations.0, activations.1) });
     let per_logit = LOGIT_BYTES_F32 + if k == 2 { 2 } else { 0 };
-    out.push(Term { phase: Phase::Backward, ..term("logits", Place::Device, b * t * v * per_logit, format!("{b}x{t}x{v} x {per_logit} B")) });
+    out.push(Term {
+        phase: Phase::Backward,
+        ..term("logits", Place::Device, b * t * v * per_logit, format!("{b}x{t}x{v} x {per_logit} B"))
+    });
     let (runtime, what) = if job.gpu { (GPU_RUNTIME, "CUDA context, kernels, allocator slack") } else { (CPU_RUNTIME, "libtorch runtime") };
     out.push(term("buffers", Place::Device, runtime, what.into()));
     out.extend(save_terms(job));
@@ -201,7 +208,11 @@ fn peak_of_ranks(terms: &[Term], place: Option<Place>, ranks: u64) -> u64 {
 
 /// A term's share of the memory `ranks` ranks share (one of them saves).
 fn share(term: &Term, ranks: u64) -> u64 {
-    if term.phase == Phase::Save { term.bytes } else { term.bytes * ranks }
+    if term.phase == Phase::Save {
+        term.bytes
+    } else {
+        term.bytes * ranks
+    }
 }
 
 /// The totals a verdict is made on.
@@ -240,7 +251,8 @@ pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
         (None, None) => return Ok(()),
     };
     let ranks = if place == Place::Host { job.ranks_per_host } else { 1 };
-    let largest = terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| (share(t, ranks), t.phase == Phase::Always)).expect("terms");
+    let largest =
+        terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| (share(t, ranks), t.phase == Phase::Always)).expect("terms");
     Err(format!(
         "the job needs {} {what} but {} is available; the largest term is {} ({}: {}); {}",
         gib(need),
@@ -289,7 +301,11 @@ pub fn advice(job: &Job, capacity: Capacity) -> String {
     for world in (1..=12).map(|i| tried.world << i) {
         let more = Job { world, ..tried };
         if fits(&more) {
-            changes.push(if job.gpu { format!("{world} GPUs or more (--num_gpus / --num_nodes)") } else { format!("{world} ranks or more") });
+            changes.push(if job.gpu {
+                format!("{world} GPUs or more (--num_gpus / --num_nodes)")
+            } else {
+                format!("{world} ranks or more")
+            });
             return format!("it would fit with: {}", changes.join(", "));
         }
     }

@@ -131,7 +131,8 @@ fn model_states_equal_deepspeed_s_zero2_formula() {
     for gpus_per_node in [1, 2, 4, 8] {
         for nodes in [1, 3] {
             let world = gpus_per_node * nodes;
-            let base = Job { shape: Shape { params: EVEN, ..shape_350m() }, world, ranks_per_host: gpus_per_node, ..job(world, false, false) };
+            let base =
+                Job { shape: Shape { params: EVEN, ..shape_350m() }, world, ranks_per_host: gpus_per_node, ..job(world, false, false) };
             // Without offload DeepSpeed counts 2 + 2 bytes per parameter (16-bit weights and
             // gradients) and 16 per owned one (fp32 master, m, v and the gradient partition).
             let t = terms(&base);

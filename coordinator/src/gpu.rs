@@ -66,7 +66,11 @@ pub enum Chosen {
 /// math runs at a small fraction of fp32's rate (1/64 on a P40) and there is no bf16: the default
 /// becomes fp32 compute with the optimizer offloaded; --fp16 is allowed with a warning, --bf16 is
 /// refused.
-pub fn precision_for(capability: (u32, u32), precision: Precision, chosen: Chosen) -> std::result::Result<(Precision, bool, Option<String>), String> {
+pub fn precision_for(
+    capability: (u32, u32),
+    precision: Precision,
+    chosen: Chosen,
+) -> std::result::Result<(Precision, bool, Option<String>), String> {
     let (major, minor) = capability;
     if major >= 7 {
         return Ok((precision, false, None));
@@ -153,8 +157,8 @@ pub fn capacity(plan: &TrainPlan, gpus: &[GpuInfo]) -> Capacity {
 pub fn adapt_precision(plan: &mut TrainPlan, gpus: &[GpuInfo], chosen: Chosen) -> Result<Vec<String>> {
     let Device::Cuda(index) = plan.launch.device else { return Ok(vec![]) };
     let Some(gpu) = gpus.get(index.unwrap_or(0)).or(gpus.first()) else { return Ok(vec![]) };
-    let (precision, offload, note) =
-        precision_for(gpu.compute_capability, plan.training.precision, chosen).map_err(|e| CoordinatorError::Flag(format!("{}: {e}", gpu.name)))?;
+    let (precision, offload, note) = precision_for(gpu.compute_capability, plan.training.precision, chosen)
+        .map_err(|e| CoordinatorError::Flag(format!("{}: {e}", gpu.name)))?;
     plan.training.precision = precision;
     if offload && !plan.zero.offload_optimizer {
         plan.zero.offload_optimizer = true;
@@ -168,7 +172,8 @@ pub fn check_memory(plan: &TrainPlan, gpus: &[GpuInfo]) -> Result<String> {
     let job = job_of(plan, &config);
     let capacity = capacity(plan, gpus);
     let table = estimate::table(&job, capacity);
-    estimate::verdict(&job, capacity).map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} (plan for another device with --gpu_memory SIZE)")))?;
+    estimate::verdict(&job, capacity)
+        .map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} (plan for another device with --gpu_memory SIZE)")))?;
     Ok(table)
 }
 

@@ -31,11 +31,37 @@ fn flags(dir: &Path, checkpointing: bool) -> Vec<String> {
     let ds = dir.join("ds.json");
     std::fs::write(&ds, r#"{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#).unwrap();
     [
-        "--config_name", &config_file(dir), "--tokenizer_name", &s(&fixtures().join("tokenizer-big")), "--train_file", &s(&source_dir()), "--do_train",
-        "--device", "cpu", "--deepspeed", &s(&ds), "--block_size", "128", "--per_device_train_batch_size", "4",
-        "--gradient_accumulation_steps", "2", "--max_steps", "2", "--save_steps", "0", "--logging_steps", "1",
-        "--completion_eval_positions", "0", "--cache_dir", &s(&dir.join("cache")), "--output_dir",
-        &s(&dir.join(format!("out-{checkpointing}"))), "--gradient_checkpointing", if checkpointing { "true" } else { "false" },
+        "--config_name",
+        &config_file(dir),
+        "--tokenizer_name",
+        &s(&fixtures().join("tokenizer-big")),
+        "--train_file",
+        &s(&source_dir()),
+        "--do_train",
+        "--device",
+        "cpu",
+        "--deepspeed",
+        &s(&ds),
+        "--block_size",
+        "128",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--completion_eval_positions",
+        "0",
+        "--cache_dir",
+        &s(&dir.join("cache")),
+        "--output_dir",
+        &s(&dir.join(format!("out-{checkpointing}"))),
+        "--gradient_checkpointing",
+        if checkpointing { "true" } else { "false" },
     ]
     .map(String::from)
     .to_vec()
@@ -44,7 +70,8 @@ fn flags(dir: &Path, checkpointing: bool) -> Vec<String> {
 /// Runs `coordinator train FLAGS` and returns the peak RSS in bytes of the largest process of its
 /// tree (wait4's ru_maxrss covers the waited-for descendants: the worker).
 fn peak_rss(flags: &[String]) -> u64 {
-    let mut child = Command::new(binary("coordinator")).arg("train").args(flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new(binary("coordinator")).arg("train").args(flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let stderr_pipe = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || std::io::read_to_string(stderr_pipe).unwrap());
     let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });

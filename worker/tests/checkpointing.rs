@@ -37,7 +37,8 @@ fn gradients(source: &ModelSource, ids: &Tensor, checkpointing: bool) -> (f64, V
     tch::manual_seed(7);
     let loss = model.loss_backward(ids, true, 0.5, checkpointing).unwrap().double_value(&[]);
     let after = Tensor::randint(1 << 30, [4], (Kind::Int64, Device::Cpu));
-    let mut grads: Vec<(String, Tensor)> = params.slots.iter().zip(&params.tensors).map(|(s, t)| (s.name.clone(), t.grad().copy())).collect();
+    let mut grads: Vec<(String, Tensor)> =
+        params.slots.iter().zip(&params.tensors).map(|(s, t)| (s.name.clone(), t.grad().copy())).collect();
     // The generator continues where the ordinary pass leaves it.
     grads.push(("(generator after the pass)".into(), after.to_kind(Kind::Float)));
     (loss, grads)

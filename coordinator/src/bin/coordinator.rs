@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use zerotune_coordinator::config::{DataArgs, Device, TrainArgs, TrainPlan};
 use zerotune_coordinator::{gpu, job, prepare};
-use zerotune_proto::plan::Precision;
 use zerotune_data::files2jsonl::{self, Filter};
+use zerotune_proto::plan::Precision;
 
 #[derive(Parser)]
 #[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]

@@ -515,7 +515,10 @@ mod tests {
 
     #[test]
     fn activation_checkpointing_is_read_with_its_keys() {
-        let config = read(r#"{"activation_checkpointing": {"partition_activations": false, "cpu_checkpointing": false, "number_checkpoints": null}}"#).unwrap();
+        let config = read(
+            r#"{"activation_checkpointing": {"partition_activations": false, "cpu_checkpointing": false, "number_checkpoints": null}}"#,
+        )
+        .unwrap();
         assert!(config.activation_checkpointing.is_some());
         assert!(read("{}").unwrap().activation_checkpointing.is_none());
         let err = read(r#"{"activation_checkpointing": {"partition_activation": true}}"#).unwrap_err().to_string();
