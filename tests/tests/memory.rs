@@ -69,6 +69,7 @@ fn flags(dir: &Path, checkpointing: bool) -> Vec<String> {
 
 /// Runs `coordinator train FLAGS` and returns the peak RSS in bytes of the largest process of its
 /// tree (wait4's ru_maxrss covers the waited-for descendants: the worker).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also reports the peak
 fn peak_rss(flags: &[String]) -> u64 {
     let mut child =
         Command::new(binary("coordinator")).arg("train").args(flags).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
