@@ -181,6 +181,44 @@ pub fn check_memory(plan: &TrainPlan, gpus: &[GpuInfo]) -> Result<String> {
 mod tests {
     use super::*;
 
+    use crate::config::TrainArgs;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn plan(extra: &[&str]) -> TrainPlan {
+        let mut argv = vec!["x", "--config_name", "codegen-350M", "--train_tokenizer", "2048", "--train_file", "d.jsonl"];
+        argv.extend_from_slice(&["--output_dir", "o", "--do_train", "--device", "cuda:0", "--worker_bin", "/bin/true"]);
+        argv.extend_from_slice(extra);
+        TrainPlan::resolve(&Cli::parse_from(argv).args).unwrap()
+    }
+
+    fn p40() -> Vec<GpuInfo> {
+        vec![GpuInfo { name: "Tesla P40".into(), memory: 24576 << 20, compute_capability: (6, 1) }]
+    }
+
+    #[test]
+    fn a_p40_plan_becomes_fp32_with_offload_and_its_memory_is_planned() {
+        let mut default = plan(&[]);
+        assert_eq!((default.training.precision, default.zero.offload_optimizer), (Precision::Bf16, false));
+        let notes = adapt_precision(&mut default, &p40(), Chosen::Default).unwrap();
+        assert_eq!((default.training.precision, default.zero.offload_optimizer), (Precision::Fp32, true));
+        assert!(notes[0].starts_with("Tesla P40 (cuda:0): note: this GPU (compute capability 6.1)"), "{notes:?}");
+        let err = adapt_precision(&mut plan(&["--bf16"]), &p40(), Chosen::Explicit).unwrap_err().to_string();
+        assert!(err.contains("Tesla P40: --bf16: a GPU of compute capability 6.1 has no bf16"), "{err}");
+        // The embedding follows the trained tokenizer: 2048 rows.
+        let job = job_of(&default, &plan_config(&default).unwrap());
+        assert_eq!((job.shape.vocab, job.block, job.gpu, job.offload), (2048, 1024, true, true));
+        let table = check_memory(&default, &p40()).unwrap();
+        assert!(table.contains("total per GPU") && table.contains("fits in 24.00 GiB"), "{table}");
+        let err = check_memory(&plan(&["--gpu_memory", "1GiB"]), &p40()).unwrap_err().to_string();
+        assert!(err.contains("DOES NOT FIT in 1.00 GiB") && err.contains("memory planner: the job needs"), "{err}");
+    }
+
     #[test]
     fn nvidia_smi_lines_parse() {
         let gpus = parse_query("Tesla P40, 24576, 6.1\nNVIDIA H200, 143771, 9.0\ngarbage\n");
