@@ -52,7 +52,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let mut client = rt.block_on(connect(&args))?;
     let mut stream = None;
-    let result = serve(&rt, &mut client, &args, &mut stream);
+    let finished_step = Arc::new(AtomicU64::new(0));
+    let result = serve(&rt, &mut client, &args, &mut stream, &finished_step);
     if let Err(err) = &result {
         let kind = match err.downcast_ref::<WorkerError>() {
             Some(WorkerError::Peer(_)) => FailureKind::PeerLost,
@@ -60,6 +61,16 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         let report = FailureReport { rank: args.rank, message: zerotune_hf::os::error_report(err.as_ref()), kind: kind.into() };
         let _ = rt.block_on(client.report_failure(report));
+        if kind == FailureKind::PeerLost {
+            // The peer may have left because the coordinator aborted the job, before this rank's
+            // own heartbeat heard it: then that is what ended this rank too.
+            let beat = HeartbeatRequest { rank: args.rank, step: finished_step.load(Ordering::Relaxed) };
+            if let Ok(Ok(reply)) = rt.block_on(tokio::time::timeout(Duration::from_secs(5), client.heartbeat(beat))) {
+                if reply.get_ref().abort {
+                    eprintln!("rank {}: the coordinator aborted the job; exiting", args.rank);
+                }
+            }
+        }
     }
     drop(stream);
     result
@@ -94,13 +105,14 @@ fn serve(
     client: &mut Client,
     args: &AgentArgs,
     stream: &mut Option<tonic::Streaming<zerotune_proto::v1::Command>>,
+    finished_step: &Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let host = zerotune_proto::hostname();
     let local_rank = std::env::var("LOCAL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
     let register = RegisterRequest { rank: args.rank, host, device: args.device_name.clone(), pid: std::process::id(), local_rank };
     let reply = rt.block_on(client.register(register))?.into_inner();
     let plan: WorkerPlan = serde_json::from_str(&reply.plan_json)?;
-    let finished_step = Arc::new(AtomicU64::new(plan.resume.as_ref().map_or(0, |r| r.step)));
+    finished_step.store(plan.resume.as_ref().map_or(0, |r| r.step), Ordering::Relaxed);
     let timeout = Duration::from_millis(plan.heartbeat_timeout_ms);
     rt.spawn(heartbeat(client.clone(), args.rank, finished_step.clone(), plan.heartbeat_interval(), timeout));
     let comm = rt.block_on(collectives(client, args, plan.collectives, reply.world_size as usize))?;
