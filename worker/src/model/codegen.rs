@@ -335,11 +335,17 @@ impl DropoutSeeds {
 /// Rows from which a CPU decode step multiplies as w · xs^T.
 const WEIGHT_MAJOR_ROWS: i64 = 8;
 
-/// xs · w^T + b.  xs: (B, T, in), w: (out, in) -> (B, T, out). For a CPU decode step of `rows`
-/// rows (T = 1; 0 otherwise), MKL's small-M GEMM repacks all of w on every call, which for 8 rows
-/// costs more than reading w once; computed as w · xs^T (M = out, N = rows) the weights stream
-/// through once (2 cores, codegen-350M: 89 -> 65 ms of matrix products per step at 8 rows).
+/// xs · w^T + b.  xs: (B, T, in), w: (out, in) -> (B, T, out). A CPU decode step of `rows` rows
+/// (T = 1; 0 otherwise) of up to 8 goes to `matvec.rs`, which streams w once on all of torch's
+/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step). Beyond that, or without AVX2,
+/// MKL's small-M GEMM would repack all of w on every call, which costs more than reading w once;
+/// computed as w · xs^T (M = out, N = rows) the weights stream through once.
 fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: i64) -> Tensor {
+    if rows > 0 {
+        if let Some(y) = super::matvec::project(xs, w, b) {
+            return y;
+        }
+    }
     if rows < WEIGHT_MAJOR_ROWS || xs.device() != tch::Device::Cpu {
         return xs.linear(w, b);
     }

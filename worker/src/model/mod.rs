@@ -3,6 +3,7 @@
 
 pub mod codegen;
 pub mod kv;
+pub mod matvec;
 pub mod params;
 pub mod rotary;
 
