@@ -155,7 +155,7 @@ unsafe fn kernel(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, strid
                 for (i, &sum) in sums.iter().enumerate().take(r) {
                     // SAFETY: (pass + i, first + o + p) is inside y, and only this thread writes
                     // column first + o + p.
-                    unsafe { *y.add((pass + i) * stride + first + o + p) = sum };
+                    unsafe { *y.wrapping_add((pass + i) * stride + first + o + p) = sum };
                 }
             }
         }
@@ -177,11 +177,13 @@ unsafe fn block<const O: usize, const R: usize>(w: &[f32], x: &[f32], sums: &mut
     let mut acc = [[_mm256_setzero_ps(); R]; O];
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
     let mut i = 0;
+    // `wrapping_add` rather than `add`: the same address, without the per-call precondition check
+    // that debug builds (which users run) would otherwise make in this loop.
     while i < lanes {
         // SAFETY: i + 8 <= lanes <= k: inside each of w's O rows and x's R rows of k.
-        let wv: [__m256; O] = std::array::from_fn(|p| unsafe { _mm256_loadu_ps(wp.add(p * k + i)) });
+        let wv: [__m256; O] = std::array::from_fn(|p| unsafe { _mm256_loadu_ps(wp.wrapping_add(p * k + i)) });
         for r in 0..R {
-            let xv = unsafe { _mm256_loadu_ps(xp.add(r * k + i)) };
+            let xv = unsafe { _mm256_loadu_ps(xp.wrapping_add(r * k + i)) };
             for p in 0..O {
                 acc[p][r] = _mm256_fmadd_ps(wv[p], xv, acc[p][r]);
             }
