@@ -65,7 +65,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             // The peer may have left because the coordinator aborted the job, before this rank's
             // own heartbeat heard it: then that is what ended this rank too.
             let beat = HeartbeatRequest { rank: args.rank, step: finished_step.load(Ordering::Relaxed) };
-            if let Ok(Ok(reply)) = rt.block_on(tokio::time::timeout(Duration::from_secs(5), client.heartbeat(beat))) {
+            let asked = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.heartbeat(beat)).await });
+            if let Ok(Ok(reply)) = asked {
                 if reply.get_ref().abort {
                     eprintln!("rank {}: the coordinator aborted the job; exiting", args.rank);
                 }
