@@ -104,15 +104,17 @@ pub fn verify_model_dir(dir: &Path, nonfinite: NonFinite) -> Result<()> {
         None => (dir.clone(), ""),
     };
     let manifest = Manifest::read(&root)?;
-    let count = match &manifest {
+    // Scan the weights when the manifest counts non-finite values among them, or when there is no
+    // manifest (a plain HF dir) to say.
+    let scan = match &manifest {
         Some(manifest) => {
             manifest.verify(&root, prefix)?;
-            manifest.files.iter().filter(|(name, _)| name.starts_with(prefix)).map(|(_, f)| f.nonfinite).sum()
+            manifest.files.iter().any(|(name, f)| name.starts_with(prefix) && f.nonfinite > 0)
         }
-        None if prefix.is_empty() => 1, // unknown: scan
+        None if prefix.is_empty() => true,
         None => return Err(incomplete(&root)),
     };
-    if count == 0 {
+    if !scan {
         return Ok(());
     }
     let weights = WeightFiles::open(&dir)?;

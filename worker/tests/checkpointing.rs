@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{fixtures, meta, rel_err, Reference};
+use common::{fixtures, rel_err, train_plan, Reference};
 use tch::{Device, Kind, Tensor};
-use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
+use zerotune_proto::plan::{ModelSource, WorkerPlan};
 use zerotune_worker::checkpoint::load_params;
 use zerotune_worker::model::CodeGen;
 use zerotune_worker::train::Trainer;
@@ -61,26 +61,7 @@ fn every_gradient_equals_the_pass_without_checkpointing() {
 }
 
 fn plan(model: ModelSource, gradient_checkpointing: bool) -> WorkerPlan {
-    let t = &meta()["train"];
-    let f = |k: &str| t[k].as_f64().unwrap();
-    WorkerPlan {
-        model,
-        precision: Precision::Fp32,
-        optimizer: AdamW { lr: f("lr"), beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
-        schedule: Schedule { kind: ScheduleKind::Linear, warmup_steps: f("warmup_steps") as u64, total_steps: f("total_steps") as u64 },
-        max_grad_norm: f("max_grad_norm"),
-        loss_scaler: LossScaler::default(),
-        seed: 0,
-        gradient_accumulation_steps: f("accumulation") as u32,
-        zero_stage: 2,
-        offload_optimizer: true,
-        reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
-        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
-        gradient_checkpointing,
-        resume: None,
-        collectives: Collectives::None,
-        heartbeat_timeout_ms: 30_000,
-    }
+    WorkerPlan { model, zero_stage: 2, gradient_checkpointing, ..train_plan() }
 }
 
 /// Losses and gradient norms of 10 optimizer steps on the fixture's batches.

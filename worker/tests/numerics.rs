@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::{fixtures, meta, rel_err, tensor_from, Reference};
+use common::{fixtures, meta, pretrained, rel_err, tensor_from, train_plan, Reference};
 use tch::{Device, Kind, Tensor};
-use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
+use zerotune_proto::plan::{LossScaler, ModelSource, Precision, WorkerPlan};
 use zerotune_worker::checkpoint::load_params;
 use zerotune_worker::engine::{Engine, Prompt};
 use zerotune_worker::model::{BatchCache, CodeGen, KvCache};
@@ -21,9 +21,6 @@ const TRAIN_LOSS_REL: f64 = 1e-4;
 const GRAD_NORM_REL: f64 = 1e-6;
 const TRAIN_PARAM_REL: f64 = 1e-5;
 
-fn pretrained(dir: &str) -> ModelSource {
-    ModelSource::Pretrained { dir: fixtures().join(dir).to_string_lossy().into_owned() }
-}
 
 #[test]
 fn logits_loss_and_gradients_match_hf() {
@@ -50,28 +47,6 @@ fn fp16_pytorch_model_bin_with_legacy_buffers_loads() {
     assert!(rel_err("logits from fp16 .bin", &logits, &reference.tensor("logits_fp16_weights")) < LOGITS_REL);
 }
 
-fn train_plan() -> WorkerPlan {
-    let t = &meta()["train"];
-    let f = |k: &str| t[k].as_f64().unwrap();
-    WorkerPlan {
-        model: pretrained("tiny"),
-        precision: Precision::Fp32,
-        optimizer: AdamW { lr: f("lr"), beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
-        schedule: Schedule { kind: ScheduleKind::Linear, warmup_steps: f("warmup_steps") as u64, total_steps: f("total_steps") as u64 },
-        max_grad_norm: f("max_grad_norm"),
-        loss_scaler: LossScaler::default(),
-        seed: 0,
-        gradient_accumulation_steps: f("accumulation") as u32,
-        zero_stage: 0,
-        offload_optimizer: true,
-        reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
-        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
-        gradient_checkpointing: false,
-        resume: None,
-        collectives: Collectives::None,
-        heartbeat_timeout_ms: 30_000,
-    }
-}
 
 /// The device AdamW (ZeRO without offload: torch ops) follows the same PyTorch loop.
 #[test]

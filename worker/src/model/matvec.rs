@@ -97,10 +97,15 @@ fn on_torch_threads(body: &(dyn Fn(usize, usize) + Sync)) {
 
 /// libgomp's entry points, looked up in the running process.
 struct Omp {
-    parallel: unsafe extern "C" fn(extern "C" fn(*mut std::ffi::c_void), *mut std::ffi::c_void, u32, u32),
-    thread_num: unsafe extern "C" fn() -> i32,
-    num_threads: unsafe extern "C" fn() -> i32,
+    parallel: ParallelFn,
+    thread_num: QueryFn,
+    num_threads: QueryFn,
 }
+
+/// `GOMP_parallel(fn, data, num_threads, flags)`.
+type ParallelFn = unsafe extern "C" fn(extern "C" fn(*mut std::ffi::c_void), *mut std::ffi::c_void, u32, u32);
+/// `omp_get_thread_num()`, `omp_get_num_threads()`.
+type QueryFn = unsafe extern "C" fn() -> i32;
 
 impl Omp {
     fn get() -> Option<&'static Omp> {
@@ -115,9 +120,9 @@ impl Omp {
             // SAFETY: libgomp's documented ABI for these three symbols.
             unsafe {
                 Some(Omp {
-                    parallel: std::mem::transmute::<*mut std::ffi::c_void, _>(parallel),
-                    thread_num: std::mem::transmute::<*mut std::ffi::c_void, _>(thread_num),
-                    num_threads: std::mem::transmute::<*mut std::ffi::c_void, _>(num_threads),
+                    parallel: std::mem::transmute::<*mut std::ffi::c_void, ParallelFn>(parallel),
+                    thread_num: std::mem::transmute::<*mut std::ffi::c_void, QueryFn>(thread_num),
+                    num_threads: std::mem::transmute::<*mut std::ffi::c_void, QueryFn>(num_threads),
                 })
             }
         })
@@ -170,6 +175,7 @@ const PASS_ROWS: usize = 4;
 /// (p, r) one 8-lane FMA chain over k, reduced in a fixed order, then the scalar tail: the same
 /// sum whatever O and R are. Both are constants, so the accumulators live in registers.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // (p, r) indices name the register block
 unsafe fn block<const O: usize, const R: usize>(w: &[f32], x: &[f32], sums: &mut [[f32; PASS_ROWS]; 2]) {
     use std::arch::x86_64::*;
     let k = w.len() / O;

@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 use zerotune_hf::WeightFiles;
+use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
 pub use zerotune_tests::{fixtures, meta};
 
 pub struct Reference(WeightFiles);
@@ -32,4 +33,35 @@ pub fn rel_err(label: &str, ours: &Tensor, reference: &Tensor) -> f64 {
     let first = |v: &[f64]| v[..v.len().min(3)].to_vec();
     println!("{label}: ours {:?} ref {:?} max diff {diff:.3e} rel {rel:.3e}", first(&ours), first(&reference));
     rel
+}
+
+/// A fixture model directory as a worker's model source.
+#[allow(dead_code)] // not every test binary trains
+pub fn pretrained(dir: &str) -> ModelSource {
+    ModelSource::Pretrained { dir: fixtures().join(dir).to_string_lossy().into_owned() }
+}
+
+/// The fixture's training run (meta.json "train") as a one-rank fp32 plan on the tiny model.
+#[allow(dead_code)]
+pub fn train_plan() -> WorkerPlan {
+    let t = &meta()["train"];
+    let f = |k: &str| t[k].as_f64().unwrap();
+    WorkerPlan {
+        model: pretrained("tiny"),
+        precision: Precision::Fp32,
+        optimizer: AdamW { lr: f("lr"), beta1: f("beta1"), beta2: f("beta2"), eps: f("eps"), weight_decay: f("weight_decay") },
+        schedule: Schedule { kind: ScheduleKind::Linear, warmup_steps: f("warmup_steps") as u64, total_steps: f("total_steps") as u64 },
+        max_grad_norm: f("max_grad_norm"),
+        loss_scaler: LossScaler::default(),
+        seed: 0,
+        gradient_accumulation_steps: f("accumulation") as u32,
+        zero_stage: 0,
+        offload_optimizer: true,
+        reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET,
+        offload_tile: zerotune_proto::plan::DEFAULT_OFFLOAD_TILE,
+        gradient_checkpointing: false,
+        resume: None,
+        collectives: Collectives::None,
+        heartbeat_timeout_ms: 30_000,
+    }
 }
