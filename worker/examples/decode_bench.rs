@@ -1,5 +1,6 @@
 //! Time of one batched decode step on a saved model (bench/serve.sh explains the numbers): ROWS
-//! rows of TOKENS cached tokens each, on the CPU; median and best of 150 steps.
+//! rows of TOKENS, TOKENS + 1, ... cached tokens (of different lengths, as requests that arrived
+//! apart are), on the CPU; median and best of 150 steps.
 //!
 //!     cargo run --example decode_bench -p zerotune-worker -- MODEL_DIR [ROWS] [TOKENS] [THREADS]
 
@@ -20,7 +21,7 @@ fn main() {
     let mut batch = BatchCache::new(loaded.config.n_positions as i64);
     for r in 0..rows {
         let mut cache = KvCache::default();
-        let ids = Tensor::arange_start(1 + r, tokens + 1 + r, (tch::Kind::Int64, Device::Cpu)).view([1, -1]);
+        let ids = Tensor::arange_start(1 + r, tokens + 1 + 2 * r, (tch::Kind::Int64, Device::Cpu)).view([1, -1]);
         let _ = loaded.model.prefill(&ids, &mut cache, false);
         batch.push(&cache);
     }

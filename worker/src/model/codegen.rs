@@ -9,7 +9,7 @@
 use tch::{Kind, Reduction, TchError, Tensor};
 use zerotune_hf::CodeGenConfig;
 
-use super::kv::{BatchCache, KvCache};
+use super::kv::{BatchCache, KvCache, Step};
 use super::params::ParamSet;
 use super::rotary::Rotary;
 
@@ -43,10 +43,9 @@ struct Block {
 enum Context<'a> {
     /// Tokens at positions `start..`, causal among themselves, appended to `cache` when given.
     Sequence { start: i64, cache: Option<&'a mut (Tensor, Tensor)> },
-    /// One token per row, at `positions` (N,): its key and value are written into the batch
-    /// cache's `layer` through `index` (N, H, 1, D), and it attends to the first `width`
-    /// columns, through `mask` (N, 1, 1, width) when the rows' lengths differ.
-    Batch { positions: &'a Tensor, index: &'a Tensor, mask: Option<&'a Tensor>, width: i64, layer: &'a mut (Tensor, Tensor) },
+    /// One token per row, at the step's positions: its key and value are written into the batch
+    /// cache's `layer`, and it attends to its row's positions up to its own.
+    Batch { step: &'a Step, layer: &'a mut (Tensor, Tensor) },
 }
 
 /// The model: parameter handles into a `ParamSet` plus the rotary tables.
@@ -117,11 +116,10 @@ impl CodeGen {
     pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
         let h = self.config.n_head as i64;
         let d = self.config.n_embd as i64 / h;
-        let (positions, index, mask, width) = cache.step_tensors(h, d);
+        let step = cache.step(h, d);
         let mut xs = Tensor::embedding(&self.wte, ids, -1, false, false);
         for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let context = Context::Batch { positions: &positions, index: &index, mask: mask.as_ref(), width, layer };
-            xs = self.block(block, &xs, context, false);
+            xs = self.block(block, &xs, Context::Batch { step: &step, layer }, false);
         }
         cache.advance();
         self.logits(&self.ln_f.forward(&xs)).squeeze_dim(1)
@@ -281,13 +279,15 @@ impl CodeGen {
                 }
                 Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false)
             }
-            Context::Batch { positions, index, mask, width, layer: (cache_k, cache_v) } => {
-                let query = self.rotary.apply_at(&query, positions).permute([0, 2, 1, 3]);
-                let key = self.rotary.apply_at(&key, positions).permute([0, 2, 1, 3]);
-                let _ = cache_k.scatter_(2, index, &key);
-                let _ = cache_v.scatter_(2, index, &value.permute([0, 2, 1, 3]));
-                let (keys, values) = (cache_k.narrow(2, 0, width), cache_v.narrow(2, 0, width));
-                Tensor::scaled_dot_product_attention(&query, &keys, &values, mask, 0.0, false, None, false)
+            Context::Batch { step, layer: (cache_k, cache_v) } => {
+                let query = self.rotary.apply_at(&query, &step.positions).permute([0, 2, 1, 3]);
+                let key = self.rotary.apply_at(&key, &step.positions).permute([0, 2, 1, 3]);
+                let _ = cache_k.scatter_(2, &step.index, &key);
+                let _ = cache_v.scatter_(2, &step.index, &value.permute([0, 2, 1, 3]));
+                super::attend::decode_step(&query, cache_k, cache_v, &step.attended).unwrap_or_else(|| {
+                    let (keys, values) = (cache_k.narrow(2, 0, step.width), cache_v.narrow(2, 0, step.width));
+                    Tensor::scaled_dot_product_attention(&query, &keys, &values, step.mask.as_ref(), 0.0, false, None, false)
+                })
             }
         };
         let out = project(&out.permute([0, 2, 1, 3]).reshape([b, t, c]), &block.out_proj, None, rows);

@@ -117,11 +117,8 @@ impl BatchCache {
         self.lengths.iter_mut().for_each(|l| *l += 1);
     }
 
-    /// What a decode step needs for rows at positions `lengths`: the positions (N,), the scatter
-    /// index (N, H, 1, D) that writes each row's new key at its position, and the mask
-    /// (N, 1, 1, W) over the first W = max length + 1 columns (true: attend), none when every row
-    /// has the same length (all W columns are then attended; the masked kernel is slower).
-    pub(crate) fn step_tensors(&mut self, heads: i64, head_dim: i64) -> (Tensor, Tensor, Option<Tensor>, i64) {
+    /// What a decode step needs for rows at positions `lengths` (and makes room for it).
+    pub(crate) fn step(&mut self, heads: i64, head_dim: i64) -> Step {
         let width = self.lengths.iter().max().map_or(0, |m| m + 1);
         self.reserve(width);
         let device = self.layers[0].0.device();
@@ -131,6 +128,22 @@ impl BatchCache {
         let columns = Tensor::arange(width, (Kind::Int64, device)).view([1, width]);
         let ragged = self.lengths.iter().any(|&l| l != self.lengths[0]);
         let mask = ragged.then(|| columns.le_tensor(&positions.view([n, 1])).view([n, 1, 1, width]));
-        (positions, index, mask, width)
+        Step { positions, index, mask, width, attended: self.lengths.iter().map(|l| l + 1).collect() }
     }
+}
+
+/// A decode step's view of the batch: each row's new token goes at its position, and attends to
+/// the positions before it and itself.
+pub(crate) struct Step {
+    /// Each row's position (its length before the step), (N,).
+    pub positions: Tensor,
+    /// The scatter index that writes each row's new key at its position, (N, H, 1, D).
+    pub index: Tensor,
+    /// Over the first `width` columns (true: attend), (N, 1, 1, W); none when every row has the
+    /// same length (all W columns are then attended; libtorch's masked kernel is slower).
+    pub mask: Option<Tensor>,
+    /// W = the longest row's length after the step.
+    pub width: i64,
+    /// Positions each row attends to (its length after the step), on the host.
+    pub attended: Vec<i64>,
 }

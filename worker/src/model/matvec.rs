@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
+use super::omp::{on_torch_threads, SharedOut};
+
 /// The most rows of `x` one call takes.
 pub const MAX_ROWS: usize = 8;
 
@@ -53,160 +55,165 @@ pub fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<Tensor> {
 /// `y[r][o] = Σ_i x[r][i] · w[o][i]` for `rows` rows: x is (rows, k), w is (out, k), y is
 /// (rows, out), all row-major. Needs `available()` and 1 <= rows <= MAX_ROWS.
 pub fn rows_times_wt(x: &[f32], rows: usize, w: &[f32], k: usize, y: &mut [f32]) {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    rows_times_wt_with(*ISA.get_or_init(Isa::detect), x, rows, w, k, y)
+}
+
+fn rows_times_wt_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: &mut [f32]) {
     assert!(available() && (1..=MAX_ROWS).contains(&rows), "rows_times_wt: {rows} rows, kernel available: {}", available());
     let out = w.len() / k;
     assert!(x.len() == rows * k && w.len() == out * k && y.len() == rows * out, "rows_times_wt: shapes disagree");
-    let y_ptr = &SharedOut(y.as_mut_ptr());
+    let y_ptr = &SharedOut::new(y);
     on_torch_threads(&|thread, threads| {
         let (start, end) = (out * thread / threads, out * (thread + 1) / threads);
         // SAFETY: each thread writes only the columns start..end of y, disjoint from the others';
         // the kernel is only reached when `available()`.
-        unsafe { kernel(x, rows, &w[start * k..end * k], k, y_ptr.get(), out, start) }
+        unsafe { kernel(isa, x, rows, &w[start * k..end * k], k, y_ptr.get(), out, start) }
     });
 }
 
-/// y's base pointer, shared by threads that write disjoint columns.
-struct SharedOut(*mut f32);
-// SAFETY: threads write disjoint elements through it, and all of them finish inside the call.
-unsafe impl Sync for SharedOut {}
+/// How far ahead (floats, 1 KB) of each weight row's loads a block of several rows of x asks for
+/// the row's cache lines: with the FMAs of several rows between loads, the hardware prefetcher
+/// alone leaves the weights' stream at 25 GB/s here (8 rows); with this, 33 (one row: 41).
+const PREFETCH: usize = 256;
 
-impl SharedOut {
-    fn get(&self) -> *mut f32 {
-        self.0
+/// The vector registers this CPU offers the kernel: AVX2's 16, or AVX-512VL's 32 (the same 8-lane
+/// FMAs, with ymm16-31 as extra accumulators, so the sums do not change with the instruction set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Avx2,
+    Avx512Vl,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            Self::Avx512Vl
+        } else {
+            Self::Avx2
+        }
     }
 }
 
-/// Runs `body(thread, threads)` on every thread of libtorch's OpenMP team (libgomp, which
-/// libtorch loads; its size follows `tch::set_num_threads`), or once on this thread where that
-/// library is not found. Running on torch's own threads matters: between torch ops they spin
-/// waiting for the next parallel region, and any other pool would compete with them for the cores.
-fn on_torch_threads(body: &(dyn Fn(usize, usize) + Sync)) {
-    let Some(omp) = Omp::get() else { return body(0, 1) };
-    extern "C" fn run(data: *mut std::ffi::c_void) {
-        // SAFETY: `data` is the `&dyn Fn` below, alive until GOMP_parallel returns.
-        let body = unsafe { &*(data as *const &(dyn Fn(usize, usize) + Sync)) };
-        let omp = Omp::get().expect("found before the parallel region");
-        // SAFETY: libgomp's own queries, called inside its parallel region.
-        let (thread, threads) = unsafe { ((omp.thread_num)(), (omp.num_threads)()) };
-        body(thread.max(0) as usize, threads.max(1) as usize);
-    }
-    // SAFETY: GOMP_parallel(fn, data, 0 = the default team size, 0 = no flags) runs `run` on every
-    // thread of the team and returns when all are done; `body` outlives it.
-    unsafe { (omp.parallel)(run, &body as *const _ as *mut std::ffi::c_void, 0, 0) }
-}
-
-/// libgomp's entry points, looked up in the running process.
-struct Omp {
-    parallel: ParallelFn,
-    thread_num: QueryFn,
-    num_threads: QueryFn,
-}
-
-/// `GOMP_parallel(fn, data, num_threads, flags)`.
-type ParallelFn = unsafe extern "C" fn(extern "C" fn(*mut std::ffi::c_void), *mut std::ffi::c_void, u32, u32);
-/// `omp_get_thread_num()`, `omp_get_num_threads()`.
-type QueryFn = unsafe extern "C" fn() -> i32;
-
-impl Omp {
-    fn get() -> Option<&'static Omp> {
-        static OMP: OnceLock<Option<Omp>> = OnceLock::new();
-        OMP.get_or_init(|| {
-            let find = |name: &std::ffi::CStr| {
-                // SAFETY: dlsym over the symbols already loaded into this process.
-                let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-                (!symbol.is_null()).then_some(symbol)
-            };
-            let (parallel, thread_num, num_threads) = (find(c"GOMP_parallel")?, find(c"omp_get_thread_num")?, find(c"omp_get_num_threads")?);
-            // SAFETY: libgomp's documented ABI for these three symbols.
-            unsafe {
-                Some(Omp {
-                    parallel: std::mem::transmute::<*mut std::ffi::c_void, ParallelFn>(parallel),
-                    thread_num: std::mem::transmute::<*mut std::ffi::c_void, QueryFn>(thread_num),
-                    num_threads: std::mem::transmute::<*mut std::ffi::c_void, QueryFn>(num_threads),
-                })
-            }
-        })
-        .as_ref()
+/// Columns `first..first + w.len()/k` of y (row stride `stride`) from the rows of `w`: a block of
+/// O weight rows against R rows of x at a time, O by R accumulators held in registers, so each
+/// load feeds several FMAs. With 32 registers all 8 rows of x go in one pass and the weights are
+/// read once; with 16, passes of up to 4 rows each read this thread's weights again (from cache).
+unsafe fn kernel(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
+    // SAFETY: the CPU has the features each arm enables (`available()` and `Isa::detect`).
+    match isa {
+        Isa::Avx512Vl => unsafe { kernel_avx512vl(x, rows, w, k, y, stride, first) },
+        Isa::Avx2 => unsafe { kernel_avx2(x, rows, w, k, y, stride, first) },
     }
 }
 
-/// Columns `first..first + w.len()/k` of y (row stride `stride`) from the rows of `w`, two
-/// weight rows at a time against up to PASS_ROWS rows of x, so each load feeds more than one FMA.
+/// Calls `sweep::<O, R>` for the R rows of x in hand, O given per R.
+macro_rules! sweep_by_rows {
+    ($r:expr, $args:tt, $($rows:literal => $o:literal),*) => {
+        match $r {
+            $($rows => sweep::<$o, $rows> $args,)*
+            r => unreachable!("{r} rows in one pass"),
+        }
+    };
+}
+
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
+unsafe fn kernel_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
+    for pass in (0..rows).step_by(4) {
+        let r = (rows - pass).min(4);
+        let (x, y) = (&x[pass * k..(pass + r) * k], y.wrapping_add(pass * stride + first));
+        // SAFETY: the features this function enables; y as the caller gives it.
+        unsafe { sweep_by_rows!(r, (w, x, k, y, stride), 1 => 2, 2 => 2, 3 => 2, 4 => 2) }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn kernel_avx512vl(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
+    let y = y.wrapping_add(first);
+    // O·R accumulators + O weight vectors + 1 x vector <= 32 registers.
+    // SAFETY: the features this function enables; y as the caller gives it.
+    unsafe { sweep_by_rows!(rows, (w, x, k, y, stride), 1 => 4, 2 => 6, 3 => 6, 4 => 6, 5 => 4, 6 => 4, 7 => 3, 8 => 3) }
+}
+
+/// `y[r * stride + o] = w[o] · x[r]` for every row o of w and the R rows of x: blocks of O weight
+/// rows, then the last few one at a time.
+#[inline(always)]
+unsafe fn sweep<const O: usize, const R: usize>(w: &[f32], x: &[f32], k: usize, y: *mut f32, stride: usize) {
     let n = w.len() / k;
-    let mut o = 0;
-    while o < n {
-        let pair = (n - o).min(2);
-        for pass in (0..rows).step_by(PASS_ROWS) {
-            let r = (rows - pass).min(PASS_ROWS);
-            let x = &x[pass * k..(pass + r) * k];
-            let mut sums = [[0f32; PASS_ROWS]; 2];
-            // SAFETY: same target features as this function.
-            unsafe {
-                let w = &w[o * k..(o + pair) * k];
-                match (pair, r) {
-                    (2, 4) => block::<2, 4>(w, x, &mut sums),
-                    (2, 3) => block::<2, 3>(w, x, &mut sums),
-                    (2, 2) => block::<2, 2>(w, x, &mut sums),
-                    (2, _) => block::<2, 1>(w, x, &mut sums),
-                    (_, 4) => block::<1, 4>(w, x, &mut sums),
-                    (_, 3) => block::<1, 3>(w, x, &mut sums),
-                    (_, 2) => block::<1, 2>(w, x, &mut sums),
-                    _ => block::<1, 1>(w, x, &mut sums),
-                }
-            }
-            for (p, sums) in sums.iter().enumerate().take(pair) {
-                for (i, &sum) in sums.iter().enumerate().take(r) {
-                    // SAFETY: (pass + i, first + o + p) is inside y, and only this thread writes
-                    // column first + o + p.
-                    unsafe { *y.wrapping_add((pass + i) * stride + first + o + p) = sum };
-                }
+    let store = |o: usize, sums: &[[f32; R]]| {
+        for (p, sums) in sums.iter().enumerate() {
+            for (r, &sum) in sums.iter().enumerate() {
+                // SAFETY: (r, o + p) is inside y, and only this thread writes column o + p.
+                unsafe { *y.wrapping_add(r * stride + o + p) = sum };
             }
         }
-        o += pair;
+    };
+    let mut o = 0;
+    while o + O <= n {
+        // SAFETY: rows o..o + O of w and the R rows of x hold k floats each.
+        store(o, &unsafe { block::<O, R>(w[o * k..].as_ptr(), x.as_ptr(), k) });
+        o += O;
+    }
+    while o < n {
+        // SAFETY: as above, one weight row.
+        store(o, &unsafe { block::<1, R>(w[o * k..].as_ptr(), x.as_ptr(), k) });
+        o += 1;
     }
 }
 
-/// Rows of x one `block` takes: with two weight rows, 8 accumulators of the 16 AVX2 registers.
-const PASS_ROWS: usize = 4;
-
-/// `sums[p][r] = w[p] · x[r]` for the O rows of `w` and the R (<= PASS_ROWS) rows of x, each
-/// (p, r) one 8-lane FMA chain over k, reduced in a fixed order, then the scalar tail: the same
-/// sum whatever O and R are. Both are constants, so the accumulators live in registers.
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::needless_range_loop)] // (p, r) indices name the register block
-unsafe fn block<const O: usize, const R: usize>(w: &[f32], x: &[f32], sums: &mut [[f32; PASS_ROWS]; 2]) {
+/// `sums[p][r] = w[p] · x[r]` for O rows of w and R rows of x (k floats each, from `w` and `x`):
+/// each (p, r) one 8-lane FMA chain over k, reduced in a fixed order, then the scalar tail: the
+/// same sum whatever O and R are. Both are constants, so the accumulators live in registers.
+/// Pointers advance rather than indices multiply: debug builds check integer overflow.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // (p, r) index the register block
+unsafe fn block<const O: usize, const R: usize>(w: *const f32, x: *const f32, k: usize) -> [[f32; R]; O] {
     use std::arch::x86_64::*;
-    let k = w.len() / O;
-    let lanes = k / 8 * 8;
-    let mut acc = [[_mm256_setzero_ps(); R]; O];
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let mut i = 0;
-    // `wrapping_add` rather than `add`: the same address, without the per-call precondition check
-    // that debug builds (which users run) would otherwise make in this loop.
-    while i < lanes {
-        // SAFETY: i + 8 <= lanes <= k: inside each of w's O rows and x's R rows of k.
-        let wv: [__m256; O] = std::array::from_fn(|p| unsafe { _mm256_loadu_ps(wp.wrapping_add(p * k + i)) });
-        for r in 0..R {
-            let xv = unsafe { _mm256_loadu_ps(xp.wrapping_add(r * k + i)) };
+    // SAFETY (whole body): the caller gives O and R rows of k floats and a CPU with AVX2 + FMA.
+    unsafe {
+        let lanes = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); R]; O];
+        let mut wp = [w; O];
+        for (p, wp) in wp.iter_mut().enumerate() {
+            *wp = w.wrapping_add(p * k);
+        }
+        let mut xp = [x; R];
+        for (r, xp) in xp.iter_mut().enumerate() {
+            *xp = x.wrapping_add(r * k);
+        }
+        let end = w.wrapping_add(lanes);
+        while wp[0] < end {
+            // Plain loops, not closures: a closure would not inherit the caller's target features,
+            // and its intrinsics would stay calls.
+            let mut wv = [_mm256_setzero_ps(); O];
             for p in 0..O {
-                acc[p][r] = _mm256_fmadd_ps(wv[p], xv, acc[p][r]);
+                wv[p] = _mm256_loadu_ps(wp[p]);
+                if R > 1 {
+                    _mm_prefetch::<_MM_HINT_T0>(wp[p].wrapping_add(PREFETCH) as *const i8);
+                }
+                wp[p] = wp[p].wrapping_add(8);
+            }
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(xp[r]);
+                for p in 0..O {
+                    acc[p][r] = _mm256_fmadd_ps(wv[p], xv, acc[p][r]);
+                }
+                xp[r] = xp[r].wrapping_add(8);
             }
         }
-        i += 8;
-    }
-    for p in 0..O {
-        for r in 0..R {
-            let mut parts = [0f32; 8];
-            // SAFETY: an 8-float array.
-            unsafe { _mm256_storeu_ps(parts.as_mut_ptr(), acc[p][r]) };
-            let mut total = ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]));
-            for j in lanes..k {
-                total += w[p * k + j] * x[r * k + j];
+        let mut sums = [[0f32; R]; O];
+        let mut parts = [0f32; 8];
+        for p in 0..O {
+            for r in 0..R {
+                _mm256_storeu_ps(parts.as_mut_ptr(), acc[p][r]);
+                let mut total = ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]));
+                for j in lanes..k {
+                    total += *w.wrapping_add(p * k + j) * *x.wrapping_add(r * k + j);
+                }
+                sums[p][r] = total;
             }
-            sums[p][r] = total;
         }
+        sums
     }
 }
 
@@ -226,19 +233,21 @@ mod tests {
         }
         let mut rng = zerotune_data::rng::SplitMix64::new(3);
         let mut random = |n: usize| (0..n).map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0).collect::<Vec<f32>>();
-        for (out, k) in [(37, 1027), (64, 1024), (1, 8), (5, 3)] {
+        // Every instruction set this CPU has (AVX2 always) computes the same sums.
+        let isas = if Isa::detect() == Isa::Avx512Vl { vec![Isa::Avx2, Isa::Avx512Vl] } else { vec![Isa::Avx2] };
+        for (out, k) in [(37, 1027), (64, 1024), (1, 8), (5, 3), (13, 40)] {
             let w = random(out * k);
             let x = random(MAX_ROWS * k);
             let mut alone = vec![0f32; out];
-            rows_times_wt(&x[..k], 1, &w, k, &mut alone);
-            for rows in 1..=MAX_ROWS {
+            rows_times_wt_with(Isa::Avx2, &x[..k], 1, &w, k, &mut alone);
+            for (isa, rows) in isas.iter().flat_map(|&isa| (1..=MAX_ROWS).map(move |rows| (isa, rows))) {
                 let mut y = vec![0f32; rows * out];
-                rows_times_wt(&x[..rows * k], rows, &w, k, &mut y);
+                rows_times_wt_with(isa, &x[..rows * k], rows, &w, k, &mut y);
                 let want = reference(&x, rows, &w, k);
                 for (got, want) in y.iter().zip(&want) {
                     assert!((*got as f64 - want).abs() <= 1e-5 * (k as f64).sqrt(), "{out}x{k}, {rows} rows: {got} vs {want}");
                 }
-                assert_eq!(y[..out], alone[..], "row 0 alone and in a batch of {rows}");
+                assert_eq!(y[..out], alone[..], "row 0 alone (AVX2) and in a batch of {rows} ({isa:?})");
             }
         }
     }

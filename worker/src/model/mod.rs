@@ -1,9 +1,11 @@
 //! The model: CodeGen exactly as HF `modeling_codegen.py`, its rotary embedding, its KV caches, and
 //! its weights as one flat buffer (`params`), which the optimizer and the collectives treat as plain memory.
 
+pub mod attend;
 pub mod codegen;
 pub mod kv;
 pub mod matvec;
+mod omp;
 pub mod params;
 pub mod rotary;
 
