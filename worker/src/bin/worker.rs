@@ -203,19 +203,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let options = ServeOptions { api_key, max_batch, max_queue, model_name };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(async {
-                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
-                    .await
-                    .with_context(|| format!("cannot listen on {host}:{port} (--host, --port)"))?;
-                let address = listener.local_addr()?;
-                eprintln!(
-                    "serving {} ({} parameters, {precision:?} on {device:?}, context {}) at http://{address}/v1 (max batch {max_batch}, queue {max_queue})",
-                    loaded.dir.display(),
-                    loaded.config.num_parameters(),
-                    loaded.config.n_positions,
-                );
-                serve::run(listener, loaded, options, shutdown_signal()).await.context("the HTTP server failed")
-            })?;
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind((host.as_str(), port)))
+                .with_context(|| format!("cannot listen on {host}:{port} (--host, --port)"))?;
+            eprintln!(
+                "serving {} ({} parameters, {precision:?} on {device:?}, context {}) at http://{}/v1 (max batch {max_batch}, queue {max_queue})",
+                loaded.dir.display(),
+                loaded.config.num_parameters(),
+                loaded.config.n_positions,
+                listener.local_addr()?,
+            );
+            serve::run(&runtime, listener, loaded, options, shutdown_signal()).context("the HTTP server failed")?;
             eprintln!("worker: stopped");
             Ok(())
         }

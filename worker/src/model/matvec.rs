@@ -66,9 +66,13 @@ fn rows_times_wt_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: 
     let y_ptr = &SharedOut::new(y);
     on_torch_threads(&|thread, threads| {
         let (start, end) = (out * thread / threads, out * (thread + 1) / threads);
+        let (w, y) = (&w[start * k..end * k], y_ptr.get().wrapping_add(start));
         // SAFETY: each thread writes only the columns start..end of y, disjoint from the others';
-        // the kernel is only reached when `available()`.
-        unsafe { kernel(isa, x, rows, &w[start * k..end * k], k, y_ptr.get(), out, start) }
+        // the CPU has the features each kernel enables (`available()` and `Isa::detect`).
+        match isa {
+            Isa::Avx512Vl => unsafe { kernel_avx512vl(x, rows, w, k, y, out) },
+            Isa::Avx2 => unsafe { kernel_avx2(x, rows, w, k, y, out) },
+        }
     });
 }
 
@@ -95,17 +99,10 @@ impl Isa {
     }
 }
 
-/// Columns `first..first + w.len()/k` of y (row stride `stride`) from the rows of `w`: a block of
-/// O weight rows against R rows of x at a time, O by R accumulators held in registers, so each
-/// load feeds several FMAs. With 32 registers all 8 rows of x go in one pass and the weights are
-/// read once; with 16, passes of up to 4 rows each read this thread's weights again (from cache).
-unsafe fn kernel(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
-    // SAFETY: the CPU has the features each arm enables (`available()` and `Isa::detect`).
-    match isa {
-        Isa::Avx512Vl => unsafe { kernel_avx512vl(x, rows, w, k, y, stride, first) },
-        Isa::Avx2 => unsafe { kernel_avx2(x, rows, w, k, y, stride, first) },
-    }
-}
+// The kernels: y's columns (row stride `stride`, from `y` on) of the rows of `w`: a block of O
+// weight rows against R rows of x at a time, O by R accumulators held in registers, so each load
+// feeds several FMAs. With 32 registers all 8 rows of x go in one pass and the weights are read
+// once; with 16, passes of up to 4 rows each read this thread's weights again (from cache).
 
 /// Calls `sweep::<O, R>` for the R rows of x in hand, O given per R.
 macro_rules! sweep_by_rows {
@@ -118,18 +115,17 @@ macro_rules! sweep_by_rows {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
+unsafe fn kernel_avx2(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize) {
     for pass in (0..rows).step_by(4) {
         let r = (rows - pass).min(4);
-        let (x, y) = (&x[pass * k..(pass + r) * k], y.wrapping_add(pass * stride + first));
+        let (x, y) = (&x[pass * k..(pass + r) * k], y.wrapping_add(pass * stride));
         // SAFETY: the features this function enables; y as the caller gives it.
         unsafe { sweep_by_rows!(r, (w, x, k, y, stride), 1 => 2, 2 => 2, 3 => 2, 4 => 2) }
     }
 }
 
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn kernel_avx512vl(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize, first: usize) {
-    let y = y.wrapping_add(first);
+unsafe fn kernel_avx512vl(x: &[f32], rows: usize, w: &[f32], k: usize, y: *mut f32, stride: usize) {
     // O·R accumulators + O weight vectors + 1 x vector <= 32 registers.
     // SAFETY: the features this function enables; y as the caller gives it.
     unsafe { sweep_by_rows!(rows, (w, x, k, y, stride), 1 => 4, 2 => 6, 3 => 6, 4 => 6, 5 => 4, 6 => 4, 7 => 3, 8 => 3) }
