@@ -337,7 +337,7 @@ const WEIGHT_MAJOR_ROWS: i64 = 8;
 
 /// xs · w^T + b.  xs: (B, T, in), w: (out, in) -> (B, T, out). A CPU decode step of `rows` rows
 /// (T = 1; 0 otherwise) of up to 8 goes to `matvec.rs`, which streams w once on all of torch's
-/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step). Beyond that, or without AVX2,
+/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step, ~30 with `attend.rs`). Beyond that, or without AVX2,
 /// MKL's small-M GEMM would repack all of w on every call, which costs more than reading w once;
 /// computed as w · xs^T (M = out, N = rows) the weights stream through once.
 fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: i64) -> Tensor {

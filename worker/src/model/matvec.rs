@@ -1,8 +1,9 @@
 //! `y = x · wᵀ` for the few rows of a CPU decode step (1 to 8), where the cost is reading `w`.
 //! libtorch's small-M path (MKL sgemv for one row) streams the weights on one core here, at half
 //! the machine's bandwidth; this kernel splits `w`'s rows across torch's OpenMP threads so each
-//! streams its share once, for all rows of `x` (AVX2 + FMA, 8 lanes). Every output is the same sum in the same
-//! order whatever the number of rows, so a row's result does not depend on its batch.
+//! streams its share once, for all rows of `x` (AVX2 + FMA, 8 lanes). Every output is the same
+//! sum in the same order whatever the number of rows, so a row's result does not depend on its
+//! batch. `cargo run --release --example matvec_bench -p zerotune-worker` measures it per shape.
 
 use std::sync::OnceLock;
 
