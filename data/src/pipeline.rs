@@ -44,8 +44,7 @@ pub struct Prepared {
 /// collect -> scrub -> cut -> dedup -> split -> leakage, on training and validation data.
 pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
     let mut report = DataReport { settings: hygiene.clone(), ..Default::default() };
-    let scanner = Scanner::new();
-    let mut clock = Clock(&mut report.seconds, Instant::now());
+    let mut clock = Clock(Instant::now());
     let (docs, counts) = collect(&inputs.train, &inputs.text_column, &inputs.filter)?;
     report.collect.push(counts);
     if docs.is_empty() {
@@ -59,22 +58,8 @@ pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
         }
         None => None,
     };
-    clock.lap("collect");
-    let (docs, validation, secrets) = scrub_stage(docs, validation, hygiene.secrets, &scanner)?;
-    report.secrets = secrets;
-    clock.lap("scrub");
-    let (docs, cut_counts) = cut(docs, hygiene.max_document_bytes);
-    report.cut = cut_counts;
-    let validation = validation.map(|val| {
-        let (val, counts) = cut(val, hygiene.max_document_bytes);
-        report.cut.documents_cut += counts.documents_cut;
-        report.cut.pieces += counts.pieces;
-        val
-    });
-    clock.lap("cut");
-    let (docs, sigs, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
-    report.dedup = dedup_counts;
-    clock.lap("dedup");
+    clock.lap(&mut report, "collect");
+    let Cleaned { train: docs, signatures: sigs, validation } = clean(docs, validation, hygiene, &mut report, &mut clock)?;
     let (train, train_sigs, val, split_counts) = match validation {
         Some(val) => {
             let counts = SplitCounts { method: "validation_file".into(), train_documents: docs.len(), validation_documents: val.len() };
@@ -87,10 +72,10 @@ pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
         }
     };
     report.split = split_counts;
-    clock.lap("split");
+    clock.lap(&mut report, "split");
     let (val, leaks) = leakage(&train, &train_sigs, val, hygiene.dedup, hygiene.dedup_threshold);
     report.leakage = leaks;
-    clock.lap("leakage");
+    clock.lap(&mut report, "leakage");
     if train.is_empty() {
         return Err(DataError::File {
             path: inputs.train.clone(),
@@ -107,32 +92,52 @@ pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
 /// files2jsonl: a source tree through collect -> scrub -> cut -> dedup (no split).
 pub fn run_tree(root: &Path, filter: &Filter, hygiene: &Hygiene) -> Result<(Vec<Document>, DataReport)> {
     let mut report = DataReport { settings: hygiene.clone(), ..Default::default() };
-    let scanner = Scanner::new();
-    let mut clock = Clock(&mut report.seconds, Instant::now());
+    let mut clock = Clock(Instant::now());
     let (docs, counts) = collect(root, "text", filter)?;
     report.collect.push(counts);
-    clock.lap("collect");
-    let (docs, _, secrets) = scrub_stage(docs, None, hygiene.secrets, &scanner)?;
-    report.secrets = secrets;
-    clock.lap("scrub");
-    let (docs, cut_counts) = cut(docs, hygiene.max_document_bytes);
-    report.cut = cut_counts;
-    clock.lap("cut");
-    let (docs, _, dedup_counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
-    report.dedup = dedup_counts;
-    clock.lap("dedup");
+    clock.lap(&mut report, "collect");
+    let docs = clean(docs, None, hygiene, &mut report, &mut clock)?.train;
     report.train_documents = docs.len();
     report.merge_skipped();
     Ok((docs.into_iter().map(|n| n.doc).collect(), report))
 }
 
-/// Stage times into the report.
-struct Clock<'a>(&'a mut std::collections::BTreeMap<String, f64>, Instant);
+/// What the stages between collect and split keep.
+struct Cleaned {
+    train: Vec<Named>,
+    /// The training documents' MinHash signatures, for the leakage check.
+    signatures: Vec<Vec<u32>>,
+    validation: Option<Vec<Named>>,
+}
 
-impl Clock<'_> {
-    fn lap(&mut self, stage: &str) {
-        self.0.insert(stage.to_string(), self.1.elapsed().as_secs_f64());
-        self.1 = Instant::now();
+/// The stages between collect and split: scrub and cut (training and validation documents), then
+/// dedup (training documents).
+fn clean(docs: Vec<Named>, validation: Option<Vec<Named>>, hygiene: &Hygiene, report: &mut DataReport, clock: &mut Clock) -> Result<Cleaned> {
+    let (docs, validation, secrets) = scrub_stage(docs, validation, hygiene.secrets, &Scanner::new())?;
+    report.secrets = secrets;
+    clock.lap(report, "scrub");
+    let (docs, counts) = cut(docs, hygiene.max_document_bytes);
+    report.cut = counts;
+    let validation = validation.map(|val| {
+        let (val, counts) = cut(val, hygiene.max_document_bytes);
+        report.cut.documents_cut += counts.documents_cut;
+        report.cut.pieces += counts.pieces;
+        val
+    });
+    clock.lap(report, "cut");
+    let (docs, sigs, counts) = dedup(docs, hygiene.dedup, hygiene.dedup_threshold);
+    report.dedup = counts;
+    clock.lap(report, "dedup");
+    Ok(Cleaned { train: docs, signatures: sigs, validation })
+}
+
+/// Stage times into the report: each lap is the time since the last.
+struct Clock(Instant);
+
+impl Clock {
+    fn lap(&mut self, report: &mut DataReport, stage: &str) {
+        report.seconds.insert(stage.to_string(), self.0.elapsed().as_secs_f64());
+        self.0 = Instant::now();
     }
 }
 

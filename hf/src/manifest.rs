@@ -160,20 +160,20 @@ fn incomplete(dir: &Path) -> Error {
     )
 }
 
+/// A file's size, hash and non-finite count. A safetensors file is read once, through its
+/// mapping: each tensor is hashed and counted in the same pass.
 fn entry(path: &Path) -> Result<FileEntry> {
     let bytes = std::fs::metadata(path).map_err(io_err(path))?.len();
-    let nonfinite = if path.extension().is_some_and(|e| e == "safetensors") {
-        let weights = WeightFiles::open_file(path)?;
-        let names: Vec<String> = weights.names().map(str::to_string).collect();
-        names.iter().map(|n| {
-            let count = weights.info(n).map_or(0, |(dtype, _)| dtype.count_nonfinite(weights.bytes(n).unwrap_or_default()));
-            weights.release(n);
-            count
-        }).sum()
-    } else {
-        0
-    };
-    Ok(FileEntry { bytes, blake3: hash(path)?, nonfinite })
+    if path.extension().is_none_or(|e| e != "safetensors") {
+        return Ok(FileEntry { bytes, blake3: hash(path)?, nonfinite: 0 });
+    }
+    let weights = WeightFiles::open_file(path)?;
+    let (mut hasher, mut nonfinite) = (blake3::Hasher::new(), 0);
+    weights.for_each_piece(|piece, dtype| {
+        hasher.update(piece);
+        nonfinite += dtype.map_or(0, |d| d.count_nonfinite(piece));
+    });
+    Ok(FileEntry { bytes, blake3: hasher.finalize().to_hex().to_string(), nonfinite })
 }
 
 fn hash(path: &Path) -> Result<String> {
@@ -235,6 +235,22 @@ mod tests {
         assert_eq!(Manifest::read(dir.path()).unwrap(), Some(manifest.clone()));
         // Rebuilt over the tree it ignores its own manifest.
         assert_eq!(Manifest::of_tree(dir.path()).unwrap(), manifest);
+    }
+
+    #[test]
+    fn a_weight_file_is_hashed_and_counted_in_one_pass_as_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let tensors = vec![
+            ("b".to_string(), RawTensor::from_f32(vec![3], &[1.0, f32::NAN, 2.0])),
+            ("a".to_string(), RawTensor::from_f32(vec![2, 2], &[f32::INFINITY, 0.0, f32::NEG_INFINITY, 5.0])),
+            ("c".to_string(), RawTensor::from_f32(vec![1], &[7.0])),
+        ];
+        crate::write::write_file(&path, &tensors).unwrap();
+        let one_pass = entry(&path).unwrap();
+        assert_eq!(one_pass.blake3, hash(&path).unwrap(), "the pieces hash as the whole file");
+        assert_eq!(one_pass.nonfinite, 3);
+        assert_eq!(one_pass.bytes, std::fs::metadata(&path).unwrap().len());
     }
 
     #[test]

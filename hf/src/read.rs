@@ -165,6 +165,33 @@ impl WeightFiles {
         }
     }
 
+    /// Walks every byte of the files in order, once: each tensor with its dtype, the header and any
+    /// bytes between tensors without one, releasing each piece after `visit` (resident size one
+    /// tensor deep). The pieces of a file concatenate to the file; bytes two tensors share (a .bin
+    /// view) come once, with the first tensor.
+    pub fn for_each_piece(&self, mut visit: impl FnMut(&[u8], Option<Dtype>)) {
+        for (file, map) in self.maps.iter().enumerate() {
+            let mut tensors: Vec<&Entry> = self.entries.values().filter(|e| e.file == file).collect();
+            tensors.sort_by_key(|e| (e.start, e.end));
+            let mut at = 0;
+            for e in tensors {
+                if e.start > at {
+                    visit(&map[at..e.start], None);
+                }
+                let start = e.start.max(at);
+                if e.end > start {
+                    visit(&map[start..e.end], Some(e.dtype));
+                    // SAFETY: as in `release`.
+                    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
+                    at = e.end;
+                }
+            }
+            if map.len() > at {
+                visit(&map[at..], None);
+            }
+        }
+    }
+
     /// The first tensor (in name order) holding NaN or infinite values, and how many, streamed
     /// through the mapping one tensor at a time.
     pub fn first_nonfinite(&self) -> Option<(&str, u64)> {
