@@ -182,7 +182,9 @@ pub fn tokenize_cached(
         cache_hit: hit,
     });
     match hit {
-        true => eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks),
+        true => {
+            eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks)
+        }
         false => eprintln!(
             "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {seconds:.2}s ({})",
             train.len(),

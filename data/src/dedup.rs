@@ -198,10 +198,8 @@ pub fn find_copies(items: &[Item], sigs: &[Vec<u32>], mode: DedupMode, threshold
     }
     pairs.sort_unstable();
     pairs.dedup();
-    let similar: Vec<bool> = pairs
-        .par_iter()
-        .map(|&(x, y)| jaccard(&shingles(items[live[x]].text), &shingles(items[live[y]].text)) >= threshold)
-        .collect();
+    let similar: Vec<bool> =
+        pairs.par_iter().map(|&(x, y)| jaccard(&shingles(items[live[x]].text), &shingles(items[live[y]].text)) >= threshold).collect();
     let mut groups = UnionFind::new(live.len());
     for (&(x, y), _) in pairs.iter().zip(&similar).filter(|(_, &s)| s) {
         groups.union(x, y);
@@ -294,7 +292,10 @@ mod tests {
 
     /// `n` distinct words, `changed` of them (spread out) replaced.
     fn text(n: usize, changed: usize, seed: usize) -> String {
-        (0..n).map(|i| if changed > 0 && i % (n / changed) == n / changed / 2 { format!("other{seed}_{i}") } else { format!("w{i}") }).collect::<Vec<_>>().join(" ")
+        (0..n)
+            .map(|i| if changed > 0 && i % (n / changed) == n / changed / 2 { format!("other{seed}_{i}") } else { format!("w{i}") })
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -341,9 +342,7 @@ mod tests {
     fn the_result_is_the_same_on_one_thread_and_on_four() {
         let docs: Vec<(String, String)> = (0..60).map(|i| (format!("f{}.py", 59 - i), text(120, i % 4, i / 4))).collect();
         let its: Vec<Item> = docs.iter().map(|(n, t)| Item { name: n, text: t }).collect();
-        let run = |threads| {
-            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| copies(&its, DedupMode::Near))
-        };
+        let run = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| copies(&its, DedupMode::Near));
         let one = run(1);
         assert_eq!(one, run(4));
         assert!(one.iter().filter(|v| v.is_some()).count() > 0);

@@ -56,7 +56,11 @@ fn read_json(path: &Path, file: impl std::io::Read, column: &str) -> Result<Vec<
     if first == Some(b'[') {
         let rows: Vec<serde_json::Value> =
             serde_json::from_reader(reader).map_err(|e| data(path, format!("not a JSON array of objects: {e}")))?;
-        return rows.into_iter().enumerate().map(|(i, row)| text_of(row, column).map_err(|m| data(path, format!("item {i}: {m}")))).collect();
+        return rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| text_of(row, column).map_err(|m| data(path, format!("item {i}: {m}"))))
+            .collect();
     }
     let mut docs = vec![];
     for (i, line) in reader.lines().enumerate() {

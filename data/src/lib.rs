@@ -114,7 +114,8 @@ mod tests {
     #[test]
     fn hygiene_flags_parse_and_out_of_range_values_are_refused_by_name() {
         assert_eq!(hygiene(&[]).unwrap(), Hygiene::default());
-        let h = hygiene(&["--secrets", "drop_file", "--dedup", "exact", "--dedup_threshold", "0.9", "--max_document_bytes", "2048"]).unwrap();
+        let h =
+            hygiene(&["--secrets", "drop_file", "--dedup", "exact", "--dedup_threshold", "0.9", "--max_document_bytes", "2048"]).unwrap();
         assert_eq!((h.secrets, h.dedup, h.dedup_threshold, h.max_document_bytes), (SecretsMode::DropFile, DedupMode::Exact, 0.9, 2048));
         for bad in ["0", "-0.5", "1.5", "NaN"] {
             assert!(hygiene(&["--dedup_threshold", bad]).unwrap_err().contains("--dedup_threshold"), "{bad}");

@@ -112,7 +112,13 @@ struct Cleaned {
 
 /// The stages between collect and split: scrub and cut (training and validation documents), then
 /// dedup (training documents).
-fn clean(docs: Vec<Named>, validation: Option<Vec<Named>>, hygiene: &Hygiene, report: &mut DataReport, clock: &mut Clock) -> Result<Cleaned> {
+fn clean(
+    docs: Vec<Named>,
+    validation: Option<Vec<Named>>,
+    hygiene: &Hygiene,
+    report: &mut DataReport,
+    clock: &mut Clock,
+) -> Result<Cleaned> {
     let (docs, validation, secrets) = scrub_stage(docs, validation, hygiene.secrets, &Scanner::new())?;
     report.secrets = secrets;
     clock.lap(report, "scrub");
@@ -312,7 +318,13 @@ pub fn split<T>(docs: Vec<T>, percent: u32, seed: u64) -> (Vec<T>, Vec<T>, Split
 
 /// Stage leakage: validation documents that copy a training document (as `--dedup` defines a
 /// copy) are removed from validation; `train_sigs` from `dedup`.
-pub fn leakage(train: &[Named], train_sigs: &[Vec<u32>], val: Vec<Named>, mode: dedup::DedupMode, threshold: f64) -> (Vec<Named>, CopyCounts) {
+pub fn leakage(
+    train: &[Named],
+    train_sigs: &[Vec<u32>],
+    val: Vec<Named>,
+    mode: dedup::DedupMode,
+    threshold: f64,
+) -> (Vec<Named>, CopyCounts) {
     let found = dedup::find_leaks(&items(train), train_sigs, &items(&val), mode, threshold);
     let mut counts = CopyCounts::default();
     removed(&val, &found, train, &mut counts);

@@ -67,7 +67,12 @@ fn scrub_modes() {
 fn dedup_and_leakage_name_what_they_removed() {
     let base = words(300, "w");
     let near = base.replacen("w150\n", "changed\n", 1);
-    let docs = vec![named("long/path/a.py", &base), named("b.py", &base.replace('\n', "\r\n")), named("c.py", &near), named("d.py", &words(300, "z"))];
+    let docs = vec![
+        named("long/path/a.py", &base),
+        named("b.py", &base.replace('\n', "\r\n")),
+        named("c.py", &near),
+        named("d.py", &words(300, "z")),
+    ];
     let (kept, sigs, counts) = dedup(docs, DedupMode::Near, 0.85);
     assert_eq!((counts.exact, counts.near), (1, 1));
     assert_eq!(kept.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["b.py", "d.py"]);
@@ -104,7 +109,11 @@ fn the_whole_pipeline_on_a_tree_and_a_jsonl_file() {
     }
     // Rows without a url are named input#row.
     let jsonl = dir.path().join("d.jsonl");
-    std::fs::write(&jsonl, format!("{{\"text\": \"a\"}}\n{{\"text\": \"token = '{}_{}'\"}}\n", "ghp", "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG5")).unwrap();
+    std::fs::write(
+        &jsonl,
+        format!("{{\"text\": \"a\"}}\n{{\"text\": \"token = '{}_{}'\"}}\n", "ghp", "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG5"),
+    )
+    .unwrap();
     let inputs = Inputs { train: jsonl.clone(), validation_split_percentage: 0, ..inputs };
     let got = run(&inputs, &Hygiene::default()).unwrap();
     assert_eq!(got.report.secrets.findings, [format!("{}#2:1 github_token", jsonl.display())]);

@@ -170,7 +170,12 @@ impl DataReport {
         };
         match rules.is_empty() {
             true => lines.push("secrets: none found".to_string()),
-            false => lines.push(format!("secrets: {} in {} documents ({}): {action}", s.findings.len(), s.documents_with_secrets, rules.join(", "))),
+            false => lines.push(format!(
+                "secrets: {} in {} documents ({}): {action}",
+                s.findings.len(),
+                s.documents_with_secrets,
+                rules.join(", ")
+            )),
         }
         if self.cut.documents_cut > 0 {
             lines.push(format!(
@@ -250,7 +255,14 @@ mod tests {
         let want: Vec<(&str, usize)> = vec![("binary", 2), ("duplicate", 1), ("near_duplicate", 2), ("validation_leak", 1)];
         assert_eq!(r.skipped.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(), want);
         let s = r.summary();
-        for part in ["5 documents (100 bytes) from src", "1 github_token", "1 values redacted", "1 exact and 2 near", "1 validation leaks", "2 binary"] {
+        for part in [
+            "5 documents (100 bytes) from src",
+            "1 github_token",
+            "1 values redacted",
+            "1 exact and 2 near",
+            "1 validation leaks",
+            "2 binary",
+        ] {
             assert!(s.contains(part), "{part} missing from:\n{s}");
         }
         let json: serde_json::Value = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

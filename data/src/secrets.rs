@@ -313,15 +313,27 @@ mod tests {
     fn every_rule_finds_its_canary_and_redaction_removes_it() {
         let hexs: String = alnum(200, 9).chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).take(40).collect();
         let cases: Vec<(&str, String, String)> = vec![
-            ("private_key", format!("{}{}", "-----BEGIN RSA PRIVATE", " KEY-----\n"), format!("{}\n{}\n-----END RSA PRIVATE KEY-----", alnum(64, 1), alnum(64, 2))),
+            (
+                "private_key",
+                format!("{}{}", "-----BEGIN RSA PRIVATE", " KEY-----\n"),
+                format!("{}\n{}\n-----END RSA PRIVATE KEY-----", alnum(64, 1), alnum(64, 2)),
+            ),
             ("aws_access_key_id", "key_id = ".into(), ["AK", "IA", &upper(16, 3)].concat()),
             ("aws_secret_access_key", format!("{}_secret_access_key = ", "aws"), format!("{}/{}", alnum(20, 4), alnum(19, 5))),
             ("gcp_service_account", format!("\"{}_id\": \"", "private_key"), format!("{hexs}\"")),
-            ("azure_connection_string", format!("DefaultEndpointsProtocol=https;AccountName=x;{}=", "AccountKey"), format!("{}==", alnum(86, 6))),
+            (
+                "azure_connection_string",
+                format!("DefaultEndpointsProtocol=https;AccountName=x;{}=", "AccountKey"),
+                format!("{}==", alnum(86, 6)),
+            ),
             ("github_token", "tok = ".into(), format!("{}_{}", "ghp", alnum(36, 7))),
             ("gitlab_token", "tok = ".into(), format!("{}-{}", "glpat", alnum(20, 8))),
             ("slack_token", "tok = ".into(), format!("{}-{}-{}", "xoxb", 1234567890, alnum(24, 10))),
-            ("slack_webhook", format!("url = https://hooks.{}/services/", "slack.com"), format!("T{}/B{}/{}", upper(8, 11), upper(8, 12), alnum(24, 13))),
+            (
+                "slack_webhook",
+                format!("url = https://hooks.{}/services/", "slack.com"),
+                format!("T{}/B{}/{}", upper(8, 11), upper(8, 12), alnum(24, 13)),
+            ),
             ("stripe_key", "k = ".into(), format!("{}_live_{}", "sk", alnum(24, 14))),
             ("npm_token", "//registry.npmjs.org/:_authToken=".into(), format!("{}_{}", "npm", alnum(36, 15))),
             ("pypi_token", "password = ".into(), format!("{}-{}{}", "pypi", "AgEIcHlwaS5vcmc", alnum(60, 16))),

@@ -138,9 +138,17 @@ pub fn verify_checkpoint(dir: &Path, nonfinite: NonFinite) -> Result<()> {
         let path = dir.join(name);
         match nonfinite {
             NonFinite::Refuse => {
-                return Err(invalid(&path, format!("holds {} NaN or infinite values; resume from an earlier checkpoint (or pass --allow_nonfinite)", entry.nonfinite)))
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "holds {} NaN or infinite values; resume from an earlier checkpoint (or pass --allow_nonfinite)",
+                        entry.nonfinite
+                    ),
+                ))
             }
-            NonFinite::Allow => eprintln!("warning: {}: {} NaN or infinite values (resuming anyway: --allow_nonfinite)", path.display(), entry.nonfinite),
+            NonFinite::Allow => {
+                eprintln!("warning: {}: {} NaN or infinite values (resuming anyway: --allow_nonfinite)", path.display(), entry.nonfinite)
+            }
         }
     }
     Ok(())
@@ -156,7 +164,9 @@ fn checkpoint_root(dir: &Path) -> Option<PathBuf> {
 fn incomplete(dir: &Path) -> Error {
     invalid(
         dir,
-        format!("an incomplete checkpoint: it has no {MANIFEST_FILE}, so its save never finished; use a complete one (the one `latest` names)"),
+        format!(
+            "an incomplete checkpoint: it has no {MANIFEST_FILE}, so its save never finished; use a complete one (the one `latest` names)"
+        ),
     )
 }
 

@@ -92,7 +92,8 @@ pub fn eos_for(tokenizer: &Tokenizer, config_eos: Option<u32>, file: &Path) -> R
         return Ok(id);
     }
     if let Some(id) = config_eos {
-        let special = tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special && !t.content.to_ascii_lowercase().contains("unk"));
+        let special =
+            tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special && !t.content.to_ascii_lowercase().contains("unk"));
         if special {
             return Ok(id);
         }
@@ -143,7 +144,11 @@ mod tests {
         let file = Path::new("dir/tokenizer.json");
         assert_eq!(eos_for(&tok, Some(7), file).unwrap(), eos_id(&tok).unwrap());
         // A WordPiece-like tokenizer: [UNK] at 0, [SEP] special at 1, no <|endoftext|>.
-        let added = |id, content| format!(r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#);
+        let added = |id, content| {
+            format!(
+                r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
+            )
+        };
         let json = format!(
             r###"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{}],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,"vocab":{{"[UNK]":0,"[SEP]":1,"a":2}}}}}}"###,
             added(0, "[UNK]"),

@@ -180,7 +180,8 @@ fn every_failure_is_named_and_loses_nothing() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", common::stderr(&made));
-    let resume = |out: &Path, extra: &[&str]| train_args(out, &[&["--resume_from_checkpoint", "latest", "--max_steps", "6"], extra].concat());
+    let resume =
+        |out: &Path, extra: &[&str]| train_args(out, &[&["--resume_from_checkpoint", "latest", "--max_steps", "6"], extra].concat());
     let tiny = s(&fixtures().join("tiny"));
 
     // Two jobs, one output dir: this test holds the lock as a running job would.
@@ -196,7 +197,9 @@ fn every_failure_is_named_and_loses_nothing() {
     let model_damaged = copy_dir(&base, &t.join("model-damaged"));
     damage(&model_damaged.join("checkpoint-4/model/model.safetensors"));
     let store = t.join("store");
-    let good = Command::new(binary("convert")).args(["triton", &s(&base.join("checkpoint-2")), "--model_store", &s(&store), "--name", "m"]).output();
+    let good = Command::new(binary("convert"))
+        .args(["triton", &s(&base.join("checkpoint-2")), "--model_store", &s(&store), "--name", "m"])
+        .output();
     assert!(good.unwrap().status.success());
 
     // An HF model without manifest holding a NaN; a save that never finished.
@@ -227,60 +230,170 @@ fn every_failure_is_named_and_loses_nothing() {
     let long_prompt = "def f(x):\n    return x\n".repeat(5); // 55 of the 64 tokens
 
     let cases = vec![
-        with_argv(case("second job on a locked output dir", &[], Ends::Refused, &["another job is using it", "host test pid"]), train_args(&locked, &["--overwrite_output_dir", "--max_steps", "2"]))
-            .keeps(&[&locked]),
-        with_argv(case("learning rate NaN", &[], Ends::Refused, &["--learning_rate NaN: must be above 0"]), train_args(&new_out, &["--learning_rate", "NaN"]))
-            .absent(&[&new_out]),
-        with_argv(case("negative learning rate", &[], Ends::Refused, &["--learning_rate -1: must be above 0"]), train_args(&new_out, &["--learning_rate", "-1"]))
-            .absent(&[&new_out]),
+        with_argv(
+            case("second job on a locked output dir", &[], Ends::Refused, &["another job is using it", "host test pid"]),
+            train_args(&locked, &["--overwrite_output_dir", "--max_steps", "2"]),
+        )
+        .keeps(&[&locked]),
+        with_argv(
+            case("learning rate NaN", &[], Ends::Refused, &["--learning_rate NaN: must be above 0"]),
+            train_args(&new_out, &["--learning_rate", "NaN"]),
+        )
+        .absent(&[&new_out]),
+        with_argv(
+            case("negative learning rate", &[], Ends::Refused, &["--learning_rate -1: must be above 0"]),
+            train_args(&new_out, &["--learning_rate", "-1"]),
+        )
+        .absent(&[&new_out]),
         with_argv(case("zero epochs", &[], Ends::Refused, &["--num_train_epochs 0"]), train_args(&new_out, &["--num_train_epochs", "0"]))
             .absent(&[&new_out]),
-        case("temperature NaN", &["worker", "generate", "--model", &tiny, "--prompt", "def", "--temperature", "NaN"], Ends::Refused, &["--temperature NaN"]),
-        case("top_p 2", &["worker", "generate", "--model", &tiny, "--prompt", "def", "--top_p", "2"], Ends::Refused, &["--top_p 2: must be in (0, 1]"]),
-        with_argv(case("optimizer slice damaged", &[], Ends::Refused, &["rank-00000-of-00001.safetensors: its content differs", "--resume_from_checkpoint"]), resume(&slice_damaged, &[]))
-            .keeps(&[&slice_damaged]),
-        case("model damaged, convert --force over a good model", &["convert", "triton", &s(&model_damaged.join("checkpoint-4")), "--model_store", &s(&store), "--name", "m", "--force"], Ends::Refused, &["model.safetensors: its content differs"])
-            .keeps(&[&store]),
-        case("NaN weight, convert", &["convert", "gptj", &s(&nan_model), &s(&t.join("gptj"))], Ends::Refused, &["holds 1 NaN or infinite values", "--allow_nonfinite"])
-            .absent(&[&t.join("gptj")]),
-        case("NaN weight, generate", &["worker", "generate", "--model", &s(&nan_model), "--prompt", "def"], Ends::Refused, &["model.safetensors: tensor", "holds 1 NaN"]),
+        case(
+            "temperature NaN",
+            &["worker", "generate", "--model", &tiny, "--prompt", "def", "--temperature", "NaN"],
+            Ends::Refused,
+            &["--temperature NaN"],
+        ),
+        case(
+            "top_p 2",
+            &["worker", "generate", "--model", &tiny, "--prompt", "def", "--top_p", "2"],
+            Ends::Refused,
+            &["--top_p 2: must be in (0, 1]"],
+        ),
+        with_argv(
+            case(
+                "optimizer slice damaged",
+                &[],
+                Ends::Refused,
+                &["rank-00000-of-00001.safetensors: its content differs", "--resume_from_checkpoint"],
+            ),
+            resume(&slice_damaged, &[]),
+        )
+        .keeps(&[&slice_damaged]),
+        case(
+            "model damaged, convert --force over a good model",
+            &["convert", "triton", &s(&model_damaged.join("checkpoint-4")), "--model_store", &s(&store), "--name", "m", "--force"],
+            Ends::Refused,
+            &["model.safetensors: its content differs"],
+        )
+        .keeps(&[&store]),
+        case(
+            "NaN weight, convert",
+            &["convert", "gptj", &s(&nan_model), &s(&t.join("gptj"))],
+            Ends::Refused,
+            &["holds 1 NaN or infinite values", "--allow_nonfinite"],
+        )
+        .absent(&[&t.join("gptj")]),
+        case(
+            "NaN weight, generate",
+            &["worker", "generate", "--model", &s(&nan_model), "--prompt", "def"],
+            Ends::Refused,
+            &["model.safetensors: tensor", "holds 1 NaN"],
+        ),
         with_argv(case("NaN weight, fine-tune", &[], Ends::Refused, &["holds 1 NaN"]), {
             let mut args = train_args(&new_out, &["--model_name_or_path", &s(&nan_model)]);
             args.drain(2..6); // no --config_name / --train_tokenizer
             args
         })
         .absent(&[&new_out]),
-        case("NaN weight allowed", &["convert", "--allow_nonfinite", "gptj", &s(&nan_model), &s(&t.join("gptj-nan"))], Ends::Succeeds, &["warning", "loaded anyway"]),
-        case("convert an incomplete checkpoint", &["convert", "gptj", &s(&partial), &s(&t.join("gptj-partial"))], Ends::Refused, &["an incomplete checkpoint", "latest"])
-            .absent(&[&t.join("gptj-partial")]),
+        case(
+            "NaN weight allowed",
+            &["convert", "--allow_nonfinite", "gptj", &s(&nan_model), &s(&t.join("gptj-nan"))],
+            Ends::Succeeds,
+            &["warning", "loaded anyway"],
+        ),
+        case(
+            "convert an incomplete checkpoint",
+            &["convert", "gptj", &s(&partial), &s(&t.join("gptj-partial"))],
+            Ends::Refused,
+            &["an incomplete checkpoint", "latest"],
+        )
+        .absent(&[&t.join("gptj-partial")]),
         with_argv(case("worker killed while saving", &[], Ends::RankDies, &["worker rank 0"]), resume(&killed, &[]))
             .limits("ulimit -f 1000;")
             .keeps(&[&killed.join("checkpoint-4"), &killed.join("latest")]),
-        with_argv(case("file-size limit while saving", &[], Ends::RankDies, &["File too large", "write elsewhere or raise it"]), resume(&full, &[]))
-            .limits("ulimit -f 1000; trap '' XFSZ;")
-            .keeps(&[&full.join("checkpoint-4"), &full.join("latest")]),
-        case("convert over a limit, --force", &["convert", "triton", &s(&base), "--model_store", &s(&store), "--name", "m", "--force"], Ends::Refused, &["File too large"])
-            .limits("ulimit -f 200; trap '' XFSZ;")
-            .keeps(&[&store]),
-        with_argv(case("resume with another block size", &[], Ends::Refused, &["--block_size 32 where the checkpoint has 16", "--ignore_data_skip"]), resume(&reshaped, &["--block_size", "32"]))
-            .keeps(&[&reshaped]),
-        with_argv(case("resume with another global batch", &[], Ends::Refused, &["a global batch of 1", "where the checkpoint has 2", "--ignore_data_skip"]), resume(&reshaped, &["--per_device_train_batch_size", "1"]))
-            .keeps(&[&reshaped]),
-        case("completion cut by the context", &["worker", "generate", "--model", &tiny, "--prompt", &long_prompt, "--max_new_tokens", "16"], Ends::Succeeds, &["stopped at the model's context of 64 tokens"]),
-        with_argv(case("misspelled ds_config key", &[], Ends::Refused, &["unknown key zero_optimisation (did you mean zero_optimization?)"]), train_args(&new_out, &["--deepspeed", &s(&ds)]))
-            .absent(&[&new_out]),
+        with_argv(
+            case("file-size limit while saving", &[], Ends::RankDies, &["File too large", "write elsewhere or raise it"]),
+            resume(&full, &[]),
+        )
+        .limits("ulimit -f 1000; trap '' XFSZ;")
+        .keeps(&[&full.join("checkpoint-4"), &full.join("latest")]),
+        case(
+            "convert over a limit, --force",
+            &["convert", "triton", &s(&base), "--model_store", &s(&store), "--name", "m", "--force"],
+            Ends::Refused,
+            &["File too large"],
+        )
+        .limits("ulimit -f 200; trap '' XFSZ;")
+        .keeps(&[&store]),
+        with_argv(
+            case(
+                "resume with another block size",
+                &[],
+                Ends::Refused,
+                &["--block_size 32 where the checkpoint has 16", "--ignore_data_skip"],
+            ),
+            resume(&reshaped, &["--block_size", "32"]),
+        )
+        .keeps(&[&reshaped]),
+        with_argv(
+            case(
+                "resume with another global batch",
+                &[],
+                Ends::Refused,
+                &["a global batch of 1", "where the checkpoint has 2", "--ignore_data_skip"],
+            ),
+            resume(&reshaped, &["--per_device_train_batch_size", "1"]),
+        )
+        .keeps(&[&reshaped]),
+        case(
+            "completion cut by the context",
+            &["worker", "generate", "--model", &tiny, "--prompt", &long_prompt, "--max_new_tokens", "16"],
+            Ends::Succeeds,
+            &["stopped at the model's context of 64 tokens"],
+        ),
+        with_argv(
+            case("misspelled ds_config key", &[], Ends::Refused, &["unknown key zero_optimisation (did you mean zero_optimization?)"]),
+            train_args(&new_out, &["--deepspeed", &s(&ds)]),
+        )
+        .absent(&[&new_out]),
         with_argv(case("missing train file", &[], Ends::Refused, &["no-such-dir/data.jsonl", "check that the path exists"]), {
             let mut args = train_args(&new_out, &[]);
             args[7] = s(&missing);
             args
         })
         .absent(&[&new_out]),
-        case("a 3 MB document", &["coordinator", "tokenize", "--tokenizer_name", &tiny, "--train_file", &s(&big_doc), "--block_size", "64", "--max_document_bytes", "1000000", "--cache_dir", &s(&cache)], Ends::Succeeds, &["cut: 1 documents above --max_document_bytes 1000000 into 3 pieces"]),
-        with_argv(case("a training split too small for one block", &[], Ends::Refused, &["small.jsonl", "cannot make one block of 512 tokens", "--block_size"]), {
-            let mut args = train_args(&new_out, &["--block_size", "512"]);
-            args[7] = s(&small);
-            args
-        })
+        case(
+            "a 3 MB document",
+            &[
+                "coordinator",
+                "tokenize",
+                "--tokenizer_name",
+                &tiny,
+                "--train_file",
+                &s(&big_doc),
+                "--block_size",
+                "64",
+                "--max_document_bytes",
+                "1000000",
+                "--cache_dir",
+                &s(&cache),
+            ],
+            Ends::Succeeds,
+            &["cut: 1 documents above --max_document_bytes 1000000 into 3 pieces"],
+        ),
+        with_argv(
+            case(
+                "a training split too small for one block",
+                &[],
+                Ends::Refused,
+                &["small.jsonl", "cannot make one block of 512 tokens", "--block_size"],
+            ),
+            {
+                let mut args = train_args(&new_out, &["--block_size", "512"]);
+                args[7] = s(&small);
+                args
+            },
+        )
         .absent(&[&new_out]),
         case("truncated safetensors", &["convert", "gptj", &s(&truncated), &s(&t.join("gptj-trunc"))], Ends::Refused, &["truncated"])
             .absent(&[&t.join("gptj-trunc")]),
@@ -290,8 +403,13 @@ fn every_failure_is_named_and_loses_nothing() {
             args
         })
         .absent(&[&new_out]),
-        case("tp 3", &["convert", "triton", &s(&base), "--model_store", &s(&store), "--name", "m", "--tp", "3", "--force"], Ends::Refused, &["--tp 3"])
-            .keeps(&[&store]),
+        case(
+            "tp 3",
+            &["convert", "triton", &s(&base), "--model_store", &s(&store), "--name", "m", "--tp", "3", "--force"],
+            Ends::Refused,
+            &["--tp 3"],
+        )
+        .keeps(&[&store]),
     ];
     let failures: Vec<String> = cases.iter().flat_map(|c| c.check(&cache)).collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -306,7 +424,12 @@ fn every_failure_is_named_and_loses_nothing() {
     // After the deaths above, the next start removes the leftover and resumes from the intact checkpoint-4.
     assert!(killed.join(".checkpoint-6.partial").is_dir(), "the dead save's directory stays until the next start");
     assert_eq!(std::fs::read_to_string(killed.join("latest")).unwrap(), "checkpoint-4\n");
-    let again = case("the next start cleans up", &[], Ends::Succeeds, &["removing", ".checkpoint-6.partial", "an incomplete checkpoint an interrupted save left"]);
+    let again = case(
+        "the next start cleans up",
+        &[],
+        Ends::Succeeds,
+        &["removing", ".checkpoint-6.partial", "an incomplete checkpoint an interrupted save left"],
+    );
     let failures = with_argv(again, resume(&killed, &[])).check(&cache);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(std::fs::read_to_string(killed.join("latest")).unwrap(), "checkpoint-6\n");

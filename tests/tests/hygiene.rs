@@ -28,7 +28,14 @@ fn canaries(fx: &Path) -> Vec<(String, String, u64, String)> {
     list.as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["rule"].as_str().unwrap().into(), c["file"].as_str().unwrap().into(), c["line"].as_u64().unwrap(), c["value"].as_str().unwrap().into()))
+        .map(|c| {
+            (
+                c["rule"].as_str().unwrap().into(),
+                c["file"].as_str().unwrap().into(),
+                c["line"].as_u64().unwrap(),
+                c["value"].as_str().unwrap().into(),
+            )
+        })
         .collect()
 }
 
@@ -172,7 +179,8 @@ fn near_duplicates_follow_the_python_jaccard_on_any_thread_count() {
         outputs.push(std::fs::read_to_string(&jsonl).unwrap());
     }
     assert!(outputs.iter().all(|o| *o == outputs[0]), "the kept documents differ between thread counts");
-    let urls: Vec<String> = outputs[0].lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["url"].as_str().unwrap().to_string()).collect();
+    let urls: Vec<String> =
+        outputs[0].lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["url"].as_str().unwrap().to_string()).collect();
     for pair in pairs.as_array().unwrap() {
         let (a, b, j) = (pair["a"].as_str().unwrap(), pair["b"].as_str().unwrap(), pair["jaccard"].as_f64().unwrap());
         assert!(urls.iter().any(|u| u == a), "{a} (the shorter name) must be kept; Jaccard {j:.3}");
@@ -237,7 +245,8 @@ fn a_huge_document_is_cut_with_a_count_and_a_tiny_training_split_is_refused_befo
     let jsonl = tmp.path().join("huge.jsonl");
     let small = "{\"text\": \"def f():\\n    return 1\\n\"}\n";
     std::fs::write(&jsonl, format!("{}\n{small}", serde_json::json!({ "text": doc }))).unwrap();
-    let (run, report) = tokenize(&cache, &["--train_file", &s(&jsonl), "--max_document_bytes", "1000000", "--validation_split_percentage", "0"]);
+    let (run, report) =
+        tokenize(&cache, &["--train_file", &s(&jsonl), "--max_document_bytes", "1000000", "--validation_split_percentage", "0"]);
     assert!(run.status.success(), "{}", stderr(&run));
     let report = report.unwrap();
     assert_eq!(report["cut"]["documents_cut"], 1, "{report}");
@@ -260,9 +269,7 @@ fn a_tokenizer_without_endoftext_is_refused_naming_its_file() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("wordpiece");
     std::fs::create_dir(&dir).unwrap();
-    let added = |id: u32, content: &str| {
-        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let added = |id: u32, content: &str| serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     let vocab: serde_json::Map<String, serde_json::Value> =
         ["[UNK]", "[SEP]", "def", "return", "f", "(", ")", ":", "1"].iter().enumerate().map(|(i, t)| (t.to_string(), i.into())).collect();
     let tokenizer = serde_json::json!({
@@ -274,12 +281,27 @@ fn a_tokenizer_without_endoftext_is_refused_naming_its_file() {
     let jsonl = tmp.path().join("d.jsonl");
     std::fs::write(&jsonl, "{\"text\": \"def f(): return 1\"}\n".repeat(20)).unwrap();
     let file = s(&dir.join("tokenizer.json"));
-    let run = coordinator(&["tokenize", "--tokenizer_name", &s(&dir), "--block_size", "4", "--train_file", &s(&jsonl), "--dedup", "none", "--cache_dir", &s(&tmp.path().join("c"))]);
+    let run = coordinator(&[
+        "tokenize",
+        "--tokenizer_name",
+        &s(&dir),
+        "--block_size",
+        "4",
+        "--train_file",
+        &s(&jsonl),
+        "--dedup",
+        "none",
+        "--cache_dir",
+        &s(&tmp.path().join("c")),
+    ]);
     assert!(!run.status.success());
     assert!(stderr(&run).contains(&format!("{file}: the tokenizer has no <|endoftext|> token")), "{}", stderr(&run));
     let out = tmp.path().join("run");
     let args = ["--model_name_or_path", &s(&fixtures().join("tiny")), "--tokenizer_name", &s(&dir), "--train_file", &s(&jsonl)];
-    let run = train(&tmp.path().join("c"), &[&args[..], &["--output_dir", &s(&out), "--do_train", "--block_size", "4", "--dedup", "none"]].concat());
+    let run = train(
+        &tmp.path().join("c"),
+        &[&args[..], &["--output_dir", &s(&out), "--do_train", "--block_size", "4", "--dedup", "none"]].concat(),
+    );
     assert!(!run.status.success());
     assert!(stderr(&run).contains(&format!("{file}: the tokenizer has no <|endoftext|> token")), "{}", stderr(&run));
     assert!(!out.exists());

@@ -11,7 +11,14 @@ use zerotune_worker::model::matvec::rows_times_wt;
 
 fn main() {
     tch::set_num_threads(std::env::args().nth(1).map_or(2, |a| a.parse().unwrap()));
-    let shapes = [("qkv_proj", 3072, 1024), ("out_proj", 1024, 1024), ("fc_in", 4096, 1024), ("fc_out", 1024, 4096), ("lm_head", 51200, 1024), ("in cache", 24, 1024)];
+    let shapes = [
+        ("qkv_proj", 3072, 1024),
+        ("out_proj", 1024, 1024),
+        ("fc_in", 4096, 1024),
+        ("fc_out", 1024, 4096),
+        ("lm_head", 51200, 1024),
+        ("in cache", 24, 1024),
+    ];
     println!("| shape | out x in | rows | ms | GFLOP/s | weight GB/s |\n|---|---|---|---|---|---|");
     for (name, out, k) in shapes {
         let copies = if name == "in cache" { 1 } else { (256 << 20) / (out * k * 4) + 1 };

@@ -21,7 +21,6 @@ const TRAIN_LOSS_REL: f64 = 1e-4;
 const GRAD_NORM_REL: f64 = 1e-6;
 const TRAIN_PARAM_REL: f64 = 1e-5;
 
-
 #[test]
 fn logits_loss_and_gradients_match_hf() {
     let reference = Reference::load();
@@ -46,7 +45,6 @@ fn fp16_pytorch_model_bin_with_legacy_buffers_loads() {
     let logits = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
     assert!(rel_err("logits from fp16 .bin", &logits, &reference.tensor("logits_fp16_weights")) < LOGITS_REL);
 }
-
 
 /// The device AdamW (ZeRO without offload: torch ops) follows the same PyTorch loop.
 #[test]

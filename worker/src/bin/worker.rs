@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use zerotune_hf::manifest::NonFinite;
 use zerotune_worker::agent::{self, AgentArgs};
 use zerotune_worker::device;
 use zerotune_worker::eval::{self, EvalOptions};
 use zerotune_worker::generate::{self, inference_precision, GenerateArgs, Loaded};
-use zerotune_hf::manifest::NonFinite;
 use zerotune_worker::sample::SamplingParams;
 use zerotune_worker::serve::{self, ServeOptions};
 

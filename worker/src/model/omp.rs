@@ -43,7 +43,8 @@ impl Omp {
                 let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
                 (!symbol.is_null()).then_some(symbol)
             };
-            let (parallel, thread_num, num_threads) = (find(c"GOMP_parallel")?, find(c"omp_get_thread_num")?, find(c"omp_get_num_threads")?);
+            let (parallel, thread_num, num_threads) =
+                (find(c"GOMP_parallel")?, find(c"omp_get_thread_num")?, find(c"omp_get_num_threads")?);
             // SAFETY: libgomp's documented ABI for these three symbols.
             unsafe {
                 Some(Omp {
