@@ -11,7 +11,7 @@ pub mod write;
 
 pub use config::{CodeGenConfig, MP_NUM};
 pub use dtype::Dtype;
-pub use read::{RawTensor, WeightFiles};
+pub use read::{f32_bytes, RawTensor, WeightFiles};
 
 use std::path::{Path, PathBuf};
 

@@ -10,6 +10,11 @@ use memmap2::Mmap;
 
 use crate::{invalid, io_err, Dtype, Error, Result};
 
+/// `values` as safetensors stores F32: little-endian bytes.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
 /// One tensor's bytes, little-endian, C-contiguous.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawTensor {
@@ -24,8 +29,7 @@ impl RawTensor {
     }
 
     pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Self {
-        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self { dtype: Dtype::F32, shape, data }
+        Self { dtype: Dtype::F32, shape, data: f32_bytes(values) }
     }
 
     /// The values widened to f32 (float dtypes only).

@@ -42,8 +42,13 @@ pub fn write_safetensors(dir: &Path, tensors: &[(String, RawTensor)], max_shard_
 pub fn write_file(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
     let entries: Vec<Entry> =
         tensors.iter().map(|(name, t)| Entry { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    stream_file(path, &entries, |i| Ok(tensors[i].1.data.clone()))
+}
+
+/// Like `write_file`, asking `produce(i)` for entry i's bytes only when writing it.
+pub fn stream_file(path: &Path, entries: &[Entry], mut produce: impl FnMut(usize) -> Result<Vec<u8>>) -> Result<()> {
     let all: Vec<usize> = (0..entries.len()).collect();
-    write_shard(path, &entries, &all, &mut |i| Ok(tensors[i].1.data.clone()))
+    write_shard(path, entries, &all, &mut produce)
 }
 
 /// Like `write_safetensors`, but asks `produce(i)` for entry i's bytes only when writing it, so

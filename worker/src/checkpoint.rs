@@ -7,8 +7,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::write::{write_file, write_generation_config, write_json, write_safetensors, MAX_SHARD_BYTES};
-use zerotune_hf::{CodeGenConfig, RawTensor, WeightFiles};
+use zerotune_hf::write::{stream_file, stream_safetensors, write_generation_config, write_json, Entry, MAX_SHARD_BYTES};
+use zerotune_hf::{f32_bytes, CodeGenConfig, Dtype, WeightFiles};
 use zerotune_proto::plan::ModelSource;
 use zerotune_proto::state::{OptimizerLayout, LAYOUT_FILE};
 
@@ -69,15 +69,16 @@ pub fn load_weights(params: &mut ParamSet, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `master` (the flat fp32 weights in `params`' layout) as an HF CodeGen directory.
+/// Writes `master` (the flat fp32 weights in `params`' layout) as an HF CodeGen directory, one
+/// tensor's bytes in memory at a time besides `master`.
 pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master: &[f32]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
-    let tensors: Vec<(String, RawTensor)> = params
-        .slots
-        .iter()
-        .map(|s| (s.name.clone(), RawTensor::from_f32(s.shape.clone(), &master[s.offset..s.offset + s.numel])))
-        .collect();
-    write_safetensors(dir, &tensors, MAX_SHARD_BYTES)?;
+    let entries: Vec<Entry> =
+        params.slots.iter().map(|s| Entry { name: s.name.clone(), dtype: Dtype::F32, shape: s.shape.clone() }).collect();
+    stream_safetensors(dir, &entries, MAX_SHARD_BYTES, |i| {
+        let s = &params.slots[i];
+        Ok(f32_bytes(&master[s.offset..s.offset + s.numel]))
+    })?;
     write_json(&dir.join("config.json"), &config.to_hf_json("float32"))?;
     write_generation_config(dir, config)?;
     Ok(())
@@ -87,12 +88,12 @@ pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master:
 /// its partition of the flat parameters) into `dir`, and `layout` where given (rank 0).
 pub fn save_optimizer(dir: &Path, rank: usize, world: usize, state: &[Vec<f32>; 3], layout: Option<&OptimizerLayout>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tensors: Vec<(String, RawTensor)> = OPTIMIZER_STATE
+    let entries: Vec<Entry> = OPTIMIZER_STATE
         .iter()
         .zip(state)
-        .map(|(name, values)| (name.to_string(), RawTensor::from_f32(vec![values.len()], values)))
+        .map(|(name, values)| Entry { name: name.to_string(), dtype: Dtype::F32, shape: vec![values.len()] })
         .collect();
-    write_file(&dir.join(slice_file(rank, world)), &tensors)?;
+    stream_file(&dir.join(slice_file(rank, world)), &entries, |i| Ok(f32_bytes(&state[i])))?;
     if let Some(layout) = layout {
         write_json(&dir.join(LAYOUT_FILE), &serde_json::to_value(layout).expect("the layout serialises"))?;
     }
