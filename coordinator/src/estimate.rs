@@ -172,18 +172,24 @@ pub fn terms(job: &Job) -> Vec<Term> {
     out
 }
 
-/// What saving holds for a while: rank 0 serialises the fp32 model (and first gathers it, from a
-/// partitioned optimizer, through a device buffer of world chunks); checkpoints copy each rank's
-/// optimizer slice out.
+/// What saving holds for a while. Rank 0 writes the fp32 model a tensor at a time (worker
+/// checkpoint.rs), from the offloaded master where it is, else from a host copy, and from a
+/// partitioned optimizer it first gathers the whole model through a device buffer of world
+/// chunks. Checkpoints write each rank's optimizer slice a state at a time, from host copies
+/// unless offloaded.
 fn save_terms(job: &Job) -> Vec<Term> {
     let (p, n, part) = (job.shape.params, job.world, job.partition());
     let partitioned = n > 1 && job.zero_stage > 0;
-    let mut model = (p * 4, format!("{p} x 4 B (the fp32 model serialised, rank 0)"));
-    if partitioned {
-        model = (p * 8, format!("{p} x (4 + 4) B (the fp32 model gathered and serialised, rank 0)"));
-    }
-    let per_value = if job.offload { 12 } else { 24 };
-    let optimizer = (part * per_value, format!("{part} x {per_value} B (the optimizer slice copied out)"));
+    let tensor = job.shape.vocab * job.shape.n_embd * 4;
+    let model = if partitioned {
+        (p * 4 + part * 4 + tensor, format!("{p} x 4 B gathered + {part} x 4 B sent + {tensor} B being written (rank 0)"))
+    } else if job.offload {
+        (tensor, format!("{tensor} B (the largest tensor being written, rank 0)"))
+    } else {
+        (p * 4 + tensor, format!("{p} x 4 B copied to the host + {tensor} B being written (rank 0)"))
+    };
+    let per_value = if job.offload { 4 } else { 16 };
+    let optimizer = (part * per_value, format!("{part} x {per_value} B (the optimizer slice being written)"));
     let host = if job.checkpoints && optimizer.0 > model.0 { optimizer } else { model };
     let save = |name, place, (bytes, how): (u64, String)| Term { name, place, bytes, how, phase: Phase::Save };
     let mut out = vec![save("saving", Place::Host, host)];

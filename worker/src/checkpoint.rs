@@ -86,14 +86,14 @@ pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master:
 
 /// Writes rank `rank` of `world`'s optimizer slice (`state`: the values of `OPTIMIZER_STATE` over
 /// its partition of the flat parameters) into `dir`, and `layout` where given (rank 0).
-pub fn save_optimizer(dir: &Path, rank: usize, world: usize, state: &[Vec<f32>; 3], layout: Option<&OptimizerLayout>) -> Result<()> {
+pub fn save_optimizer(dir: &Path, rank: usize, world: usize, state: [&[f32]; 3], layout: Option<&OptimizerLayout>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let entries: Vec<Entry> = OPTIMIZER_STATE
         .iter()
         .zip(state)
         .map(|(name, values)| Entry { name: name.to_string(), dtype: Dtype::F32, shape: vec![values.len()] })
         .collect();
-    stream_file(&dir.join(slice_file(rank, world)), &entries, |i| Ok(f32_bytes(&state[i])))?;
+    stream_file(&dir.join(slice_file(rank, world)), &entries, |i| Ok(f32_bytes(state[i])))?;
     if let Some(layout) = layout {
         write_json(&dir.join(LAYOUT_FILE), &serde_json::to_value(layout).expect("the layout serialises"))?;
     }

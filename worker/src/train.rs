@@ -279,18 +279,21 @@ impl Trainer {
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let unique = self.shard.range(rank);
         let at = (unique.start - self.owned.start) as i64;
-        let slice = match &self.optimizer {
-            // One copy of the slice, not a tensor of the whole state first.
+        let (at, len) = (at as usize, unique.len());
+        let copies: [Vec<f32>; 3];
+        let slice: [&[f32]; 3] = match &self.optimizer {
+            // Written from where it is: no copy of the slice.
             Optimizer::Host(host) => {
                 let adam = &host.adam;
-                [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| v[at as usize..at as usize + unique.len()].to_vec())
+                [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| &v[at..at + len])
             }
             Optimizer::Device(_) => {
-                self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at, unique.len() as i64)).expect("f32 state"))
+                copies = self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at as i64, len as i64)).expect("f32 state"));
+                copies.each_ref().map(Vec::as_slice)
             }
         };
         let layout = (rank == 0).then(|| self.layout());
-        save_optimizer(dir, rank, world, &slice, layout.as_ref())
+        save_optimizer(dir, rank, world, slice, layout.as_ref())
     }
 
     /// How this run's optimizer slices join (`optimizer/layout.json`).
