@@ -82,7 +82,8 @@ pub enum Phase {
     Save,
 }
 
-/// Elements per rank in each all-gather of a partitioned master at save time (worker train.rs).
+/// Elements per rank in each all-gather of a partitioned master at save time, and per device to
+/// host copy (worker train.rs).
 const SAVE_CHUNK: u64 = 1 << 26;
 
 impl Job {
@@ -173,20 +174,21 @@ pub fn terms(job: &Job) -> Vec<Term> {
 }
 
 /// What saving holds for a while. Rank 0 writes the fp32 model a tensor at a time (worker
-/// checkpoint.rs), from the offloaded master where it is, else from a host copy, and from a
-/// partitioned optimizer it first gathers the whole model through a device buffer of world
-/// chunks. Checkpoints write each rank's optimizer slice a state at a time, from host copies
-/// unless offloaded.
+/// checkpoint.rs), from the offloaded master where it is, else from a host copy (copied down a
+/// chunk at a time), and from a partitioned optimizer it first gathers the whole model through a
+/// device buffer of world chunks, each rank's part staged to the host in turn. Checkpoints write
+/// each rank's optimizer slice a state at a time, from host copies unless offloaded.
 fn save_terms(job: &Job) -> Vec<Term> {
     let (p, n, part) = (job.shape.params, job.world, job.partition());
     let partitioned = n > 1 && job.zero_stage > 0;
     let tensor = job.shape.vocab * job.shape.n_embd * 4;
+    let staged = part.min(SAVE_CHUNK) * 4;
     let model = if partitioned {
-        (p * 4 + part * 4 + tensor, format!("{p} x 4 B gathered + {part} x 4 B sent + {tensor} B being written (rank 0)"))
+        (p * 4 + staged + tensor, format!("{p} x 4 B gathered + {staged} B staged + {tensor} B being written (rank 0)"))
     } else if job.offload {
         (tensor, format!("{tensor} B (the largest tensor being written, rank 0)"))
     } else {
-        (p * 4 + tensor, format!("{p} x 4 B copied to the host + {tensor} B being written (rank 0)"))
+        (p * 4 + staged + tensor, format!("{p} x 4 B copied to the host + {staged} B staged + {tensor} B being written (rank 0)"))
     };
     let per_value = if job.offload { 4 } else { 16 };
     let optimizer = (part * per_value, format!("{part} x {per_value} B (the optimizer slice being written)"));

@@ -171,8 +171,9 @@ impl WeightFiles {
 
     /// Walks every byte of the files in order, once: each tensor with its dtype, the header and any
     /// bytes between tensors without one, releasing each piece after `visit` (resident size one
-    /// tensor deep). The pieces of a file concatenate to the file; bytes two tensors share (a .bin
-    /// view) come once, with the first tensor.
+    /// tensor deep). The pieces of a file concatenate to the file. Tensors of a safetensors file
+    /// never overlap; bytes two tensors of a .bin share (views) come once, and the rest of an
+    /// overlapping tensor comes without a dtype (it may not start on an element).
     pub fn for_each_piece(&self, mut visit: impl FnMut(&[u8], Option<Dtype>)) {
         for (file, map) in self.maps.iter().enumerate() {
             let mut tensors: Vec<&Entry> = self.entries.values().filter(|e| e.file == file).collect();
@@ -184,7 +185,7 @@ impl WeightFiles {
                 }
                 let start = e.start.max(at);
                 if e.end > start {
-                    visit(&map[start..e.end], Some(e.dtype));
+                    visit(&map[start..e.end], (start == e.start).then_some(e.dtype));
                     // SAFETY: as in `release`.
                     let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
                     at = e.end;

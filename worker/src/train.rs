@@ -203,53 +203,47 @@ impl Trainer {
         Ok((sum, tokens))
     }
 
-    /// (master, exp_avg, exp_avg_sq) of the owned range as host tensors.
-    fn state_tensors(&self) -> [Tensor; 3] {
-        match &self.optimizer {
-            Optimizer::Host(host) => {
-                let adam = &host.adam;
-                [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| Tensor::from_slice(v))
-            }
-            Optimizer::Device(d) => [&d.master, &d.exp_avg, &d.exp_avg_sq].map(|t| t.to_device(Device::Cpu)),
-        }
-    }
-
     /// The fp32 master of the owned range, where it is: borrowed from host memory, or copied
     /// down from the device.
     fn owned_master(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         Ok(match &self.optimizer {
             Optimizer::Host(host) => std::borrow::Cow::Borrowed(&host.adam.master[..]),
-            Optimizer::Device(d) => std::borrow::Cow::Owned(Vec::<f32>::try_from(d.master.to_device(Device::Cpu))?),
+            Optimizer::Device(d) => std::borrow::Cow::Owned(host_copy(&d.master)?),
         })
     }
 
+    /// Elements `range` of the owned fp32 master, as a tensor to copy from (host or device).
+    fn owned_master_range(&self, range: Range<usize>) -> Tensor {
+        match &self.optimizer {
+            Optimizer::Host(host) => Tensor::from_slice(&host.adam.master[range]),
+            Optimizer::Device(d) => d.master.narrow(0, range.start as i64, range.len() as i64),
+        }
+    }
+
     /// The whole fp32 master on rank 0 (None elsewhere) of a partitioned optimizer: every rank
-    /// must call this together; the partitions are all-gathered in bounded chunks.
+    /// must call this together; the partitions are all-gathered in bounded chunks, and rank 0
+    /// copies each rank's part of a chunk straight into place.
     fn full_master(&mut self) -> Result<Option<Vec<f32>>> {
         let (rank, world, numel) = (self.comm.rank(), self.comm.world(), self.shard.numel);
-        let master = Tensor::from_slice(&self.owned_master()?);
+        let owned = self.owned.len();
         let p = self.shard.partition;
-        let chunk = p.min(1 << 26);
+        let chunk = p.min(SAVE_CHUNK);
         let mut buffer = Tensor::zeros([(world * chunk) as i64], (Kind::Float, self.device));
         let mut full = if rank == 0 { vec![0f32; numel] } else { vec![] };
         for start in (0..p).step_by(chunk) {
             let len = chunk.min(p - start);
             let _ = buffer.f_zero_()?;
-            let mine = start.min(master.numel())..(start + len).min(master.numel());
+            let mine = start.min(owned)..(start + len).min(owned);
             if !mine.is_empty() {
-                buffer.narrow(0, (rank * chunk) as i64, mine.len() as i64).f_copy_(&master.narrow(
-                    0,
-                    mine.start as i64,
-                    mine.len() as i64,
-                ))?;
+                let count = mine.len() as i64;
+                buffer.narrow(0, (rank * chunk) as i64, count).f_copy_(&self.owned_master_range(mine))?;
             }
             self.comm.all_gather(&mut buffer)?;
             if rank == 0 {
-                let host = Vec::<f32>::try_from(buffer.to_device(Device::Cpu))?;
                 for r in 0..world {
                     let at = (r * p + start).min(numel);
                     let n = len.min(numel - at);
-                    full[at..at + n].copy_from_slice(&host[r * chunk..r * chunk + n]);
+                    buffer.narrow(0, (r * chunk) as i64, n as i64).f_copy_data(&mut full[at..at + n], n)?;
                 }
             }
         }
@@ -287,8 +281,9 @@ impl Trainer {
                 let adam = &host.adam;
                 [&adam.master, &adam.exp_avg, &adam.exp_avg_sq].map(|v| &v[at..at + len])
             }
-            Optimizer::Device(_) => {
-                copies = self.state_tensors().map(|t| Vec::<f32>::try_from(t.narrow(0, at as i64, len as i64)).expect("f32 state"));
+            Optimizer::Device(d) => {
+                let host = |t: &Tensor| host_copy(&t.narrow(0, at as i64, len as i64));
+                copies = [host(&d.master)?, host(&d.exp_avg)?, host(&d.exp_avg_sq)?];
                 copies.each_ref().map(Vec::as_slice)
             }
         };
@@ -385,6 +380,22 @@ pub fn batch_tensor(rows: u32, cols: u32, tokens: &[u32], device: Device) -> Res
     }
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     Ok(Tensor::from_slice(&ids).view([rows as i64, cols as i64]).to_device(device))
+}
+
+/// Elements per all-gather of a partitioned master at save time, and per device-to-host copy
+/// (`coordinator estimate` counts the same).
+const SAVE_CHUNK: usize = 1 << 26;
+
+/// A 1-D fp32 tensor's values in host memory, copied down SAVE_CHUNK elements at a time: a
+/// device tensor never has a whole host copy besides the result.
+fn host_copy(t: &Tensor) -> Result<Vec<f32>> {
+    let numel = t.numel();
+    let mut out = vec![0f32; numel];
+    for start in (0..numel).step_by(SAVE_CHUNK) {
+        let n = SAVE_CHUNK.min(numel - start);
+        t.narrow(0, start as i64, n as i64).f_copy_data(&mut out[start..start + n], n)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

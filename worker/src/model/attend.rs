@@ -20,8 +20,9 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
     let applies = t == 1
         && d % 8 == 0
         && available()
-        && query.device() == Device::Cpu
-        && [query, keys, values].iter().all(|x| x.kind() == Kind::Float)
+        && [query, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
+        && keys.size() == [n, h, capacity, d]
+        && values.size() == keys.size()
         && keys.is_contiguous()
         && values.is_contiguous()
         && attended.len() == n as usize
@@ -44,18 +45,25 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
         let s = SharedOut::new(std::slice::from_raw_parts_mut(scores.data_ptr() as *mut f32, pairs * width as usize));
         for_pairs(pairs, &|pair| {
             let keys = &k[pair * capacity * d..][..length(pair) * d];
+            // (And the CPU has AVX2 + FMA: `available()`.)
             score(&q[pair * d..][..d], keys, scale, s.get().wrapping_add(pair * width as usize));
         });
     }
-    let probabilities = scores.softmax(-1, Kind::Float);
+    // Each row's softmax over its own positions only: libtorch sums a row shorter than its vector
+    // width in another order than a padded one, so a batch would change a short row's result.
+    let probabilities: Vec<Tensor> =
+        attended.iter().enumerate().map(|(row, &len)| scores.narrow(0, row as i64, 1).narrow(3, 0, len).softmax(-1, Kind::Float)).collect();
     let out = Tensor::empty([n, h, 1, d as i64], (Kind::Float, Device::Cpu));
     unsafe {
-        let p = std::slice::from_raw_parts(probabilities.data_ptr() as *const f32, pairs * width as usize);
+        // Row r's probabilities: a fresh contiguous (1, H, 1, attended[r]) tensor.
+        let p: Vec<&[f32]> = probabilities.iter().map(|t| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())).collect();
         let v = std::slice::from_raw_parts(values.data_ptr() as *const f32, pairs * capacity * d);
         let o = SharedOut::new(std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, pairs * d));
+        let h = h as usize;
         for_pairs(pairs, &|pair| {
             let len = length(pair);
-            weighted_sum(&p[pair * width as usize..][..len], &v[pair * capacity * d..][..len * d], o.get().wrapping_add(pair * d), d);
+            let p = &p[pair / h][pair % h * len..][..len];
+            weighted_sum(p, &v[pair * capacity * d..][..len * d], o.get().wrapping_add(pair * d), d);
         });
     }
     Some(out)
@@ -67,7 +75,8 @@ fn for_pairs(pairs: usize, body: &(dyn Fn(usize) + Sync)) {
 }
 
 /// `out[j] = (q · keys[j]) / scale` for each key row j of keys (rows of q.len() floats), four keys
-/// at a time so four FMA chains run side by side.
+/// at a time so four FMA chains run side by side. Its own target features let `dot` inline.
+#[target_feature(enable = "avx2,fma")]
 fn score(q: &[f32], keys: &[f32], scale: f32, out: *mut f32) {
     let d = q.len();
     let rows = keys.len() / d;
@@ -78,7 +87,7 @@ fn score(q: &[f32], keys: &[f32], scale: f32, out: *mut f32) {
         }
     };
     let mut j = 0;
-    // SAFETY (both): the CPU has AVX2 + FMA (`decode_step` checked); rows j.. are inside keys.
+    // SAFETY (both): rows j.. are inside keys.
     while j + 4 <= rows {
         put(j, &unsafe { dot::<4>(q, keys[j * d..].as_ptr()) });
         j += 4;
@@ -113,9 +122,9 @@ unsafe fn dot<const B: usize>(q: &[f32], keys: *const f32) -> [f32; B] {
 }
 
 /// `out = Σ_j p[j] · values[j]`, over the rows of `values` (d floats each, d a multiple of 8),
-/// accumulated in place in `out` eight lanes at a time.
+/// accumulated eight lanes at a time; out holds d floats only this thread writes.
 fn weighted_sum(p: &[f32], values: &[f32], out: *mut f32, d: usize) {
-    // SAFETY: the CPU has AVX2 + FMA (`decode_step` checked); out holds d floats only this thread writes.
+    // SAFETY: the CPU has AVX2 + FMA (`decode_step` checked `available()`).
     unsafe { weighted_sum_avx2(p, values, out, d) }
 }
 
@@ -171,12 +180,13 @@ mod tests {
             return;
         }
         tch::manual_seed(5);
-        let (n, h, capacity) = (3, 4, 37);
+        let (n, h, capacity) = (5, 4, 37);
         for d in [64, 8, 80] {
             let query = Tensor::randn([n, h, 1, d], (Kind::Float, Device::Cpu));
             let keys = Tensor::randn([n, h, capacity, d], (Kind::Float, Device::Cpu));
             let values = Tensor::randn([n, h, capacity, d], (Kind::Float, Device::Cpu));
-            let attended = [37, 1, 22];
+            // Rows shorter and longer than a vector register, beside each other.
+            let attended = [37, 1, 22, 3, 9];
             let got = decode_step(&query, &keys, &values, &attended).expect("applies");
             for (row, &len) in attended.iter().enumerate() {
                 let r = |t: &Tensor| t.narrow(0, row as i64, 1);

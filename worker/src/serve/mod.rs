@@ -59,6 +59,9 @@ struct App {
 /// thread, the one that loaded the model, so that libtorch keeps a single OpenMP team: with a
 /// second team on the same cores, libgomp stops spinning between parallel regions and every
 /// region waits for its threads to wake (codegen-350M, 2 cores: 30 -> 40 ms per token).
+/// Call it outside the runtime (the engine blocks on its queue). A panic the engine does not
+/// catch (one outside a step or an admission) ends the process rather than leaving a server
+/// without an engine.
 pub fn run(
     runtime: &tokio::runtime::Runtime,
     listener: tokio::net::TcpListener,
