@@ -141,11 +141,29 @@ fn greedy_generation_matches_hf_generate() {
 }
 
 /// Rows of different lengths decoding together each get the logits of their lone run: the
-/// batch cache's mask and per-row positions are exact, and a row that leaves changes nothing.
+/// per-row positions are exact, each row attends to its own positions only (on CPU through
+/// `model/attend.rs`), and a row that leaves changes nothing.
 #[test]
 fn batched_decode_gives_each_row_its_lone_logits() {
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    let model = CodeGen::new(&config, &params);
+    assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
+}
+
+/// The same through libtorch's masked attention, which runs where `attend.rs` does not apply (on
+/// a GPU, or a head dim that is not a multiple of 8, as here: 40 / 4 = 10).
+#[test]
+fn batched_decode_through_the_masked_attention_too() {
+    let (tiny, _) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let config = zerotune_hf::CodeGenConfig { n_embd: 40, n_head: 4, rotary_dim: 4, ..tiny };
+    let mut params = zerotune_worker::model::ParamSet::zeros(&config, Kind::Float, Device::Cpu, false);
+    params.init_like_hf(&config, 3);
+    let cache = Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu));
+    let query = Tensor::zeros([1, 4, 1, 10], (Kind::Float, Device::Cpu));
+    assert!(zerotune_worker::model::attend::decode_step(&query, &cache, &cache, &[1]).is_none(), "attend.rs declines D = 10");
+    assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
+}
+
+fn assert_batched_decode_is_lone_decode(model: &CodeGen, n_positions: usize) {
     let _guard = tch::no_grad_guard();
     let prompts: Vec<Vec<i64>> = vec![(1..12).collect(), vec![5, 9, 2], (20..45).collect()];
     let next = |step: i64, row: usize| (7 * step + 3 * row as i64) % 300 + 1;
@@ -160,7 +178,7 @@ fn batched_decode_gives_each_row_its_lone_logits() {
         alone.push(steps);
     }
     // Together: rows join after their own prefill; row 1 leaves after step 1.
-    let mut batch = BatchCache::new(config.n_positions as i64);
+    let mut batch = BatchCache::new(n_positions as i64);
     for prompt in &prompts {
         let mut cache = KvCache::default();
         let _ = model.prefill(&Tensor::from_slice(prompt).view([1, -1]), &mut cache, false);
@@ -184,7 +202,7 @@ fn batched_decode_gives_each_row_its_lone_logits() {
     // Rows of equal length decode without a mask: two copies of prompt 0 give its lone logits.
     let mut cache = KvCache::default();
     let _ = model.prefill(&Tensor::from_slice(&prompts[0]).view([1, -1]), &mut cache, false);
-    let mut batch = BatchCache::new(config.n_positions as i64);
+    let mut batch = BatchCache::new(n_positions as i64);
     batch.push(&cache.repeat(2));
     for step in 0..4 {
         let ids = Tensor::from_slice(&[next(step, 0), next(step, 0)]).view([-1, 1]);
