@@ -182,7 +182,8 @@ fn save_terms(job: &Job) -> Vec<Term> {
     let (p, n, part) = (job.shape.params, job.world, job.partition());
     let partitioned = n > 1 && job.zero_stage > 0;
     let tensor = job.shape.vocab * job.shape.n_embd * 4;
-    let staged = part.min(SAVE_CHUNK) * 4;
+    let chunk = part.min(SAVE_CHUNK);
+    let staged = chunk * 4;
     let model = if partitioned {
         (p * 4 + staged + tensor, format!("{p} x 4 B gathered + {staged} B staged + {tensor} B being written (rank 0)"))
     } else if job.offload {
@@ -196,7 +197,6 @@ fn save_terms(job: &Job) -> Vec<Term> {
     let save = |name, place, (bytes, how): (u64, String)| Term { name, place, bytes, how, phase: Phase::Save };
     let mut out = vec![save("saving", Place::Host, host)];
     if partitioned {
-        let chunk = part.min(SAVE_CHUNK);
         out.push(save("save gather buffer", Place::Device, (chunk * n * 4, format!("{chunk} x {n} x 4 B (fp32)"))));
     }
     out

@@ -1,5 +1,5 @@
 //! Time of one batched decode step on a saved model (bench/serve.sh explains the numbers): ROWS
-//! rows of TOKENS, TOKENS + 1, ... cached tokens (of different lengths, as requests that arrived
+//! rows of TOKENS, TOKENS + 2, ... cached tokens (of different lengths, as requests that arrived
 //! apart are), on the CPU; median and best of 150 steps.
 //!
 //!     cargo run --example decode_bench -p zerotune-worker -- MODEL_DIR [ROWS] [TOKENS] [THREADS]

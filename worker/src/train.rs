@@ -272,8 +272,7 @@ impl Trainer {
     pub fn save_optimizer(&self, dir: &Path) -> Result<()> {
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let unique = self.shard.range(rank);
-        let at = (unique.start - self.owned.start) as i64;
-        let (at, len) = (at as usize, unique.len());
+        let (at, len) = (unique.start - self.owned.start, unique.len());
         let copies: [Vec<f32>; 3];
         let slice: [&[f32]; 3] = match &self.optimizer {
             // Written from where it is: no copy of the slice.

@@ -4,11 +4,11 @@
 //! probability-weighted sum of values. The sums are AVX2 + FMA on torch's OpenMP threads, which
 //! split the (row, head) pairs; reading the cache is the cost (codegen-350M, 500 cached tokens:
 //! 82 MB per row per step). A row's result does not depend on its batch: its sums are its own,
-//! and the softmax over the batch's width adds only exact zeros past its end (exp of -inf).
+//! and so is its softmax, over its own positions only.
 
 use tch::{Device, Kind, Tensor};
 
-use super::matvec::available;
+use super::matvec::{available, horizontal_sum};
 use super::omp::{on_torch_threads, SharedOut};
 
 /// `softmax(q·kᵀ/√D)·v` for query (N, H, 1, D) and the cache's keys and values (N, H, C, D), of
@@ -32,34 +32,32 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
     }
     let _guard = tch::no_grad_guard();
     let query = query.contiguous();
-    let width = *attended.iter().max().expect("at least one row");
-    let (pairs, d, capacity) = ((n * h) as usize, d as usize, capacity as usize);
-    let length = |pair: usize| attended[pair / h as usize] as usize;
-    let scores = Tensor::full([n, h, 1, width], f64::NEG_INFINITY, (Kind::Float, Device::Cpu));
+    let (pairs, h, d, capacity) = ((n * h) as usize, h as usize, d as usize, capacity as usize);
+    let length = |pair: usize| attended[pair / h] as usize;
+    // Row r's scores, then its probabilities: (H, attended[r]) each, so that every row's softmax
+    // runs over its own positions only (libtorch sums a row shorter than its vector width in
+    // another order than a padded one: a batch would change a short row's result).
+    let mut scores: Vec<Tensor> = attended.iter().map(|&len| Tensor::empty([h as i64, len], (Kind::Float, Device::Cpu))).collect();
     let scale = (d as f32).sqrt();
     // SAFETY (both blocks): contiguous fp32 CPU tensors of these element counts, alive for the
-    // call; `scores` and `out` are fresh, and each thread writes only its own pairs' rows.
+    // call; `scores` and `out` are fresh, and each thread writes only its own pairs' rows; the CPU
+    // has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
     unsafe {
         let q = std::slice::from_raw_parts(query.data_ptr() as *const f32, pairs * d);
         let k = std::slice::from_raw_parts(keys.data_ptr() as *const f32, pairs * capacity * d);
-        let s = SharedOut::new(std::slice::from_raw_parts_mut(scores.data_ptr() as *mut f32, pairs * width as usize));
+        let s: Vec<SharedOut> =
+            scores.iter_mut().map(|t| SharedOut::new(std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()))).collect();
         for_pairs(pairs, &|pair| {
-            let keys = &k[pair * capacity * d..][..length(pair) * d];
-            // (And the CPU has AVX2 + FMA: `available()`.)
-            score(&q[pair * d..][..d], keys, scale, s.get().wrapping_add(pair * width as usize));
+            let len = length(pair);
+            score(&q[pair * d..][..d], &k[pair * capacity * d..][..len * d], scale, s[pair / h].get().wrapping_add(pair % h * len));
         });
     }
-    // Each row's softmax over its own positions only: libtorch sums a row shorter than its vector
-    // width in another order than a padded one, so a batch would change a short row's result.
-    let probabilities: Vec<Tensor> =
-        attended.iter().enumerate().map(|(row, &len)| scores.narrow(0, row as i64, 1).narrow(3, 0, len).softmax(-1, Kind::Float)).collect();
-    let out = Tensor::empty([n, h, 1, d as i64], (Kind::Float, Device::Cpu));
+    let probabilities: Vec<Tensor> = scores.iter().map(|t| t.softmax(-1, Kind::Float)).collect();
+    let out = Tensor::empty([n, h as i64, 1, d as i64], (Kind::Float, Device::Cpu));
     unsafe {
-        // Row r's probabilities: a fresh contiguous (1, H, 1, attended[r]) tensor.
         let p: Vec<&[f32]> = probabilities.iter().map(|t| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())).collect();
         let v = std::slice::from_raw_parts(values.data_ptr() as *const f32, pairs * capacity * d);
         let o = SharedOut::new(std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, pairs * d));
-        let h = h as usize;
         for_pairs(pairs, &|pair| {
             let len = length(pair);
             let p = &p[pair / h][pair % h * len..][..len];
@@ -123,13 +121,8 @@ unsafe fn dot<const B: usize>(q: &[f32], keys: *const f32) -> [f32; B] {
 
 /// `out = Σ_j p[j] · values[j]`, over the rows of `values` (d floats each, d a multiple of 8),
 /// accumulated eight lanes at a time; out holds d floats only this thread writes.
-fn weighted_sum(p: &[f32], values: &[f32], out: *mut f32, d: usize) {
-    // SAFETY: the CPU has AVX2 + FMA (`decode_step` checked `available()`).
-    unsafe { weighted_sum_avx2(p, values, out, d) }
-}
-
 #[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum_avx2(p: &[f32], values: &[f32], out: *mut f32, d: usize) {
+fn weighted_sum(p: &[f32], values: &[f32], out: *mut f32, d: usize) {
     let mut c = 0;
     // SAFETY (both): c + 8·V <= d, columns inside every row of values and inside out.
     while c + 64 <= d {
@@ -159,15 +152,6 @@ unsafe fn columns<const V: usize>(p: &[f32], values: &[f32], out: *mut f32, d: u
         // SAFETY: inside out's d floats.
         unsafe { _mm256_storeu_ps(out.wrapping_add(c + 8 * i), *acc) };
     }
-}
-
-/// The sum of the 8 lanes, in a fixed order.
-#[target_feature(enable = "avx2,fma")]
-fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
-    let mut parts = [0f32; 8];
-    // SAFETY: an 8-float array.
-    unsafe { std::arch::x86_64::_mm256_storeu_ps(parts.as_mut_ptr(), v) };
-    ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]))
 }
 
 #[cfg(test)]

@@ -286,7 +286,7 @@ impl CodeGen {
                 let _ = cache_v.scatter_(2, &step.index, &value.permute([0, 2, 1, 3]));
                 super::attend::decode_step(&query, cache_k, cache_v, &step.attended).unwrap_or_else(|| {
                     let (keys, values) = (cache_k.narrow(2, 0, step.width), cache_v.narrow(2, 0, step.width));
-                    Tensor::scaled_dot_product_attention(&query, &keys, &values, step.mask.as_ref(), 0.0, false, None, false)
+                    Tensor::scaled_dot_product_attention(&query, &keys, &values, step.mask(), 0.0, false, None, false)
                 })
             }
         };
@@ -337,8 +337,9 @@ const WEIGHT_MAJOR_ROWS: i64 = 8;
 
 /// xs · w^T + b.  xs: (B, T, in), w: (out, in) -> (B, T, out). A CPU decode step of `rows` rows
 /// (T = 1; 0 otherwise) of up to 8 goes to `matvec.rs`, which streams w once on all of torch's
-/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step, ~30 with `attend.rs`). Beyond that, or without AVX2,
-/// MKL's small-M GEMM would repack all of w on every call, which costs more than reading w once;
+/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step, ~30 with `attend.rs`). Beyond
+/// that, or without AVX2, MKL's small-M GEMM would repack all of w on every call, which costs
+/// more than reading w once;
 /// computed as w · xs^T (M = out, N = rows) the weights stream through once.
 fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: i64) -> Tensor {
     if rows > 0 {

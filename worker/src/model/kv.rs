@@ -3,6 +3,8 @@
 //! length, in preallocated tensors that a decode step writes in place.
 //! Shapes: N rows, H heads, T tokens, D = head dim.
 
+use std::cell::OnceCell;
+
 use tch::{Kind, Tensor};
 
 /// Past keys and values per layer, (B, H, T_past, D) each, for one batch of equal-length rows.
@@ -125,10 +127,7 @@ impl BatchCache {
         let n = self.rows() as i64;
         let positions = Tensor::from_slice(&self.lengths).to_device(device);
         let index = positions.view([n, 1, 1, 1]).expand([n, heads, 1, head_dim], false);
-        let columns = Tensor::arange(width, (Kind::Int64, device)).view([1, width]);
-        let ragged = self.lengths.iter().any(|&l| l != self.lengths[0]);
-        let mask = ragged.then(|| columns.le_tensor(&positions.view([n, 1])).view([n, 1, 1, width]));
-        Step { positions, index, mask, width, attended: self.lengths.iter().map(|l| l + 1).collect() }
+        Step { positions, index, mask: OnceCell::new(), width, attended: self.lengths.iter().map(|l| l + 1).collect() }
     }
 }
 
@@ -139,11 +138,25 @@ pub(crate) struct Step {
     pub positions: Tensor,
     /// The scatter index that writes each row's new key at its position, (N, H, 1, D).
     pub index: Tensor,
-    /// Over the first `width` columns (true: attend), (N, 1, 1, W); none when every row has the
-    /// same length (all W columns are then attended; libtorch's masked kernel is slower).
-    pub mask: Option<Tensor>,
     /// W = the longest row's length after the step.
     pub width: i64,
     /// Positions each row attends to (its length after the step), on the host.
     pub attended: Vec<i64>,
+    /// `mask()`, made on first use: the CPU attention (`attend.rs`) needs none.
+    mask: OnceCell<Option<Tensor>>,
+}
+
+impl Step {
+    /// Over the first `width` columns (true: attend), (N, 1, 1, W); none when every row has the
+    /// same length (all W columns are then attended; libtorch's masked kernel is slower).
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask
+            .get_or_init(|| {
+                let ragged = self.attended.iter().any(|&a| a != self.attended[0]);
+                let (n, w) = (self.attended.len() as i64, self.width);
+                let columns = Tensor::arange(w, (Kind::Int64, self.positions.device())).view([1, w]);
+                ragged.then(|| columns.le_tensor(&self.positions.view([n, 1])).view([n, 1, 1, w]))
+            })
+            .as_ref()
+    }
 }

@@ -199,11 +199,9 @@ unsafe fn block<const O: usize, const R: usize>(w: *const f32, x: *const f32, k:
             }
         }
         let mut sums = [[0f32; R]; O];
-        let mut parts = [0f32; 8];
         for p in 0..O {
             for r in 0..R {
-                _mm256_storeu_ps(parts.as_mut_ptr(), acc[p][r]);
-                let mut total = ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]));
+                let mut total = horizontal_sum(acc[p][r]);
                 for j in lanes..k {
                     total += *w.wrapping_add(p * k + j) * *x.wrapping_add(r * k + j);
                 }
@@ -212,6 +210,15 @@ unsafe fn block<const O: usize, const R: usize>(w: *const f32, x: *const f32, k:
         }
         sums
     }
+}
+
+/// The sum of an 8-lane vector, in one fixed order (both decode kernels).
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
+    let mut parts = [0f32; 8];
+    // SAFETY: an 8-float array.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(parts.as_mut_ptr(), v) };
+    ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]))
 }
 
 #[cfg(test)]
