@@ -11,16 +11,21 @@ use tch::{Device, Kind, Tensor};
 use super::matvec::{available, horizontal_sum};
 use super::omp::{on_torch_threads, SharedOut};
 
-/// `softmax(q·kᵀ/√D)·v` for query (N, H, 1, D) and the cache's keys and values (N, H, C, D), of
-/// which row n attends to its first `attended[n]` positions -> (N, H, 1, D). None where it does
-/// not apply (not fp32 on an AVX2 CPU, or D not a multiple of 8); then libtorch's attention runs.
-pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i64]) -> Option<Tensor> {
+/// Writes each row's new key and value, `new` (N, H, 1, D) each, into the cache's keys and values
+/// (N, H, C, D) at the row's position, `attended[n] - 1`, then returns `softmax(q·kᵀ/√D)·v` for
+/// query (N, H, 1, D) over the row's first `attended[n]` positions -> (N, H, 1, D). None, having
+/// written nothing, where it does not apply (not fp32 on an AVX2 CPU, or D not a multiple of 8);
+/// then the caller writes the cache and runs libtorch's attention.
+pub fn decode_step(query: &Tensor, new: (&Tensor, &Tensor), cache: (&mut Tensor, &mut Tensor), attended: &[i64]) -> Option<Tensor> {
     let (n, h, t, d) = query.size4().ok()?;
+    let (keys, values) = cache;
     let (_, _, capacity, _) = keys.size4().ok()?;
     let applies = t == 1
         && d % 8 == 0
         && available()
-        && [query, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
+        && [query, new.0, new.1, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
+        && new.0.size() == query.size()
+        && new.1.size() == query.size()
         && keys.size() == [n, h, capacity, d]
         && values.size() == keys.size()
         && keys.is_contiguous()
@@ -31,7 +36,7 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
         return None;
     }
     let _guard = tch::no_grad_guard();
-    let query = query.contiguous();
+    let (query, new_key, new_value) = (query.contiguous(), new.0.contiguous(), new.1.contiguous());
     let (pairs, h, d, capacity) = ((n * h) as usize, h as usize, d as usize, capacity as usize);
     let length = |pair: usize| attended[pair / h] as usize;
     // Row r's scores, then its probabilities: (H, attended[r]) each, so that every row's softmax
@@ -40,16 +45,22 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
     let mut scores: Vec<Tensor> = attended.iter().map(|&len| Tensor::empty([h as i64, len], (Kind::Float, Device::Cpu))).collect();
     let scale = (d as f32).sqrt();
     // SAFETY (both blocks): contiguous fp32 CPU tensors of these element counts, alive for the
-    // call; `scores` and `out` are fresh, and each thread writes only its own pairs' rows; the CPU
-    // has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
+    // call; each thread writes only its own pairs' slices of the cache, `scores` and `out` (fresh),
+    // and reads the cache only in its own pairs' slices, or after the region that wrote them; the
+    // CPU has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
     unsafe {
         let q = std::slice::from_raw_parts(query.data_ptr() as *const f32, pairs * d);
-        let k = std::slice::from_raw_parts(keys.data_ptr() as *const f32, pairs * capacity * d);
-        let s: Vec<SharedOut> =
-            scores.iter_mut().map(|t| SharedOut::new(std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()))).collect();
-        for_pairs(pairs, &|pair| {
-            let len = length(pair);
-            score(&q[pair * d..][..d], &k[pair * capacity * d..][..len * d], scale, s[pair / h].get().wrapping_add(pair % h * len));
+        let new_k = std::slice::from_raw_parts(new_key.data_ptr() as *const f32, pairs * d);
+        let new_v = std::slice::from_raw_parts(new_value.data_ptr() as *const f32, pairs * d);
+        let (k, v) = (SharedOut::new(raw_mut(keys, pairs * capacity * d)), SharedOut::new(raw_mut(values, pairs * capacity * d)));
+        let s: Vec<SharedOut> = scores.iter_mut().map(|t| SharedOut::new(raw_mut(t, t.numel()))).collect();
+        for_pairs(pairs, &length, &|pair| {
+            let (len, at) = (length(pair), pair * capacity * d);
+            let slot = at + (len - 1) * d;
+            std::ptr::copy_nonoverlapping(new_k[pair * d..].as_ptr(), k.get().wrapping_add(slot), d);
+            std::ptr::copy_nonoverlapping(new_v[pair * d..].as_ptr(), v.get().wrapping_add(slot), d);
+            let keys = std::slice::from_raw_parts(k.get().wrapping_add(at), len * d);
+            score(&q[pair * d..][..d], keys, scale, s[pair / h].get().wrapping_add(pair % h * len));
         });
     }
     let probabilities: Vec<Tensor> = scores.iter().map(|t| t.softmax(-1, Kind::Float)).collect();
@@ -58,7 +69,7 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
         let p: Vec<&[f32]> = probabilities.iter().map(|t| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())).collect();
         let v = std::slice::from_raw_parts(values.data_ptr() as *const f32, pairs * capacity * d);
         let o = SharedOut::new(std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, pairs * d));
-        for_pairs(pairs, &|pair| {
+        for_pairs(pairs, &length, &|pair| {
             let len = length(pair);
             let p = &p[pair / h][pair % h * len..][..len];
             weighted_sum(p, &v[pair * capacity * d..][..len * d], o.get().wrapping_add(pair * d), d);
@@ -67,9 +78,28 @@ pub fn decode_step(query: &Tensor, keys: &Tensor, values: &Tensor, attended: &[i
     Some(out)
 }
 
-/// Runs `body(pair)` for every pair, split evenly across torch's threads.
-fn for_pairs(pairs: usize, body: &(dyn Fn(usize) + Sync)) {
-    on_torch_threads(&|thread, threads| (pairs * thread / threads..pairs * (thread + 1) / threads).for_each(body));
+/// The `len` floats of a contiguous fp32 tensor, writable.
+/// SAFETY: `t` is a contiguous fp32 CPU tensor of `len` elements, and nothing else reads or
+/// writes them while the slice lives.
+unsafe fn raw_mut(t: &mut Tensor, len: usize) -> &mut [f32] {
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, len) }
+}
+
+/// Runs `body(pair)` for every pair on torch's threads, each thread a run of pairs of about
+/// equal cost (a pair's cost is its length): rows of different lengths keep both cores busy.
+fn for_pairs(pairs: usize, length: &(dyn Fn(usize) -> usize + Sync), body: &(dyn Fn(usize) + Sync)) {
+    let total: usize = (0..pairs).map(length).sum();
+    on_torch_threads(&|thread, threads| {
+        let mine = total * thread / threads..total * (thread + 1) / threads;
+        let mut start = 0;
+        for pair in 0..pairs {
+            // A pair belongs to the thread whose share holds its middle.
+            if mine.contains(&(start + length(pair) / 2)) {
+                body(pair);
+            }
+            start += length(pair);
+        }
+    });
 }
 
 /// `out[j] = (q · keys[j]) / scale` for each key row j of keys (rows of q.len() floats), four keys
@@ -159,27 +189,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn equals_libtorch_attention_with_each_rows_own_length() {
+    fn writes_the_new_entries_and_equals_libtorch_attention_with_each_rows_own_length() {
         if !available() {
             return;
         }
         tch::manual_seed(5);
         let (n, h, capacity) = (5, 4, 37);
+        let randn = |shape: [i64; 4]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
         for d in [64, 8, 80] {
-            let query = Tensor::randn([n, h, 1, d], (Kind::Float, Device::Cpu));
-            let keys = Tensor::randn([n, h, capacity, d], (Kind::Float, Device::Cpu));
-            let values = Tensor::randn([n, h, capacity, d], (Kind::Float, Device::Cpu));
+            let (query, new_key, new_value) = (randn([n, h, 1, d]), randn([n, h, 1, d]), randn([n, h, 1, d]));
+            let (keys, values) = (randn([n, h, capacity, d]), randn([n, h, capacity, d]));
             // Rows shorter and longer than a vector register, beside each other.
             let attended = [37, 1, 22, 3, 9];
-            let got = decode_step(&query, &keys, &values, &attended).expect("applies");
+            // libtorch's way: scatter each row's new entries to its position, then attend.
+            let index = Tensor::from_slice(&attended.map(|a| a - 1)).view([n, 1, 1, 1]).expand([n, h, 1, d], false);
+            let (want_keys, want_values) = (keys.scatter(2, &index, &new_key), values.scatter(2, &index, &new_value));
+            let (mut got_keys, mut got_values) = (keys.copy(), values.copy());
+            let got = decode_step(&query, (&new_key, &new_value), (&mut got_keys, &mut got_values), &attended).expect("applies");
+            assert!(got_keys.equal(&want_keys) && got_values.equal(&want_values), "d {d}: the cache holds the new entries");
             for (row, &len) in attended.iter().enumerate() {
                 let r = |t: &Tensor| t.narrow(0, row as i64, 1);
-                let (k, v) = (r(&keys).narrow(2, 0, len), r(&values).narrow(2, 0, len));
+                let (k, v) = (r(&want_keys).narrow(2, 0, len), r(&want_values).narrow(2, 0, len));
                 let want = Tensor::scaled_dot_product_attention::<Tensor>(&r(&query), &k, &v, None, 0.0, false, None, false);
                 let diff = (r(&got) - want).abs().max().double_value(&[]);
                 assert!(diff < 1e-5, "d {d}, row {row} of {len} positions: off by {diff}");
                 // Alone, the row gets exactly what it got beside longer and shorter rows.
-                let alone = decode_step(&r(&query), &r(&keys), &r(&values), &[len]).expect("applies");
+                let (mut k, mut v) = (r(&keys).copy(), r(&values).copy());
+                let alone = decode_step(&r(&query), (&r(&new_key), &r(&new_value)), (&mut k, &mut v), &[len]).expect("applies");
                 assert!(alone.equal(&r(&got)), "d {d}, row {row}: differs alone and in the batch");
             }
         }

@@ -282,9 +282,10 @@ impl CodeGen {
             Context::Batch { step, layer: (cache_k, cache_v) } => {
                 let query = self.rotary.apply_at(&query, &step.positions).permute([0, 2, 1, 3]);
                 let key = self.rotary.apply_at(&key, &step.positions).permute([0, 2, 1, 3]);
-                let _ = cache_k.scatter_(2, &step.index, &key);
-                let _ = cache_v.scatter_(2, &step.index, &value.permute([0, 2, 1, 3]));
-                super::attend::decode_step(&query, cache_k, cache_v, &step.attended).unwrap_or_else(|| {
+                let value = value.permute([0, 2, 1, 3]);
+                super::attend::decode_step(&query, (&key, &value), (cache_k, cache_v), &step.attended).unwrap_or_else(|| {
+                    let _ = cache_k.scatter_(2, &step.index, &key);
+                    let _ = cache_v.scatter_(2, &step.index, &value);
                     let (keys, values) = (cache_k.narrow(2, 0, step.width), cache_v.narrow(2, 0, step.width));
                     Tensor::scaled_dot_product_attention(&query, &keys, &values, step.mask(), 0.0, false, None, false)
                 })
