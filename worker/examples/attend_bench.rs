@@ -16,7 +16,8 @@ fn main() {
     tch::set_num_threads(args.next().unwrap_or(2) as i32);
     let (heads, dim, layers, capacity) = (16, 64, 20, ((tokens + 2 * rows + 64) as u64).next_power_of_two() as i64);
     let randn = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
-    let mut caches: Vec<(Tensor, Tensor)> = (0..layers).map(|_| (randn(&[rows, heads, capacity, dim]), randn(&[rows, heads, capacity, dim]))).collect();
+    let mut caches: Vec<(Tensor, Tensor)> =
+        (0..layers).map(|_| (randn(&[rows, heads, capacity, dim]), randn(&[rows, heads, capacity, dim]))).collect();
     let (query, key, value) = (randn(&[rows, heads, 1, dim]), randn(&[rows, heads, 1, dim]), randn(&[rows, heads, 1, dim]));
     let mut attended: Vec<i64> = (0..rows).map(|r| tokens + 2 * r + 1).collect();
     let mut times = vec![];
@@ -30,5 +31,10 @@ fn main() {
     }
     times.sort_by(f64::total_cmp);
     let bytes = attended.iter().map(|&a| (a - 20) as f64).sum::<f64>() * (2 * heads * dim * 4 * layers) as f64;
-    println!("rows {rows} tokens {tokens}: attention of one step (20 layers) median {:.2} ms, min {:.2} ms; {:.1} GB/s at the median", times[20], times[0], bytes / times[20] / 1e6);
+    println!(
+        "rows {rows} tokens {tokens}: attention of one step (20 layers) median {:.2} ms, min {:.2} ms; {:.1} GB/s at the median",
+        times[20],
+        times[0],
+        bytes / times[20] / 1e6
+    );
 }

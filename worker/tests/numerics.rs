@@ -157,9 +157,11 @@ fn batched_decode_through_the_masked_attention_too() {
     let config = zerotune_hf::CodeGenConfig { n_embd: 40, n_head: 4, rotary_dim: 4, ..tiny };
     let mut params = zerotune_worker::model::ParamSet::zeros(&config, Kind::Float, Device::Cpu, false);
     params.init_like_hf(&config, 3);
-    let cache = Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu));
+    let (mut keys, mut values) =
+        (Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu)), Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu)));
     let query = Tensor::zeros([1, 4, 1, 10], (Kind::Float, Device::Cpu));
-    assert!(zerotune_worker::model::attend::decode_step(&query, &cache, &cache, &[1]).is_none(), "attend.rs declines D = 10");
+    let declined = zerotune_worker::model::attend::decode_step(&query, (&query, &query), (&mut keys, &mut values), &[1]).is_none();
+    assert!(declined, "attend.rs declines D = 10");
     assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
 }
 

@@ -11,7 +11,7 @@ use zerotune_hf::CodeGenConfig;
 
 use super::kv::{BatchCache, KvCache, Step};
 use super::params::ParamSet;
-use super::rotary::Rotary;
+use super::rotary::{Angles, Rotary};
 
 /// CodeGen's qkv_proj chunk count, as an i64 for tensor shapes.
 const MP_NUM: i64 = zerotune_hf::MP_NUM as i64;
@@ -45,7 +45,7 @@ enum Context<'a> {
     Sequence { start: i64, cache: Option<&'a mut (Tensor, Tensor)> },
     /// One token per row, at the step's positions: its key and value are written into the batch
     /// cache's `layer`, and it attends to its row's positions up to its own.
-    Batch { step: &'a Step, layer: &'a mut (Tensor, Tensor) },
+    Batch { step: &'a Step, angles: &'a Angles, layer: &'a mut (Tensor, Tensor) },
 }
 
 /// The model: parameter handles into a `ParamSet` plus the rotary tables.
@@ -117,9 +117,10 @@ impl CodeGen {
         let h = self.config.n_head as i64;
         let d = self.config.n_embd as i64 / h;
         let step = cache.step(h, d);
+        let angles = self.rotary.angles_at(&step.positions);
         let mut xs = Tensor::embedding(&self.wte, ids, -1, false, false);
         for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            xs = self.block(block, &xs, Context::Batch { step: &step, layer }, false);
+            xs = self.block(block, &xs, Context::Batch { step: &step, angles: &angles, layer }, false);
         }
         cache.advance();
         self.logits(&self.ln_f.forward(&xs)).squeeze_dim(1)
@@ -279,9 +280,9 @@ impl CodeGen {
                 }
                 Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false)
             }
-            Context::Batch { step, layer: (cache_k, cache_v) } => {
-                let query = self.rotary.apply_at(&query, &step.positions).permute([0, 2, 1, 3]);
-                let key = self.rotary.apply_at(&key, &step.positions).permute([0, 2, 1, 3]);
+            Context::Batch { step, angles, layer: (cache_k, cache_v) } => {
+                let query = self.rotary.rotate(&query, angles).permute([0, 2, 1, 3]);
+                let key = self.rotary.rotate(&key, angles).permute([0, 2, 1, 3]);
                 let value = value.permute([0, 2, 1, 3]);
                 super::attend::decode_step(&query, (&key, &value), (cache_k, cache_v), &step.attended).unwrap_or_else(|| {
                     let _ = cache_k.scatter_(2, &step.index, &key);

@@ -26,34 +26,45 @@ impl Rotary {
     pub fn apply(&self, xs: &Tensor, start: i64) -> Tensor {
         let t = xs.size()[1];
         let table = |table: &Tensor| table.narrow(0, start, t).unsqueeze(0);
-        self.rotate(xs, &table(&self.sin), &table(&self.cos))
+        self.rotate(xs, &self.spread(&table(&self.sin), &table(&self.cos)))
     }
 
-    /// The same for one token per row, row i at `positions[i]`.  xs: (N, 1, H, D), positions: (N,)
-    pub fn apply_at(&self, xs: &Tensor, positions: &Tensor) -> Tensor {
+    /// The angles of one token per row, row i at `positions[i]` (N,), for `rotate`; a decode step
+    /// makes them once for all its layers.
+    pub fn angles_at(&self, positions: &Tensor) -> Angles {
         let table = |table: &Tensor| table.index_select(0, positions).unsqueeze(1);
-        self.rotate(xs, &table(&self.sin), &table(&self.cos))
+        self.spread(&table(&self.sin), &table(&self.cos))
     }
 
-    /// xs (B, T, H, D) rotated by angles whose sines and cosines are (B or 1, T, rotary_dim/2).
-    fn rotate(&self, xs: &Tensor, sin: &Tensor, cos: &Tensor) -> Tensor {
-        let (b, t, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
+    /// Sines and cosines (B or 1, T, rotary_dim/2) repeated for both channels of each pair.
+    fn spread(&self, sin: &Tensor, cos: &Tensor) -> Angles {
+        let (rows, t) = (sin.size()[0], sin.size()[1]);
+        let spread = |table: &Tensor| table.repeat_interleave_self_int(2, Some(2), None).view([rows, t, 1, self.rotary_dim]);
+        Angles { sin: spread(sin), cos: spread(cos) }
+    }
+
+    /// xs (B, T, H, D) rotated by `angles` (of B or 1 rows and T positions).
+    pub fn rotate(&self, xs: &Tensor, angles: &Angles) -> Tensor {
+        let (b, _, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
         let rd = self.rotary_dim;
         if rd == 0 {
             return xs.shallow_clone();
         }
-        let rows = sin.size()[0];
-        let spread = |table: &Tensor| table.repeat_interleave_self_int(2, Some(2), None).view([rows, t, 1, rd]);
-        let (sin, cos) = (spread(sin), spread(cos));
+        debug_assert!([1, b].contains(&angles.sin.size()[0]));
         let rot = xs.narrow(3, 0, rd);
-        let rotated = &rot * &cos + rotate_every_two(&rot) * &sin;
-        debug_assert!(rows == 1 || rows == b);
+        let rotated = &rot * &angles.cos + rotate_every_two(&rot) * &angles.sin;
         if rd == d {
             rotated
         } else {
             Tensor::cat(&[rotated, xs.narrow(3, rd, d - rd)], 3)
         }
     }
+}
+
+/// Rotation angles as `Rotary::rotate` takes them: sines and cosines, (B or 1, T, 1, rotary_dim).
+pub struct Angles {
+    sin: Tensor,
+    cos: Tensor,
 }
 
 /// (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) along the last axis.
