@@ -1,6 +1,7 @@
 //! Attention of a CPU decode step: one new token per row against that row's own cached keys and
 //! values, read up to the row's own length (rows of different lengths need no mask, and nothing
-//! past a row's end is read). HF's CodeGen order: scores q·k / √D, softmax (libtorch's), then the
+//! past a row's end is used). It first writes each row's new key and value into the cache at the
+//! row's position. HF's CodeGen order: scores q·k / √D, softmax (libtorch's), then the
 //! probability-weighted sum of values. The sums are AVX2 + FMA on torch's OpenMP threads, which
 //! split the (row, head) pairs; reading the cache is the cost (codegen-350M, 500 cached tokens:
 //! 82 MB per row per step). A row's result does not depend on its batch: its sums are its own,
@@ -30,8 +31,10 @@ pub fn decode_step(query: &Tensor, new: (&Tensor, &Tensor), cache: (&mut Tensor,
         && values.size() == keys.size()
         && keys.is_contiguous()
         && values.is_contiguous()
+        && n > 0
         && attended.len() == n as usize
-        && attended.iter().all(|&a| 1 <= a && a <= capacity);
+        && attended.iter().all(|&a| 1 <= a && a <= capacity)
+        && disjoint(&[new.0, new.1, keys, values]);
     if !applies {
         return None;
     }
@@ -85,21 +88,39 @@ unsafe fn raw_mut(t: &mut Tensor, len: usize) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, len) }
 }
 
+/// Whether the tensors' memory (as fp32 elements from their data pointers) does not overlap: the
+/// step writes the new entries into the cache, and keys and values from different threads.
+fn disjoint(tensors: &[&Tensor]) -> bool {
+    let span = |t: &Tensor| (t.data_ptr() as usize, t.data_ptr() as usize + 4 * t.numel());
+    tensors.iter().enumerate().all(|(i, a)| {
+        tensors[i + 1..].iter().all(|b| {
+            let ((a0, a1), (b0, b1)) = (span(a), span(b));
+            a1 <= b0 || b1 <= a0
+        })
+    })
+}
+
 /// Runs `body(pair)` for every pair on torch's threads, each thread a run of pairs of about
-/// equal cost (a pair's cost is its length): rows of different lengths keep both cores busy.
+/// equal cost (a pair's cost is its length, at least 1): rows of different lengths keep the
+/// threads equally busy.
 fn for_pairs(pairs: usize, length: &(dyn Fn(usize) -> usize + Sync), body: &(dyn Fn(usize) + Sync)) {
     let total: usize = (0..pairs).map(length).sum();
     on_torch_threads(&|thread, threads| {
-        let mine = total * thread / threads..total * (thread + 1) / threads;
         let mut start = 0;
         for pair in 0..pairs {
-            // A pair belongs to the thread whose share holds its middle.
-            if mine.contains(&(start + length(pair) / 2)) {
+            if owner(start, length(pair), total, threads) == thread {
                 body(pair);
             }
             start += length(pair);
         }
     });
+}
+
+/// The thread that takes the pair of `len` (>= 1) whose cost starts at `start` of `total`: the
+/// one whose equal share of the total holds the pair's middle.
+fn owner(start: usize, len: usize, total: usize, threads: usize) -> usize {
+    debug_assert!(len >= 1 && start + len <= total);
+    (start + len / 2) * threads / total
 }
 
 /// `out[j] = (q · keys[j]) / scale` for each key row j of keys (rows of q.len() floats), four keys
@@ -117,8 +138,8 @@ fn score(q: &[f32], keys: &[f32], scale: f32, out: *mut f32) {
     let mut j = 0;
     // SAFETY (both): rows j.. are inside keys.
     while j + 4 <= rows {
-        for i in 0..4 {
-            prefetch_row(keys.as_ptr().wrapping_add((j + AHEAD + i) * d), d);
+        if j + AHEAD + 4 <= rows {
+            prefetch_row(keys[(j + AHEAD) * d..].as_ptr(), 4 * d);
         }
         put(j, &unsafe { dot::<4>(q, keys[j * d..].as_ptr()) });
         j += 4;
@@ -134,8 +155,7 @@ fn score(q: &[f32], keys: &[f32], scale: f32, out: *mut f32) {
 /// (`attend_bench`, mean of 5 interleaved pairs); 16 beat 8 and 32.
 const AHEAD: usize = 16;
 
-/// Asks for the cache lines of the `len` floats from `start` (prefetching never faults, so
-/// `start` may lie past the cache's end).
+/// Asks for the cache lines of the `len` floats from `start` (a hint: it never faults).
 #[target_feature(enable = "avx2,fma")]
 fn prefetch_row(start: *const f32, len: usize) {
     use std::arch::x86_64::*;
@@ -191,7 +211,9 @@ unsafe fn columns<const V: usize>(p: &[f32], values: &[f32], out: *mut f32, d: u
     for (j, &pj) in p.iter().enumerate() {
         let pv = _mm256_set1_ps(pj);
         let row = values.as_ptr().wrapping_add(j * d + c);
-        prefetch_row(row.wrapping_add(AHEAD * d), 8 * V);
+        if j + AHEAD < p.len() {
+            prefetch_row(row.wrapping_add(AHEAD * d), 8 * V);
+        }
         for (i, acc) in acc.iter_mut().enumerate() {
             // SAFETY: c + 8·V <= d: inside row j (the caller's bound).
             *acc = _mm256_fmadd_ps(pv, unsafe { _mm256_loadu_ps(row.wrapping_add(8 * i)) }, *acc);
@@ -206,6 +228,44 @@ unsafe fn columns<const V: usize>(p: &[f32], values: &[f32], out: *mut f32, d: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_pair_has_one_owner_and_the_shares_are_even() {
+        let lengths = [37, 1, 22, 3, 9, 9, 600, 2];
+        let total: usize = lengths.iter().sum();
+        for threads in 1..=8 {
+            let mut cost = vec![0; threads];
+            let mut start = 0;
+            for &len in &lengths {
+                let thread = owner(start, len, total, threads);
+                assert!(thread < threads, "{threads} threads: the pair at {start} went to thread {thread}");
+                cost[thread] += len;
+                start += len;
+            }
+            // Each share is within one pair's length of an even split.
+            assert!(cost.iter().all(|&c| c.abs_diff(total / threads) <= 600), "{threads} threads: {cost:?}");
+        }
+        // With equal lengths, an even split by count.
+        let owners: Vec<usize> = (0..8).map(|i| owner(i * 10, 10, 80, 2)).collect();
+        assert_eq!(owners, [0, 0, 0, 0, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn declines_overlapping_tensors_without_writing() {
+        if !available() {
+            return;
+        }
+        let cache = Tensor::zeros([1, 2, 8, 8], (Kind::Float, Device::Cpu));
+        let (mut keys, mut values) = (cache.narrow(1, 0, 1), cache.narrow(1, 1, 1)); // halves of one tensor: disjoint
+        let query = Tensor::ones([1, 1, 1, 8], (Kind::Float, Device::Cpu));
+        assert!(decode_step(&query, (&query, &query.copy()), (&mut keys, &mut values), &[1]).is_some());
+        let before = cache.copy();
+        let mut same = keys.shallow_clone();
+        assert!(decode_step(&query, (&query, &query), (&mut keys, &mut same), &[2]).is_none(), "keys and values are one tensor");
+        let new_key = keys.narrow(2, 0, 1);
+        assert!(decode_step(&query, (&new_key, &query), (&mut keys, &mut values), &[2]).is_none(), "the new key lies in the cache");
+        assert!(cache.equal(&before), "nothing was written");
+    }
 
     #[test]
     fn writes_the_new_entries_and_equals_libtorch_attention_with_each_rows_own_length() {

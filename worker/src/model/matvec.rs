@@ -183,7 +183,12 @@ impl Vector for __m512 {
     }
     #[inline(always)]
     unsafe fn sum(self) -> f32 {
-        unsafe { _mm512_reduce_add_ps(self) }
+        // Lanes i and i + 8 first, then those 8 as `horizontal_sum` adds them: an order written
+        // here, not left to the library.
+        let mut parts = [0f32; 16];
+        unsafe { _mm512_storeu_ps(parts.as_mut_ptr(), self) };
+        let half: [f32; 8] = std::array::from_fn(|i| parts[i] + parts[i + 8]);
+        ((half[0] + half[4]) + (half[1] + half[5])) + ((half[2] + half[6]) + (half[3] + half[7]))
     }
 }
 
@@ -297,8 +302,13 @@ mod tests {
             let w = random(out * k);
             let x = random(MAX_ROWS * k);
             for &isa in &isas {
-                let mut alone = vec![0f32; out];
-                rows_times_wt_with(isa, &x[..k], 1, &w, k, &mut alone);
+                let alone: Vec<Vec<f32>> = (0..MAX_ROWS)
+                    .map(|r| {
+                        let mut y = vec![0f32; out];
+                        rows_times_wt_with(isa, &x[r * k..(r + 1) * k], 1, &w, k, &mut y);
+                        y
+                    })
+                    .collect();
                 for rows in 1..=MAX_ROWS {
                     let mut y = vec![0f32; rows * out];
                     rows_times_wt_with(isa, &x[..rows * k], rows, &w, k, &mut y);
@@ -309,7 +319,9 @@ mod tests {
                             "{out}x{k}, {rows} rows ({isa:?}): {got} vs {want}"
                         );
                     }
-                    assert_eq!(y[..out], alone[..], "{out}x{k}: row 0 alone and in a batch of {rows} ({isa:?})");
+                    for (r, alone) in alone.iter().enumerate().take(rows) {
+                        assert_eq!(y[r * out..(r + 1) * out], alone[..], "{out}x{k}: row {r} alone and in a batch of {rows} ({isa:?})");
+                    }
                 }
             }
         }

@@ -45,12 +45,17 @@ impl Rotary {
 
     /// xs (B, T, H, D) rotated by `angles` (of B or 1 rows and T positions).
     pub fn rotate(&self, xs: &Tensor, angles: &Angles) -> Tensor {
-        let (b, _, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
+        let (b, t, _, d) = xs.size4().expect("rotary input is (B, T, H, D)");
         let rd = self.rotary_dim;
         if rd == 0 {
             return xs.shallow_clone();
         }
-        debug_assert!([1, b].contains(&angles.sin.size()[0]));
+        debug_assert!(
+            [1, b].contains(&angles.sin.size()[0]) && angles.sin.size()[1] == t,
+            "angles for {:?}, input {:?}",
+            angles.sin.size(),
+            xs.size()
+        );
         let rot = xs.narrow(3, 0, rd);
         let rotated = &rot * &angles.cos + rotate_every_two(&rot) * &angles.sin;
         if rd == d {
@@ -89,5 +94,19 @@ mod tests {
         let pair_norm = |t: &Tensor| t.narrow(3, 0, 4).square().sum_dim_intlist(3, false, Kind::Float);
         assert!(pair_norm(&out).allclose(&pair_norm(&xs), 1e-5, 1e-5, false));
         assert!(out.narrow(3, 4, 2).equal(&xs.narrow(3, 4, 2)));
+    }
+
+    #[test]
+    fn one_token_per_row_at_its_own_position_equals_a_sequence_at_that_position() {
+        for (rotary_dim, head_dim) in [(4, 6), (6, 6), (0, 6)] {
+            let rotary = Rotary::new(16, rotary_dim, Kind::Float, Device::Cpu);
+            let xs = Tensor::randn([3, 1, 2, head_dim], (Kind::Float, Device::Cpu));
+            let positions = [9i64, 0, 15];
+            let batched = rotary.rotate(&xs, &rotary.angles_at(&Tensor::from_slice(&positions)));
+            for (row, &position) in positions.iter().enumerate() {
+                let alone = rotary.apply(&xs.narrow(0, row as i64, 1), position);
+                assert!(batched.narrow(0, row as i64, 1).equal(&alone), "rotary_dim {rotary_dim}, row {row} at {position}");
+            }
+        }
     }
 }
