@@ -104,13 +104,20 @@ if (( want_test_env )); then
     if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import torch, transformers, openai, rapidfuzz" 2>/dev/null; then
         echo "setup: creating .venv with PyTorch + transformers (the tests' reference), the openai SDK and rapidfuzz"
         python3 -m venv .venv
-        # The venv imports the torch already in .libtorch (a .pth file puts it on sys.path) rather than a
-        # second 1.2 GB copy, and gets only the libraries that torch loads at import: its requirements
-        # minus triton, which only torch.compile uses. No pip cache: CI disks are small.
-        site_packages=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
-        echo "$PWD/.libtorch" >"$site_packages/zerotune-libtorch.pth"
-        mapfile -t torch_requirements < <(sed -n 's/^Requires-Dist: //p' .libtorch/torch-${TORCH_VERSION}.dist-info/METADATA |
-            grep -v -e '^triton' -e 'extra ==')
+        if [[ -f .libtorch/torch-${TORCH_VERSION}.dist-info/METADATA ]]; then
+            # The venv imports the torch this script installed in .libtorch (a .pth file puts it on
+            # sys.path) rather than a second 1.2 GB copy, and gets only the libraries that torch loads
+            # at import: its requirements minus triton, which only torch.compile uses.
+            site_packages=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+            echo "$PWD/.libtorch" >"$site_packages/zerotune-libtorch.pth"
+            mapfile -t torch_requirements < <(sed -n 's/^Requires-Dist: //p' .libtorch/torch-${TORCH_VERSION}.dist-info/METADATA |
+                grep -v -e '^triton' -e 'extra ==')
+        else
+            # .libtorch/torch is the user's own libtorch (LIBTORCH=DIR), perhaps a zip with no Python
+            # package and its CUDA libraries elsewhere: the venv gets a torch of its own.
+            torch_requirements=("torch==${TORCH_VERSION}")
+        fi
+        # No pip cache: CI disks are small.
         .venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir \
             "${torch_requirements[@]}" "transformers==5.24.0" safetensors tokenizers numpy "openai==3.57.0" "rapidfuzz==3.14.6" \
             2> >(grep -v -e "dependency resolver does not" -e "requires triton" >&2) || no_room "creating .venv"
