@@ -76,7 +76,7 @@ fi
 need() { command -v "$1" >/dev/null 2>&1 || { echo "setup: '$1' is required but not installed ($2)" >&2; exit 1; }; }
 need cargo "install the Rust toolchain, e.g. from your distribution or rustup"
 need python3 "install Python 3.10+ with pip and venv"
-no_room() { echo "setup: $1 failed; if pip said 'No space left on device': a clean clone's setup, tests and build took 8 GB under $PWD and ${TMPDIR:-/tmp}" >&2; exit 1; }
+no_room() { echo "setup: $1 failed; if pip said 'No space left on device': a clean clone's setup, tests and build took 10 GB under $PWD and ${TMPDIR:-/tmp}" >&2; exit 1; }
 
 if [[ -n "$libtorch" ]]; then
     # The build reads .libtorch/torch (.cargo/config.toml): make it the given libtorch.
