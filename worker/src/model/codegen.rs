@@ -114,9 +114,7 @@ impl CodeGen {
     /// different lengths decode together, and each row's logits are those it would get alone.
     /// ids: (N, 1) -> (N, V)
     pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
-        let h = self.config.n_head as i64;
-        let d = self.config.n_embd as i64 / h;
-        let step = cache.step(h, d);
+        let step = cache.step();
         let angles = self.rotary.angles_at(&step.positions);
         let mut xs = Tensor::embedding(&self.wte, ids, -1, false, false);
         for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
@@ -285,8 +283,10 @@ impl CodeGen {
                 let key = self.rotary.rotate(&key, angles).permute([0, 2, 1, 3]);
                 let value = value.permute([0, 2, 1, 3]);
                 super::attend::decode_step(&query, (&key, &value), (cache_k, cache_v), &step.attended).unwrap_or_else(|| {
-                    let _ = cache_k.scatter_(2, &step.index, &key);
-                    let _ = cache_v.scatter_(2, &step.index, &value);
+                    // Each row's new entries to its own position: (N, H, 1, D) indices.
+                    let index = step.positions.view([-1, 1, 1, 1]).expand_as(&key);
+                    let _ = cache_k.scatter_(2, &index, &key);
+                    let _ = cache_v.scatter_(2, &index, &value);
                     let (keys, values) = (cache_k.narrow(2, 0, step.width), cache_v.narrow(2, 0, step.width));
                     Tensor::scaled_dot_product_attention(&query, &keys, &values, step.mask(), 0.0, false, None, false)
                 })
@@ -341,8 +341,8 @@ const WEIGHT_MAJOR_ROWS: i64 = 8;
 /// (T = 1; 0 otherwise) of up to 8 goes to `matvec.rs`, which streams w once on all of torch's
 /// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step, ~30 with `attend.rs`). Beyond
 /// that, or without AVX2, MKL's small-M GEMM would repack all of w on every call, which costs
-/// more than reading w once;
-/// computed as w · xs^T (M = out, N = rows) the weights stream through once.
+/// more than reading w once; computed as w · xs^T (M = out, N = rows) the weights stream through
+/// once.
 fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: i64) -> Tensor {
     if rows > 0 {
         if let Some(y) = super::matvec::project(xs, w, b) {

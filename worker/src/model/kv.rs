@@ -120,14 +120,11 @@ impl BatchCache {
     }
 
     /// What a decode step needs for rows at positions `lengths` (and makes room for it).
-    pub(crate) fn step(&mut self, heads: i64, head_dim: i64) -> Step {
+    pub(crate) fn step(&mut self) -> Step {
         let width = self.lengths.iter().max().map_or(0, |m| m + 1);
         self.reserve(width);
-        let device = self.layers[0].0.device();
-        let n = self.rows() as i64;
-        let positions = Tensor::from_slice(&self.lengths).to_device(device);
-        let index = positions.view([n, 1, 1, 1]).expand([n, heads, 1, head_dim], false);
-        Step { positions, index, mask: OnceCell::new(), width, attended: self.lengths.iter().map(|l| l + 1).collect() }
+        let positions = Tensor::from_slice(&self.lengths).to_device(self.layers[0].0.device());
+        Step { positions, mask: OnceCell::new(), width, attended: self.lengths.iter().map(|l| l + 1).collect() }
     }
 }
 
@@ -136,8 +133,6 @@ impl BatchCache {
 pub(crate) struct Step {
     /// Each row's position (its length before the step), (N,).
     pub positions: Tensor,
-    /// The scatter index that writes each row's new key at its position, (N, H, 1, D).
-    pub index: Tensor,
     /// W = the longest row's length after the step.
     pub width: i64,
     /// Positions each row attends to (its length after the step), on the host.
