@@ -79,10 +79,13 @@ fn rows_times_wt_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: 
     });
 }
 
-/// How far ahead (floats, 1 KB) of each weight row's loads a block of several rows of x asks for
-/// the row's cache lines: with the FMAs of several rows between loads, the hardware prefetcher
-/// alone leaves the weights' stream at 25 GB/s here (8 rows, 8 lanes); with this, 33 (one row: 41).
-const PREFETCH: usize = 256;
+/// How far ahead (floats, 2 KB) of each weight row's loads a block of several rows of x asks for
+/// the row's cache lines. With the FMAs of several rows between loads, the hardware prefetcher
+/// alone does not keep enough lines in flight. Near a row's end the line asked for is the next
+/// block's: the hardware prefetcher starts each new row cold, and asking for lines of the row
+/// after (which this block loads itself) left the 8-row step's matrices at 53 ms against 34 ms
+/// with the next block's (codegen-350M, median of interleaved calls, same process).
+const PREFETCH: usize = 512;
 
 /// The vectors this CPU offers the kernel: AVX2's 16 registers of 8 lanes, or AVX-512's 32 of 16.
 /// 16 lanes read a whole cache line per load: one row streams the weights ~15% faster here
@@ -238,14 +241,19 @@ unsafe fn block<V: Vector, const O: usize, const R: usize>(w: *const f32, x: *co
             *xp = x.wrapping_add(r * k);
         }
         let end = w.wrapping_add(lanes);
+        // Row p's loads `ahead` floats from now: further along row p, or, near its end, in row p
+        // of the next block, which starts O·k floats after this one.
+        let ahead = PREFETCH.min(lanes);
+        let to_next_block = O * k - lanes;
         while wp[0] < end {
+            let skip = if wp[0].wrapping_add(ahead) >= end { to_next_block } else { 0 };
             // Plain loops, not closures: a closure would not inherit the caller's target features,
             // and its intrinsics would stay calls.
             let mut wv = [V::zero(); O];
             for p in 0..O {
                 wv[p] = V::load(wp[p]);
                 if R > 1 {
-                    _mm_prefetch::<_MM_HINT_T0>(wp[p].wrapping_add(PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(wp[p].wrapping_add(ahead + skip) as *const i8);
                 }
                 wp[p] = wp[p].wrapping_add(V::LANES);
             }
