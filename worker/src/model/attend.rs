@@ -31,7 +31,7 @@ pub fn decode_step(query: &Tensor, new: (&Tensor, &Tensor), cache: (&mut Tensor,
         && values.size() == keys.size()
         && keys.is_contiguous()
         && values.is_contiguous()
-        && n > 0
+        && query.numel() > 0 // no empty slices from libtorch's null data pointers
         && attended.len() == n as usize
         && attended.iter().all(|&a| 1 <= a && a <= capacity)
         && disjoint(&[new.0, new.1, keys, values]);

@@ -83,8 +83,8 @@ fn rows_times_wt_with(isa: Isa, x: &[f32], rows: usize, w: &[f32], k: usize, y: 
 /// the row's cache lines. With the FMAs of several rows between loads, the hardware prefetcher
 /// alone does not keep enough lines in flight. Near a row's end the line asked for is the next
 /// block's: the hardware prefetcher starts each new row cold, and asking for lines of the row
-/// after (which this block loads itself) left the 8-row step's matrices at 53 ms against 34 ms
-/// with the next block's (codegen-350M, median of interleaved calls, same process).
+/// after (which this block loads itself) left the 8-row step's matrices at 53-56 ms against 34-36
+/// with the next block's (codegen-350M, medians of interleaved calls, same process).
 const PREFETCH: usize = 512;
 
 /// The vectors this CPU offers the kernel: AVX2's 16 registers of 8 lanes, or AVX-512's 32 of 16.

@@ -4,6 +4,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::dtype::host_slice;
+
 /// Sine and cosine tables for every position, (n_positions, rotary_dim/2) each.
 pub struct Rotary {
     sin: Tensor,
@@ -90,17 +92,11 @@ impl Rotary {
         }
         let xs = xs.contiguous();
         let out = Tensor::empty([b, t, h, d], (Kind::Float, Device::Cpu));
-        let (b, t, h, d, rd, rows) = (b as usize, t as usize, h as usize, d as usize, self.rotary_dim as usize, rows as usize);
-        // SAFETY: contiguous fp32 CPU tensors of exactly these element counts, alive for the call;
-        // `out` is fresh, so nothing else aliases it.
-        let (x, sin, cos, y) = unsafe {
-            (
-                std::slice::from_raw_parts(xs.data_ptr() as *const f32, b * t * h * d),
-                std::slice::from_raw_parts(angles.sin.data_ptr() as *const f32, rows * t * rd),
-                std::slice::from_raw_parts(angles.cos.data_ptr() as *const f32, rows * t * rd),
-                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, b * t * h * d),
-            )
-        };
+        let (x, sin, cos) = (host_slice::<f32>(&xs), host_slice::<f32>(&angles.sin), host_slice::<f32>(&angles.cos));
+        // SAFETY: `out` is a fresh contiguous fp32 CPU tensor of x's length (not empty), so nothing
+        // else aliases it.
+        let y = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, x.len()) };
+        let (t, h, d, rd) = (t as usize, h as usize, d as usize, self.rotary_dim as usize);
         for (head, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
             let token = head / h; // row · T + position
             let angle = if rows == 1 { token % t } else { token } * rd;

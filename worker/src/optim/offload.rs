@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use zerotune_proto::plan::AdamW as Hyper;
 
 use super::adamw::{AdamState, Cast, Grads, Segment};
+use crate::dtype::host_slice;
 use crate::error::Result;
 
 pub struct HostOptimizer {
@@ -155,13 +156,6 @@ pub fn fp16_transfer_scale(amax: f64) -> f64 {
     }
     let exponent = ((amax.to_bits() >> 52) & 0x7ff) as i32 - 1023; // amax in [2^e, 2^(e+1))
     2f64.powi((14 - exponent).clamp(-64, 64))
-}
-
-/// The elements of a contiguous host tensor of `T`-sized values.
-fn host_slice<T>(tensor: &Tensor) -> &[T] {
-    assert!(tensor.device() == Device::Cpu && tensor.is_contiguous() && tensor.kind().elt_size_in_bytes() == size_of::<T>());
-    // SAFETY: the tensor is contiguous on the host with elements of T's size and outlives the borrow.
-    unsafe { std::slice::from_raw_parts(tensor.data_ptr() as *const T, tensor.numel()) }
 }
 
 #[cfg(test)]
