@@ -2,7 +2,7 @@
 //! any other value must agree with the flag; batch, optimizer, scheduler, precision and ZeRO
 //! settings come into the plan. Keys are typed; a key DeepSpeed does not have (a typo such as
 //! `zero_optimisation`) is refused by name, and the DeepSpeed keys zerotune does not apply (its
-//! behaviour is fixed, or the feature is another tool's; `ACCEPTED`) are accepted and ignored.
+//! behaviour is fixed, or the feature is another tool's; `ds_keys.rs`) are accepted and ignored.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +13,7 @@ use serde_json::Value;
 use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
 use super::args::TrainArgs;
+use super::ds_keys;
 use super::{flag, precision, TrainPlan, Warmup, Zero};
 use crate::error::Result;
 
@@ -58,7 +59,7 @@ pub struct DsConfig {
     bf16: Option<Enabled>,
     zero_optimization: Option<ZeroSection>,
     /// Present: every block's activations are recomputed in the backward pass (as
-    /// --gradient_checkpointing); its keys tune DeepSpeed's own implementation (`ACCEPTED`).
+    /// --gradient_checkpointing); its keys tune DeepSpeed's own implementation (accepted, `ds_keys.rs`).
     activation_checkpointing: Option<Rest>,
     #[serde(flatten)]
     rest: Rest,
@@ -149,69 +150,6 @@ enum OffloadDevice {
     Nvme,
 }
 
-/// DeepSpeed keys that have no effect in zerotune (its behaviour is fixed, or the feature is
-/// another tool's), per section. Anything not here and not a field above is a mistake.
-const ACCEPTED: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "steps_per_print",
-            "wall_clock_breakdown",
-            "memory_breakdown",
-            "dump_state",
-            "zero_allow_untested_optimizer",
-            "zero_force_ds_cpu_optimizer",
-            "prescale_gradients",
-            "gradient_predivide_factor",
-            "communication_data_type",
-            "sparse_gradients",
-            "flops_profiler",
-            "tensorboard",
-            "wandb",
-            "csv_monitor",
-            "comms_logger",
-            "checkpoint",
-            "data_types",
-            "aio",
-        ],
-    ),
-    ("optimizer.params", &["torch_adam", "amsgrad", "bias_correction", "fp32_optimizer_states"]),
-    (
-        "activation_checkpointing",
-        &[
-            "partition_activations",
-            "cpu_checkpointing",
-            "contiguous_memory_optimization",
-            "number_checkpoints",
-            "synchronize_checkpoint_boundary",
-            "profile",
-        ],
-    ),
-    ("scheduler.params", &["last_batch_iteration", "warmup_min_ratio", "cos_min_ratio", "warmup_max_lr_ratio"]),
-    ("fp16", &["auto_cast", "consecutive_hysteresis"]),
-    ("bf16", &["immediate_grad_update"]),
-    (
-        "zero_optimization",
-        &[
-            "allgather_partitions",
-            "allgather_bucket_size",
-            "overlap_comm",
-            "reduce_scatter",
-            "contiguous_gradients",
-            "round_robin_gradients",
-            "elastic_checkpoint",
-            "load_from_fp32_weights",
-            "ignore_unused_parameters",
-            "sub_group_size",
-            "offload_param",
-        ],
-    ),
-    (
-        "zero_optimization.offload_optimizer",
-        &["pin_memory", "nvme_path", "buffer_count", "fast_init", "ratio", "pipeline_read", "pipeline_write"],
-    ),
-];
-
 impl DsConfig {
     /// Reads and checks `path`: JSON syntax, every value's type, and every key's name.
     pub fn read(path: &Path) -> Result<Self> {
@@ -227,7 +165,7 @@ impl DsConfig {
         if !unknown.is_empty() {
             return Err(bad(format!(
                 "{} (DeepSpeed has no such key; check the spelling, or remove it)",
-                unknown.iter().map(|key| describe_unknown(key)).collect::<Vec<_>>().join("; ")
+                unknown.iter().map(|key| ds_keys::describe_unknown(key)).collect::<Vec<_>>().join("; ")
             )));
         }
         Ok(config)
@@ -250,7 +188,7 @@ impl DsConfig {
         let bf16 = ("bf16", self.bf16.as_ref().map(|b| &b.rest));
         let mut unknown = vec![];
         for (section, rest) in sections.into_iter().chain([bf16]) {
-            let accepted = ACCEPTED.iter().find(|(name, _)| *name == section).map_or(&[][..], |(_, keys)| keys);
+            let accepted = ds_keys::accepted(section);
             for key in rest.into_iter().flat_map(|r| r.keys()) {
                 if !accepted.contains(&key.as_str()) {
                     unknown.push(if section.is_empty() { key.clone() } else { format!("{section}.{key}") });
@@ -259,60 +197,6 @@ impl DsConfig {
         }
         unknown
     }
-}
-
-/// `unknown key zero_optimisation (did you mean zero_optimization?)`.
-fn describe_unknown(dotted: &str) -> String {
-    let (section, key) = dotted.rsplit_once('.').unwrap_or(("", dotted));
-    let mut known: Vec<&str> = ACCEPTED.iter().filter(|(name, _)| *name == section).flat_map(|(_, keys)| keys.iter().copied()).collect();
-    known.extend(FIELDS.iter().filter(|(name, _)| *name == section).flat_map(|(_, keys)| keys.iter().copied()));
-    match known.into_iter().filter(|k| edit_distance(k, key) <= 2).min_by_key(|k| edit_distance(k, key)) {
-        Some(close) => format!("unknown key {dotted} (did you mean {close}?)"),
-        None => format!("unknown key {dotted}"),
-    }
-}
-
-/// The typed keys per section, for suggestions.
-const FIELDS: &[(&str, &[&str])] = &[
-    (
-        "",
-        &[
-            "train_batch_size",
-            "train_micro_batch_size_per_gpu",
-            "gradient_accumulation_steps",
-            "gradient_clipping",
-            "optimizer",
-            "scheduler",
-            "fp16",
-            "bf16",
-            "zero_optimization",
-            "activation_checkpointing",
-        ],
-    ),
-    ("optimizer", &["type", "params"]),
-    ("optimizer.params", &["lr", "betas", "eps", "weight_decay", "adam_w_mode"]),
-    ("scheduler", &["type", "params"]),
-    ("scheduler.params", &["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type", "total_num_steps"]),
-    ("fp16", &["enabled", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale"]),
-    ("bf16", &["enabled"]),
-    ("zero_optimization", &["stage", "offload_optimizer", "reduce_bucket_size"]),
-    ("zero_optimization.offload_optimizer", &["device"]),
-];
-
-/// Levenshtein distance, for "did you mean".
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let substitution = diagonal + usize::from(ca != cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
-        }
-    }
-    row[b.len()]
 }
 
 /// Collects the values that disagree with the command line.
@@ -536,12 +420,5 @@ mod tests {
         let err = read(r#"{"zero_optimization": {"offload_optimizer": {"device": "gpu"}}}"#).unwrap_err().to_string();
         assert!(err.contains("zero_optimization.offload_optimizer.device: unknown variant `gpu`"), "{err}");
         assert!(read("{").unwrap_err().to_string().contains("not valid JSON"));
-    }
-
-    #[test]
-    fn edit_distance_counts_single_edits() {
-        assert_eq!(edit_distance("zero_optimisation", "zero_optimization"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -5,6 +5,7 @@
 
 mod args;
 mod ds_config;
+mod ds_keys;
 mod placement;
 
 pub use args::{Bytes, DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
