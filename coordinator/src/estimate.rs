@@ -374,7 +374,11 @@ pub fn table(job: &Job, capacity: Capacity) -> String {
     };
     let per_device = if job.gpu { "per GPU" } else { "per CPU rank (device and host terms: one RAM)" };
     out += &format!("  total {per_device}: {} ({} bytes): {}\n", gib(t.per_device), t.per_device, check(t.per_device, capacity.device));
-    out += &format!("  total per host ({} ranks): {}: {}\n", job.ranks_per_host, gib(t.per_host), check(t.per_host, capacity.host));
+    let ranks = match job.ranks_per_host {
+        1 => "1 rank".to_string(),
+        n => format!("{n} ranks"),
+    };
+    out += &format!("  total per host ({ranks}): {}: {}\n", gib(t.per_host), check(t.per_host, capacity.host));
     out
 }
 

@@ -172,8 +172,11 @@ pub fn check_memory(plan: &TrainPlan, gpus: &[GpuInfo]) -> Result<String> {
     let job = job_of(plan, &config);
     let capacity = capacity(plan, gpus);
     let table = estimate::table(&job, capacity);
-    estimate::verdict(&job, capacity)
-        .map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} (plan for another device with --gpu_memory SIZE)")))?;
+    let hint = match plan.launch.device {
+        Device::Cpu => "these are CPU ranks: plan GPU ranks with --device cuda, and another machine's memory with --gpu_memory SIZE",
+        Device::Cuda(_) => "plan for another device with --gpu_memory SIZE",
+    };
+    estimate::verdict(&job, capacity).map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} ({hint})")))?;
     Ok(table)
 }
 
@@ -191,8 +194,12 @@ mod tests {
     }
 
     fn plan(extra: &[&str]) -> TrainPlan {
+        plan_on("cuda:0", extra)
+    }
+
+    fn plan_on(device: &str, extra: &[&str]) -> TrainPlan {
         let mut argv = vec!["x", "--config_name", "codegen-350M", "--train_tokenizer", "2048", "--train_file", "d.jsonl"];
-        argv.extend_from_slice(&["--output_dir", "o", "--do_train", "--device", "cuda:0", "--worker_bin", "/bin/true"]);
+        argv.extend_from_slice(&["--output_dir", "o", "--do_train", "--device", device, "--worker_bin", "/bin/true"]);
         argv.extend_from_slice(extra);
         TrainPlan::resolve(&Cli::parse_from(argv).args).unwrap()
     }
@@ -217,6 +224,10 @@ mod tests {
         assert!(table.contains("total per GPU") && table.contains("fits in 24.00 GiB"), "{table}");
         let err = check_memory(&plan(&["--gpu_memory", "1GiB"]), &p40()).unwrap_err().to_string();
         assert!(err.contains("DOES NOT FIT in 1.00 GiB") && err.contains("memory planner: the job needs"), "{err}");
+        assert!(err.ends_with("(plan for another device with --gpu_memory SIZE)"), "{err}");
+        // A plan of CPU ranks says how to plan GPU ranks instead.
+        let err = check_memory(&plan_on("cpu", &["--gpu_memory", "1GiB"]), &[]).unwrap_err().to_string();
+        assert!(err.contains("total per CPU rank") && err.contains("plan GPU ranks with --device cuda"), "{err}");
     }
 
     #[test]
