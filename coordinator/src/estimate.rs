@@ -135,11 +135,13 @@ pub fn terms(job: &Job) -> Vec<Term> {
     }
     if job.offload {
         out.push(term("optimizer state", Place::Host, owned * 12, format!("{owned} x 12 B (fp32 master, exp_avg, exp_avg_sq)")));
-        if k == 2 {
-            out.push(term("pinned buffers", Place::Host, owned * 2, format!("{owned} x 2 B (16-bit weights going up)")));
-        } else if job.gpu {
+        // New weights go up through two host tiles, used alternately (pinned on a GPU); fp32
+        // ones on CPU ranks go up from the master as they are.
+        if k == 2 || job.gpu {
             let tile = job.offload_tile.min(owned);
-            out.push(term("pinned buffers", Place::Host, tile * 4, format!("{tile} x 4 B (fp32 upload staging tile)")));
+            let (name, what) = if job.gpu { ("pinned buffers", "pinned ") } else { ("upload tiles", "") };
+            let format = if k == 2 { "16-bit" } else { "fp32" };
+            out.push(term(name, Place::Host, 2 * tile * k, format!("2 x {tile} x {k} B ({what}{format} upload tiles)")));
         }
         // 16-bit gradients are cast (fp16: first scaled) on the device, a tile at a time, two in
         // flight; fp32 ones go down as they are.
