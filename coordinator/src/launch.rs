@@ -160,15 +160,16 @@ pub fn remote_script(
 }
 
 /// `srun` for the whole job: Slurm starts one task per rank; each reads its rank and local GPU
-/// from SLURM_PROCID / SLURM_LOCALID. Tasks ignore SIGINT and SIGTERM: at a time limit Slurm
-/// signals every process of the job, and the coordinator turns its own signal into a checkpoint
-/// and a stop that the workers must live to carry out (SIGKILL still ends them).
+/// from SLURM_PROCID / SLURM_LOCALID and, as under the other launchers, sees that one GPU alone
+/// (`SLURM_ONE_GPU`). Tasks ignore SIGINT and SIGTERM: at a time limit Slurm signals every
+/// process of the job, and the coordinator turns its own signal into a checkpoint and a stop
+/// that the workers must live to carry out (SIGKILL still ends them).
 pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
     let world = spec.placements.len();
     let nodes = spec.placements.iter().map(|p| &p.host).collect::<std::collections::BTreeSet<_>>().len();
-    let device = if spec.device == Device::Cpu { "cpu" } else { "cuda:$SLURM_LOCALID" };
+    let (gpu, device) = if spec.device == Device::Cpu { ("", "cpu") } else { (SLURM_ONE_GPU, "cuda:0") };
     let script = format!(
-        "trap '' INT TERM; RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
+        "trap '' INT TERM; {gpu}RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE={world} exec {} run --coordinator {} --rank $SLURM_PROCID --device {device}",
         quote(&spec.worker.to_string_lossy()),
         quote(url)
     );
@@ -176,6 +177,12 @@ pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
         .map(String::from)
         .to_vec()
 }
+
+/// Leaves a Slurm task's CUDA_VISIBLE_DEVICES naming its one GPU: kept when Slurm bound one GPU to
+/// the task, the SLURM_LOCALID-th of the list when the task sees the node's GPUs, SLURM_LOCALID
+/// when it is unset. NCCL and the worker then use `cuda:0`, as with the other launchers.
+const SLURM_ONE_GPU: &str = "gpus=${CUDA_VISIBLE_DEVICES-$SLURM_LOCALID}; case $gpus in *,*) \
+    gpus=$(printf '%s' \"$gpus\" | cut -d, -f$((SLURM_LOCALID + 1))) ;; esac; export CUDA_VISIBLE_DEVICES=$gpus; ";
 
 /// Single-quotes `s` for a POSIX shell.
 fn quote(s: &str) -> String {
@@ -299,7 +306,30 @@ mod tests {
         };
         let argv = srun_argv(&spec, "http://h:1");
         assert_eq!(argv[..4], ["srun", "--nodes=2", "--ntasks=4", "--kill-on-bad-exit=1"]);
-        assert!(argv[6].ends_with("--rank $SLURM_PROCID --device cuda:$SLURM_LOCALID") && argv[6].contains("WORLD_SIZE=4"));
+        assert!(argv[6].ends_with("--rank $SLURM_PROCID --device cuda:0") && argv[6].contains("WORLD_SIZE=4"));
         assert!(argv[6].starts_with("trap '' INT TERM; "), "tasks outlive Slurm's SIGTERM to checkpoint");
+        assert!(argv[6].contains(SLURM_ONE_GPU));
+        let cpu = srun_argv(&LaunchSpec { device: Device::Cpu, ..spec }, "http://h:1");
+        assert!(cpu[6].ends_with("--device cpu") && !cpu[6].contains("CUDA_VISIBLE_DEVICES"));
+    }
+
+    /// The task's GPU, run through a real shell: (CUDA_VISIBLE_DEVICES as Slurm left it, SLURM_LOCALID).
+    #[test]
+    fn a_slurm_task_sees_its_one_gpu() {
+        for (visible, local, want) in [(None, "2", "2"), (Some("0,1,2,3"), "2", "2"), (Some("4,5,6,7"), "1", "5"), (Some("3"), "1", "3")] {
+            let mut sh = std::process::Command::new("sh");
+            sh.arg("-c").arg(format!("{SLURM_ONE_GPU}echo \"$CUDA_VISIBLE_DEVICES\"")).env("SLURM_LOCALID", local);
+            match visible {
+                Some(v) => sh.env("CUDA_VISIBLE_DEVICES", v),
+                None => sh.env_remove("CUDA_VISIBLE_DEVICES"),
+            };
+            let out = sh.output().unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                want,
+                "{visible:?} local {local}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

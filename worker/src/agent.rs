@@ -167,6 +167,8 @@ fn serve(
 
 /// Beats every `interval` beside the work (so also mid-step or stuck in a collective), and ends
 /// the process when the coordinator says abort or has not answered for `timeout`: no orphans.
+/// It ends with `_exit`: the exit handlers of the CUDA runtime and NCCL could wait forever on the
+/// collective another thread is stuck in.
 async fn heartbeat(mut client: Client, rank: u32, finished_step: Arc<AtomicU64>, interval: Duration, timeout: Duration) {
     let mut ticks = tokio::time::interval(interval);
     let mut answered = Instant::now();
@@ -176,12 +178,12 @@ async fn heartbeat(mut client: Client, rank: u32, finished_step: Arc<AtomicU64>,
         match tokio::time::timeout(timeout, client.heartbeat(beat)).await {
             Ok(Ok(reply)) if reply.get_ref().abort => {
                 eprintln!("rank {rank}: the coordinator aborted the job; exiting");
-                std::process::exit(1);
+                exit_now(1);
             }
             Ok(Ok(_)) => answered = Instant::now(),
             _ if answered.elapsed() >= timeout => {
                 eprintln!("rank {rank}: no answer from the coordinator for {} s (--heartbeat_timeout); exiting", timeout.as_secs());
-                std::process::exit(1);
+                exit_now(1);
             }
             _ => {}
         }
@@ -201,7 +203,7 @@ async fn collectives(client: &mut Client, args: &AgentArgs, backend: Collectives
         }
         let nccl_id = if rank == 0 { nccl::unique_id()? } else { vec![] };
         let reply = client.rendezvous(RendezvousRequest { rank, ring_address: String::new(), nccl_id }).await?.into_inner();
-        return Ok(Box::new(tokio::task::block_in_place(|| nccl::Nccl::join(&reply.nccl_id, rank as usize, world))?));
+        return Ok(Box::new(tokio::task::block_in_place(|| nccl::Nccl::join(&reply.nccl_id, rank as usize, world, args.device))?));
     }
     let host = reachable_ip(&args.coordinator)?;
     let listener = std::net::TcpListener::bind((host, 0)).map_err(|e| anyhow::anyhow!("cannot listen for the ring on {host}: {e}"))?;
@@ -224,4 +226,10 @@ fn reachable_ip(url: &str) -> anyhow::Result<std::net::IpAddr> {
 
 fn tensors(batches: &[Batch], device: Device) -> anyhow::Result<Vec<Tensor>> {
     Ok(batches.iter().map(|b| batch_tensor(b.rows, b.cols, &b.tokens, device)).collect::<Result<_, _>>()?)
+}
+
+/// Ends the process at once, without exit handlers (stderr is unbuffered: what was said is out).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit only ends the process.
+    unsafe { libc::_exit(code) }
 }

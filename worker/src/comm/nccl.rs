@@ -16,6 +16,8 @@ pub struct Nccl {
     comm: sys::ncclComm_t,
     rank: usize,
     world: usize,
+    /// This rank's GPU, the communicator's.
+    device: Device,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time (&mut self).
@@ -72,9 +74,18 @@ fn on_gpu(t: &Tensor) -> Result<*mut std::ffi::c_void> {
 }
 
 impl Nccl {
-    /// Joins the communicator of `world` ranks named by `id` (blocks until all have joined).
-    pub fn join(id: &[u8], rank: usize, world: usize) -> Result<Self> {
+    /// Joins the communicator of `world` ranks named by `id` on this rank's GPU `device` (blocks
+    /// until all have joined).
+    pub fn join(id: &[u8], rank: usize, world: usize, device: Device) -> Result<Self> {
         available()?;
+        let Device::Cuda(index) = device else {
+            return Err(WorkerError::Invalid("NCCL collectives need a GPU".into()));
+        };
+        // NCCL takes the calling thread's current device, which is GPU 0 unless made otherwise
+        // (every launcher gives a rank its one GPU as cuda:0).
+        if index != 0 {
+            crate::device::make_current(index)?;
+        }
         let mut unique = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
         if id.len() != UNIQUE_ID_BYTES {
             return Err(WorkerError::Invalid(format!("an NCCL id has {UNIQUE_ID_BYTES} bytes, got {}", id.len())));
@@ -85,7 +96,7 @@ impl Nccl {
         let mut comm = std::ptr::null_mut();
         // SAFETY: a valid id, rank < world; NCCL writes the communicator handle.
         check("ncclCommInitRank", unsafe { sys::ncclCommInitRank(&mut comm, world as i32, unique, rank as i32) })?;
-        Ok(Self { comm, rank, world })
+        Ok(Self { comm, rank, world, device })
     }
 }
 
@@ -149,7 +160,7 @@ impl Collective for Nccl {
     }
 
     fn barrier(&mut self) -> Result<()> {
-        let mut token = Tensor::zeros([1], (Kind::Float, Device::Cuda(0)));
+        let mut token = Tensor::zeros([1], (Kind::Float, self.device));
         self.all_reduce(&mut token)
     }
 }
