@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark in one call (prepare with bench/gpu_prepare.sh on the build machine).
 # PART=main (default; one device call, about 7 minutes):
-# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu; ZeRO-2 over NCCL
+# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu (both fp32); ZeRO-2 over NCCL
 #    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16),
 #    in tiles of 1000 elements so transfers are in flight during host updates, with the fp16 runs'
 #    skipped (overflow) steps beside; HostOptimizer::step on cuda bit-equal to cpu
@@ -43,13 +43,14 @@ skipped() { "$PY" -c 'import json,sys; print(sum(json.loads(l).get("skipped_step
 if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
 if [ "$PART" = big ]; then source bench/gpu_big.sh; exit; fi
 
-echo "== 1. CUDA greedy ids vs CPU (tiny fixture)"
-for dev in cpu "$DEVICE"; do
-  "$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n' --max_new_tokens 20 --device "$dev" --json \
-    > "$OUT/generate-$dev.json" 2> "$OUT/generate-$dev.err" || cat "$OUT/generate-$dev.err"
+echo "== 1. CUDA greedy ids vs CPU (tiny fixture, fp32; then the GPU's default --dtype auto, shown)"
+for run in "cpu fp32" "$DEVICE fp32" "$DEVICE auto"; do
+  set -- $run
+  "$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n' --max_new_tokens 20 --device "$1" --dtype "$2" --json \
+    > "$OUT/generate-$1-$2.json" 2> "$OUT/generate-$1-$2.err" || cat "$OUT/generate-$1-$2.err"
 done
-if cmp -s "$OUT/generate-cpu.json" "$OUT/generate-$DEVICE.json"; then GEN=same; else GEN=DIFFERENT; fi
-echo "greedy ids cpu vs $DEVICE: $GEN"; cat "$OUT/generate-$DEVICE.json"
+if cmp -s "$OUT/generate-cpu-fp32.json" "$OUT/generate-$DEVICE-fp32.json"; then GEN=same; else GEN=DIFFERENT; fi
+echo "greedy ids cpu vs $DEVICE (fp32): $GEN"; cat "$OUT/generate-$DEVICE-fp32.json" "$OUT/generate-$DEVICE-auto.json"
 
 echo "== 2. data"
 "$PY" - "$OUT/data.txt" <<'PYEOF'
@@ -168,7 +169,7 @@ if [ "$ANCHOR" = 1 ]; then
 fi
 
 echo
-echo "greedy ids, tiny fixture, cpu vs $DEVICE: $GEN"
+echo "greedy ids, tiny fixture fp32, cpu vs $DEVICE: $GEN"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
 echo "16-bit gradient transfer, tiny fixture, 2 steps, tiles of 1000, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]} (${SKIPPED[bf16]}), fp16 ${SIXTEEN[fp16]:--} (${SKIPPED[fp16]:-not run})"
 echo "HostOptimizer::step $DEVICE vs cpu (fp32, bf16, fp16; tiles of 1000): $OFFLOAD_CHECK"

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use zerotune_data::Document;
+use zerotune_proto::plan::Precision;
 
-use crate::config::{ModelChoice, TrainPlan};
+use crate::config::{Device, ModelChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
 
 pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_size: usize) -> Result<()> {
@@ -21,8 +22,14 @@ pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_si
     if let ModelChoice::Pretrained(base) = &plan.model {
         command.arg("--base").arg(base);
     }
-    if plan.training.precision == zerotune_proto::plan::Precision::Fp16 {
-        command.arg("--fp16");
+    // On a GPU, in the precision it trained in (a P40's fp32 included); on the CPU, fp32.
+    if plan.launch.device != Device::Cpu {
+        let dtype = match plan.training.precision {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        };
+        command.args(["--dtype", dtype]);
     }
     let failed = |message: String| CoordinatorError::Launcher(format!("the completion evaluation ({} eval) {message}", worker.display()));
     let mut child = command.stdin(Stdio::piped()).spawn().map_err(|e| failed(format!("cannot start: {e}")))?;

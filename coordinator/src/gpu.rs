@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use zerotune_hf::CodeGenConfig;
-use zerotune_proto::plan::Precision;
+use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
 
 use crate::config::{config_by_name, Device, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
@@ -72,7 +72,7 @@ pub fn precision_for(
     chosen: Chosen,
 ) -> std::result::Result<(Precision, bool, Option<String>), String> {
     let (major, minor) = capability;
-    if major >= 7 {
+    if capability >= FAST_16_BIT_CAPABILITY {
         return Ok((precision, false, None));
     }
     let gpu = format!("compute capability {major}.{minor}");

@@ -259,6 +259,12 @@ fn every_failure_is_named_and_loses_nothing() {
             Ends::Refused,
             &["--top_p 2: must be in (0, 1]"],
         ),
+        case(
+            "16-bit inference on the CPU",
+            &["worker", "generate", "--model", &tiny, "--prompt", "def", "--device", "cpu", "--dtype", "bf16"],
+            Ends::Refused,
+            &["--dtype bf16: on the CPU models compute in fp32"],
+        ),
         with_argv(
             case(
                 "optimizer slice damaged",

@@ -16,17 +16,8 @@ use crate::error::{Result, WorkerError};
 use crate::model::CodeGen;
 use crate::sample::{Rng, Sampler, SamplingParams};
 
-/// The compute precision of a loaded model: the training plan's.
+/// The compute precision of a loaded model (`precision.rs` says which for `--dtype`).
 pub use zerotune_proto::plan::Precision;
-
-/// The precision a loaded model computes in: fp32 on the CPU; on a GPU bf16, or fp16 when asked.
-pub fn inference_precision(device: Device, fp16: bool) -> Precision {
-    match (device, fp16) {
-        (Device::Cpu, _) => Precision::Fp32,
-        (_, true) => Precision::Fp16,
-        (_, false) => Precision::Bf16,
-    }
-}
 
 /// A model ready to generate.
 pub struct Loaded {
@@ -91,17 +82,18 @@ pub struct GenerateArgs {
     pub params: SamplingParams,
     pub seed: u64,
     pub device: Device,
+    pub precision: Precision,
     /// Print {"prompt_ids", "new_ids", "completion", "finish_reason"} as JSON instead of the text.
     pub json: bool,
     pub nonfinite: NonFinite,
 }
 
-/// `worker generate`: loads the model (at `inference_precision`), completes the prompt and prints
+/// `worker generate`: loads the model (at `args.precision`), completes the prompt and prints
 /// the prompt with its completion, or the JSON reply, on stdout; a completion cut short by the
 /// context gets a note on stderr.
 pub fn run(args: GenerateArgs) -> Result<()> {
     args.params.check().map_err(WorkerError::Invalid)?;
-    let loaded = Loaded::open(&args.model, args.device, inference_precision(args.device, false), args.nonfinite)?;
+    let loaded = Loaded::open(&args.model, args.device, args.precision, args.nonfinite)?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {
         eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);

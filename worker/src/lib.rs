@@ -14,6 +14,7 @@ pub mod generate;
 pub mod grads;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod sample;
 pub mod serve;
 mod test_hook;

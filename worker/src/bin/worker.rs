@@ -10,7 +10,8 @@ use zerotune_hf::manifest::NonFinite;
 use zerotune_worker::agent::{self, AgentArgs};
 use zerotune_worker::device;
 use zerotune_worker::eval::{self, EvalOptions};
-use zerotune_worker::generate::{self, inference_precision, GenerateArgs, Loaded};
+use zerotune_worker::generate::{self, GenerateArgs, Loaded, Precision};
+use zerotune_worker::precision::{self, Dtype};
 use zerotune_worker::sample::SamplingParams;
 use zerotune_worker::serve::{self, ServeOptions};
 
@@ -61,6 +62,8 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
+        #[command(flatten)]
+        dtype: DtypeArgs,
         /// Print {"prompt_ids", "new_ids", "completion", "finish_reason"} as JSON instead of the text.
         #[arg(long)]
         json: bool,
@@ -82,9 +85,8 @@ enum Command {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
-        /// On a GPU, compute in fp16 instead of bf16.
-        #[arg(long)]
-        fp16: bool,
+        #[command(flatten)]
+        dtype: DtypeArgs,
         /// Require `Authorization: Bearer KEY` (also read from ZEROTUNE_API_KEY).
         #[arg(long, env = "ZEROTUNE_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
@@ -140,9 +142,36 @@ struct EvalArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// On a GPU, compute in fp16 instead of bf16.
-    #[arg(long)]
+    #[command(flatten)]
+    dtype: DtypeArgs,
+}
+
+/// `--dtype` and its shorthand `--fp16` (generate, eval, serve).
+#[derive(clap::Args)]
+struct DtypeArgs {
+    /// What the model computes in: auto (fp32 on the CPU and on GPUs below compute capability 7.0
+    /// such as the P40, bf16 on newer GPUs), fp32, bf16 or fp16.
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: Dtype,
+    /// Shorthand for --dtype fp16.
+    #[arg(long, conflicts_with = "dtype")]
     fp16: bool,
+}
+
+impl DtypeArgs {
+    /// The precision on `device`; a note on why, when the GPU's age decided it, goes to stderr.
+    fn resolve(&self, device: tch::Device) -> anyhow::Result<Precision> {
+        let dtype = if self.fp16 { Dtype::Fp16 } else { self.dtype };
+        let capability = match device {
+            tch::Device::Cuda(index) => device::compute_capability(index),
+            _ => None,
+        };
+        let (precision, note) = precision::resolve(dtype, device, capability).map_err(anyhow::Error::msg)?;
+        if let Some(note) = note {
+            eprintln!("worker: {note}");
+        }
+        Ok(precision)
+    }
 }
 
 fn main() {
@@ -161,10 +190,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let device = device::parse(&spec)?;
             agent::run(AgentArgs { coordinator, secret, rank, device, device_name: spec })
         }
-        Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device: spec, json } => {
+        Command::Generate { model, prompt, max_new_tokens, temperature, top_k, top_p, seed, device: spec, dtype, json } => {
             let device = device::parse(&spec)?;
+            let precision = dtype.resolve(device)?;
             let params = SamplingParams { temperature, top_k, top_p, ..Default::default() };
-            Ok(generate::run(GenerateArgs { model, prompt, max_new_tokens, params, seed, device, json, nonfinite })?)
+            Ok(generate::run(GenerateArgs { model, prompt, max_new_tokens, params, seed, device, precision, json, nonfinite })?)
         }
         Command::Eval(args) => {
             let device = device::parse(&args.device)?;
@@ -182,7 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: args.seed,
                 batch: args.max_batch,
                 device,
-                precision: inference_precision(device, args.fp16),
+                precision: args.dtype.resolve(device)?,
                 nonfinite,
             };
             let report = eval::run(&options)?;
@@ -190,12 +220,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote completion_eval.json and predictions.jsonl to {}", options.output_dir.display());
             Ok(())
         }
-        Command::Serve { model, host, port, device: spec, fp16, api_key, max_batch, max_queue, threads, model_name } => {
+        Command::Serve { model, host, port, device: spec, dtype, api_key, max_batch, max_queue, threads, model_name } => {
             if let Some(threads) = threads {
                 tch::set_num_threads(threads);
             }
             let device = device::parse(&spec)?;
-            let precision = inference_precision(device, fp16);
+            let precision = dtype.resolve(device)?;
             let loaded = Loaded::open(&model, device, precision, nonfinite)?;
             let model_name = model_name.unwrap_or_else(|| {
                 let dir = model.canonicalize().unwrap_or(model.clone());
