@@ -135,13 +135,15 @@ pub fn terms(job: &Job) -> Vec<Term> {
     }
     if job.offload {
         out.push(term("optimizer state", Place::Host, owned * 12, format!("{owned} x 12 B (fp32 master, exp_avg, exp_avg_sq)")));
-        // New weights go up through two host tiles, used alternately (pinned on a GPU); fp32
-        // ones on CPU ranks go up from the master as they are.
-        if k == 2 || job.gpu {
-            let tile = job.offload_tile.min(owned);
-            let (name, what) = if job.gpu { ("pinned buffers", "pinned ") } else { ("upload tiles", "") };
-            let format = if k == 2 { "16-bit" } else { "fp32" };
-            out.push(term(name, Place::Host, 2 * tile * k, format!("2 x {tile} x {k} B ({what}{format} upload tiles)")));
+        // New weights go up through two host tiles, used alternately: pinned on a GPU, where
+        // libtorch's pinned allocator rounds each up to a power of two bytes; fp32 ones on CPU
+        // ranks go up from the master as they are.
+        let (tile, format) = (job.offload_tile.min(owned), if k == 2 { "16-bit" } else { "fp32" });
+        if job.gpu {
+            let bytes = (tile * k).next_power_of_two();
+            out.push(term("pinned buffers", Place::Host, 2 * bytes, format!("2 x {bytes} B (pinned {format} upload tiles of {tile})")));
+        } else if k == 2 {
+            out.push(term("upload tiles", Place::Host, 2 * tile * k, format!("2 x {tile} x {k} B ({format} upload tiles)")));
         }
         // 16-bit gradients are cast (fp16: first scaled) on the device, a tile at a time, two in
         // flight; fp32 ones go down as they are.

@@ -104,6 +104,8 @@ fn stages_world_one_and_fp32_choose_their_buffers() {
     let fp32 = Job { precision: Precision::Fp32, ..job(1, true, false) };
     assert_eq!(bytes(&terms(&fp32), "pinned buffers"), 2 * (1 << 23) * 4);
     assert_eq!(bytes(&terms(&Job { gpu: false, ..job(1, true, false) }), "upload tiles"), 2 * (1 << 23) * 2);
+    // Pinned tiles take a power of two bytes each: 1000 x 2 B -> 2048 B.
+    assert_eq!(bytes(&terms(&Job { offload_tile: 1000, ..job(1, true, false) }), "pinned buffers"), 2 * 2048);
     assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
     assert_eq!(bytes(&terms(&fp32), "logits"), 2 * 128 * 51200 * 12);
     assert!(terms(&fp32).iter().all(|t| t.name != "transfer tiles"));

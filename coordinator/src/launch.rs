@@ -180,9 +180,13 @@ pub fn srun_argv(spec: &LaunchSpec, url: &str) -> Vec<String> {
 
 /// Leaves a Slurm task's CUDA_VISIBLE_DEVICES naming its one GPU: kept when Slurm bound one GPU to
 /// the task, the SLURM_LOCALID-th of the list when the task sees the node's GPUs, SLURM_LOCALID
-/// when it is unset. NCCL and the worker then use `cuda:0`, as with the other launchers.
+/// when it is unset; a task left without one stops, saying so. NCCL and the worker then use
+/// `cuda:0`, as with the other launchers.
 const SLURM_ONE_GPU: &str = "gpus=${CUDA_VISIBLE_DEVICES-$SLURM_LOCALID}; case $gpus in *,*) \
-    gpus=$(printf '%s' \"$gpus\" | cut -d, -f$((SLURM_LOCALID + 1))) ;; esac; export CUDA_VISIBLE_DEVICES=$gpus; ";
+    gpus=$(printf '%s' \"$gpus\" | cut -d, -f$((SLURM_LOCALID + 1))) ;; esac; [ -n \"$gpus\" ] || { echo \
+    \"rank $SLURM_PROCID: no GPU for local task $SLURM_LOCALID in CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}' \
+    (give each task a GPU: srun --gpus-per-task=1, or as many GPUs per node as tasks)\" >&2; exit 1; }; \
+    export CUDA_VISIBLE_DEVICES=$gpus; ";
 
 /// Single-quotes `s` for a POSIX shell.
 fn quote(s: &str) -> String {
@@ -313,22 +317,38 @@ mod tests {
         assert!(cpu[6].ends_with("--device cpu") && !cpu[6].contains("CUDA_VISIBLE_DEVICES"));
     }
 
-    /// The task's GPU, run through a real shell: (CUDA_VISIBLE_DEVICES as Slurm left it, SLURM_LOCALID).
+    /// The task's GPU, run through a real shell: (CUDA_VISIBLE_DEVICES as Slurm left it,
+    /// SLURM_LOCALID) -> what the worker sees, or the task's refusal.
     #[test]
     fn a_slurm_task_sees_its_one_gpu() {
-        for (visible, local, want) in [(None, "2", "2"), (Some("0,1,2,3"), "2", "2"), (Some("4,5,6,7"), "1", "5"), (Some("3"), "1", "3")] {
+        let task = |visible: Option<&str>, local: &str| {
             let mut sh = std::process::Command::new("sh");
-            sh.arg("-c").arg(format!("{SLURM_ONE_GPU}echo \"$CUDA_VISIBLE_DEVICES\"")).env("SLURM_LOCALID", local);
+            sh.arg("-c")
+                .arg(format!("{SLURM_ONE_GPU}echo \"$CUDA_VISIBLE_DEVICES\""))
+                .envs([("SLURM_LOCALID", local), ("SLURM_PROCID", "5")]);
             match visible {
                 Some(v) => sh.env("CUDA_VISIBLE_DEVICES", v),
                 None => sh.env_remove("CUDA_VISIBLE_DEVICES"),
             };
             let out = sh.output().unwrap();
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout).trim(),
-                want,
-                "{visible:?} local {local}: {}",
-                String::from_utf8_lossy(&out.stderr)
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let uuids = "GPU-a1b2,GPU-c3d4";
+        for (visible, local, want) in [
+            (None, "2", "2"),
+            (Some("0,1,2,3"), "2", "2"),
+            (Some("4,5,6,7"), "1", "5"),
+            (Some("3"), "1", "3"),
+            (Some(uuids), "1", "GPU-c3d4"),
+        ] {
+            assert_eq!(task(visible, local), (Some(0), want.to_string(), String::new()), "{visible:?} local {local}");
+        }
+        for (visible, local) in [(Some(""), "0"), (Some("0,1"), "3")] {
+            let (code, seen, err) = task(visible, local);
+            assert_eq!((code, seen.as_str()), (Some(1), ""), "{visible:?} local {local}: {err}");
+            assert!(
+                err.starts_with(&format!("rank 5: no GPU for local task {local} in CUDA_VISIBLE_DEVICES='{}'", visible.unwrap())),
+                "{err}"
             );
         }
     }

@@ -1,14 +1,19 @@
 //! What a model loaded for inference (`generate`, `eval`, `serve`) computes in: `--dtype`, with
-//! `auto` following the training rule, so a P40 gets fp32 and newer GPUs bf16.
+//! `auto` choosing by the GPU's compute capability: fp32 on a P40, fp16 on a V100 or T4, bf16
+//! from Ampere on.
 
 use tch::Device;
 use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
+
+/// From this compute capability (Ampere) GPUs compute in bf16 natively; Volta and Turing have
+/// fast fp16 but emulate bf16.
+const BF16_CAPABILITY: (u32, u32) = (8, 0);
 
 /// `--dtype` of generate, eval and serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dtype {
     /// fp32 on the CPU and on GPUs below compute capability 7.0 (no bf16, slow fp16 math: P40,
-    /// P100); bf16 on newer GPUs.
+    /// P100), fp16 on 7.x (V100, T4), bf16 from 8.0 (A100, H100) and when the capability is unknown.
     Auto,
     #[value(alias = "float32")]
     Fp32,
@@ -41,6 +46,7 @@ pub fn resolve(dtype: Dtype, device: Device, capability: Option<(u32, u32)>) -> 
             Err(format!("--dtype {}: on the CPU models compute in fp32 (drop --dtype, or pick a GPU with --device)", dtype.name()))
         }
         (_, Dtype::Fp32, _) => Ok((Precision::Fp32, None)),
+        (_, Dtype::Auto, None) if capability.is_some_and(|c| c < BF16_CAPABILITY) => Ok((Precision::Fp16, None)),
         (_, Dtype::Auto, None) | (_, Dtype::Bf16, None) => Ok((Precision::Bf16, None)),
         (_, Dtype::Fp16, None) => Ok((Precision::Fp16, None)),
         (_, Dtype::Auto, Some(gpu)) => {
@@ -64,11 +70,14 @@ mod tests {
     const H200: Option<(u32, u32)> = Some((9, 0));
 
     #[test]
-    fn auto_is_fp32_on_the_cpu_and_on_a_p40_and_bf16_on_newer_gpus() {
+    fn auto_is_fp32_on_the_cpu_and_a_p40_fp16_on_volta_and_turing_and_bf16_from_ampere() {
         let gpu = Device::Cuda(0);
         assert_eq!(resolve(Dtype::Auto, Device::Cpu, None), Ok((Precision::Fp32, None)));
         assert_eq!(resolve(Dtype::Auto, gpu, H200), Ok((Precision::Bf16, None)));
-        assert_eq!(resolve(Dtype::Auto, gpu, Some((7, 0))), Ok((Precision::Bf16, None)), "Volta has fast fp16 math: the training rule");
+        assert_eq!(resolve(Dtype::Auto, gpu, Some((7, 0))), Ok((Precision::Fp16, None)), "Volta: fast fp16, emulated bf16");
+        assert_eq!(resolve(Dtype::Auto, gpu, Some((7, 5))), Ok((Precision::Fp16, None)), "Turing (T4)");
+        assert_eq!(resolve(Dtype::Auto, gpu, Some((8, 0))), Ok((Precision::Bf16, None)), "Ampere");
+        assert_eq!(resolve(Dtype::Bf16, gpu, Some((7, 5))), Ok((Precision::Bf16, None)), "asked for: emulated, but it runs");
         assert_eq!(resolve(Dtype::Auto, gpu, None), Ok((Precision::Bf16, None)), "unknown capability: bf16, as before");
         let (precision, note) = resolve(Dtype::Auto, gpu, P40).unwrap();
         assert_eq!(precision, Precision::Fp32);

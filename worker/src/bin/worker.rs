@@ -150,7 +150,7 @@ struct EvalArgs {
 #[derive(clap::Args)]
 struct DtypeArgs {
     /// What the model computes in: auto (fp32 on the CPU and on GPUs below compute capability 7.0
-    /// such as the P40, bf16 on newer GPUs), fp32, bf16 or fp16.
+    /// such as the P40, fp16 on 7.x such as the V100 and T4, bf16 from 8.0), fp32, bf16 or fp16.
     #[arg(long, value_enum, default_value = "auto")]
     dtype: Dtype,
     /// Shorthand for --dtype fp16.

@@ -108,7 +108,8 @@ impl HostOptimizer {
         let source = match (&self.upload_tiles, self.cast) {
             (Some(buffers), Cast::None) => {
                 // SAFETY: a contiguous f32 host tensor of at least a tile's elements; the upload
-                // that last read it has completed (`step` waits before queueing tile i-1's upload).
+                // that last read it, two tiles back, was retired by the wait at the top of the
+                // tile before (slots alternate, so only the other slot can still be in flight).
                 unsafe { std::slice::from_raw_parts_mut(buffers[slot].data_ptr() as *mut f32, master.len()) }.copy_from_slice(master);
                 buffers[slot].narrow(0, 0, len)
             }
