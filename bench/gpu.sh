@@ -20,7 +20,10 @@
 #   TORCH_LIB=.libtorch/torch/lib bash bench/gpu.sh (and PART=big BIG_CONFIGS="codegen-350M tiny").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+# Runs, models and logs go to $WORK (bulky, left on the machine); $OUT gets two files back: the
+# summary table (summary-$PART.md) and the logs, each cut to its last 200 kB (logs-$PART.txt).
+OUT=${OUT:-/tmp/gpu-out}; WORK=${WORK:-/tmp/zerotune-gpu}
+rm -rf "$WORK"; mkdir -p "$OUT" "$WORK"
 TORCH_LIB=${TORCH_LIB:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
 PY=${PY:-/opt/torch/.venv/bin/python}
 DEVICE=${DEVICE:-cuda}
@@ -41,19 +44,26 @@ sample_stop() { kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; sort -
 planned_mib() { "$BIN/coordinator" estimate "$@" 2>&1 | grep -m1 'total per \(GPU\|CPU rank\)' | sed 's/.*(\([0-9]*\) bytes).*/\1/' | awk '{printf "%d", $1 / 1048576}'; }
 skipped() { "$PY" -c 'import json,sys; print(sum(json.loads(l).get("skipped_steps", 0) for l in open(sys.argv[1])))' "$1/metrics.jsonl" 2>/dev/null || echo "?"; }
 if [ "$DEVICE" = cpu ]; then GPU_FLAGS=(--device cpu --num_workers 1); else GPU_FLAGS=(--device cuda --num_gpus 1); fi
-if [ "$PART" = big ]; then source bench/gpu_big.sh; exit; fi
+# The logs of this call into $OUT, each cut to its last 200 kB.
+collect_logs() {
+  for f in "$WORK"/*.log "$WORK"/*.err "$WORK"/*.json "$WORK"/*.txt; do
+    case $f in */data.txt | */mem-*.txt | *"/*."*) continue ;; esac
+    echo "==> ${f#"$WORK"/} <=="; tail -c 200000 "$f"; echo
+  done > "$OUT/logs-$PART.txt"
+}
+if [ "$PART" = big ]; then source bench/gpu_big.sh; collect_logs; exit; fi
 
 echo "== 1. CUDA greedy ids vs CPU (tiny fixture, fp32; then the GPU's default --dtype auto, shown)"
 for run in "cpu fp32" "$DEVICE fp32" "$DEVICE auto"; do
   set -- $run
   "$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n' --max_new_tokens 20 --device "$1" --dtype "$2" --json \
-    > "$OUT/generate-$1-$2.json" 2> "$OUT/generate-$1-$2.err" || cat "$OUT/generate-$1-$2.err"
+    > "$WORK/generate-$1-$2.json" 2> "$WORK/generate-$1-$2.err" || cat "$WORK/generate-$1-$2.err"
 done
-if cmp -s "$OUT/generate-cpu-fp32.json" "$OUT/generate-$DEVICE-fp32.json"; then GEN=same; else GEN=DIFFERENT; fi
-echo "greedy ids cpu vs $DEVICE (fp32): $GEN"; cat "$OUT/generate-$DEVICE-fp32.json" "$OUT/generate-$DEVICE-auto.json"
+if cmp -s "$WORK/generate-cpu-fp32.json" "$WORK/generate-$DEVICE-fp32.json"; then GEN=same; else GEN=DIFFERENT; fi
+echo "greedy ids cpu vs $DEVICE (fp32): $GEN"; cat "$WORK/generate-$DEVICE-fp32.json" "$WORK/generate-$DEVICE-auto.json"
 
 echo "== 2. data"
-"$PY" - "$OUT/data.txt" <<'PYEOF'
+"$PY" - "$WORK/data.txt" <<'PYEOF'
 import random, sys
 random.seed(0)
 words = ["".join(random.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(random.randint(2, 9))) for _ in range(5000)]
@@ -61,7 +71,7 @@ lines = [f"def {random.choice(words)}({', '.join(random.sample(words, 3))}):\n  
          for _ in range(60000)]
 open(sys.argv[1], "w").write("".join(lines))
 PYEOF
-cat > "$OUT/ds_config.json" <<'JSON'
+cat > "$WORK/ds_config.json" <<'JSON'
 {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": true},
   "overlap_comm": true, "reduce_scatter": true, "contiguous_gradients": true},
  "fp16": {"enabled": "auto", "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
@@ -70,16 +80,16 @@ cat > "$OUT/ds_config.json" <<'JSON'
 JSON
 
 echo "== 3. ZeRO-2 over NCCL (--num_gpus 1) on the tiny fixture, fp32: GPU vs CPU final weights"
-TINY_ARGS=(--model_name_or_path .gpu/fixtures/tiny --train_file "$OUT/data.txt" --do_train --block_size 64
+TINY_ARGS=(--model_name_or_path .gpu/fixtures/tiny --train_file "$WORK/data.txt" --do_train --block_size 64
   --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --save_steps 0 --learning_rate 1e-3
   --weight_decay 0.1 --adam_epsilon 1e-6 --logging_steps 1 --overwrite_output_dir)
 for offload in cpu none; do
-  printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-tiny-$offload.json"
-  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 --device cpu --num_workers 1 --deepspeed "$OUT/ds-tiny-$offload.json" \
-    --output_dir "$OUT/tiny-cpu-$offload" > "$OUT/tiny-cpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-cpu-$offload.log"
-  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 "${GPU_FLAGS[@]}" --deepspeed "$OUT/ds-tiny-$offload.json" \
-    --output_dir "$OUT/tiny-gpu-$offload" > "$OUT/tiny-gpu-$offload.log" 2>&1 || tail -3 "$OUT/tiny-gpu-$offload.log"
-  TINY[$offload]=$("$PY" - "$OUT/tiny-gpu-$offload/model.safetensors" "$OUT/tiny-cpu-$offload/model.safetensors" <<'PYEOF' 2>&1 | tail -1
+  printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$WORK/ds-tiny-$offload.json"
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 --device cpu --num_workers 1 --deepspeed "$WORK/ds-tiny-$offload.json" \
+    --output_dir "$WORK/tiny-cpu-$offload" > "$WORK/tiny-cpu-$offload.log" 2>&1 || tail -3 "$WORK/tiny-cpu-$offload.log"
+  "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 8 --warmup_steps 2 "${GPU_FLAGS[@]}" --deepspeed "$WORK/ds-tiny-$offload.json" \
+    --output_dir "$WORK/tiny-gpu-$offload" > "$WORK/tiny-gpu-$offload.log" 2>&1 || tail -3 "$WORK/tiny-gpu-$offload.log"
+  TINY[$offload]=$("$PY" - "$WORK/tiny-gpu-$offload/model.safetensors" "$WORK/tiny-cpu-$offload/model.safetensors" <<'PYEOF' 2>&1 | tail -1
 import sys
 from safetensors.torch import load_file
 a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
@@ -99,13 +109,13 @@ declare -A SIXTEEN SKIPPED
 SIXTEEN_TYPES=(bf16); [ "$DEVICE" = cpu ] || SIXTEEN_TYPES+=(fp16) # fp16 needs a GPU
 for dt in "${SIXTEEN_TYPES[@]}"; do
   for offload in cpu none; do
-    printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$OUT/ds-16-$offload.json"
+    printf '{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "%s"}}}' "$offload" > "$WORK/ds-16-$offload.json"
     "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 2 --warmup_steps 0 --"$dt" "${GPU_FLAGS[@]}" --offload_tile_elements 1000 \
-      --deepspeed "$OUT/ds-16-$offload.json" --output_dir "$OUT/sixteen-$dt-$offload" > "$OUT/sixteen-$dt-$offload.log" 2>&1 ||
-      tail -3 "$OUT/sixteen-$dt-$offload.log"
+      --deepspeed "$WORK/ds-16-$offload.json" --output_dir "$WORK/sixteen-$dt-$offload" > "$WORK/sixteen-$dt-$offload.log" 2>&1 ||
+      tail -3 "$WORK/sixteen-$dt-$offload.log"
   done
-  SKIPPED[$dt]="skipped steps: offloaded $(skipped "$OUT/sixteen-$dt-cpu"), device $(skipped "$OUT/sixteen-$dt-none")"
-  SIXTEEN[$dt]=$("$PY" - "$OUT/sixteen-$dt-cpu" "$OUT/sixteen-$dt-none" .gpu/fixtures/tiny "$dt" <<'PYEOF' 2>&1 | tail -1
+  SKIPPED[$dt]="skipped steps: offloaded $(skipped "$WORK/sixteen-$dt-cpu"), device $(skipped "$WORK/sixteen-$dt-none")"
+  SIXTEEN[$dt]=$("$PY" - "$WORK/sixteen-$dt-cpu" "$WORK/sixteen-$dt-none" .gpu/fixtures/tiny "$dt" <<'PYEOF' 2>&1 | tail -1
 import sys
 import torch
 from safetensors.torch import load_file
@@ -122,15 +132,15 @@ PYEOF
 done
 
 echo "== 3c. HostOptimizer::step on $DEVICE vs cpu, fixed random gradients, tiles of 1000 (fp32, bf16, fp16)"
-"$BIN/offload_check" "$DEVICE" cpu 100003 1000 > "$OUT/offload_check.log" 2>&1; OFFLOAD_CHECK=$([ $? = 0 ] && echo bit-equal || echo FAIL)
-cat "$OUT/offload_check.log"
+"$BIN/offload_check" "$DEVICE" cpu 100003 1000 > "$WORK/offload_check.log" 2>&1; OFFLOAD_CHECK=$([ $? = 0 ] && echo bit-equal || echo FAIL)
+cat "$WORK/offload_check.log"
 
 echo "== 3d. --gradient_checkpointing on $DEVICE: the plain run's weights (tiny fixture, fp32, 4 steps)"
 for ckpt in false true; do
   "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 4 --warmup_steps 1 "${GPU_FLAGS[@]}" --gradient_checkpointing "$ckpt" \
-    --deepspeed "$OUT/ds-tiny-cpu.json" --output_dir "$OUT/ckpt-$ckpt" > "$OUT/ckpt-$ckpt.log" 2>&1 || tail -3 "$OUT/ckpt-$ckpt.log"
+    --deepspeed "$WORK/ds-tiny-cpu.json" --output_dir "$WORK/ckpt-$ckpt" > "$WORK/ckpt-$ckpt.log" 2>&1 || tail -3 "$WORK/ckpt-$ckpt.log"
 done
-CKPT=$("$PY" - "$OUT/ckpt-true/model.safetensors" "$OUT/ckpt-false/model.safetensors" <<'PYEOF' 2>&1 | tail -1
+CKPT=$("$PY" - "$WORK/ckpt-true/model.safetensors" "$WORK/ckpt-false/model.safetensors" <<'PYEOF' 2>&1 | tail -1
 import sys
 from safetensors.torch import load_file
 a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
@@ -143,32 +153,33 @@ echo "checkpointing vs plain final weights rel $CKPT"
 declare -A TPS MEM PLAN
 for dt in $DTYPES; do
   echo "== 4. zerotune $dt"
-  RUN_ARGS=(--config_name "$CONFIG" $NUM_GPUS --tokenizer_name .gpu/fixtures/tiny --train_file "$OUT/data.txt" \
-    --output_dir "$OUT/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
-    --deepspeed "$OUT/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
+  RUN_ARGS=(--config_name "$CONFIG" $NUM_GPUS --tokenizer_name .gpu/fixtures/tiny --train_file "$WORK/data.txt" \
+    --output_dir "$WORK/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
+    --deepspeed "$WORK/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 8 --max_steps "$STEPS" --logging_steps "$STEPS" --save_steps 100000 \
     --learning_rate 2e-5 --max_grad_norm 1.0)
   PLAN[$dt]=$(planned_mib "${RUN_ARGS[@]}")
-  sample_start "$OUT/mem-ours-$dt.txt"
-  timeout 200 "$BIN/coordinator" train "${RUN_ARGS[@]}" > "$OUT/ours-$dt.log" 2>&1; rc=$?
-  MEM[$dt]=$(sample_stop "$OUT/mem-ours-$dt.txt")
-  tail -3 "$OUT/ours-$dt.log"
-  TPS[$dt]=$(tail -1 "$OUT/run-$dt/metrics.jsonl" 2>/dev/null | "$PY" -c 'import json,sys; print(round(json.loads(sys.stdin.read())["tokens_per_second"]))' 2>/dev/null || echo "failed rc=$rc")
+  sample_start "$WORK/mem-ours-$dt.txt"
+  timeout 200 "$BIN/coordinator" train "${RUN_ARGS[@]}" > "$WORK/ours-$dt.log" 2>&1; rc=$?
+  MEM[$dt]=$(sample_stop "$WORK/mem-ours-$dt.txt")
+  tail -3 "$WORK/ours-$dt.log"
+  TPS[$dt]=$(tail -1 "$WORK/run-$dt/metrics.jsonl" 2>/dev/null | "$PY" -c 'import json,sys; print(round(json.loads(sys.stdin.read())["tokens_per_second"]))' 2>/dev/null || echo "failed rc=$rc")
 done
 
 declare -A DS DSMEM
 if [ "$ANCHOR" = 1 ]; then
   for dt in fp16 bf16; do
     echo "== 5. DeepSpeed $dt"
-    sample_start "$OUT/mem-ds-$dt.txt"
-    bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "200 ds --dtype $dt --micro 1 --ga 8 --steps 3 --warmup 1" > "$OUT/ds-$dt.log" 2>&1
-    DSMEM[$dt]=$(sample_stop "$OUT/mem-ds-$dt.txt")
-    cat "$OUT/ds-$dt.log"
-    DS[$dt]=$(grep RESULT "$OUT/ds-$dt.log" | sed 's/RESULT //' | "$PY" -c 'import json,sys; r=json.loads(sys.stdin.read()); print(round(r["tokens_per_s"]), "%.1f" % r["peak_gpu_gib"])' 2>/dev/null || echo "failed -")
+    sample_start "$WORK/mem-ds-$dt.txt"
+    bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "200 ds --dtype $dt --micro 1 --ga 8 --steps 3 --warmup 1" > "$WORK/ds-$dt.log" 2>&1
+    DSMEM[$dt]=$(sample_stop "$WORK/mem-ds-$dt.txt")
+    cat "$WORK/ds-$dt.log"
+    DS[$dt]=$(grep RESULT "$WORK/ds-$dt.log" | sed 's/RESULT //' | "$PY" -c 'import json,sys; r=json.loads(sys.stdin.read()); print(round(r["tokens_per_s"]), "%.1f" % r["peak_gpu_gib"])' 2>/dev/null || echo "failed -")
   done
 fi
 
 echo
+{
 echo "greedy ids, tiny fixture fp32, cpu vs $DEVICE: $GEN"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
 echo "16-bit gradient transfer, tiny fixture, 2 steps, tiles of 1000, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]} (${SKIPPED[bf16]}), fp16 ${SIXTEEN[fp16]:--} (${SKIPPED[fp16]:-not run})"
@@ -180,3 +191,5 @@ for dt in $DTYPES; do
   echo "| zerotune ZeRO-2 + CPU offload (NCCL, --num_gpus 1), $dt | ${TPS[$dt]} | ${MEM[$dt]:--} | ${PLAN[$dt]:--} | - |"
   [ "$ANCHOR" = 1 ] && set -- ${DS[$dt]} && echo "| DeepSpeed ZeRO-2 + CPU offload, $dt | $1 | ${DSMEM[$dt]:--} | - | $2 |"
 done
+} | tee "$OUT/summary-$PART.md"
+collect_logs
