@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark in one call (prepare with bench/gpu_prepare.sh on the build machine).
 # PART=main (default; one device call, about 7 minutes):
-# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu (both fp32); ZeRO-2 over NCCL
+# 1. CUDA correctness: greedy ids of the tiny fixture on cuda equal those on cpu (both fp32), and
+#    worker serve on cuda answers one request and 8 concurrent ones with that text; ZeRO-2 over NCCL
 #    equals CPU training (fp32); the offloaded step's 16-bit gradients keep the updates (bf16, fp16),
 #    in tiles of 1000 elements so transfers are in flight during host updates, with the fp16 runs'
 #    skipped (overflow) steps beside; HostOptimizer::step on cuda bit-equal to cpu
@@ -61,6 +62,28 @@ for run in "cpu fp32" "$DEVICE fp32" "$DEVICE auto"; do
 done
 if cmp -s "$WORK/generate-cpu-fp32.json" "$WORK/generate-$DEVICE-fp32.json"; then GEN=same; else GEN=DIFFERENT; fi
 echo "greedy ids cpu vs $DEVICE (fp32): $GEN"; cat "$WORK/generate-$DEVICE-fp32.json" "$WORK/generate-$DEVICE-auto.json"
+
+echo "== 1b. worker serve on $DEVICE (tiny fixture, fp32): one request, then 8 at once, against generate's greedy text"
+"$BIN/worker" serve --model .gpu/fixtures/tiny --device "$DEVICE" --dtype fp32 --port 0 2> "$WORK/serve.err" & SERVER=$!
+for _ in $(seq 150); do grep -q '^serving' "$WORK/serve.err" && break; sleep 0.2; done # its address, once it listens
+URL=$(sed -n 's/^serving .* at \(http[^ ]*\) .*/\1/p' "$WORK/serve.err")
+SERVE=$("$PY" - "$URL" "$WORK/generate-$DEVICE-fp32.json" <<'PYEOF' 2>&1 | tail -1
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url, expected = sys.argv[1] + "/engines/codegen/completions", json.load(open(sys.argv[2]))["completion"]
+body = json.dumps({"model": "fastertransformer", "prompt": "def add(a, b):\n", "max_tokens": 20, "temperature": 0}).encode()
+def complete(_):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]["text"]
+alone = complete(0)
+with ThreadPoolExecutor(8) as pool:
+    together = list(pool.map(complete, range(8)))
+same = alone == expected and all(t == expected for t in together)
+print("same as generate" if same else "DIFFERENT: %r alone, %r together, %r from generate" % (alone, together, expected))
+PYEOF
+)
+kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
+echo "serve on $DEVICE: $SERVE"
 
 echo "== 2. data"
 "$PY" - "$WORK/data.txt" <<'PYEOF'
@@ -181,6 +204,7 @@ fi
 echo
 {
 echo "greedy ids, tiny fixture fp32, cpu vs $DEVICE: $GEN"
+echo "worker serve on $DEVICE, tiny fixture fp32, 1 request then 8 concurrent, greedy text vs generate: $SERVE"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
 echo "16-bit gradient transfer, tiny fixture, 2 steps, tiles of 1000, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]} (${SKIPPED[bf16]}), fp16 ${SIXTEEN[fp16]:--} (${SKIPPED[fp16]:-not run})"
 echo "HostOptimizer::step $DEVICE vs cpu (fp32, bf16, fp16; tiles of 1000): $OFFLOAD_CHECK"
