@@ -204,6 +204,35 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
     assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64);
 }
 
+/// An editor's next request repeats the file above the cursor: the server prefills only what the
+/// last prompt did not hold (counted by zerotune_prompt_tokens_reused_total), and the text is still
+/// HF's; `--prefix_cache false` computes every prompt whole, with the same text.
+#[test]
+fn an_editors_next_request_prefills_only_what_it_adds_and_gets_hf_text() {
+    let cases = cases();
+    let (shorter, longer) = (&cases[cases.len() - 2], &cases[cases.len() - 1]);
+    let tokens = |case: &Value| case["prompt_tokens"].as_u64().unwrap() as f64;
+    assert!(longer["prompt"].as_str().unwrap().starts_with(shorter["prompt"].as_str().unwrap()), "the fixture's editor pair");
+    for (flags, caching) in [(&[][..], true), (&["--prefix_cache", "false"][..], false)] {
+        let server = Server::start(flags, &[]);
+        let mut reused = vec![];
+        for case in [shorter, longer, longer, shorter] {
+            let reply = server.post("/v1/engines/codegen/completions", greedy(&case["prompt"]));
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            assert_eq!(reply.json()["choices"][0]["text"], case["text"], "{} (prefix cache {caching})", case["prompt"]);
+            reused.push(server.metric("zerotune_prompt_tokens_reused_total"));
+        }
+        if caching {
+            // Nothing before the first; the shorter prompt's tokens for the longer one; all but
+            // the last token of the longer one for itself; the shorter one but its last after it.
+            let want = [0.0, tokens(shorter), tokens(shorter) + tokens(longer) - 1.0, tokens(shorter) * 2.0 + tokens(longer) - 2.0];
+            assert_eq!(reused, want);
+        } else {
+            assert_eq!(reused, [0.0; 4]);
+        }
+    }
+}
+
 #[test]
 fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
     // Venthe/vscode-fauxpilot 1.2.0: the OpenAI Node SDK with baseURL .../v1/engines/codegen.

@@ -2,6 +2,8 @@
 //! logits are those of a lone run), then its choices' cache rows join the batch; every step
 //! decodes one token for every active sequence at once, so the weights are read once for all of
 //! them; a sequence leaves at EOS, at its token limit, or when its caller cancels it.
+//! With the prefix cache (the server's), a prompt that begins like the last one prefills only
+//! what differs: an editor's next request repeats the file above the cursor.
 
 use tch::{Device, Kind, Tensor};
 
@@ -71,11 +73,29 @@ pub struct Engine<'m, K> {
     eos: Option<u32>,
     cache: BatchCache,
     seqs: Vec<Active<K>>,
+    /// The last prompt's ids and keys and values, when prompts may start from them.
+    prefix: Option<(Vec<u32>, KvCache)>,
+    prefix_caching: bool,
+    /// Prompt tokens whose keys and values came from the prefix cache, so far.
+    reused_tokens: u64,
 }
 
 impl<'m, K: Clone> Engine<'m, K> {
     pub fn new(model: &'m CodeGen, device: Device, eos: Option<u32>) -> Self {
-        Self { model, device, eos, cache: BatchCache::new(model.config.n_positions as i64), seqs: vec![] }
+        let cache = BatchCache::new(model.config.n_positions as i64);
+        Self { model, device, eos, cache, seqs: vec![], prefix: None, prefix_caching: false, reused_tokens: 0 }
+    }
+
+    /// Keeps the last prompt's keys and values, so that a prompt beginning with the same tokens
+    /// prefills only the rest (its logits then match a lone run's to rounding, not to the bit).
+    pub fn with_prefix_cache(mut self) -> Self {
+        self.prefix_caching = true;
+        self
+    }
+
+    /// Prompt tokens not computed again thanks to the prefix cache, since the engine began.
+    pub fn reused_tokens(&self) -> u64 {
+        self.reused_tokens
     }
 
     /// Sequences decoding now.
@@ -93,9 +113,14 @@ impl<'m, K: Clone> Engine<'m, K> {
         let _guard = tch::no_grad_guard();
         let n_positions = self.model.config.n_positions;
         assert!(!prompt.ids.is_empty() && prompt.ids.len() <= n_positions, "the caller checks the prompt against the context");
-        let ids: Vec<i64> = prompt.ids.iter().map(|&i| i as i64).collect();
+        let reuse = self.reusable(prompt);
+        let mut single = match &self.prefix {
+            Some((_, cached)) if reuse > 0 => cached.prefix(reuse as i64),
+            _ => KvCache::default(),
+        };
+        self.reused_tokens += reuse as u64;
+        let ids: Vec<i64> = prompt.ids[reuse..].iter().map(|&i| i as i64).collect();
         let input = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
-        let mut single = KvCache::default();
         let logits = self.model.prefill(&input, &mut single, prompt.prompt_logprobs).squeeze_dim(0); // (1 or T, V)
         let rows = host_rows(&logits);
         let prompt_logprobs = if prompt.prompt_logprobs {
@@ -121,9 +146,25 @@ impl<'m, K: Clone> Engine<'m, K> {
             emitted.push(out);
         }
         if joining > 0 {
-            self.cache.push(&if joining == 1 { single } else { single.repeat(joining) });
+            self.cache.push(&if joining == 1 { single.prefix(single.len()) } else { single.repeat(joining) });
+        }
+        if self.prefix_caching {
+            self.prefix = Some((prompt.ids.clone(), single));
         }
         (prompt_logprobs, emitted)
+    }
+
+    /// How many of `prompt`'s first tokens the prefix cache holds: its common start with the last
+    /// prompt, short of the last token (whose logits the prefill must give); none when the
+    /// prompt's own logprobs are asked for.
+    fn reusable(&self, prompt: &Prompt) -> usize {
+        match &self.prefix {
+            Some((ids, _)) if !prompt.prompt_logprobs => {
+                let common = ids.iter().zip(&prompt.ids).take_while(|(a, b)| a == b).count();
+                common.min(prompt.ids.len() - 1)
+            }
+            _ => 0,
+        }
     }
 
     /// One token for every active sequence; the finished ones leave the batch.

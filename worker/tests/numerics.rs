@@ -166,6 +166,34 @@ fn batched_decode_through_the_masked_attention_too() {
     assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
 }
 
+/// A prompt prefilled after a cached prefix of it (the server's prefix cache) gets the logits of
+/// one prefill over the whole prompt, for every position, and its cache then decodes the same.
+#[test]
+fn a_prompt_continued_from_a_cached_prefix_equals_its_whole_prefill() {
+    let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let model = CodeGen::new(&config, &params);
+    let _guard = tch::no_grad_guard();
+    let prompt: Vec<i64> = (0..40).map(|i| (i * 37) % 500 + 1).collect();
+    let ids = Tensor::from_slice(&prompt).view([1, -1]);
+    let mut whole = KvCache::default();
+    let reference = model.prefill(&ids, &mut whole, true);
+    for cached in [1, 17, 39] {
+        let mut earlier = KvCache::default();
+        let _ = model.prefill(&ids.narrow(1, 0, cached), &mut earlier, false);
+        let mut cache = earlier.prefix(cached);
+        let rest = model.prefill(&ids.narrow(1, cached, 40 - cached), &mut cache, true);
+        let want = reference.narrow(1, cached, 40 - cached);
+        let rel = (&rest - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+        assert!(rel < 1e-5, "{cached} cached tokens: rel {rel:.2e}");
+        assert_eq!(cache.len(), 40);
+        let next = Tensor::from_slice(&[7i64]).view([1, 1]);
+        let (a, b) =
+            (model.forward_cached(&next, Some(&mut cache), false), model.forward_cached(&next, Some(&mut whole.prefix(40)), false));
+        let rel = (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
+        assert!(rel < 1e-5, "decoding after {cached} cached tokens: rel {rel:.2e}");
+    }
+}
+
 fn assert_batched_decode_is_lone_decode(model: &CodeGen, n_positions: usize) {
     let _guard = tch::no_grad_guard();
     let prompts: Vec<Vec<i64>> = vec![(1..12).collect(), vec![5, 9, 2], (20..45).collect()];

@@ -264,19 +264,23 @@ impl CodeGen {
                 let query = self.rotary.apply(&query, start).permute([0, 2, 1, 3]);
                 let mut key = self.rotary.apply(&key, start).permute([0, 2, 1, 3]);
                 let mut value = value.permute([0, 2, 1, 3]);
-                let mut causal = true;
+                let (mut causal, mut mask) = (true, None);
                 if let Some((past_k, past_v)) = cache {
                     if past_k.defined() {
                         key = Tensor::cat(&[&*past_k, &key], 2);
                         value = Tensor::cat(&[&*past_v, &value], 2);
-                        // A continuation token attends to everything before it.
-                        assert!(t == 1, "after the prompt, decode one token at a time");
+                        // After the cached tokens, query i (at position start + i) attends to
+                        // every key up to its own position; one token attends to them all.
                         causal = false;
+                        if t > 1 {
+                            let keys = Tensor::arange(start + t, (Kind::Int64, xs.device())).view([1, start + t]);
+                            mask = Some(keys.le_tensor(&(Tensor::arange(t, (Kind::Int64, xs.device())) + start).view([t, 1])));
+                        }
                     }
                     *past_k = key.shallow_clone();
                     *past_v = value.shallow_clone();
                 }
-                Tensor::scaled_dot_product_attention::<Tensor>(&query, &key, &value, None, dropout, causal, None, false)
+                Tensor::scaled_dot_product_attention(&query, &key, &value, mask.as_ref(), dropout, causal, None, false)
             }
             Context::Batch { step, angles, layer: (cache_k, cache_v) } => {
                 let query = self.rotary.rotate(&query, angles).permute([0, 2, 1, 3]);

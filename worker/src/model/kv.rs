@@ -23,6 +23,12 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// The first `len` tokens' keys and values (views), for a prompt that begins with them.
+    pub fn prefix(&self, len: i64) -> Self {
+        assert!(len <= self.len(), "a prefix of {len} tokens of a cache of {}", self.len());
+        Self { layers: self.layers.iter().map(|(k, v)| (k.narrow(2, 0, len), v.narrow(2, 0, len))).collect() }
+    }
+
     /// The cache repeated `n` times along the batch (n choices of one prompt).  (1, ..) -> (n, ..)
     pub fn repeat(&self, n: i64) -> Self {
         let rep = |t: &Tensor| t.repeat([n, 1, 1, 1]);

@@ -56,6 +56,8 @@ pub struct Batcher {
     pub eos: Option<u32>,
     pub tokenizer: Arc<Tokenizer>,
     pub max_batch: usize,
+    /// Whether a prompt may start from the last one's keys and values (`Engine::with_prefix_cache`).
+    pub prefix_cache: bool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -85,7 +87,7 @@ type Key = (u64, usize);
 impl Batcher {
     /// Serves jobs from `queue` until it is closed and every request is answered.
     pub fn run(self, mut queue: mpsc::Receiver<Job>) {
-        let mut engine: Engine<Key> = Engine::new(&self.model, self.device, self.eos);
+        let mut engine = self.engine();
         let mut live: HashMap<u64, Live> = HashMap::new();
         let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
         let mut next_id = 0u64;
@@ -139,8 +141,17 @@ impl Batcher {
             }
         }
         pending.clear();
-        *engine = Engine::new(&self.model, self.device, self.eos);
+        *engine = self.engine();
         self.metrics.active_sequences.store(0, Ordering::Relaxed);
+    }
+
+    fn engine(&self) -> Engine<'_, Key> {
+        let engine = Engine::new(&self.model, self.device, self.eos);
+        if self.prefix_cache {
+            engine.with_prefix_cache()
+        } else {
+            engine
+        }
     }
 
     /// Delivers what the engine emitted, drops the choices a stop string ended, updates the gauge.
@@ -202,7 +213,9 @@ impl Batcher {
         };
         let seed = r.seed.unwrap_or_else(fresh_seed);
         let choices = (p * r.n..(p + 1) * r.n).map(|c| ((id, c), Sampler::new(params.clone(), Rng::new(seed, c as u64)))).collect();
+        let reused = engine.reused_tokens();
         let (prompt_logprobs, emitted) = engine.admit(&prompt, choices);
+        self.metrics.prompt_tokens_reused.fetch_add(engine.reused_tokens() - reused, Ordering::Relaxed);
         l.unadmitted -= 1;
         if l.unadmitted == 0 {
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);

@@ -14,6 +14,8 @@ pub struct Metrics {
     /// Finished requests by HTTP status.
     requests: Mutex<BTreeMap<u16, u64>>,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache (not computed again).
+    pub prompt_tokens_reused: AtomicU64,
     pub completion_tokens: AtomicU64,
     /// Requests whose client went away before the end.
     pub cancelled: AtomicU64,
@@ -48,6 +50,12 @@ impl Metrics {
         }
         let scalars = [
             ("zerotune_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", get(&self.prompt_tokens)),
+            (
+                "zerotune_prompt_tokens_reused_total",
+                "counter",
+                "Prompt tokens taken from the prefix cache instead of computed.",
+                get(&self.prompt_tokens_reused),
+            ),
             ("zerotune_completion_tokens_total", "counter", "Tokens generated.", get(&self.completion_tokens)),
             ("zerotune_cancelled_requests_total", "counter", "Requests whose client disconnected first.", get(&self.cancelled)),
             ("zerotune_queue_depth", "gauge", "Requests waiting for a place in the batch.", get(&self.queued)),
