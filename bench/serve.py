@@ -8,7 +8,9 @@ one of the 51200 ids decodes to text, so each new token is one streamed event.
 
 Prints markdown tables: one client (time to first token, decode tokens/s p50/p95, next to the
 floor the weight bytes and the measured memory bandwidth set), then 1/4/8 concurrent clients
-(aggregate decode tokens/s while all of them decode, and end to end), medians of 3 interleaved rounds.
+(aggregate decode tokens/s while all of them decode, and end to end), medians of 3 interleaved rounds,
+then an editor's next request (the last prompt and EDIT more tokens): its time to first token with
+the server's prefix cache, without it, and HF's whole prefill, medians of 3.
 """
 
 import http.client
@@ -25,7 +27,7 @@ from transformers import CodeGenConfig, CodeGenForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT, NEW, VOCAB, EOS = 500, 64, 51200, 50256
+PROMPT, NEW, VOCAB, EOS, EDIT = 500, 64, 51200, 50256, 16
 CLIENTS, ROUNDS = (1, 4, 8), 3
 CONFIG = dict(vocab_size=VOCAB, n_positions=2048, n_ctx=2048, n_embd=1024, n_layer=20, n_head=16, rotary_dim=32,
               bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False, torch_dtype="float32")
@@ -99,9 +101,9 @@ def hf_generate(model_dir: Path, threads: int, runs: int = 2):
 
 
 class Server:
-    def __init__(self, model_dir: Path, threads: int, max_batch: int):
+    def __init__(self, model_dir: Path, threads: int, max_batch: int, extra=()):
         self.proc = subprocess.Popen([str(ROOT / "target/debug/worker"), "serve", "--model", str(model_dir), "--port", "0",
-                                      "--device", "cpu", "--threads", str(threads), "--max_batch", str(max_batch)],
+                                      "--device", "cpu", "--threads", str(threads), "--max_batch", str(max_batch), *extra],
                                      stderr=subprocess.PIPE, text=True)
         for line in self.proc.stderr:
             if " at http://" in line:
@@ -110,10 +112,10 @@ class Server:
                 break
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
 
-    def stream(self, ids):
+    def stream(self, ids, new=NEW):
         """One streamed completion: (send time, arrival time of each token event)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
-        body = json.dumps({"prompt": ids, "max_tokens": NEW, "temperature": 0, "stream": True})
+        body = json.dumps({"prompt": ids, "max_tokens": new, "temperature": 0, "stream": True})
         start = time.perf_counter()
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -197,7 +199,28 @@ def main(work: Path, threads: int):
         rounds = " ".join(f"{d / b:.2f}x" for d, b in zip(decode[clients], decode[1]))
         print(f"| {clients} | {statistics.median(decode[clients]):.2f} | {statistics.median(decode[clients]) / base:.2f}x | {rounds} "
               f"| {statistics.median(end_to_end[clients]):.2f} | {tokens[clients]} |")
+
+    # An editor's next request: the file above the cursor again, and a line more.
+    def next_request(server):
+        firsts = []
+        for run in range(3):
+            before = prompt_ids(200 + run)
+            server.stream(before, new=1)
+            start, times = server.stream(before + prompt_ids(300 + run)[:EDIT], new=1)
+            firsts.append(times[0] - start)
+        return statistics.median(firsts)
+
+    cached = next_request(server)
     server.stop()
+    server = Server(model_dir, threads, max_batch=8, extra=["--prefix_cache", "false"])
+    whole = next_request(server)
+    server.stop()
+    print(f"\n| an editor's next request: the last prompt ({PROMPT} tokens) and {EDIT} more | time to first token s, median of 3 |")
+    print("|---|---|")
+    print(f"| HF transformers generate ({PROMPT}-token prompt, one client above: a whole prefill) | {hf_ttft:.2f} |")
+    print(f"| worker serve --prefix_cache false (a whole prefill) | {whole:.2f} |")
+    print(f"| worker serve (prefix cache: prefills the {EDIT} new tokens) | {cached:.3f} |")
+    print(f"\nprefix cache: time to first token {whole / cached:.1f}x shorter than without it, {hf_ttft / cached:.1f}x than HF.")
 
 
 if __name__ == "__main__":
