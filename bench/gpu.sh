@@ -52,40 +52,54 @@ collect_logs() {
     echo "==> ${f#"$WORK"/} <=="; tail -c 200000 "$f"; echo
   done > "$OUT/logs-$PART.txt"
 }
-if [ "$PART" = big ]; then source bench/gpu_big.sh; collect_logs; exit; fi
+# Each section first brings the logs so far back to $OUT: a call cut short still returns them.
+section() { collect_logs; echo "== $*"; }
+trap collect_logs EXIT
+# Stops a server: SIGTERM, which finishes its requests, then SIGKILL after 5 s.
+stop_server() {
+  kill "$1" 2>/dev/null
+  for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null; wait "$1" 2>/dev/null
+}
+if [ "$PART" = big ]; then source bench/gpu_big.sh; exit; fi
 
-echo "== 1. CUDA greedy ids vs CPU (tiny fixture, fp32; then the GPU's default --dtype auto, shown)"
+section "1. CUDA greedy ids vs CPU (tiny fixture, fp32; then the GPU's default --dtype auto, shown)"
 for run in "cpu fp32" "$DEVICE fp32" "$DEVICE auto"; do
   set -- $run
   "$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n' --max_new_tokens 20 --device "$1" --dtype "$2" --json \
     > "$WORK/generate-$1-$2.json" 2> "$WORK/generate-$1-$2.err" || cat "$WORK/generate-$1-$2.err"
 done
+# The prompt the serve check sends next, extending the first (the prefix cache's several-token continuation).
+"$BIN/worker" generate --model .gpu/fixtures/tiny --prompt $'def add(a, b):\n    return a' --max_new_tokens 20 --device "$DEVICE" \
+  --dtype fp32 --json > "$WORK/generate-extended.json" 2> "$WORK/generate-extended.err" || cat "$WORK/generate-extended.err"
 if cmp -s "$WORK/generate-cpu-fp32.json" "$WORK/generate-$DEVICE-fp32.json"; then GEN=same; else GEN=DIFFERENT; fi
 echo "greedy ids cpu vs $DEVICE (fp32): $GEN"; cat "$WORK/generate-$DEVICE-fp32.json" "$WORK/generate-$DEVICE-auto.json"
 
-echo "== 1b. worker serve on $DEVICE (tiny fixture, fp32): one request, then 8 at once, against generate's greedy text"
+section "1b. worker serve on $DEVICE (tiny fixture, fp32): one request, 8 at once, then one extending it (from the prefix cache), against generate's greedy text"
 "$BIN/worker" serve --model .gpu/fixtures/tiny --device "$DEVICE" --dtype fp32 --port 0 2> "$WORK/serve.err" & SERVER=$!
-for _ in $(seq 150); do grep -q '^serving' "$WORK/serve.err" && break; sleep 0.2; done # its address, once it listens
+for _ in $(seq 150); do grep -q '^serving' "$WORK/serve.err" || ! kill -0 "$SERVER" 2>/dev/null && break; sleep 0.2; done # listening, or gone
 URL=$(sed -n 's/^serving .* at \(http[^ ]*\) .*/\1/p' "$WORK/serve.err")
-SERVE=$("$PY" - "$URL" "$WORK/generate-$DEVICE-fp32.json" <<'PYEOF' 2>&1 | tail -1
+SERVE=$("$PY" - "$URL" "$WORK/generate-$DEVICE-fp32.json" "$WORK/generate-extended.json" <<'PYEOF' 2>&1 | tail -1
 import json, sys, urllib.request
 from concurrent.futures import ThreadPoolExecutor
-url, expected = sys.argv[1] + "/engines/codegen/completions", json.load(open(sys.argv[2]))["completion"]
-body = json.dumps({"model": "fastertransformer", "prompt": "def add(a, b):\n", "max_tokens": 20, "temperature": 0}).encode()
-def complete(_):
+url = sys.argv[1] + "/engines/codegen/completions"
+expected, extended = (json.load(open(path))["completion"] for path in sys.argv[2:4])
+def complete(prompt):
+    body = json.dumps({"model": "fastertransformer", "prompt": prompt, "max_tokens": 20, "temperature": 0}).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(request, timeout=60))["choices"][0]["text"]
-alone = complete(0)
+alone = complete("def add(a, b):\n")
 with ThreadPoolExecutor(8) as pool:
-    together = list(pool.map(complete, range(8)))
-same = alone == expected and all(t == expected for t in together)
-print("same as generate" if same else "DIFFERENT: %r alone, %r together, %r from generate" % (alone, together, expected))
+    together = list(pool.map(complete, ["def add(a, b):\n"] * 8))
+longer = complete("def add(a, b):\n    return a")
+same = alone == expected and all(t == expected for t in together) and longer == extended
+print("same as generate" if same else "DIFFERENT: %r alone, %r together, %r extended; generate: %r, %r" % (alone, together, longer, expected, extended))
 PYEOF
 )
-kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
+stop_server "$SERVER"
 echo "serve on $DEVICE: $SERVE"
 
-echo "== 2. data"
+section "2. data"
 "$PY" - "$WORK/data.txt" <<'PYEOF'
 import random, sys
 random.seed(0)
@@ -102,7 +116,7 @@ cat > "$WORK/ds_config.json" <<'JSON'
  "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
 JSON
 
-echo "== 3. ZeRO-2 over NCCL (--num_gpus 1) on the tiny fixture, fp32: GPU vs CPU final weights"
+section "3. ZeRO-2 over NCCL (--num_gpus 1) on the tiny fixture, fp32: GPU vs CPU final weights"
 TINY_ARGS=(--model_name_or_path .gpu/fixtures/tiny --train_file "$WORK/data.txt" --do_train --block_size 64
   --per_device_train_batch_size 2 --gradient_accumulation_steps 4 --save_steps 0 --learning_rate 1e-3
   --weight_decay 0.1 --adam_epsilon 1e-6 --logging_steps 1 --overwrite_output_dir)
@@ -122,7 +136,7 @@ PYEOF
   echo "offload $offload: GPU (NCCL) vs CPU final weights rel ${TINY[$offload]}"
 done
 
-echo "== 3b. 16-bit gradient transfer: offloaded step (16-bit gradients down, tiles of 1000) vs device AdamW (fp32 gradients)"
+section "3b. 16-bit gradient transfer: offloaded step (16-bit gradients down, tiles of 1000) vs device AdamW (fp32 gradients)"
 # Two steps from the tiny fixture (Adam's first is sign-like, so the second shows the rounding):
 # the weight updates must agree within two unit roundoffs of the format in the 2-norm, as
 # worker/tests/numerics.rs checks on CPU. Tiles of 1000 elements (the fixture has ~0.2M) keep
@@ -154,11 +168,11 @@ PYEOF
   echo "$dt: update rel ${SIXTEEN[$dt]}, ${SKIPPED[$dt]}"
 done
 
-echo "== 3c. HostOptimizer::step on $DEVICE vs cpu, fixed random gradients, tiles of 1000 (fp32, bf16, fp16)"
+section "3c. HostOptimizer::step on $DEVICE vs cpu, fixed random gradients, tiles of 1000 (fp32, bf16, fp16)"
 "$BIN/offload_check" "$DEVICE" cpu 100003 1000 > "$WORK/offload_check.log" 2>&1; OFFLOAD_CHECK=$([ $? = 0 ] && echo bit-equal || echo FAIL)
 cat "$WORK/offload_check.log"
 
-echo "== 3d. --gradient_checkpointing on $DEVICE: the plain run's weights (tiny fixture, fp32, 4 steps)"
+section "3d. --gradient_checkpointing on $DEVICE: the plain run's weights (tiny fixture, fp32, 4 steps)"
 for ckpt in false true; do
   "$BIN/coordinator" train "${TINY_ARGS[@]}" --max_steps 4 --warmup_steps 1 "${GPU_FLAGS[@]}" --gradient_checkpointing "$ckpt" \
     --deepspeed "$WORK/ds-tiny-cpu.json" --output_dir "$WORK/ckpt-$ckpt" > "$WORK/ckpt-$ckpt.log" 2>&1 || tail -3 "$WORK/ckpt-$ckpt.log"
@@ -175,7 +189,7 @@ echo "checkpointing vs plain final weights rel $CKPT"
 
 declare -A TPS MEM PLAN
 for dt in $DTYPES; do
-  echo "== 4. zerotune $dt"
+  section "4. zerotune $dt"
   RUN_ARGS=(--config_name "$CONFIG" $NUM_GPUS --tokenizer_name .gpu/fixtures/tiny --train_file "$WORK/data.txt" \
     --output_dir "$WORK/run-$dt" --overwrite_output_dir --do_train --device "$DEVICE" --"$dt" \
     --deepspeed "$WORK/ds_config.json" --block_size "$BLOCK" --per_device_train_batch_size 1 \
@@ -192,7 +206,7 @@ done
 declare -A DS DSMEM
 if [ "$ANCHOR" = 1 ]; then
   for dt in fp16 bf16; do
-    echo "== 5. DeepSpeed $dt"
+    section "5. DeepSpeed $dt"
     sample_start "$WORK/mem-ds-$dt.txt"
     bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "200 ds --dtype $dt --micro 1 --ga 8 --steps 3 --warmup 1" > "$WORK/ds-$dt.log" 2>&1
     DSMEM[$dt]=$(sample_stop "$WORK/mem-ds-$dt.txt")
@@ -204,7 +218,7 @@ fi
 echo
 {
 echo "greedy ids, tiny fixture fp32, cpu vs $DEVICE: $GEN"
-echo "worker serve on $DEVICE, tiny fixture fp32, 1 request then 8 concurrent, greedy text vs generate: $SERVE"
+echo "worker serve on $DEVICE, tiny fixture fp32, 1 request, 8 concurrent, 1 extending them (prefix cache), greedy text vs generate: $SERVE"
 echo "ZeRO-2 --num_gpus 1 (NCCL) vs CPU, tiny fixture fp32, 8 steps, final weights rel: offload cpu ${TINY[cpu]}, offload none ${TINY[none]}"
 echo "16-bit gradient transfer, tiny fixture, 2 steps, tiles of 1000, offloaded vs device AdamW updates: bf16 ${SIXTEEN[bf16]} (${SKIPPED[bf16]}), fp16 ${SIXTEEN[fp16]:--} (${SKIPPED[fp16]:-not run})"
 echo "HostOptimizer::step $DEVICE vs cpu (fp32, bf16, fp16; tiles of 1000): $OFFLOAD_CHECK"

@@ -22,7 +22,7 @@ for config in $BIG_CONFIGS; do
     --overwrite_output_dir --do_train --device "$DEVICE" --"$BIG_DT" --deepspeed "$WORK/ds_big.json" --gradient_checkpointing
     --block_size "$BLOCK" --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --max_steps "$BIG_STEPS"
     --logging_steps 1 --save_steps 0 --completion_eval_positions 0)
-  echo "== 6. $config: the planner"
+  section "6. $config: the planner"
   if ! "$BIN/coordinator" estimate "${args[@]}" > "$WORK/estimate-$config.txt" 2>&1; then
     cat "$WORK/estimate-$config.txt"
     BIG_REFUSED+="$config refused by the planner; "
@@ -30,7 +30,7 @@ for config in $BIG_CONFIGS; do
   fi
   cat "$WORK/estimate-$config.txt"
   BIG_PLAN=$(planned_mib "${args[@]}")
-  echo "== 6. $config: training $BIG_STEPS steps"
+  section "6. $config: training $BIG_STEPS steps"
   sample_start "$WORK/mem-big.txt"
   timeout 420 "$BIN/coordinator" train "${args[@]}" > "$WORK/big-$config.log" 2>&1; rc=$?
   BIG_MEM=$(sample_stop "$WORK/mem-big.txt")
@@ -45,7 +45,7 @@ done
 rm -rf /tmp/big-*
 DS_BIG="- -"
 if [ "$ANCHOR" = 1 ]; then
-  echo "== 7. DeepSpeed $BIG_DT, codegen-2B shape"
+  section "7. DeepSpeed $BIG_DT, codegen-2B shape"
   sample_start "$WORK/mem-ds-big.txt"
   bash .gpu/anchor/run.sh "$PWD/.gpu/anchor/wheels" "300 ds --size 2b --dtype $BIG_DT --micro 1 --ga 1 --steps $BIG_STEPS --warmup 1" > "$WORK/ds-big.log" 2>&1
   DS_BIG_MEM=$(sample_stop "$WORK/mem-ds-big.txt")

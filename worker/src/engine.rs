@@ -1,5 +1,6 @@
 //! Continuous batching over one model. A prompt joins with its own prefill (run alone, so its
-//! logits are those of a lone run), then its choices' cache rows join the batch; every step
+//! logits are those of a lone run; to rounding when it starts from the prefix cache, below), then
+//! its choices' cache rows join the batch; every step
 //! decodes one token for every active sequence at once, so the weights are read once for all of
 //! them; a sequence leaves at EOS, at its token limit, or when its caller cancels it.
 //! With the prefix cache (the server's), a prompt that begins like the last one prefills only
@@ -146,7 +147,10 @@ impl<'m, K: Clone> Engine<'m, K> {
             emitted.push(out);
         }
         if joining > 0 {
-            self.cache.push(&if joining == 1 { single.prefix(single.len()) } else { single.repeat(joining) });
+            match joining {
+                1 => self.cache.push(&single),
+                n => self.cache.push(&single.repeat(n)),
+            }
         }
         if self.prefix_caching {
             self.prefix = Some((prompt.ids.clone(), single));

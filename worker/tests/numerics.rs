@@ -166,8 +166,9 @@ fn batched_decode_through_the_masked_attention_too() {
     assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
 }
 
-/// A prompt prefilled after a cached prefix of it (the server's prefix cache) gets the logits of
-/// one prefill over the whole prompt, for every position, and its cache then decodes the same.
+/// A prompt prefilled after a cached prefix of it (the server's prefix cache: cut from the cache of
+/// an earlier prompt that went on differently) gets the logits of one prefill over the whole
+/// prompt, for every position, and its cache then decodes the same.
 #[test]
 fn a_prompt_continued_from_a_cached_prefix_equals_its_whole_prefill() {
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
@@ -179,7 +180,8 @@ fn a_prompt_continued_from_a_cached_prefix_equals_its_whole_prefill() {
     let reference = model.prefill(&ids, &mut whole, true);
     for cached in [1, 17, 39] {
         let mut earlier = KvCache::default();
-        let _ = model.prefill(&ids.narrow(1, 0, cached), &mut earlier, false);
+        let other = Tensor::from_slice(&[3i64, 1, 4, 1, 5]).view([1, 5]);
+        let _ = model.prefill(&Tensor::cat(&[ids.narrow(1, 0, cached), other], 1), &mut earlier, false);
         let mut cache = earlier.prefix(cached);
         let rest = model.prefill(&ids.narrow(1, cached, 40 - cached), &mut cache, true);
         let want = reference.narrow(1, cached, 40 - cached);
