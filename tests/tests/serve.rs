@@ -204,32 +204,43 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
     assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64);
 }
 
-/// An editor's next request repeats the file above the cursor: the server prefills only what the
-/// last prompt did not hold (counted by zerotune_prompt_tokens_reused_total), and the text is still
-/// HF's; `--prefix_cache false` computes every prompt whole, with the same text.
+/// Two editors' requests, interleaved, each repeating the file above its cursor: the server
+/// prefills only what the prompt adds to the longest start a kept prompt shares with it (counted
+/// by zerotune_prompt_tokens_reused_total), and the text is still HF's. A budget too small for
+/// both editors' prompts keeps the most recent only; `--prefix_cache_tokens 0` keeps none.
 #[test]
-fn an_editors_next_request_prefills_only_what_it_adds_and_gets_hf_text() {
+fn editors_next_requests_prefill_only_what_they_add_and_get_hf_text() {
     let cases = cases();
-    let (shorter, longer) = (&cases[cases.len() - 2], &cases[cases.len() - 1]);
-    let tokens = |case: &Value| case["prompt_tokens"].as_u64().unwrap() as f64;
-    assert!(longer["prompt"].as_str().unwrap().starts_with(shorter["prompt"].as_str().unwrap()), "the fixture's editor pair");
-    for (flags, caching) in [(&[][..], true), (&["--prefix_cache", "false"][..], false)] {
-        let server = Server::start(flags, &[]);
+    let [a1, a2, b1, b2] = &cases[cases.len() - 4..] else { unreachable!() };
+    let ids = |case: &Value| -> Vec<u64> { case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
+    // What a prompt can take from a kept one: their common start, short of its own last token.
+    let shared = |kept: &Value, prompt: &Value| {
+        let (kept, prompt) = (ids(kept), ids(prompt));
+        kept.iter().zip(&prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1) as f64
+    };
+    assert!(shared(a1, a2) > 10.0 && shared(b1, b2) > 10.0 && shared(a1, b1) == 0.0, "the fixture's two editors");
+    let (a2_len, b1_len) = (ids(a2).len(), ids(b1).len());
+    let order = [a1, b1, a2, b2, a2];
+    for (budget, want) in [
+        // Both editors' prompts fit: each takes from its own, and a repeat from itself.
+        ("4096", [0.0, 0.0, shared(a1, a2), shared(b1, b2), ids(a2).len() as f64 - 1.0]),
+        // Room for a2 but not a2 and b1 together: a2 pushes b1 out, and b2 then starts afresh;
+        // b2 in turn pushes a2 out.
+        (&*format!("{}", a2_len + b1_len - 1), [0.0, 0.0, shared(a1, a2), 0.0, 0.0]),
+        ("0", [0.0; 5]),
+    ] {
+        let server = Server::start(&["--prefix_cache_tokens", budget], &[]);
         let mut reused = vec![];
-        for case in [shorter, longer, longer, shorter] {
+        let mut total = 0.0;
+        for case in order {
             let reply = server.post("/v1/engines/codegen/completions", greedy(&case["prompt"]));
             assert_eq!(reply.status, 200, "{}", reply.body);
-            assert_eq!(reply.json()["choices"][0]["text"], case["text"], "{} (prefix cache {caching})", case["prompt"]);
-            reused.push(server.metric("zerotune_prompt_tokens_reused_total"));
+            assert_eq!(reply.json()["choices"][0]["text"], case["text"], "{} (budget {budget})", case["prompt"]);
+            let now = server.metric("zerotune_prompt_tokens_reused_total");
+            reused.push(now - total);
+            total = now;
         }
-        if caching {
-            // Nothing before the first; the shorter prompt's tokens for the longer one; all but
-            // the last token of the longer one for itself; the shorter one but its last after it.
-            let want = [0.0, tokens(shorter), tokens(shorter) + tokens(longer) - 1.0, tokens(shorter) * 2.0 + tokens(longer) - 2.0];
-            assert_eq!(reused, want);
-        } else {
-            assert_eq!(reused, [0.0; 4]);
-        }
+        assert_eq!(reused, want, "budget {budget}");
     }
 }
 

@@ -3,12 +3,13 @@
 //! its choices' cache rows join the batch; every step
 //! decodes one token for every active sequence at once, so the weights are read once for all of
 //! them; a sequence leaves at EOS, at its token limit, or when its caller cancels it.
-//! With the prefix cache (the server's), a prompt that begins like the last one prefills only
-//! what differs: an editor's next request repeats the file above the cursor.
+//! With a prefix cache (`prefix.rs`, the server's), a prompt that begins like a recent one
+//! prefills only what differs: an editor's next request repeats the file above the cursor.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{BatchCache, CodeGen, KvCache};
+use crate::model::{BatchCache, CodeGen};
+use crate::prefix::PrefixCache;
 use crate::sample::{logprobs, Sampler};
 
 /// What a prompt asks of the engine; its choices come with their own keys and samplers.
@@ -74,9 +75,8 @@ pub struct Engine<'m, K> {
     eos: Option<u32>,
     cache: BatchCache,
     seqs: Vec<Active<K>>,
-    /// The last prompt's ids and keys and values, when prompts may start from them.
-    prefix: Option<(Vec<u32>, KvCache)>,
-    prefix_caching: bool,
+    /// Recent prompts' keys and values, when prompts may start from them.
+    prefix: Option<PrefixCache>,
     /// Prompt tokens whose keys and values came from the prefix cache, so far.
     reused_tokens: u64,
 }
@@ -84,13 +84,14 @@ pub struct Engine<'m, K> {
 impl<'m, K: Clone> Engine<'m, K> {
     pub fn new(model: &'m CodeGen, device: Device, eos: Option<u32>) -> Self {
         let cache = BatchCache::new(model.config.n_positions as i64);
-        Self { model, device, eos, cache, seqs: vec![], prefix: None, prefix_caching: false, reused_tokens: 0 }
+        Self { model, device, eos, cache, seqs: vec![], prefix: None, reused_tokens: 0 }
     }
 
-    /// Keeps the last prompt's keys and values, so that a prompt beginning with the same tokens
-    /// prefills only the rest (its logits then match a lone run's to rounding, not to the bit).
-    pub fn with_prefix_cache(mut self) -> Self {
-        self.prefix_caching = true;
+    /// Keeps recent prompts' keys and values, up to `budget` tokens, so that a prompt beginning
+    /// with the same tokens as one of them prefills only the rest (its logits then match a lone
+    /// run's to rounding, not to the bit). A budget of 0 keeps none.
+    pub fn with_prefix_cache(mut self, budget: usize) -> Self {
+        self.prefix = (budget > 0).then(|| PrefixCache::new(budget));
         self
     }
 
@@ -114,11 +115,9 @@ impl<'m, K: Clone> Engine<'m, K> {
         let _guard = tch::no_grad_guard();
         let n_positions = self.model.config.n_positions;
         assert!(!prompt.ids.is_empty() && prompt.ids.len() <= n_positions, "the caller checks the prompt against the context");
-        let reuse = self.reusable(prompt);
-        let mut single = match &self.prefix {
-            Some((_, cached)) if reuse > 0 => cached.prefix(reuse as i64),
-            _ => KvCache::default(),
-        };
+        // The prompt's own logprobs need every position's logits: a whole prefill.
+        let found = self.prefix.as_mut().filter(|_| !prompt.prompt_logprobs).and_then(|p| p.lookup(&prompt.ids));
+        let (reuse, mut single) = found.unwrap_or_default();
         self.reused_tokens += reuse as u64;
         let ids: Vec<i64> = prompt.ids[reuse..].iter().map(|&i| i as i64).collect();
         let input = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
@@ -152,23 +151,10 @@ impl<'m, K: Clone> Engine<'m, K> {
                 n => self.cache.push(&single.repeat(n)),
             }
         }
-        if self.prefix_caching {
-            self.prefix = Some((prompt.ids.clone(), single));
+        if let Some(prefix) = &mut self.prefix {
+            prefix.insert(&prompt.ids, single);
         }
         (prompt_logprobs, emitted)
-    }
-
-    /// How many of `prompt`'s first tokens the prefix cache holds: its common start with the last
-    /// prompt, short of the last token (whose logits the prefill must give); none when the
-    /// prompt's own logprobs are asked for.
-    fn reusable(&self, prompt: &Prompt) -> usize {
-        match &self.prefix {
-            Some((ids, _)) if !prompt.prompt_logprobs => {
-                let common = ids.iter().zip(&prompt.ids).take_while(|(a, b)| a == b).count();
-                common.min(prompt.ids.len() - 1)
-            }
-            _ => 0,
-        }
     }
 
     /// One token for every active sequence; the finished ones leave the batch.

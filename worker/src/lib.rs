@@ -15,6 +15,7 @@ pub mod grads;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod prefix;
 pub mod sample;
 pub mod serve;
 mod test_hook;

@@ -102,10 +102,11 @@ enum Command {
         /// The name `GET /v1/models` lists (default: the model directory's name).
         #[arg(long)]
         model_name: Option<String>,
-        /// Keep the last prompt's keys and values: a prompt that begins like it (an editor's next
-        /// request) prefills only the rest. `false` gives every prompt a lone run's exact logits.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        prefix_cache: bool,
+        /// Tokens of recent prompts whose keys and values are kept, so that a prompt beginning like
+        /// one of them (an editor's next request) prefills only the rest; 0 keeps none, and gives
+        /// every prompt a lone run's exact logits.
+        #[arg(long, default_value_t = 4096)]
+        prefix_cache_tokens: usize,
     },
 }
 
@@ -224,7 +225,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("wrote completion_eval.json and predictions.jsonl to {}", options.output_dir.display());
             Ok(())
         }
-        Command::Serve { model, host, port, device: spec, dtype, api_key, max_batch, max_queue, threads, model_name, prefix_cache } => {
+        Command::Serve {
+            model,
+            host,
+            port,
+            device: spec,
+            dtype,
+            api_key,
+            max_batch,
+            max_queue,
+            threads,
+            model_name,
+            prefix_cache_tokens,
+        } => {
             if let Some(threads) = threads {
                 tch::set_num_threads(threads);
             }
@@ -235,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let dir = model.canonicalize().unwrap_or(model.clone());
                 dir.file_name().map_or("codegen".into(), |n| n.to_string_lossy().into_owned())
             });
-            let options = ServeOptions { api_key, max_batch, max_queue, model_name, prefix_cache };
+            let options = ServeOptions { api_key, max_batch, max_queue, model_name, prefix_cache_tokens };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let listener = runtime
                 .block_on(tokio::net::TcpListener::bind((host.as_str(), port)))

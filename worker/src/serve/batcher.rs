@@ -56,8 +56,9 @@ pub struct Batcher {
     pub eos: Option<u32>,
     pub tokenizer: Arc<Tokenizer>,
     pub max_batch: usize,
-    /// Whether a prompt may start from the last one's keys and values (`Engine::with_prefix_cache`).
-    pub prefix_cache: bool,
+    /// Tokens of recent prompts whose keys and values later prompts may start from (0: none;
+    /// `Engine::with_prefix_cache`).
+    pub prefix_cache_tokens: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -146,12 +147,7 @@ impl Batcher {
     }
 
     fn engine(&self) -> Engine<'_, Key> {
-        let engine = Engine::new(&self.model, self.device, self.eos);
-        if self.prefix_cache {
-            engine.with_prefix_cache()
-        } else {
-            engine
-        }
+        Engine::new(&self.model, self.device, self.eos).with_prefix_cache(self.prefix_cache_tokens)
     }
 
     /// Delivers what the engine emitted, drops the choices a stop string ended, updates the gauge.

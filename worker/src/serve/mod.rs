@@ -40,8 +40,9 @@ pub struct ServeOptions {
     pub max_queue: usize,
     /// The name `GET /v1/models` lists.
     pub model_name: String,
-    /// A prompt that begins like the last one prefills only the rest (`Engine::with_prefix_cache`).
-    pub prefix_cache: bool,
+    /// Tokens of recent prompts kept, so that a prompt beginning like one of them prefills only
+    /// the rest (0: none; `Engine::with_prefix_cache`).
+    pub prefix_cache_tokens: usize,
 }
 
 /// What every handler shares.
@@ -76,8 +77,8 @@ pub fn run(
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
     let (queue, jobs) = mpsc::channel(options.max_queue.max(1));
-    let (max_batch, prefix_cache) = (options.max_batch, options.prefix_cache);
-    let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache, metrics: metrics.clone() };
+    let (max_batch, prefix_cache_tokens) = (options.max_batch, options.prefix_cache_tokens);
+    let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
     let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, vocab_rows: config.vocab_size, queue, metrics });
     let router = Router::new()
         .route("/v1/completions", post(completions))
