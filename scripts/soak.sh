@@ -23,6 +23,7 @@ for run in $(seq 1 "$runs"); do
     done
     out=$(cargo test -q -p zerotune-coordinator --lib 2>&1) || failed=$((failed + 1))
     echo "run $run coordinator lib: $(echo "$out" | grep 'test result' | tail -1)"
+    echo "$out" | grep -E '^test .* FAILED|panicked at|^---- ' -A4 | head -12
 done
 echo "$failed failing test binary run(s) in $runs run(s)"
 [ "$failed" -eq 0 ]

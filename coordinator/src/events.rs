@@ -135,6 +135,7 @@ mod tests {
 
     #[test]
     fn exit_statuses_read_from_real_processes() {
+        let _forking = crate::forking();
         let run = |script: &str| ExitStatus::from(std::process::Command::new("sh").args(["-c", script]).status().unwrap());
         assert_eq!(run("exit 0"), ExitStatus::Code(0));
         assert!(run("exit 0").success() && !run("exit 3").success());

@@ -330,7 +330,10 @@ mod tests {
                 Some(v) => sh.env("CUDA_VISIBLE_DEVICES", v),
                 None => sh.env_remove("CUDA_VISIBLE_DEVICES"),
             };
-            let out = sh.output().unwrap();
+            let out = {
+                let _forking = crate::forking();
+                sh.output().unwrap()
+            };
             (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
         };
         let uuids = "GPU-a1b2,GPU-c3d4";

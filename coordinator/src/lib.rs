@@ -22,3 +22,12 @@ pub mod sampler;
 pub mod service;
 
 pub use error::{CoordinatorError, Result};
+
+/// Held by the unit tests that start processes, while they do, and by the lock test: a process
+/// forked meanwhile holds a copy of the lock's descriptor until its exec, so a lock just released
+/// would still look held.
+#[cfg(test)]
+pub(crate) fn forking() -> std::sync::MutexGuard<'static, ()> {
+    static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    FORKING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -69,6 +69,7 @@ mod tests {
 
     #[test]
     fn a_second_holder_is_refused_by_name_and_a_released_lock_is_taken_again() {
+        let _forking = crate::forking();
         let dir = tempfile::tempdir().unwrap();
         let first = OutputLock::acquire(dir.path()).unwrap();
         let err = OutputLock::acquire(dir.path()).err().expect("a second lock on the same dir is refused").to_string();
