@@ -145,11 +145,10 @@ impl<'m, K: Clone> Engine<'m, K> {
             }
             emitted.push(out);
         }
-        if joining > 0 {
-            match joining {
-                1 => self.cache.push(&single),
-                n => self.cache.push(&single.repeat(n)),
-            }
+        match joining {
+            0 => {}
+            1 => self.cache.push(&single),
+            n => self.cache.push(&single.repeat(n)),
         }
         if let Some(prefix) = &mut self.prefix {
             prefix.insert(&prompt.ids, single);

@@ -2,6 +2,7 @@
 //! `auto` choosing by the GPU's compute capability: fp32 on a P40, fp16 on a V100 or T4, bf16
 //! from Ampere on.
 
+use clap::ValueEnum;
 use tch::Device;
 use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
 
@@ -24,14 +25,9 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// The flag's value, as typed.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Fp32 => "fp32",
-            Self::Bf16 => "bf16",
-            Self::Fp16 => "fp16",
-        }
+    /// The flag's value, as clap spells it.
+    pub fn name(self) -> String {
+        self.to_possible_value().expect("no variant is skipped").get_name().to_string()
     }
 }
 
