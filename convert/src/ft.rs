@@ -210,7 +210,8 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
         Job::Replicated { src, .. } | Job::Columns { src, .. } | Job::Rows { src, .. } => src.clone(),
         Job::Qkv(l) => format!("transformer.h.{l}.attn.qkv_proj.weight"),
     };
-    let (from, shape, data) = source.stored(&src)?;
+    let (from, shape, stored) = source.stored(&src)?;
+    let data = stored.as_slice();
     let zeroed = |scratch: &mut Vec<u8>, len: usize| {
         scratch.clear();
         scratch.resize(len, 0);
@@ -268,7 +269,6 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
             }
         }
     }
-    source.release(&src);
     Ok(())
 }
 

@@ -16,6 +16,9 @@ pub enum ConvertError {
     Model(#[from] zerotune_hf::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The output directory overlaps the input (`--force` would delete the input).
+    #[error("the output {} {overlap} the input {}: writing it would replace what is being converted; choose an output outside {}", output.display(), input.display(), input.display())]
+    OutputOverlapsInput { output: std::path::PathBuf, input: std::path::PathBuf, overlap: output::Overlap },
 }
 
 pub type Result<T> = std::result::Result<T, ConvertError>;

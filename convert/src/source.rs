@@ -40,26 +40,23 @@ impl Source {
         Ok(RawTensor { dtype, shape, data })
     }
 
-    /// The bytes of tensor `name` in `dtype`, cast straight from the mapping, whose pages are
-    /// then released: a one-pass conversion stays one tensor deep in memory.
+    /// The bytes of tensor `name` in `dtype`, read through a checked read (a file that shrinks
+    /// under the conversion is an error naming it) and cast: one tensor deep in memory.
     pub fn bytes(&self, name: &str, dtype: Dtype) -> zerotune_hf::Result<Vec<u8>> {
         let (from, _) = self.weights.info(name).ok_or_else(|| self.missing(name))?;
-        let stored = self.weights.bytes(name).ok_or_else(|| self.missing(name))?;
+        let stored = self.weights.read_bytes(name)?;
+        if from == dtype {
+            return Ok(stored);
+        }
         let mut data = vec![];
-        cast_into(&mut data, stored, from, dtype);
-        self.weights.release(name);
+        cast_into(&mut data, &stored, from, dtype);
         Ok(data)
     }
 
-    /// Tensor `name` as stored: dtype, shape and the mapped bytes. Call `release` when done.
-    pub fn stored(&self, name: &str) -> zerotune_hf::Result<(Dtype, &[usize], &[u8])> {
+    /// Tensor `name` as stored: dtype, shape and its bytes, through a checked read.
+    pub fn stored(&self, name: &str) -> zerotune_hf::Result<(Dtype, &[usize], Vec<u8>)> {
         let (dtype, shape) = self.weights.info(name).ok_or_else(|| self.missing(name))?;
-        Ok((dtype, shape, self.weights.bytes(name).ok_or_else(|| self.missing(name))?))
-    }
-
-    /// Drops the mapped pages of `name` from this process (a one-pass reader is done with them).
-    pub fn release(&self, name: &str) {
-        self.weights.release(name);
+        Ok((dtype, shape, self.weights.read_bytes(name)?))
     }
 
     fn missing(&self, name: &str) -> zerotune_hf::Error {

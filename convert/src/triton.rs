@@ -29,8 +29,7 @@ pub fn write_model_dir(source: &Source, model: &FtModel, store: &Path, name: &st
     let tp = model.tp;
     let store_err = |e: std::io::Error| ConvertError::Invalid(format!("--model_store {}: {e}", store.display()));
     let paths = TritonPaths::new(store, name, tp, rebase).map_err(store_err)?;
-    std::fs::create_dir_all(store).map_err(store_err)?;
-    let staged = Staged::new(&paths.model_dir, force)?;
+    let staged = Staged::new(&paths.model_dir, force, &source.dir)?;
     let weights = staged.path().join(TritonPaths::weights_subdir(tp));
     std::fs::create_dir_all(&weights).map_err(|e| ConvertError::Invalid(format!("{}: {e}", weights.display())))?;
     ft::write(source, model, &weights, &paths.model_dir.join(TritonPaths::weights_subdir(tp)))?;

@@ -55,3 +55,22 @@ fn refuses_existing_output_and_non_codegen_input() {
     assert!(!again.status.success() && err.contains("model_type is \"gptj\""), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn a_source_that_shrinks_during_the_conversion_is_an_error_and_leaves_nothing() {
+    use zerotune_convert::{gptj, output::Staged, source::Source};
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("tiny");
+    assert!(std::process::Command::new("cp").arg("-a").arg(fixtures().join("tiny")).arg(&input).status().unwrap().success());
+    let source = Source::open(&input, zerotune_hf::manifest::NonFinite::Refuse).unwrap();
+    let (out, partial) = (tmp.path().join("gptj"), tmp.path().join(".gptj.partial"));
+    let staged = Staged::new(&out, false, &input).unwrap();
+    // Another program truncates the weights after they were opened (a mapping would die of SIGBUS).
+    let weights = input.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    let err = gptj::convert(&source, staged.path(), Dtype::F32).err().expect("the conversion fails").to_string();
+    assert!(err.contains("model.safetensors") && err.contains("shrank while it was being read"), "{err}");
+    drop(staged);
+    assert!(!partial.exists() && !out.exists(), "a failed conversion leaves nothing");
+}

@@ -1,8 +1,8 @@
 //! Checkpoint bookkeeping on the coordinator's side. Ranks write into `.checkpoint-<step>.partial/`;
 //! once every rank has written its part, add the tokenizer files and trainer_state.json, record
 //! the manifest (every file's size, hash and non-finite count), rename the directory to
-//! `checkpoint-<step>/`, point `latest` at it by atomic rename, and prune beyond
-//! `--save_total_limit`. A crash before the renames leaves the previous checkpoint as `latest` and
+//! `checkpoint-<step>/`, point `latest` at it by atomic rename, and rotate beyond
+//! `--save_total_limit` (`rotation`). A crash before the renames leaves the previous checkpoint as `latest` and
 //! a `.partial` directory that the next start removes. A resume reads trainer_state.json back.
 
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use zerotune_hf::manifest::{Manifest, MANIFEST_FILE};
 use zerotune_proto::state::{TrainerState, TRAINER_STATE_FILE};
 
 use crate::error::{io_err, CoordinatorError, Result};
+use crate::rotation;
 
 pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!("checkpoint-{step}"))
@@ -69,7 +70,7 @@ pub fn finalize(
     step: u64,
     tokenizer_files: &[(String, Vec<u8>)],
     trainer_state: &TrainerState,
-    keep: Option<usize>,
+    limit: Option<usize>,
 ) -> Result<()> {
     let partial = partial_dir(output_dir, step);
     write_files(&partial.join("model"), tokenizer_files)?;
@@ -86,8 +87,9 @@ pub fn finalize(
     std::fs::write(&tmp, format!("checkpoint-{step}\n")).map_err(io_err(&tmp))?;
     let latest = output_dir.join("latest");
     std::fs::rename(&tmp, &latest).map_err(io_err(&latest))?;
-    if let Some(keep) = keep {
-        prune(output_dir, keep.max(1))?;
+    // HF Trainer's meaning: a limit of 0 (or none) keeps every checkpoint.
+    if let Some(limit) = limit.filter(|&limit| limit > 0) {
+        rotate(output_dir, limit, trainer_state)?;
     }
     Ok(())
 }
@@ -99,15 +101,18 @@ pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|e| CoordinatorError::Data { path, message: format!("not a trainer state: {e}") })
 }
 
-/// Removes the oldest `checkpoint-<step>` directories so that `keep` remain.
-fn prune(output_dir: &Path, keep: usize) -> Result<()> {
-    let mut steps: Vec<u64> = std::fs::read_dir(output_dir)
+/// Removes checkpoints so that `limit` remain (`rotation::to_remove`), saying each.
+fn rotate(output_dir: &Path, limit: usize, saved: &TrainerState) -> Result<()> {
+    let on_disk: Vec<u64> = std::fs::read_dir(output_dir)
         .map_err(io_err(output_dir))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
         .collect();
-    steps.sort_unstable();
-    for step in &steps[..steps.len().saturating_sub(keep)] {
-        let dir = checkpoint_dir(output_dir, *step);
+    let latest = std::fs::read_to_string(output_dir.join("latest")).ok();
+    let latest = latest.as_deref().and_then(|name| name.trim().strip_prefix("checkpoint-")?.parse().ok());
+    let keep: Vec<u64> = [Some(saved.global_step), latest].into_iter().flatten().collect();
+    for step in rotation::to_remove(&on_disk, &saved.checkpoints, &keep, limit) {
+        let dir = checkpoint_dir(output_dir, step);
+        eprintln!("removing {} (--save_total_limit {limit})", dir.display());
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     Ok(())
@@ -128,6 +133,8 @@ mod tests {
             block_size: Some(64),
             sampler: zerotune_proto::state::SamplerPosition { seed: 42, epoch: step / 10, step_in_epoch: step % 10, blocks: 40 },
             log_history: (1..=step).map(|s| serde_json::json!({"step": s, "loss": s as f64 * 0.25})).collect(),
+            checkpoints: (1..=step / 5).map(|i| i * 5).collect(),
+            data: None,
         }
     }
 
@@ -148,6 +155,25 @@ mod tests {
         let manifest = Manifest::read(&checkpoint_dir(out, 15)).unwrap().unwrap();
         assert_eq!(manifest.files.keys().collect::<Vec<_>>(), ["model/tokenizer.json", "trainer_state.json"]);
         zerotune_hf::manifest::verify_checkpoint(&checkpoint_dir(out, 15), zerotune_hf::manifest::NonFinite::Refuse).unwrap();
+    }
+
+    #[test]
+    fn a_limit_of_zero_keeps_every_checkpoint_and_a_resumed_save_survives_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        for step in [5, 10, 15] {
+            std::fs::create_dir_all(partial_dir(out, step)).unwrap();
+            finalize(out, step, &[], &state(step), Some(0)).unwrap();
+        }
+        assert!([5, 10, 15].iter().all(|&step| checkpoint_dir(out, step).is_dir()), "0 means no limit, as in HF Trainer");
+        // Resumed from checkpoint-5, then saved 10 again and 12, with a limit of 1.
+        for (step, history) in [(10, vec![5, 10]), (12, vec![5, 10, 12])] {
+            std::fs::create_dir_all(partial_dir(out, step)).unwrap();
+            finalize(out, step, &[], &TrainerState { checkpoints: history, ..state(step) }, Some(1)).unwrap();
+            assert!(checkpoint_dir(out, step).join("trainer_state.json").is_file(), "the checkpoint just saved stays");
+            assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), format!("checkpoint-{step}\n"));
+        }
+        assert!(!checkpoint_dir(out, 15).exists() && !checkpoint_dir(out, 10).exists() && !checkpoint_dir(out, 5).exists());
     }
 
     #[test]

@@ -114,6 +114,23 @@ impl CacheKey<'_> {
     pub fn hash(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"zerotune token cache v2");
+        self.hash_documents(&mut h);
+        h.update(self.tokenizer_json.as_bytes());
+        h.update(&(self.block_size as u64).to_le_bytes());
+        h.update(&self.eos.to_le_bytes());
+        h.finalize().to_hex()[..32].to_string()
+    }
+
+    /// The hygiene settings and the documents of both splits alone: what a resume checks is the
+    /// data it trained on, whatever the tokenizer or block size.
+    pub fn documents_hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"zerotune documents v1");
+        self.hash_documents(&mut h);
+        h.finalize().to_hex()[..32].to_string()
+    }
+
+    fn hash_documents(&self, h: &mut blake3::Hasher) {
         h.update(&(self.hygiene.len() as u64).to_le_bytes());
         h.update(self.hygiene.as_bytes());
         for (tag, docs) in [(b"T", self.train), (b"V", self.validation)] {
@@ -124,10 +141,6 @@ impl CacheKey<'_> {
                 h.update(d.text.as_bytes());
             }
         }
-        h.update(self.tokenizer_json.as_bytes());
-        h.update(&(self.block_size as u64).to_le_bytes());
-        h.update(&self.eos.to_le_bytes());
-        h.finalize().to_hex()[..32].to_string()
     }
 }
 

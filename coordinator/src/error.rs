@@ -18,6 +18,9 @@ pub enum CoordinatorError {
     /// Input documents that cannot be read; the message names the file and line.
     #[error(transparent)]
     Input(#[from] zerotune_data::DataError),
+    /// A resume that would go backwards or change the data order.
+    #[error("--resume_from_checkpoint {}: {reason}", dir.display())]
+    Resume { dir: PathBuf, reason: crate::job::ResumeConflict },
     #[error("worker rank {rank} ({host}) failed: {message}")]
     Worker { rank: u32, host: String, message: String },
     /// A process that runs every rank (srun) failed.

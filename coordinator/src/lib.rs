@@ -19,6 +19,7 @@ pub mod prepare;
 pub mod progress;
 pub mod report;
 pub mod sampler;
+pub mod rotation;
 pub mod service;
 
 pub use error::{CoordinatorError, Result};

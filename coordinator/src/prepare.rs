@@ -7,6 +7,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
+use zerotune_proto::state::DataIdentity;
 
 use crate::config::{DataPlan, ModelChoice, TokenizerChoice, TrainPlan};
 use zerotune_data::pipeline::{self, Inputs};
@@ -31,20 +32,29 @@ pub struct Prepared {
     pub validation_docs: Vec<Document>,
     /// What the data pipeline did, for `output_dir/data_report.json`.
     pub data_report: DataReport,
+    /// The documents and blocks trained on, recorded in every checkpoint.
+    pub data: DataIdentity,
 }
 
 fn flag(message: String) -> CoordinatorError {
     CoordinatorError::Flag(message)
 }
 
-pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
+/// `keep_tokenizer`: a resumed checkpoint's model dir, whose tokenizer the run keeps instead of
+/// training one (--train_tokenizer): the weights were trained with its ids.
+pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepared> {
     let mut data = run_pipeline(&plan.data, plan.training.seed)?;
     if let Some(block_size) = plan.data.block_size {
         check_enough(&plan.data.train_file, &data.train, block_size)?; // before training a tokenizer
     }
-    let (tok, tokenizer_files, tokenizer_file) = match &plan.tokenizer {
-        TokenizerChoice::Dir(dir) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
-        TokenizerChoice::Train { vocab_size } => {
+    let kept = keep_tokenizer.filter(|_| matches!(plan.tokenizer, TokenizerChoice::Train { .. }));
+    if let Some(dir) = kept {
+        eprintln!("resuming: keeping the checkpoint's tokenizer ({}) instead of training one (--train_tokenizer)", dir.display());
+    }
+    let (tok, tokenizer_files, tokenizer_file) = match (&plan.tokenizer, kept) {
+        (_, Some(dir)) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
+        (TokenizerChoice::Dir(dir), None) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
+        (TokenizerChoice::Train { vocab_size }, None) => {
             let tok = tokenizer::train(data.train.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
             let json = tok.to_string(true).map_err(|e| flag(format!("cannot serialise the trained tokenizer: {e}")))?;
             eprintln!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
@@ -63,7 +73,14 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         )));
     }
     check_enough(&plan.data.train_file, &data.train, block_size)?;
-    let cache = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
+    let (cache, documents_hash) = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
+    let data_identity = DataIdentity {
+        documents_hash,
+        train_documents: data.train.len(),
+        validation_documents: data.validation.len(),
+        train_blocks: cache.train_blocks,
+        validation_blocks: cache.validation_blocks,
+    };
     if cache.train_blocks == 0 {
         return Err(CoordinatorError::Data {
             path: plan.data.train_file.clone(),
@@ -107,6 +124,7 @@ pub fn prepare(plan: &TrainPlan) -> Result<Prepared> {
         warmup_steps,
         validation_docs: data.validation,
         data_report: data.report,
+        data: data_identity,
     })
 }
 
@@ -144,6 +162,7 @@ pub fn check_enough(train_file: &Path, train: &[Document], block_size: usize) ->
 
 /// Stages tokenize and cache: the token blocks of both splits, from the cache when this exact
 /// data (and these pipeline settings) was tokenized before. Fills in the report's token counts.
+/// Also returns the hash of the documents alone (`CacheKey::documents_hash`).
 pub fn tokenize_cached(
     data: &mut pipeline::Prepared,
     tok: &Tokenizer,
@@ -151,7 +170,7 @@ pub fn tokenize_cached(
     block_size: usize,
     vocab: usize,
     cache_dir: &Path,
-) -> Result<TokenCache> {
+) -> Result<(TokenCache, String)> {
     if block_size < 2 {
         return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
     }
@@ -161,6 +180,7 @@ pub fn tokenize_cached(
     let key = CacheKey { hygiene: &hygiene, train, validation: val, tokenizer_json: &tokenizer_json, block_size, eos };
     std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
     let path = cache_dir.join(format!("{}.tokens", key.hash()));
+    let documents_hash = key.documents_hash();
     let started = std::time::Instant::now();
     let hit = path.is_file();
     let cache = if hit {
@@ -194,7 +214,7 @@ pub fn tokenize_cached(
             path.display()
         ),
     }
-    Ok(cache)
+    Ok((cache, documents_hash))
 }
 
 /// The model config, with its vocabulary checked against the tokenizer.

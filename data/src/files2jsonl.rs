@@ -14,6 +14,11 @@ use crate::{DataError, Result};
 /// Directories that hold someone else's or generated code.
 const SKIPPED_DIRS: [&str; 10] =
     [".git", "node_modules", "vendor", "target", "dist", "build", "__pycache__", ".venv", "venv", "third_party"];
+/// The files that mark a directory as zerotune's own output, each set alone enough: a training
+/// run's --output_dir (its lock stays after the job), a checkpoint wherever it was copied, and a
+/// run dir whose lock was removed. Their files (tokenizer.json, metrics.jsonl, report.html, ...)
+/// are not the user's code.
+const OUTPUT_MARKERS: [&[&str]; 3] = [&[".zerotune.lock"], &["trainer_state.json", "manifest.json"], &["run.json", "data_report.json"]];
 /// File names that are generated or lock files.
 const GENERATED_NAMES: [&str; 6] = ["Cargo.lock", "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "go.sum"];
 /// Markers in a file's first lines that say it was generated.
@@ -68,6 +73,8 @@ pub enum Skip {
     Minified,
     Empty,
     VendoredDir,
+    /// A directory zerotune wrote (`OUTPUT_MARKERS`).
+    ZerotuneOutput,
 }
 
 impl Skip {
@@ -82,6 +89,7 @@ impl Skip {
             Skip::Minified => "minified",
             Skip::Empty => "empty",
             Skip::VendoredDir => "vendored_dir",
+            Skip::ZerotuneOutput => "zerotune_output_dir",
         }
     }
 }
@@ -110,19 +118,18 @@ pub fn collect(root: &Path, filter: &Filter) -> Result<Collected> {
         return Err(DataError::File { path: root.into(), message: "is not a directory".into() });
     }
     let mut out = Collected::default();
-    let vendored = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = vendored.clone();
+    let skipped_dirs = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<Skip, usize>::new()));
+    let counter = skipped_dirs.clone();
     let walker = ignore::WalkBuilder::new(root)
         .require_git(false)
         .sort_by_file_name(|a, b| a.cmp(b))
         .filter_entry(move |entry| {
-            let skip = entry.file_type().is_some_and(|t| t.is_dir())
-                && entry.depth() > 0
-                && SKIPPED_DIRS.contains(&entry.file_name().to_string_lossy().as_ref());
-            if skip {
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let is_dir = entry.file_type().is_some_and(|t| t.is_dir()) && entry.depth() > 0;
+            let skip = is_dir.then(|| skipped_dir(entry.path())).flatten();
+            if let Some(reason) = skip {
+                *counter.lock().unwrap().entry(reason).or_default() += 1;
             }
-            !skip
+            skip.is_none()
         })
         .build();
     for entry in walker {
@@ -137,11 +144,20 @@ pub fn collect(root: &Path, filter: &Filter) -> Result<Collected> {
             Err(reason) => *out.skipped.entry(reason).or_default() += 1,
         }
     }
-    let dirs = vendored.load(std::sync::atomic::Ordering::Relaxed);
-    if dirs > 0 {
-        out.skipped.insert(Skip::VendoredDir, dirs);
-    }
+    out.skipped.extend(skipped_dirs.lock().unwrap().iter().map(|(&reason, &n)| (reason, n)));
     Ok(out)
+}
+
+/// Why the directory at `path` is skipped whole, if it is.
+fn skipped_dir(path: &Path) -> Option<Skip> {
+    let name = path.file_name()?.to_string_lossy();
+    if SKIPPED_DIRS.contains(&name.as_ref()) {
+        Some(Skip::VendoredDir)
+    } else if OUTPUT_MARKERS.iter().any(|marker| marker.iter().all(|file| path.join(file).is_file())) {
+        Some(Skip::ZerotuneOutput)
+    } else {
+        None
+    }
 }
 
 fn keep(path: &Path, url: &str, filter: &Filter) -> Result<std::result::Result<String, Skip>> {
@@ -198,6 +214,26 @@ mod tests {
         let path = root.join(rel);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn zerotune_output_dirs_are_skipped_by_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, "src/main.rs", b"fn main() {}\n");
+        write(root, "runs/a/.zerotune.lock", b"host x pid 1\n");
+        write(root, "runs/a/tokenizer.json", b"{}\n");
+        write(root, "runs/a/metrics.jsonl", b"{\"step\": 1}\n");
+        write(root, "copied/trainer_state.json", b"{}\n");
+        write(root, "copied/manifest.json", b"{}\n");
+        write(root, "unlocked/run.json", b"{}\n");
+        write(root, "unlocked/data_report.json", b"{}\n");
+        write(root, "unlocked/report.html", b"<html>\n");
+        write(root, "config/manifest.json", b"{\"a\": 1}\n"); // one marker file of a set is not enough
+        let got = collect(root, &Filter::default()).unwrap();
+        let urls: Vec<&str> = got.files.iter().map(|f| f.url.as_str()).collect();
+        assert_eq!(urls, ["config/manifest.json", "src/main.rs"]);
+        assert_eq!(got.skipped.get(&Skip::ZerotuneOutput), Some(&3));
     }
 
     #[test]

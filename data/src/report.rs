@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::dedup::DedupMode;
+use crate::files2jsonl::Skip;
 use crate::{DataError, Result};
 
 /// What to do with a document holding a secret.
@@ -158,7 +159,9 @@ impl DataReport {
     pub fn summary(&self) -> String {
         let mut lines = vec![];
         for c in &self.collect {
-            lines.push(format!("collect: {} documents ({} bytes) from {}", c.documents, c.bytes, c.input));
+            let outputs =
+                c.skipped.get(Skip::ZerotuneOutput.name()).map_or(String::new(), |n| format!(" (skipped {n} zerotune output dir(s))"));
+            lines.push(format!("collect: {} documents ({} bytes) from {}{outputs}", c.documents, c.bytes, c.input));
         }
         let s = &self.secrets;
         let rules: Vec<String> = s.per_rule.iter().map(|(r, n)| format!("{n} {r}")).collect();

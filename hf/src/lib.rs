@@ -45,6 +45,8 @@ pub enum Error {
     ShapeMismatch { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("{path}: tensor {name} holds {count} NaN or infinite values: the weights are damaged or diverged; use another checkpoint, or pass --allow_nonfinite to load them anyway")]
     NonFinite { path: PathBuf, name: String, count: u64 },
+    #[error("{path}: the file shrank while it was being read (bytes up to {needed} are gone): another program truncated or replaced it; run again once it is complete")]
+    Shrank { path: PathBuf, needed: u64 },
     #[error("{path}: tensor {name} is stored as {dtype:?}, which is not a floating-point type")]
     NotFloat { path: PathBuf, name: String, dtype: Dtype },
 }

@@ -118,7 +118,7 @@ pub fn verify_model_dir(dir: &Path, nonfinite: NonFinite) -> Result<()> {
         return Ok(());
     }
     let weights = WeightFiles::open(&dir)?;
-    let Some((name, count)) = weights.first_nonfinite() else { return Ok(()) };
+    let Some((name, count)) = weights.first_nonfinite()? else { return Ok(()) };
     let path = weights.path_of(name).map_or(dir.clone(), Path::to_path_buf);
     match nonfinite {
         NonFinite::Refuse => Err(Error::NonFinite { path, name: name.into(), count }),
@@ -170,8 +170,8 @@ fn incomplete(dir: &Path) -> Error {
     )
 }
 
-/// A file's size, hash and non-finite count. A safetensors file is read once, through its
-/// mapping: each tensor is hashed and counted in the same pass.
+/// A file's size, hash and non-finite count. A safetensors file is read once, through checked
+/// reads: each tensor is hashed and counted in the same pass.
 fn entry(path: &Path) -> Result<FileEntry> {
     let bytes = std::fs::metadata(path).map_err(io_err(path))?.len();
     if path.extension().is_none_or(|e| e != "safetensors") {
@@ -182,7 +182,7 @@ fn entry(path: &Path) -> Result<FileEntry> {
     weights.for_each_piece(|piece, dtype| {
         hasher.update(piece);
         nonfinite += dtype.map_or(0, |d| d.count_nonfinite(piece));
-    });
+    })?;
     Ok(FileEntry { bytes, blake3: hasher.finalize().to_hex().to_string(), nonfinite })
 }
 

@@ -1,9 +1,13 @@
 //! Reads tensors by name from an HF model directory, whatever the layout: `model.safetensors`,
 //! `pytorch_model.bin` (torch.save zip + pickle), or either sharded behind an `*.index.json`.
 //! Files are memory-mapped and each tensor is read on demand, so the whole model is never held.
+//! Readers that must survive a file changing under them (convert, manifest checks) use the
+//! checked reads instead (`read_bytes`, `for_each_piece`, `first_nonfinite`): positioned reads
+//! that turn a file that shrank into an error naming it, where a mapping would die of SIGBUS.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -58,6 +62,7 @@ struct Entry {
 /// The weight files of a model directory, indexed by tensor name.
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
+    files: Vec<File>,
     maps: Vec<Mmap>,
     entries: BTreeMap<String, Entry>,
 }
@@ -74,7 +79,7 @@ impl WeightFiles {
             return Err(Error::NoWeights { dir: dir.into() });
         };
         let files = if first.extension().is_some_and(|e| e == "json") { shard_files(&first)? } else { vec![first] };
-        let mut weights = Self { paths: vec![], maps: vec![], entries: BTreeMap::new() };
+        let mut weights = Self { paths: vec![], files: vec![], maps: vec![], entries: BTreeMap::new() };
         for path in files {
             weights.add_file(&path)?;
         }
@@ -83,7 +88,7 @@ impl WeightFiles {
 
     /// Indexes a single `.safetensors` or `.bin` file.
     pub fn open_file(path: &Path) -> Result<Self> {
-        let mut weights = Self { paths: vec![], maps: vec![], entries: BTreeMap::new() };
+        let mut weights = Self { paths: vec![], files: vec![], maps: vec![], entries: BTreeMap::new() };
         weights.add_file(path)?;
         Ok(weights)
     }
@@ -108,6 +113,7 @@ impl WeightFiles {
             self.entries.insert(name, entry);
         }
         self.paths.push(path.into());
+        self.files.push(file);
         self.maps.push(map);
         Ok(())
     }
@@ -158,54 +164,75 @@ impl WeightFiles {
         self.entries.get(name).map(|e| self.paths[e.file].as_path())
     }
 
-    /// Lets the kernel drop the mapped pages behind `name` (they stay in the page cache): a
-    /// one-pass reader calls this after each tensor so its resident size stays one tensor deep.
-    pub fn release(&self, name: &str) {
-        if let Some(e) = self.entries.get(name) {
-            // SAFETY: the mapping is a read-only MAP_SHARED view of a file nobody modifies, so a
-            // dropped page faults back in with the same bytes for any borrower. Advice only; a
-            // failure just leaves the pages resident.
-            let _ = unsafe { self.maps[e.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
-        }
+    /// The bytes of `name` as stored, through a checked read (see the module doc).
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let e = self.entries.get(name).ok_or_else(|| invalid(&self.paths[0], format!("no tensor {name}")))?;
+        let mut bytes = vec![0; e.end - e.start];
+        self.read_at(e.file, e.start, &mut bytes)?;
+        Ok(bytes)
     }
 
-    /// Walks every byte of the files in order, once: each tensor with its dtype, the header and any
-    /// bytes between tensors without one, releasing each piece after `visit` (resident size one
-    /// tensor deep). The pieces of a file concatenate to the file. Tensors of a safetensors file
-    /// never overlap; bytes two tensors of a .bin share (views) come once, and the rest of an
-    /// overlapping tensor comes without a dtype (it may not start on an element).
-    pub fn for_each_piece(&self, mut visit: impl FnMut(&[u8], Option<Dtype>)) {
+    /// Fills `into` from file `file` at byte `at`; a file now shorter than that is an error.
+    fn read_at(&self, file: usize, at: usize, into: &mut [u8]) -> Result<()> {
+        let path = &self.paths[file];
+        self.files[file].read_exact_at(into, at as u64).map_err(|source| match source.kind() {
+            std::io::ErrorKind::UnexpectedEof => Error::Shrank { path: path.clone(), needed: (at + into.len()) as u64 },
+            _ => Error::Io { path: path.clone(), source },
+        })
+    }
+
+    /// Visits bytes `[start, end)` of file `file` in checked reads of at most `PIECE` bytes.
+    fn visit_range(&self, file: usize, start: usize, end: usize, buf: &mut Vec<u8>, visit: &mut impl FnMut(&[u8])) -> Result<()> {
+        let mut at = start;
+        while at < end {
+            let len = PIECE.min(end - at);
+            buf.resize(len, 0);
+            self.read_at(file, at, buf)?;
+            visit(buf);
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// Walks every byte of the files in order, once, through checked reads: each tensor with its
+    /// dtype, the header and any bytes between tensors without one, in pieces of at most 16 MiB
+    /// (a multiple of every element size). The pieces of a file concatenate to the file. Tensors
+    /// of a safetensors file never overlap; bytes two tensors of a .bin share (views) come once,
+    /// and the rest of an overlapping tensor comes without a dtype (it may not start on an element).
+    pub fn for_each_piece(&self, mut visit: impl FnMut(&[u8], Option<Dtype>)) -> Result<()> {
+        let mut buf = vec![];
         for (file, map) in self.maps.iter().enumerate() {
             let mut tensors: Vec<&Entry> = self.entries.values().filter(|e| e.file == file).collect();
             tensors.sort_by_key(|e| (e.start, e.end));
             let mut at = 0;
             for e in tensors {
                 if e.start > at {
-                    visit(&map[at..e.start], None);
+                    self.visit_range(file, at, e.start, &mut buf, &mut |piece| visit(piece, None))?;
                 }
                 let start = e.start.max(at);
                 if e.end > start {
-                    visit(&map[start..e.end], (start == e.start).then_some(e.dtype));
-                    // SAFETY: as in `release`.
-                    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, e.end - start) };
+                    let dtype = (start == e.start).then_some(e.dtype);
+                    self.visit_range(file, start, e.end, &mut buf, &mut |piece| visit(piece, dtype))?;
                     at = e.end;
                 }
             }
-            if map.len() > at {
-                visit(&map[at..], None);
-            }
+            self.visit_range(file, at, map.len(), &mut buf, &mut |piece| visit(piece, None))?;
         }
+        Ok(())
     }
 
-    /// The first tensor (in name order) holding NaN or infinite values, and how many, streamed
-    /// through the mapping one tensor at a time.
-    pub fn first_nonfinite(&self) -> Option<(&str, u64)> {
-        self.names().find_map(|name| {
-            let (dtype, _) = self.info(name)?;
-            let count = dtype.count_nonfinite(self.bytes(name)?);
-            self.release(name);
-            (count > 0).then_some((name, count))
-        })
+    /// The first tensor (in name order) holding NaN or infinite values, and how many, through
+    /// checked reads of at most 16 MiB.
+    pub fn first_nonfinite(&self) -> Result<Option<(&str, u64)>> {
+        let mut buf = vec![];
+        for (name, e) in &self.entries {
+            let mut count = 0;
+            self.visit_range(e.file, e.start, e.end, &mut buf, &mut |piece| count += e.dtype.count_nonfinite(piece))?;
+            if count > 0 {
+                return Ok(Some((name, count)));
+            }
+        }
+        Ok(None)
     }
 
     pub fn read(&self, name: &str) -> Option<RawTensor> {
@@ -214,6 +241,10 @@ impl WeightFiles {
         Some(RawTensor { dtype: entry.dtype, shape: entry.shape.clone(), data })
     }
 }
+
+/// The most bytes one checked read of `for_each_piece` or `first_nonfinite` holds: 16 MiB, a
+/// multiple of every element size, so a tensor's pieces start on elements.
+const PIECE: usize = 16 << 20;
 
 /// The distinct shard files named by an HF `*.index.json` weight map, in order of appearance.
 fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
@@ -315,6 +346,26 @@ fn pth_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entr
 mod tests {
     use super::*;
     use crate::write::{write_safetensors, MAX_SHARD_BYTES};
+
+    #[test]
+    fn checked_reads_turn_a_file_that_shrank_into_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors =
+            vec![("a".to_string(), RawTensor::from_f32(vec![64], &[1.5; 64])), ("b".to_string(), RawTensor::from_f32(vec![4], &[2.0; 4]))];
+        write_safetensors(dir.path(), &tensors, MAX_SHARD_BYTES).unwrap();
+        let files = WeightFiles::open(dir.path()).unwrap();
+        assert_eq!(files.read_bytes("a").unwrap(), tensors[0].1.data);
+        let path = dir.path().join("model.safetensors");
+        let whole = std::fs::read(&path).unwrap();
+        let mut pieces = vec![];
+        files.for_each_piece(|piece, _| pieces.extend_from_slice(piece)).unwrap();
+        assert_eq!(pieces, whole, "the pieces concatenate to the file");
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(whole.len() as u64 - 200).unwrap();
+        let shrank = |err: Error| matches!(&err, Error::Shrank { path: p, .. } if *p == path);
+        assert!(shrank(files.read_bytes("a").unwrap_err()));
+        assert!(shrank(files.for_each_piece(|_, _| {}).unwrap_err()));
+        assert!(shrank(files.first_nonfinite().unwrap_err()));
+    }
 
     #[test]
     fn check_names_the_missing_the_misshapen_and_the_non_float() {

@@ -33,10 +33,60 @@ pub struct TrainerState {
     pub block_size: Option<usize>,
     /// Where the data order stands.
     pub sampler: SamplerPosition,
+    /// The steps of the checkpoints this run saved, in save order, this one last; a resumed run
+    /// carries those of the run it resumed from (empty in checkpoints from before it was recorded).
+    /// Checkpoint rotation deletes in this order.
+    #[serde(default)]
+    pub checkpoints: Vec<u64>,
+    /// The data the run trained on, so a resume onto other data is caught (absent in checkpoints
+    /// from before it was recorded).
+    #[serde(default)]
+    pub data: Option<DataIdentity>,
     /// HF's log history: one record per logged step (loss, learning rate, grad norm, ...) and per
     /// evaluation (eval_loss, perplexity), each with its `step` and `epoch`, from the run's first
     /// step on (a resumed run carries the history it resumed from).
     pub log_history: Vec<serde_json::Value>,
+}
+
+/// What identifies a run's data: a hash of the documents after hygiene (both splits, and the
+/// hygiene settings), and their counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// blake3 of the hygiene settings and every document of both splits, hex.
+    pub documents_hash: String,
+    pub train_documents: usize,
+    pub validation_documents: usize,
+    pub train_blocks: usize,
+    pub validation_blocks: usize,
+}
+
+impl DataIdentity {
+    /// What differs in `self` (the run's) from `saved` (a checkpoint's), for a message: the counts
+    /// that changed, or that only the content did. None when they are the same data.
+    pub fn changes_from(&self, saved: &DataIdentity) -> Option<String> {
+        if self == saved {
+            return None;
+        }
+        let counts = [
+            ("training documents", self.train_documents, saved.train_documents),
+            ("validation documents", self.validation_documents, saved.validation_documents),
+            ("training blocks", self.train_blocks, saved.train_blocks),
+            ("validation blocks", self.validation_blocks, saved.validation_blocks),
+        ];
+        let changed: Vec<String> = counts
+            .iter()
+            .filter(|(_, now, then)| now != then)
+            .map(|(what, now, then)| format!("{now} {what} where it has {then}"))
+            .collect();
+        Some(match changed.is_empty() {
+            true => format!(
+                "the documents differ from the checkpoint's (as many of each, other content: hash {} where it has {})",
+                &self.documents_hash[..12.min(self.documents_hash.len())],
+                &saved.documents_hash[..12.min(saved.documents_hash.len())]
+            ),
+            false => format!("the data differ from the checkpoint's: {}", changed.join(", ")),
+        })
+    }
 }
 
 /// The sampler's position at a checkpoint.
@@ -97,4 +147,22 @@ pub struct LossScalerState {
     pub last_overflow_iteration: i64,
     /// Steps skipped for overflow so far.
     pub skipped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(train_documents: usize, train_blocks: usize, hash: &str) -> DataIdentity {
+        DataIdentity { documents_hash: hash.into(), train_documents, validation_documents: 2, train_blocks, validation_blocks: 5 }
+    }
+
+    #[test]
+    fn a_change_of_data_names_the_counts_that_changed_or_the_content() {
+        assert_eq!(data(31, 100, "ab").changes_from(&data(31, 100, "ab")), None);
+        let counts = data(8, 40, "cd").changes_from(&data(31, 100, "ab")).unwrap();
+        assert_eq!(counts, "the data differ from the checkpoint's: 8 training documents where it has 31, 40 training blocks where it has 100");
+        let content = data(31, 100, "cd").changes_from(&data(31, 100, "ab")).unwrap();
+        assert!(content.contains("other content: hash cd where it has ab"), "{content}");
+    }
 }

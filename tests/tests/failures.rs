@@ -228,6 +228,21 @@ fn every_failure_is_named_and_loses_nothing() {
     let new_out = t.join("never");
     let missing = t.join("no-such-dir/data.jsonl");
     let long_prompt = "def f(x):\n    return x\n".repeat(5); // 55 of the 64 tokens
+                                                             // Runs resumed onto other steps, data or limits (each from a copy of `base`: checkpoints 2 and 4).
+    let finished = copy_dir(&base, &t.join("finished"));
+    let rotated = copy_dir(&base, &t.join("rotated"));
+    let unlimited = copy_dir(&base, &t.join("unlimited"));
+    let other_data = copy_dir(&base, &t.join("other-data"));
+    let retokenized = copy_dir(&base, &t.join("retokenized"));
+    let other_source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/src");
+    // A source tree holding a run's output dir, trained on again.
+    let tree = copy_dir(&source_dir(), &t.join("tree"));
+    let inside = tree.join("runs/a");
+    let eval = |flag: &str, value: &str| {
+        let out = s(&t.join("eval-out"));
+        let args = ["worker", "eval", "--model", &tiny, "--validation_file", &s(&source_dir()), "--output_dir", &out, flag, value];
+        args.map(String::from).to_vec()
+    };
 
     let cases = vec![
         with_argv(
@@ -416,8 +431,118 @@ fn every_failure_is_named_and_loses_nothing() {
             &["--tp 3"],
         )
         .keeps(&[&store]),
+        case(
+            "convert a run into itself, --force",
+            &["convert", "gptj", &s(&base), &s(&base), "--force"],
+            Ends::Refused,
+            &["is the input", "choose an output outside"],
+        )
+        .keeps(&[&base]),
+        case(
+            "convert a checkpoint into its run dir, --force",
+            &["convert", "gptj", &s(&base.join("checkpoint-4")), &s(&base), "--force"],
+            Ends::Refused,
+            &["contains the input", "checkpoint-4"],
+        )
+        .keeps(&[&base]),
+        case(
+            "convert a checkpoint into a dir inside it",
+            &["convert", "fastertransformer", &s(&base.join("checkpoint-4")), &s(&base.join("checkpoint-4/ft"))],
+            Ends::Refused,
+            &["lies inside the input"],
+        )
+        .keeps(&[&base]),
+        with_argv(
+            case(
+                "resume with --max_steps at the checkpoint's step",
+                &[],
+                Ends::Refused,
+                &["--max_steps 4 ends at or below the checkpoint's step 4", "raise --max_steps above 4"],
+            ),
+            resume(&finished, &["--max_steps", "4"]),
+        )
+        .keeps(&[&finished]),
+        with_argv(
+            case(
+                "resume from an older checkpoint, --save_total_limit 1",
+                &[],
+                Ends::Succeeds,
+                &["removing", "checkpoint-4 (--save_total_limit 1)"],
+            ),
+            train_args(
+                &rotated,
+                &[
+                    "--resume_from_checkpoint",
+                    &s(&rotated.join("checkpoint-2")),
+                    "--max_steps",
+                    "3",
+                    "--save_steps",
+                    "3",
+                    "--save_total_limit",
+                    "1",
+                ],
+            ),
+        ),
+        with_argv(
+            case("--save_total_limit 0 keeps every checkpoint", &[], Ends::Succeeds, &["saved checkpoint-6"]),
+            resume(&unlimited, &["--save_total_limit", "0"]),
+        )
+        .keeps(&[&unlimited.join("checkpoint-2"), &unlimited.join("checkpoint-4")]),
+        with_argv(
+            case(
+                "resume onto other data",
+                &[],
+                Ends::Refused,
+                &["the data differ from the checkpoint's", "training documents where it has", "--ignore_data_skip"],
+            ),
+            resume(&other_data, &["--train_file", &s(&other_source)]),
+        )
+        .keeps(&[&other_data]),
+        with_argv(
+            case(
+                "resume onto other data with --ignore_data_skip keeps the tokenizer",
+                &[],
+                Ends::Succeeds,
+                &["keeping the checkpoint's tokenizer", "the data differ from the checkpoint's", "(--ignore_data_skip)"],
+            ),
+            resume(&retokenized, &["--train_file", &s(&other_source), "--ignore_data_skip"]),
+        )
+        .keeps(&[&retokenized.join("checkpoint-4")]),
+        with_argv(
+            case("an output dir inside the source tree", &[], Ends::Succeeds, &["lies inside the source tree", ".zerotune.lock"]),
+            train_args(&inside, &["--train_file", &s(&tree), "--max_steps", "2"]),
+        ),
+        with_argv(
+            case("eval --block_size 1", &[], Ends::Refused, &["--block_size 1: a block needs at least 2 tokens"]),
+            eval("--block_size", "1"),
+        )
+        .absent(&[&t.join("eval-out")]),
+        with_argv(
+            case("eval --context_tokens 0", &[], Ends::Refused, &["--context_tokens 0: must be at least 1"]),
+            eval("--context_tokens", "0"),
+        )
+        .absent(&[&t.join("eval-out")]),
+        with_argv(
+            case("eval --num_positions 0", &[], Ends::Refused, &["--num_positions 0: must be at least 1"]),
+            eval("--num_positions", "0"),
+        )
+        .absent(&[&t.join("eval-out")]),
     ];
     let failures: Vec<String> = cases.iter().flat_map(|c| c.check(&cache)).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // What the resumes above left: the checkpoint just saved survives rotation, `latest` names it.
+    assert!(rotated.join("checkpoint-3/trainer_state.json").is_file() && !rotated.join("checkpoint-2").exists());
+    assert_eq!(std::fs::read_to_string(rotated.join("latest")).unwrap(), "checkpoint-3\n");
+    assert!(unlimited.join("checkpoint-6").is_dir());
+    let tokenizer = |dir: &Path| std::fs::read(dir.join("model/tokenizer.json")).unwrap();
+    assert_eq!(tokenizer(&retokenized.join("checkpoint-6")), tokenizer(&retokenized.join("checkpoint-4")), "a resume trains no tokenizer");
+    // The next run on the tree skips the output dir inside it.
+    let again = with_argv(
+        case("a source tree holding an output dir", &[], Ends::Succeeds, &["skipped 1 zerotune output dir(s)"]),
+        train_args(&t.join("after-tree"), &["--train_file", &s(&tree), "--max_steps", "2"]),
+    );
+    let failures = again.check(&cache);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
     // The OS error is said once.

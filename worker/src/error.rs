@@ -24,6 +24,9 @@ pub enum WorkerError {
     /// A collective failed because another rank went away.
     #[error("collective failed: {0}")]
     Peer(String),
+    /// A flag's value out of its range: the flag, the value given and what it must be.
+    #[error("{flag} {value}: {rule}")]
+    Flag { flag: &'static str, value: String, rule: &'static str },
     /// Input that is not what the worker was promised (a config, a batch); the text says which.
     #[error("{0}")]
     Invalid(String),

@@ -97,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(name) => parse_dtype(&name)?,
                 None => source.dtype(),
             };
-            let staged = Staged::new(&output, force)?;
+            let staged = Staged::new(&output, force, &input)?;
             gptj::convert(&source, staged.path(), dtype)?;
             staged.commit()?;
             println!("{} -> {} (GPT-J, {})", input.display(), output.display(), dtype.torch_name());
@@ -105,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fastertransformer { input, output, tp, dtype, force } => {
             let (source, model) = ft::open_planned(&input, nonfinite, tp, parse_dtype(&dtype)?)?;
             let target = output.join(format!("{tp}-gpu"));
-            let staged = Staged::new(&target, force)?;
+            let staged = Staged::new(&target, force, &input)?;
             ft::write(&source, &model, staged.path(), &target)?;
             staged.commit()?;
             println!("{} -> {} (FasterTransformer GPT-J, tp {tp}, {})", input.display(), target.display(), model.weight_data_type());

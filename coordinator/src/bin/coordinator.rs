@@ -136,7 +136,7 @@ fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
     let eos = zerotune_hf::tokenizer::eos_for(&tok, None, &zerotune_hf::tokenizer::file_in(tokenizer_dir))?;
     let mut prepared = prepare::run_pipeline(&data, args.seed)?;
     prepare::check_enough(&data.train_file, &prepared.train, block_size)?;
-    let cache = prepare::tokenize_cached(&mut prepared, &tok, eos, block_size, tok.get_vocab_size(true), &data.cache_dir)?;
+    let (cache, _) = prepare::tokenize_cached(&mut prepared, &tok, eos, block_size, tok.get_vocab_size(true), &data.cache_dir)?;
     let report_path = cache.path.with_extension("data_report.json");
     prepared.report.write(&report_path)?;
     let bytes: usize = prepared.train.iter().chain(&prepared.validation).map(|d| d.text.len()).sum();

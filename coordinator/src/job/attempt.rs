@@ -123,10 +123,12 @@ pub(super) async fn attempt(
 
     let steps_per_epoch = run.sampler.steps_per_epoch() as u64;
     let mut progress = Progress::new(&output_dir, run.total_steps, steps_per_epoch, plan.output.logging_steps, first_step > 1)?;
+    let mut checkpoints = vec![];
     if let Some(r) = &worker_plan.resume {
         // The resumed checkpoint's history comes first, so later checkpoints carry the whole run's.
         let state = crate::checkpoint::read_trainer_state(std::path::Path::new(&r.dir))?;
         progress.resume_history(state.log_history, r.step);
+        checkpoints = if state.checkpoints.is_empty() { vec![r.step] } else { state.checkpoints };
     }
     let mut job = Job::new(JobSpec {
         world,
@@ -137,6 +139,8 @@ pub(super) async fn attempt(
         sampler: run.sampler,
         processes: watchers.len() as u32,
         pace: pace.clone(),
+        checkpoints,
+        data: &run.data,
     });
     let result = match (job.drive(&mut events, controls, &mut progress).await, job.stop) {
         // The user asked to stop: no restart.

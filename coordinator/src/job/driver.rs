@@ -17,11 +17,20 @@ use crate::error::{CoordinatorError, Result};
 use crate::events::{Control, Event, ExitStatus, Signal};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
-use zerotune_proto::state::{SamplerPosition, TrainerState};
+use zerotune_proto::state::{DataIdentity, SamplerPosition, TrainerState};
 use zerotune_proto::v1::FailureKind;
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What a save the ranks acknowledged is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Save {
+    /// The final model, written into the output dir itself.
+    FinalModel,
+    /// `checkpoint-<step>/`.
+    Checkpoint,
+}
 
 /// What an event means for the event loop.
 enum Next {
@@ -72,6 +81,10 @@ pub(super) struct JobSpec<'a> {
     /// Processes we started and watch (0 when started by hand).
     pub processes: u32,
     pub pace: Arc<Pace>,
+    /// The checkpoints saved so far, oldest first: those of the checkpoint this attempt resumed from, then its own.
+    pub checkpoints: Vec<u64>,
+    /// The data the run trains on, recorded in every checkpoint.
+    pub data: &'a DataIdentity,
 }
 
 /// The driver's bookkeeping while workers run.
@@ -285,16 +298,20 @@ impl<'a> Job<'a> {
     /// completes the checkpoint or the final model. True when that ends a job started by hand.
     fn saved(&mut self, report: zerotune_proto::v1::SavedReport, last: bool, healthy: bool, progress: &mut Progress) -> Result<bool> {
         let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
+        let kind = if Path::new(&report.dir) == self.spec.output_dir { Save::FinalModel } else { Save::Checkpoint };
         *acks += 1;
         if *acks < self.spec.world || !healthy {
             return Ok(false);
         }
         let output_dir = &self.spec.output_dir;
-        if Path::new(&report.dir) == output_dir {
+        if kind == Save::FinalModel {
             checkpoint::finalize_model(output_dir, self.spec.tokenizer_files)?;
             self.finished = self.spec.world;
             progress.note(&format!("saved the final model to {}", output_dir.display()));
         } else {
+            // A step saved again (after a restart) counts as saved now.
+            self.spec.checkpoints.retain(|&step| step != report.step);
+            self.spec.checkpoints.push(report.step);
             let state = self.trainer_state(report.step, progress);
             checkpoint::finalize(output_dir, report.step, self.spec.tokenizer_files, &state, self.spec.plan.output.save_total_limit)?;
             progress.note(&format!("saved checkpoint-{}", report.step));
@@ -367,6 +384,8 @@ impl<'a> Job<'a> {
             block_size: self.spec.plan.data.block_size,
             sampler: SamplerPosition { seed: sampler.seed, epoch, step_in_epoch, blocks: sampler.blocks },
             log_history: progress.history.clone(),
+            checkpoints: self.spec.checkpoints.clone(),
+            data: Some(self.spec.data.clone()),
         }
     }
 }
@@ -401,6 +420,14 @@ mod tests {
             sampler: Sampler { blocks: 100, world: 2, micro_batch: 1, accumulation: 1, seed: 0 },
             processes,
             pace: Arc::new(Pace::new(2, 1)),
+            checkpoints: vec![],
+            data: &DataIdentity {
+                documents_hash: "0".into(),
+                train_documents: 1,
+                validation_documents: 0,
+                train_blocks: 100,
+                validation_blocks: 0,
+            },
         };
         let mut job = Job::new(spec);
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();

@@ -8,16 +8,16 @@ mod attempt;
 mod commands;
 mod driver;
 mod pace;
+mod resume;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
-use zerotune_hf::manifest::{verify_checkpoint, NonFinite};
-use zerotune_proto::plan::{Collectives, ModelSource, Resume, Schedule, WorkerPlan};
-use zerotune_proto::state::TrainerState;
+use zerotune_proto::plan::{Collectives, ModelSource, Schedule, WorkerPlan};
+use zerotune_proto::state::DataIdentity;
 
-use crate::config::{Device, ModelChoice, ResumeFrom, TrainPlan};
+use crate::config::{Device, ModelChoice, TrainPlan};
 use crate::dataset::TokenCache;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::events::Signal;
@@ -28,6 +28,8 @@ use crate::sampler::Sampler;
 use crate::{completion_eval, report};
 use attempt::{attempt, forward_signals};
 use commands::Cadence;
+pub use resume::ResumeConflict;
+use resume::{latest_checkpoint, resolve_checkpoint};
 
 /// What a finished (or, on request, stopped) run reports.
 #[derive(Debug)]
@@ -52,10 +54,12 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     if let ModelChoice::Pretrained(dir) = &plan.model {
         tokio::task::block_in_place(|| zerotune_hf::manifest::verify_model_dir(dir, plan.output.nonfinite))?;
     }
-    let prepared = tokio::task::block_in_place(|| prepare(&plan))?;
+    warn_output_inside_source(&plan);
+    let keep_tokenizer = resumed.as_ref().map(|(resume, _)| resume::tokenizer_dir(resume));
+    let prepared = tokio::task::block_in_place(|| prepare(&plan, keep_tokenizer.as_deref()))?;
     plan.data.block_size = Some(prepared.block_size);
     if let Some((resume, state)) = &resumed {
-        check_resume_shape(&plan, resume, state)?;
+        resume::check(&plan, prepared.total_steps, &prepared.data, resume, state)?;
     }
     let mut resume = resumed.map(|(resume, _)| resume);
     let worker_plan = worker_plan(&plan, &prepared)?;
@@ -91,6 +95,7 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
         total_steps: prepared.total_steps,
         tokenizer_files: prepared.tokenizer_files,
         cache: Arc::new(prepared.cache),
+        data: prepared.data,
         worker_plan,
     };
     let mut controls = forward_signals()?;
@@ -149,6 +154,7 @@ struct Run {
     total_steps: u64,
     tokenizer_files: Vec<(String, Vec<u8>)>,
     cache: Arc<TokenCache>,
+    data: DataIdentity,
     worker_plan: WorkerPlan,
 }
 
@@ -161,73 +167,21 @@ impl Run {
     }
 }
 
-/// `checkpoint-<step>` from `--resume_from_checkpoint` (a directory, or `latest`), verified
-/// against its manifest, with its trainer state.
-fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom, nonfinite: NonFinite) -> Result<(Resume, TrainerState)> {
-    let dir = if let ResumeFrom::Dir(dir) = spec {
-        dir.clone()
-    } else {
-        let pointer = output_dir.join("latest");
-        let name = std::fs::read_to_string(&pointer).map_err(|e| {
-            CoordinatorError::Flag(format!(
-                "--resume_from_checkpoint latest: cannot read {}: {e} (no complete checkpoint yet?)",
-                pointer.display()
-            ))
-        })?;
-        output_dir.join(name.trim())
-    };
-    let state = crate::checkpoint::read_trainer_state(&dir)
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
-    tokio::task::block_in_place(|| verify_checkpoint(&dir, nonfinite))
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
-    let step = state.global_step;
-    let dir = dir.canonicalize().map_err(io_err(&dir))?;
-    Ok((Resume { dir: dir.to_string_lossy().into_owned(), step }, state))
+/// An output dir inside the source tree is not trained on by the next run (the collector skips
+/// zerotune's output dirs), but the user should know where it went.
+fn warn_output_inside_source(plan: &TrainPlan) {
+    let (Ok(source), Ok(output)) = (std::path::absolute(&plan.data.train_file), std::path::absolute(&plan.output.dir)) else { return };
+    if source.is_dir() && output.starts_with(&source) {
+        eprintln!(
+            "warning: --output_dir {} lies inside the source tree --train_file {}: later runs skip it (zerotune recognises its \
+             output dirs by their {} file), but a copy of its files under another name would be trained on; keep runs outside the source",
+            plan.output.dir.display(),
+            plan.data.train_file.display(),
+            lock::LOCK_FILE
+        );
+    }
 }
 
-/// A resume continues the data order exactly only with the checkpoint's block size and global
-/// batch (micro x accumulation x world; its factors may change); otherwise it needs
-/// --ignore_data_skip.
-fn check_resume_shape(plan: &TrainPlan, resume: &Resume, state: &TrainerState) -> Result<()> {
-    let mut changes = vec![];
-    let block = plan.data.block_size.expect("resolved by prepare");
-    if let Some(saved) = state.block_size.filter(|&saved| saved != block) {
-        changes.push(format!("--block_size {block} where the checkpoint has {saved}"));
-    }
-    let saved_batch = state.train_batch_size * state.gradient_accumulation_steps * state.world_size as usize;
-    if saved_batch != plan.global_batch() {
-        changes.push(format!(
-            "a global batch of {} (micro {} x accumulation {} x world {}) where the checkpoint has {saved_batch} ({} x {} x {})",
-            plan.global_batch(),
-            plan.batch.micro,
-            plan.batch.accumulation,
-            plan.world_size(),
-            state.train_batch_size,
-            state.gradient_accumulation_steps,
-            state.world_size
-        ));
-    }
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let changes = changes.join(" and ");
-    if plan.output.ignore_data_skip {
-        eprintln!("warning: resuming from step {} with {changes}: the data order is the new one's (--ignore_data_skip)", resume.step);
-        return Ok(());
-    }
-    Err(CoordinatorError::Flag(format!(
-        "--resume_from_checkpoint {}: {changes}, so the data order would change; resume with the checkpoint's values, or pass --ignore_data_skip to continue with these",
-        resume.dir
-    )))
-}
-
-/// The checkpoint `latest` names, if any.
-fn latest_checkpoint(output_dir: &Path, nonfinite: NonFinite) -> Result<Option<Resume>> {
-    if !output_dir.join("latest").is_file() {
-        return Ok(None);
-    }
-    resolve_checkpoint(output_dir, &ResumeFrom::Latest, nonfinite).map(|(resume, _)| Some(resume))
-}
 /// HF refuses a non-empty output_dir unless told to overwrite; so do we.
 fn check_output_dir(plan: &TrainPlan) -> Result<()> {
     let dir = &plan.output.dir;

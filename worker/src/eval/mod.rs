@@ -89,6 +89,7 @@ impl Report {
 
 /// Runs the evaluation and writes its files into `output_dir`.
 pub fn run(options: &EvalOptions) -> Result<Report> {
+    check_numbers(options)?;
     let documents = zerotune_data::load_documents(&options.validation, &options.text_column, &options.filter)?;
     let invalid = |message: String| WorkerError::Invalid(format!("--validation_file {}: {message}", options.validation.display()));
     if documents.is_empty() {
@@ -173,6 +174,30 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
     }
     write_outputs(&options.output_dir, &report, &lines)?;
     Ok(report)
+}
+
+/// Refuses, before anything is read, numbers that would make the evaluation meaningless.
+fn check_numbers(options: &EvalOptions) -> Result<()> {
+    let checks: [(&'static str, usize, bool, &'static str); 4] = [
+        ("--num_positions", options.num_positions, options.num_positions >= 1, "must be at least 1 (the lines to predict)"),
+        (
+            "--context_tokens",
+            options.context_tokens,
+            options.context_tokens >= 1,
+            "must be at least 1 (the prompt tokens before each line)",
+        ),
+        ("--max_new_tokens", options.max_new_tokens, options.max_new_tokens >= 1, "must be at least 1 (the tokens a prediction may take)"),
+        (
+            "--block_size",
+            options.block_size.unwrap_or(2),
+            options.block_size.is_none_or(|block| block >= 2),
+            "a block needs at least 2 tokens (each is predicted from those before it)",
+        ),
+    ];
+    match checks.into_iter().find(|(_, _, ok, _)| !ok) {
+        Some((flag, value, _, rule)) => Err(WorkerError::Flag { flag, value: value.to_string(), rule }),
+        None => Ok(()),
+    }
 }
 
 /// The last lines before a position (for the report's examples), at most 3.
