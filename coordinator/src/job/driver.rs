@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::pace::Pace;
 use crate::blame::{Blame, Cause};
 use crate::checkpoint;
-use crate::config::TrainPlan;
+use crate::config::{Launcher, TrainPlan};
 use crate::error::{CoordinatorError, Result};
 use crate::events::{Control, Event, ExitStatus, Signal};
 use crate::progress::Progress;
@@ -22,6 +22,10 @@ use zerotune_proto::v1::FailureKind;
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a rank's closed connection waits for the rank's own report before it counts as the
+/// rank's end, where no process of the rank's own says so (srun runs every rank): a task killed
+/// under srun ends the job about this long after its connection closed.
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a save the ranks acknowledged is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,8 +107,11 @@ pub(super) struct Job<'a> {
     /// Ranks whose end we heard of (a failure reported, the process exited): once all are, a
     /// failed attempt has nothing more to tell. A closed connection alone is not an end: the
     /// rank's report may still follow. Without per-rank processes (srun, started by hand), a
-    /// rank that dies silently leaves the grace period to run out.
+    /// rank that dies silently is heard of once its connection has been closed for
+    /// DISCONNECT_GRACE (`disconnected`).
     ended: BTreeSet<u32>,
+    /// When each rank's connection closed.
+    disconnected: BTreeMap<u32, Instant>,
     /// A stop was asked for, on this signal (its step is the pace's `stop_at`).
     pub stop: Option<Signal>,
     /// The step whose checkpoint ended the run on request.
@@ -122,6 +129,7 @@ impl<'a> Job<'a> {
             done: BTreeSet::new(),
             exited: 0,
             ended: BTreeSet::new(),
+            disconnected: BTreeMap::new(),
             stop: None,
             stopped_at: None,
         }
@@ -145,9 +153,13 @@ impl<'a> Job<'a> {
         let plan = self.spec.plan;
         let launch = &plan.launch;
         loop {
+            let settled = if blame.is_empty() { None } else { self.settled_at() };
+            if settled.is_some_and(|at| at <= Instant::now()) {
+                break;
+            }
             let hung_at = watch.last_progress + launch.ddp_timeout;
             let silent = watch.most_silent(launch.heartbeat_timeout);
-            let wake = [Some(hung_at), deadline, silent.map(|s| s.2)].into_iter().flatten().min().expect("hung_at");
+            let wake = [Some(hung_at), deadline, silent.map(|s| s.2), settled].into_iter().flatten().min().expect("hung_at");
             let next = async {
                 tokio::select! {
                     event = events.recv() => event,
@@ -184,14 +196,29 @@ impl<'a> Job<'a> {
                     deadline.get_or_insert(Instant::now() + FAILURE_GRACE);
                 }
             }
-            let processes_gone = self.spec.processes == 0 || self.exited == self.spec.processes;
-            let all_heard = self.hosts.keys().all(|rank| self.ended.contains(rank) || self.done.contains(rank));
-            let expired = deadline.is_some_and(|at| Instant::now() >= at);
-            if !blame.is_empty() && ((processes_gone && all_heard) || expired) {
+            if deadline.is_some_and(|at| Instant::now() >= at) {
                 break;
             }
         }
         Err(blame.verdict().unwrap_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into())))
+    }
+
+    /// When a failed attempt has nothing more to tell: once every process is gone and every
+    /// rank's end was heard of. Where ranks have no process of their own (srun, whose one process
+    /// runs every rank and outlives a killed task by Slurm's KillWait; ranks started by hand), a
+    /// rank's connection closed for DISCONNECT_GRACE is its end, and srun is not waited for.
+    /// None while some rank may still report.
+    fn settled_at(&self) -> Option<Instant> {
+        let own_processes = matches!(self.spec.plan.launch.launcher, Launcher::Local | Launcher::Ssh { .. });
+        if own_processes && self.spec.processes > 0 && self.exited < self.spec.processes {
+            return None;
+        }
+        let mut at = Instant::now();
+        for rank in self.hosts.keys().filter(|rank| !self.ended.contains(rank) && !self.done.contains(rank)) {
+            let closed = self.disconnected.get(rank).filter(|_| !own_processes)?;
+            at = at.max(*closed + DISCONNECT_GRACE);
+        }
+        Some(at)
     }
 
     /// What one report, exit or signal means: bookkeeping, and a failure to weigh if it is one.
@@ -245,6 +272,7 @@ impl<'a> Job<'a> {
                 // It cannot beat any more: its silence is no news. Not an end yet: the rank's own
                 // report may still follow.
                 beats.remove(&rank);
+                self.disconnected.insert(rank, Instant::now());
                 (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
                     let message =
                         "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
@@ -410,7 +438,12 @@ mod tests {
     /// Drives a 2-rank job of 4 steps, with `processes` watched processes, through `events`
     /// (each sent after its delay in seconds, on tokio's clock).
     async fn drive(dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
-        let plan = plan(dir);
+        drive_under(Launcher::Local, dir, processes, events).await
+    }
+
+    async fn drive_under(launcher: Launcher, dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
+        let mut plan = plan(dir);
+        plan.launch.launcher = launcher;
         let spec = JobSpec {
             world: 2,
             output_dir: dir.to_path_buf(),
@@ -501,5 +534,34 @@ mod tests {
             let err = result.unwrap_err().to_string();
             assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "order {order:?}: {err}");
         }
+    }
+
+    /// Under srun a SIGKILLed task's connection closes at once, the survivor reports the lost
+    /// peer, and srun itself lives on (the other task ignores SIGTERM until Slurm's KillWait):
+    /// the attempt ends DISCONNECT_GRACE after the last connection closed, not after FAILURE_GRACE.
+    #[tokio::test(start_paused = true)]
+    async fn under_srun_a_killed_task_ends_the_attempt_without_waiting_for_srun() {
+        let dir = tempfile::tempdir().unwrap();
+        let lost = Event::Failed { rank: 0, kind: FailureKind::PeerLost, message: "collective failed: lost rank 1".into() };
+        let events = vec![
+            (0, registered(0)),
+            (0, registered(1)),
+            (0, Event::Disconnected { rank: 1 }),
+            (0, lost),
+            (0, Event::Disconnected { rank: 0 }),
+            (60, Event::Exited { rank: None, status: ExitStatus::Code(137) }),
+        ];
+        let started = Instant::now();
+        let (result, _) = drive_under(Launcher::Slurm, dir.path(), 1, events).await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "{err}");
+        assert_eq!(started.elapsed(), DISCONNECT_GRACE, "on tokio's paused clock");
+        // With one process per rank (ssh, local) the process's exit is still what ends a rank.
+        let late = Event::Exited { rank: Some(0), status: ExitStatus::Code(1) };
+        let events = vec![(0, registered(0)), (0, registered(1)), (0, Event::Disconnected { rank: 1 }), (60, late)];
+        let started = Instant::now();
+        let (result, _) = drive(dir.path(), 2, events).await;
+        assert!(result.is_err());
+        assert_eq!(started.elapsed(), FAILURE_GRACE, "on tokio's paused clock");
     }
 }
