@@ -304,9 +304,10 @@ fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
     let auth = [("Content-Type", "application/json"), ("Authorization", "Bearer sekret")];
     let post = |body: &str| http::request(&server.addr, "POST", "/v1/completions", &auth, body);
     let long = "x ".repeat(200);
-    let cases: [(String, u16, Option<&str>); 7] = [
+    let cases: [(String, u16, Option<&str>); 8] = [
         (json!({"prompt": long, "max_tokens": 16}).to_string(), 400, Some("max_tokens")),
         (json!({"prompt": "a", "n": 9}).to_string(), 400, Some("n")),
+        (json!({"prompt": ["a", "b", "c"], "n": 3}).to_string(), 400, Some("prompt")),
         (json!({"prompt": [5, 1003]}).to_string(), 400, Some("prompt")),
         ("{\"prompt\": ".into(), 400, None),
         (json!({"prompt": "a", "temperature": "warm"}).to_string(), 400, Some("temperature")),
@@ -322,6 +323,16 @@ fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
     }
     let message = post(&cases[0].0).json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("maximum context length is 64 tokens") && message.contains("16 for the completion"), "{message}");
+    // One request holds at most the batch (8 here), counting prompts x n: issue 23's request.
+    let many = post(&json!({"prompt": vec!["def f("; 100], "n": 8}).to_string());
+    assert_eq!(many.status, 400, "{}", many.body);
+    let message = many.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("800 sequences (100 prompts x n 8)") && message.contains("batch of 8 (--max_batch)"), "{message}");
+    // Exactly the batch is served: 2 prompts x n 4, the choices prompt by prompt in index order.
+    let reply = post(&json!({"prompt": ["def f(", "import"], "n": 4, "max_tokens": 2}).to_string());
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let indices: Vec<u64> = reply.json()["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, (0..8).collect::<Vec<u64>>());
     // Authorization: missing or wrong key is 401 (not retried by the SDKs), the right one works.
     for headers in [vec![], vec![("Authorization", "Bearer guess")]] {
         let reply = http::request(&server.addr, "POST", "/v1/completions", &headers, r#"{"prompt":"a"}"#);
@@ -330,7 +341,7 @@ fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
     assert_eq!(http::get(&server.addr, "/v1/models").status, 401);
     let reply = post(r#"{"prompt":"def f(","max_tokens":4}"#);
     assert_eq!(reply.status, 200, "after every mistake the server still serves: {}", reply.body);
-    assert_eq!(server.metric("zerotune_requests_total{status=\"400\"}"), 8.0);
+    assert_eq!(server.metric("zerotune_requests_total{status=\"400\"}"), 10.0);
     // A whole context of prompt, scored with echo and logprobs: 200, one logprob per token after the first.
     let full: Vec<u32> = (1..=64).collect();
     let reply = post(&json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 1}).to_string());
@@ -373,6 +384,64 @@ fn a_full_queue_answers_429_and_a_departed_client_frees_its_slot() {
     assert!(server.metric("zerotune_completion_tokens_total") < 40.0, "the departed client's generation stopped");
     server.wait_for_metric("zerotune_active_sequences", 0.0); // set just after the answer goes out
     assert_eq!(server.post("/v1/completions", json!({"prompt": "z", "max_tokens": 2})).status, 200);
+}
+
+/// Issue 23: the rows a big request waits for are shared with the requests behind it. With 4
+/// rows, 2 held by a stream and 2 by the first prompt of a 2-prompt x n 2 request, the rows the
+/// stream frees go one to a 1-sequence request that came later, one to the big request; the big
+/// request's last choice waits for the next. Under the test hold no step is taken, so this order
+/// is the engine's, not timing's: the short request (max_tokens 1, done at its prefill) is
+/// answered while the big one has not generated past its first tokens. Then the big one's choices
+/// arrive with the right indices and HF's greedy text, though prompt 1's joined in two parts.
+#[test]
+fn a_short_request_behind_a_big_one_gets_the_next_free_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hold = tmp.path().join("hold");
+    std::fs::write(&hold, "").unwrap();
+    let server = Server::start(&["--max_batch", "4"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let cases = cases();
+    let long: Vec<&Value> = cases.iter().filter(|c| c["new_ids"].as_array().unwrap().len() >= 2 && c["text"] != "").collect();
+    let [a, b, held, short, ..] = &long[..] else { panic!("the fixture has 4 prompts with 2 tokens or more of text") };
+    assert_ne!(a["text"], b["text"], "the fixture's first two prompts complete differently");
+    let stream = |prompts: Vec<&Value>| {
+        let body = json!({"prompt": prompts, "n": 2, "max_tokens": 16, "temperature": 0, "stream": true});
+        Stream::open(&server.addr, "/v1/completions", &body.to_string())
+    };
+    let first = stream(vec![&held["prompt"]]);
+    server.wait_for_metric("zerotune_active_sequences", 2.0);
+    let big = stream(vec![&a["prompt"], &b["prompt"]]);
+    server.wait_for_metric("zerotune_active_sequences", 4.0);
+    server.wait_for_metric("zerotune_queue_depth", 1.0); // prompt 1's choices wait for rows
+    let (answered, reply) = std::sync::mpsc::channel();
+    let (addr, body) = (server.addr.clone(), json!({"prompt": short["prompt"], "max_tokens": 1, "temperature": 0}).to_string());
+    std::thread::spawn(move || answered.send(http::post(&addr, "/v1/completions", &body)));
+    server.wait_for_metric("zerotune_queue_depth", 2.0);
+
+    drop(first); // frees 2 rows: one for the short request, one for the big one
+    let reply = reply.recv_timeout(Duration::from_secs(30)).expect("the short request is answered while the big one still waits");
+    assert_eq!((reply.status, &reply.json()["usage"]["completion_tokens"]), (200, &json!(1)), "{}", reply.body);
+    assert!(short["text"].as_str().unwrap().starts_with(reply.json()["choices"][0]["text"].as_str().unwrap()));
+    // The row the short request left goes to the big one's last choice; nothing has stepped:
+    // the first tokens only, 2 for the departed stream, 4 for the big request, 1 for the short.
+    server.wait_for_metric("zerotune_queue_depth", 0.0);
+    server.wait_for_metric("zerotune_active_sequences", 4.0);
+    server.wait_for_metric("zerotune_completion_tokens_total", 7.0);
+    std::fs::remove_file(&hold).unwrap();
+    let events = big.rest();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let mut texts = vec![String::new(); 4];
+    let mut finishes = vec![Value::Null; 4];
+    for event in &events[..events.len() - 1] {
+        let choice = &serde_json::from_str::<Value>(event).unwrap()["choices"][0];
+        let index = choice["index"].as_u64().unwrap() as usize;
+        texts[index].push_str(choice["text"].as_str().unwrap());
+        if !choice["finish_reason"].is_null() {
+            finishes[index] = choice["finish_reason"].clone();
+        }
+    }
+    for (index, case) in [a, a, b, b].into_iter().enumerate() {
+        assert_eq!((&json!(texts[index]), &finishes[index]), (&case["text"], &case["finish_reason"]), "choice {index}");
+    }
 }
 
 #[test]

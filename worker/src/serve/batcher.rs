@@ -1,7 +1,9 @@
-//! The engine thread: takes requests from the bounded queue whenever the batch has room, admits
-//! their prompts (continuous batching: they join at the next step), steps the batch, turns each
-//! choice's tokens into text (stop strings, logprobs, echo) and answers its request, whole or as
-//! server-sent events. A request whose client went away is cancelled and frees its rows.
+//! The engine thread: takes every request from the bounded queue as it comes, hands the batch's
+//! free rows out between the waiting requests a fair share each (`fair.rs`: sequence by
+//! sequence, so no client waits behind another's whole request), admits those sequences
+//! (continuous batching: they join at the next step), steps the batch, turns each choice's tokens
+//! into text (stop strings, logprobs, echo) and answers its request, whole or as server-sent
+//! events. A request whose client went away is cancelled and frees its rows.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,6 +14,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{chunk_json, Choice, ChoiceLogprobs, CompletionRequest, FinishReason, ResponseHead};
+use super::fair::{share, Want};
 use super::metrics::Metrics;
 use crate::engine::{Emitted, Engine, Finish, Logprob, Prompt};
 use crate::model::CodeGen;
@@ -73,13 +76,28 @@ struct ChoiceState {
     finish: Option<FinishReason>,
 }
 
-/// A request being answered.
+/// A request being answered. Choice c is prompt c / n's choice c % n; choices join the batch in
+/// that order, a prompt's possibly in parts (each prefilled, the later ones mostly from the
+/// prefix cache).
 struct Live {
     job: Job,
     choices: Vec<ChoiceState>,
-    /// Prompts not yet admitted.
-    unadmitted: usize,
+    /// Choices admitted so far (0..admitted): the next to admit.
+    admitted: usize,
     unfinished: usize,
+}
+
+impl Live {
+    /// Whether some of its choices wait for a row.
+    fn waiting(&self) -> bool {
+        self.admitted < self.choices.len()
+    }
+
+    /// What the fair share weighs: rows held now (admitted, not finished), choices left to admit.
+    fn want(&self) -> Want {
+        let total = self.choices.len();
+        Want { held: self.admitted + self.unfinished - total, left: total - self.admitted }
+    }
 }
 
 /// An engine row's owner: (request id, choice index).
@@ -90,50 +108,62 @@ impl Batcher {
     pub fn run(self, mut queue: mpsc::Receiver<Job>) {
         let mut engine = self.engine();
         let mut live: HashMap<u64, Live> = HashMap::new();
-        let mut pending: VecDeque<(u64, usize)> = VecDeque::new();
+        // Requests with choices not yet admitted, oldest first. It holds every request taken from
+        // the queue: the front end bounds them (`zerotune_queue_depth` against --max_queue).
+        let mut waiting: VecDeque<u64> = VecDeque::new();
         let mut next_id = 0u64;
         let hold = Hold::from_env();
         loop {
-            if engine.is_empty() && pending.is_empty() {
+            if engine.is_empty() && waiting.is_empty() {
                 let Some(job) = queue.blocking_recv() else { return };
                 next_id += 1;
-                self.accept(next_id, job, &mut live, &mut pending);
+                self.accept(next_id, job, &mut live, &mut waiting);
             }
-            while pending.is_empty() && engine.len() < self.max_batch {
-                let Ok(job) = queue.try_recv() else { break };
+            while let Ok(job) = queue.try_recv() {
                 next_id += 1;
-                self.accept(next_id, job, &mut live, &mut pending);
+                self.accept(next_id, job, &mut live, &mut waiting);
             }
-            self.drop_gone_clients(&mut engine, &mut live, &mut pending);
-            while let Some(&(id, p)) = pending.front() {
-                let n = live[&id].job.request.n;
-                if !engine.is_empty() && engine.len() + n > self.max_batch {
-                    break;
-                }
-                pending.pop_front();
-                let l = live.get_mut(&id).expect("pending requests are live");
-                match catch_unwind(AssertUnwindSafe(|| self.admit(&mut engine, id, p, l))) {
-                    Ok(first) => self.settle(&mut engine, first, &mut live),
-                    Err(_) => self.fail_all(&mut engine, &mut live, &mut pending),
-                }
-            }
+            self.drop_gone_clients(&mut engine, &mut live, &mut waiting);
+            self.admit_waiting(&mut engine, &mut live, &mut waiting);
             if hold.holding() {
                 continue; // admitting and dropping departed clients, but taking no step
             }
             match catch_unwind(AssertUnwindSafe(|| engine.step())) {
                 Ok(next) => self.settle(&mut engine, next, &mut live),
-                Err(_) => self.fail_all(&mut engine, &mut live, &mut pending),
+                Err(_) => self.fail_all(&mut engine, &mut live, &mut waiting),
             }
+        }
+    }
+
+    /// Hands the batch's free rows to the waiting requests, a fair share each (`fair.rs`), and
+    /// admits those choices. Choices that end at once (EOS first, `max_tokens` 1) free their row
+    /// again, so it shares until the batch is full or no one waits.
+    fn admit_waiting<'m>(&'m self, engine: &mut Engine<'m, Key>, live: &mut HashMap<u64, Live>, waiting: &mut VecDeque<u64>) {
+        while !waiting.is_empty() && engine.len() < self.max_batch {
+            let wants: Vec<Want> = waiting.iter().map(|id| live[id].want()).collect();
+            let rows = share(self.max_batch - engine.len(), &wants);
+            let grants: Vec<(u64, usize)> = waiting.iter().copied().zip(rows).filter(|&(_, k)| k > 0).collect();
+            for (id, rows) in grants {
+                let end = live[&id].admitted + rows;
+                // One prompt's choices at a time; the last settle may answer (and remove) the request.
+                while let Some(l) = live.get_mut(&id).filter(|l| l.admitted < end) {
+                    match catch_unwind(AssertUnwindSafe(|| self.admit(engine, id, end, l))) {
+                        Ok(first) => self.settle(engine, first, live),
+                        Err(_) => return self.fail_all(engine, live, waiting),
+                    }
+                }
+            }
+            waiting.retain(|id| live.get(id).is_some_and(Live::waiting));
         }
     }
 
     /// After libtorch failed mid-step (out of memory, say; its message is in the log above): the
     /// requests in flight get a 500 (a stream an error event), the batch starts afresh, and the
     /// server goes on with the requests still queued.
-    fn fail_all<'m>(&'m self, engine: &mut Engine<'m, Key>, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
+    fn fail_all<'m>(&'m self, engine: &mut Engine<'m, Key>, live: &mut HashMap<u64, Live>, waiting: &mut VecDeque<u64>) {
         eprintln!("worker: the engine failed; answering {} request(s) in flight with an error and going on", live.len());
         for (_, l) in live.drain() {
-            if l.unadmitted > 0 {
+            if l.waiting() {
                 self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             }
             if let Reply::Stream(tx) = &l.job.reply {
@@ -141,7 +171,7 @@ impl Batcher {
                 let _ = tx.send(sse(&error));
             }
         }
-        pending.clear();
+        waiting.clear();
         *engine = self.engine();
         self.metrics.active_sequences.store(0, Ordering::Relaxed);
     }
@@ -162,9 +192,9 @@ impl Batcher {
         self.metrics.active_sequences.store(engine.len() as u64, Ordering::Relaxed);
     }
 
-    fn accept(&self, id: u64, job: Job, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
-        let (prompts, n) = (job.prompts.len(), job.request.n);
-        let choices = (0..prompts * n)
+    fn accept(&self, id: u64, job: Job, live: &mut HashMap<u64, Live>, waiting: &mut VecDeque<u64>) {
+        let total = job.prompts.len() * job.request.n;
+        let choices = (0..total)
             .map(|i| ChoiceState {
                 text: TextState::new(job.request.stop.clone()),
                 echo: if job.request.echo { job.prompt_texts[i / job.request.n].clone() } else { String::new() },
@@ -173,32 +203,36 @@ impl Batcher {
                 finish: None,
             })
             .collect();
-        pending.extend((0..prompts).map(|p| (id, p)));
-        live.insert(id, Live { job, unfinished: prompts * n, choices, unadmitted: prompts });
+        waiting.push_back(id);
+        live.insert(id, Live { job, unfinished: total, choices, admitted: 0 });
     }
 
     /// Cancels the requests whose client disconnected.
-    fn drop_gone_clients(&self, engine: &mut Engine<Key>, live: &mut HashMap<u64, Live>, pending: &mut VecDeque<(u64, usize)>) {
+    fn drop_gone_clients(&self, engine: &mut Engine<Key>, live: &mut HashMap<u64, Live>, waiting: &mut VecDeque<u64>) {
         let gone: Vec<u64> = live.iter().filter(|(_, l)| l.job.reply.is_closed()).map(|(&id, _)| id).collect();
         for id in &gone {
             let l = live.remove(id).expect("listed");
-            if l.unadmitted > 0 {
+            if l.waiting() {
                 self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             }
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         }
         if !gone.is_empty() {
             engine.cancel(|(id, _)| gone.contains(id));
-            pending.retain(|(id, _)| !gone.contains(id));
+            waiting.retain(|id| !gone.contains(id));
             self.metrics.active_sequences.store(engine.len() as u64, Ordering::Relaxed);
         }
     }
 
-    /// Prefills prompt `p` of request `id` for its n choices; returns their first tokens.
-    fn admit(&self, engine: &mut Engine<Key>, id: u64, p: usize, l: &mut Live) -> Vec<Emitted<Key>> {
+    /// Admits request `id`'s next choices up to `end`, as far as they share a prompt (prefilled
+    /// once for them); returns their first tokens. A prompt counts in the token metrics once, with
+    /// its first choice.
+    fn admit(&self, engine: &mut Engine<Key>, id: u64, end: usize, l: &mut Live) -> Vec<Emitted<Key>> {
         let r = &l.job.request;
+        let p = l.admitted / r.n;
+        let part = l.admitted..end.min((p + 1) * r.n);
+        let first_part = part.start == p * r.n;
         let ids = l.job.prompts[p].clone();
-        self.metrics.prompt_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
         let prompt = Prompt { ids, max_new_tokens: r.max_tokens, logprobs: r.logprobs, prompt_logprobs: r.echo && r.logprobs.is_some() };
         let params = SamplingParams {
             temperature: r.temperature,
@@ -208,15 +242,18 @@ impl Batcher {
             frequency_penalty: r.frequency_penalty,
         };
         let seed = r.seed.unwrap_or_else(fresh_seed);
-        let choices = (p * r.n..(p + 1) * r.n).map(|c| ((id, c), Sampler::new(params.clone(), Rng::new(seed, c as u64)))).collect();
+        let choices = part.clone().map(|c| ((id, c), Sampler::new(params.clone(), Rng::new(seed, c as u64)))).collect();
         let reused = engine.reused_tokens();
         let (prompt_logprobs, emitted) = engine.admit(&prompt, choices);
-        self.metrics.prompt_tokens_reused.fetch_add(engine.reused_tokens() - reused, Ordering::Relaxed);
-        l.unadmitted -= 1;
-        if l.unadmitted == 0 {
+        if first_part {
+            self.metrics.prompt_tokens.fetch_add(prompt.ids.len() as u64, Ordering::Relaxed);
+            self.metrics.prompt_tokens_reused.fetch_add(engine.reused_tokens() - reused, Ordering::Relaxed);
+        }
+        l.admitted = part.end;
+        if !l.waiting() {
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
         }
-        for c in p * r.n..(p + 1) * r.n {
+        for c in part {
             let choice = &mut l.choices[c];
             if let Some(lp) = choice.logprobs.as_mut().filter(|_| !prompt_logprobs.is_empty()) {
                 self.prompt_entries(lp, &prompt.ids, &prompt_logprobs);

@@ -21,7 +21,8 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     /// Sequences in the engine's batch now.
     pub active_sequences: AtomicU64,
-    /// Requests waiting for the engine to take them (in the queue or just taken, not yet admitted).
+    /// Requests with sequences waiting for a row: in the queue, or taken and not yet wholly
+    /// admitted. The front end refuses new ones (429) while --max_queue wait.
     pub queued: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
     latency_sum_micros: AtomicU64,

@@ -1,10 +1,12 @@
 //! `worker serve`: a fine-tuned model behind the API that FauxPilot, the editors and OpenAI
 //! clients speak (OpenAI's legacy completions; docs/serving.md). The HTTP front end (axum)
 //! validates and tokenizes each request and hands it to the engine thread over a bounded queue
-//! (full: 429); the engine batches every request in flight (`batcher.rs`).
+//! (full: 429); the engine batches every request in flight (`batcher.rs`), sharing the batch's
+//! rows fairly between them (`fair.rs`).
 
 pub mod api;
 mod batcher;
+mod fair;
 pub mod metrics;
 
 use std::future::Future;
@@ -34,7 +36,7 @@ use metrics::Metrics;
 pub struct ServeOptions {
     /// Clients must send `Authorization: Bearer <key>` when set.
     pub api_key: Option<String>,
-    /// Sequences generating together.
+    /// Sequences generating together; also the most one request may ask for (prompts x n).
     pub max_batch: usize,
     /// Requests waiting for room in the batch before new ones get 429.
     pub max_queue: usize,
@@ -73,10 +75,10 @@ pub fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
-    let options = ServeOptions { max_batch: options.max_batch.max(1), ..options };
+    let options = ServeOptions { max_batch: options.max_batch.max(1), max_queue: options.max_queue.max(1), ..options };
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
-    let (queue, jobs) = mpsc::channel(options.max_queue.max(1));
+    let (queue, jobs) = mpsc::channel(options.max_queue);
     let (max_batch, prefix_cache_tokens) = (options.max_batch, options.prefix_cache_tokens);
     let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
     let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, vocab_rows: config.vocab_size, queue, metrics });
@@ -129,10 +131,7 @@ async fn completions(
 async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     authorize(app, headers)?;
     let request = parse_completion(body)?;
-    if request.n > app.options.max_batch {
-        let message = format!("'n' is {}, more than the server's batch of {} sequences (--max_batch)", request.n, app.options.max_batch);
-        return Err(ApiError::invalid("n", message));
-    }
+    check_sequences(request.prompts.len(), request.n, app.options.max_batch)?;
     // Tokenizing a long prompt takes a while: off the threads that serve every connection.
     let tokenizer = app.tokenizer.clone();
     let inputs = request.prompts.clone();
@@ -191,9 +190,11 @@ async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Re
         (Reply::Whole(tx), Some(rx), None)
     };
     let job = Job { head: head.clone(), request, prompts, prompt_texts, reply, completion_tokens: usage.completion_tokens.clone() };
-    // Counted before it is sent: the engine may take it (and count it out) at once.
-    app.metrics.queued.fetch_add(1, Ordering::Relaxed);
-    let sent = app.queue.try_send(job);
+    // Counted before it is sent: the engine may take it (and count it out) at once. The count, not
+    // the channel, bounds the requests waiting: the engine takes each one off the channel as it
+    // comes, to share the batch's rows between all of them.
+    let waiting = app.metrics.queued.fetch_add(1, Ordering::Relaxed) as usize;
+    let sent = if waiting >= app.options.max_queue { Err(mpsc::error::TrySendError::Full(job)) } else { app.queue.try_send(job) };
     if sent.is_err() {
         app.metrics.queued.fetch_sub(1, Ordering::Relaxed);
     }
@@ -230,6 +231,20 @@ async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Re
         whole.expect("not streaming").await.map_err(|_| server_error("the engine failed on this request (see the server's log)"))?;
     let completion_tokens = usage.completion_tokens.load(Ordering::Relaxed) as usize;
     Ok(axum::Json(completion_json(&head, &choices, prompt_tokens, completion_tokens)).into_response())
+}
+
+/// One request may hold at most the whole batch: its prompts x n sequences generate together
+/// with everyone else's, and a larger request would hold the batch for as long as it runs.
+fn check_sequences(prompts: usize, n: usize, max_batch: usize) -> Result<(), ApiError> {
+    let sequences = prompts * n;
+    if sequences <= max_batch {
+        return Ok(());
+    }
+    let plural = if prompts == 1 { "" } else { "s" };
+    let message = format!(
+        "this request asks for {sequences} sequences ({prompts} prompt{plural} x n {n}), more than the server's batch of {max_batch} (--max_batch): send at most {max_batch} prompts x n per request, splitting the prompts over several requests"
+    );
+    Err(ApiError::invalid(if prompts == 1 { "n" } else { "prompt" }, message))
 }
 
 /// The server's own failure: 500, which clients may retry.
