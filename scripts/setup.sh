@@ -101,6 +101,28 @@ else
 fi
 
 if (( want_test_env )); then
+    # The Slurm tests start a one-node cluster of their own (scripts/slurm_cluster.sh): Debian's
+    # Slurm and munge. Without them those tests fail, saying so; the rest of the setup goes on.
+    slurm_packages=(slurmd slurmctld slurm-client munge)
+    have_slurm() {
+        local tool
+        for tool in slurmd slurmctld srun munged; do
+            PATH=$PATH:/usr/sbin:/sbin command -v "$tool" >/dev/null 2>&1 || return 1
+        done
+    }
+    slurm_log=${TMPDIR:-/tmp}/zerotune-slurm-apt.log
+    if have_slurm; then
+        :
+    elif (( EUID != 0 )); then
+        echo "setup: not root, so not installing ${slurm_packages[*]}: the Slurm tests will fail until they are (apt-get install -y ${slurm_packages[*]})" >&2
+    elif ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: no apt-get, so not installing ${slurm_packages[*]}: the Slurm tests will fail until they are installed" >&2
+    else
+        echo "setup: installing ${slurm_packages[*]} (the Slurm tests' cluster)"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${slurm_packages[@]}"; } >"$slurm_log" 2>&1; then
+            echo "setup: apt-get could not install ${slurm_packages[*]} (see $slurm_log: $(tail -1 "$slurm_log")): the Slurm tests will fail until they are installed" >&2
+        fi
+    fi
     if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c "import torch, transformers, openai, rapidfuzz" 2>/dev/null; then
         echo "setup: creating .venv with PyTorch + transformers (the tests' reference), the openai SDK and rapidfuzz"
         python3 -m venv .venv

@@ -28,6 +28,9 @@ pub enum CoordinatorError {
     Launcher(String),
     #[error("gRPC server: {0}")]
     Server(String),
+    /// The memory planner finds the job too large: its table, why, and what to pass instead.
+    #[error("{table}memory planner: {refusal} ({hint})")]
+    Memory { table: String, refusal: Box<crate::estimate::Refusal>, hint: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

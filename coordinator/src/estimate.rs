@@ -2,9 +2,12 @@
 //! per GPU and per host of a job, term by term, from the model shape and the plan, as pure
 //! functions over plain data. The terms follow what the worker allocates (params.rs, grads.rs,
 //! optim/), the ZeRO paper's accounting (arXiv 1910.02054: 2 + 2 + 12 bytes per parameter) and
-//! DeepSpeed's `estimate_zero2_model_states_mem_needs`, which `deepspeed_zero2` reproduces.
+//! DeepSpeed's `estimate_zero2_model_states_mem_needs`, which `deepspeed_zero2` reproduces. What
+//! would make a job fit that does not is `advice.rs`.
 
 use zerotune_proto::plan::Precision;
+
+use crate::advice::{advise, Advice};
 
 /// Parameters per partition are rounded up to a multiple of this (worker zero.rs ALIGN).
 const ALIGN: u64 = 128;
@@ -251,8 +254,33 @@ pub struct Capacity {
     pub host: Option<u64>,
 }
 
+/// Whether `job`'s totals are within `capacity` (an unknown one is not checked).
+pub fn fits(job: &Job, capacity: Capacity) -> bool {
+    let t = totals(job, &terms(job));
+    capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| t.per_host <= cap)
+}
+
+/// Why a job does not fit: where, by how much, its largest term there, and what would fit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    /// "per GPU", "per rank" or "per host".
+    pub what: &'static str,
+    pub need: u64,
+    pub capacity: u64,
+    pub largest: Term,
+    pub advice: Advice,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (largest, what) = (&self.largest, self.what);
+        write!(f, "the job needs {} {what} but {} is available; ", gib(self.need), gib(self.capacity))?;
+        write!(f, "the largest term is {} ({}: {}); {}", largest.name, gib(largest.bytes), largest.how, self.advice)
+    }
+}
+
 /// Whether `job` fits `capacity`, and if not, the largest term and what would make it fit.
-pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
+pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), Box<Refusal>> {
     let terms = terms(job);
     let t = totals(job, &terms);
     let over_device = capacity.device.filter(|&cap| t.per_device > cap);
@@ -265,65 +293,7 @@ pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), String> {
     let ranks = if place == Place::Host { job.ranks_per_host } else { 1 };
     let largest =
         terms.iter().filter(|t| t.place == place || !job.gpu).max_by_key(|t| (share(t, ranks), t.phase == Phase::Always)).expect("terms");
-    Err(format!(
-        "the job needs {} {what} but {} is available; the largest term is {} ({}: {}); {}",
-        gib(need),
-        gib(cap),
-        largest.name,
-        gib(largest.bytes),
-        largest.how,
-        advice(job, capacity)
-    ))
-}
-
-/// The first of: offload, checkpointing, micro-batch 1, more GPUs (each added to the ones before)
-/// that makes `job` fit, in words.
-pub fn advice(job: &Job, capacity: Capacity) -> String {
-    let fits = |j: &Job| {
-        let t = totals(j, &terms(j));
-        capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| t.per_host <= cap)
-    };
-    let mut tried = *job;
-    let mut changes = vec![];
-    if !tried.offload {
-        tried.offload = true;
-        changes.push("offload the optimizer (zero_optimization.offload_optimizer.device \"cpu\")".to_string());
-        if fits(&tried) {
-            return format!("it would fit with: {}", changes.join(", "));
-        }
-    }
-    if !tried.checkpointing {
-        tried.checkpointing = true;
-        changes.push("--gradient_checkpointing".into());
-        if fits(&tried) {
-            return format!("it would fit with: {}", changes.join(", "));
-        }
-    }
-    if tried.micro > 1 {
-        tried.micro = 1;
-        changes.push("--per_device_train_batch_size 1 (raise --gradient_accumulation_steps to keep the batch)".into());
-        if fits(&tried) {
-            return format!("it would fit with: {}", changes.join(", "));
-        }
-    }
-    if tried.zero_stage < 2 {
-        tried.zero_stage = 2;
-        changes.push("ZeRO stage 2".into());
-    }
-    for world in (1..=12).map(|i| tried.world << i) {
-        let more = Job { world, ..tried };
-        if fits(&more) {
-            changes.push(if job.gpu {
-                format!("{world} GPUs or more (--num_gpus / --num_nodes)")
-            } else {
-                format!("{world} ranks or more")
-            });
-            return format!("it would fit with: {}", changes.join(", "));
-        }
-    }
-    let more = format!("{} times the {}", 1 << 12, if job.gpu { "GPUs" } else { "ranks" });
-    let with = if changes.is_empty() { more } else { format!("{} and {more}", changes.join(", ")) };
-    format!("it does not fit even with {with}: use a smaller model or larger devices")
+    Err(Box::new(Refusal { what, need, capacity: cap, largest: largest.clone(), advice: advise(job, capacity) }))
 }
 
 /// DeepSpeed's `estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node, num_nodes,

@@ -1,6 +1,7 @@
 //! The planner's terms, one by one, and its model states against DeepSpeed's published formula.
 
 use super::*;
+use crate::advice::{advise, with, Advice, Change, LADDER};
 
 const GIB: u64 = 1 << 30;
 
@@ -131,7 +132,7 @@ fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
     let three = Job { world: 3, ranks_per_host: 3, ..j };
     let t3 = totals(&three, &terms(&three));
     assert!(t3.per_device < 12 * GIB && t3.per_host > 16 * GIB, "{t3:?}");
-    let err = verdict(&three, Capacity { device: Some(12 * GIB), host: Some(16 * GIB) }).unwrap_err();
+    let err = verdict(&three, Capacity { device: Some(12 * GIB), host: Some(16 * GIB) }).unwrap_err().to_string();
     assert!(err.contains("per host"), "{err}");
     // Checkpoints write the optimizer slice a state at a time (4 B per parameter), more than the
     // model's largest tensor; without offload from host copies of all three (12 + 4).
@@ -185,24 +186,140 @@ fn deepspeed_formula_as_published() {
 #[test]
 fn a_job_too_large_is_refused_naming_its_largest_term_and_a_fix() {
     let j = Job { micro: 8, block: 2048, ..job(1, false, false) };
-    let err = verdict(&j, Capacity { device: Some(GIB), host: None }).unwrap_err();
+    let err = verdict(&j, Capacity { device: Some(GIB), host: None }).unwrap_err().to_string();
     assert!(err.contains("the largest term is logits (10.94 GiB: 8x2048x51200 x 14 B)"), "{err}");
     assert!(err.contains("available"), "{err}");
-    // 350M on a 24 GiB card with block 2048, micro 8: offload and checkpointing make it fit.
-    let err = verdict(&j, Capacity { device: Some(24 * GIB), host: None }).unwrap_err();
-    assert!(err.contains("it would fit with: offload the optimizer") && err.contains("--gradient_checkpointing"), "{err}");
+    // 350M on a 24 GiB card with block 2048, micro 8: offload alone is not enough, checkpointing
+    // is, and then offload is not needed.
+    let on_24 = Capacity { device: Some(24 * GIB), host: None };
+    assert!(!fits(&Job { offload: true, ..j }, on_24) && fits(&Job { checkpointing: true, ..j }, on_24));
+    let refusal = verdict(&j, on_24).unwrap_err();
+    assert_eq!(refusal.advice.changes, [Change::Checkpointing]);
+    assert!(refusal.to_string().contains("it would fit with: --gradient_checkpointing on the same 1 GPU: "), "{refusal}");
     // Too much for one GPU whatever the settings: more GPUs.
-    let huge = Job { shape: Shape { params: 16_000_000_000, n_layer: 34, n_embd: 6144, vocab: 51200 }, ..job(1, true, true) };
-    let err = verdict(&huge, Capacity { device: Some(80 * GIB), host: None }).unwrap_err();
-    assert!(err.contains("it would fit with: --per_device_train_batch_size 1") && err.contains("GPUs or more"), "{err}");
+    let huge = Job { shape: shape_16b(), ..job(1, true, true) };
+    let refusal = verdict(&huge, Capacity { device: Some(80 * GIB), host: None }).unwrap_err();
+    assert!(matches!(refusal.advice.changes.last(), Some(Change::World(n)) if *n > 1), "{refusal}");
+    assert!(refusal.to_string().contains(" GPUs (--num_gpus / --num_nodes) on "), "{refusal}");
     // Its 16-bit weights alone exceed 24 GiB: ZeRO-2 keeps them whole on every GPU.
-    let err = verdict(&huge, Capacity { device: Some(24 * GIB), host: None }).unwrap_err();
-    assert!(err.contains("it does not fit even with"), "{err}");
+    let err = verdict(&huge, Capacity { device: Some(24 * GIB), host: None }).unwrap_err().to_string();
+    assert!(err.contains("it does not fit even with --per_device_train_batch_size 1") && err.contains("and 4096 times the GPUs"), "{err}");
     assert!(verdict(&job(1, true, true), Capacity { device: Some(24 * GIB), host: Some(64 * GIB) }).is_ok());
     assert!(verdict(&job(1, true, true), Capacity { device: None, host: None }).is_ok());
     // The host's share is checked too.
-    let err = verdict(&job(8, true, false), Capacity { device: Some(80 * GIB), host: Some(GIB) }).unwrap_err();
+    let err = verdict(&job(8, true, false), Capacity { device: Some(80 * GIB), host: Some(GIB) }).unwrap_err().to_string();
     assert!(err.contains("per host") && err.contains("optimizer state"), "{err}");
+}
+
+/// A shape hf config.rs has built in (`--config_name`).
+fn builtin(name: &str) -> Shape {
+    let c = zerotune_hf::CodeGenConfig::builtin(name).unwrap();
+    Shape { params: c.num_parameters() as u64, n_layer: c.n_layer as u64, n_embd: c.n_embd as u64, vocab: c.vocab_size as u64 }
+}
+
+fn shape_16b() -> Shape {
+    builtin("codegen-16B")
+}
+
+/// A job as planned from flags without a ds_config: stage 0, nothing offloaded or recomputed.
+fn plain(shape: Shape, world: u64, ranks_per_host: u64, micro: u64, block: u64) -> Job {
+    Job { shape, world, ranks_per_host, micro, block, zero_stage: 0, ..job(world, false, false) }
+}
+
+fn per_gpu(bytes: u64) -> Capacity {
+    Capacity { device: Some(bytes), host: None }
+}
+
+/// What a suggestion must be: it fits when re-estimated, and none of its changes can go.
+fn assert_checked(job: &Job, capacity: Capacity) -> Advice {
+    let advice = advise(job, capacity);
+    assert!(advice.fits, "{advice}");
+    assert!(fits(&with(job, &advice.changes), capacity), "{advice}");
+    for i in 0..advice.changes.len() {
+        let mut fewer = advice.changes.clone();
+        fewer.remove(i);
+        assert!(!fits(&with(job, &fewer), capacity), "{:?} is not needed: {advice}", advice.changes[i]);
+    }
+    let changed = with(job, &advice.changes);
+    let need = gib(totals(&changed, &terms(&changed)).per_device);
+    assert!(advice.to_string().contains(&format!(": {need} of {} per GPU", gib(capacity.device.unwrap()))), "{advice}");
+    advice
+}
+
+#[test]
+fn offload_is_advised_first_when_it_alone_suffices() {
+    let j = plain(shape_350m(), 1, 1, 1, 128);
+    let offloaded = Job { offload: true, ..j };
+    let capacity = per_gpu(totals(&offloaded, &terms(&offloaded)).per_device);
+    assert!(!fits(&j, capacity));
+    let advice = assert_checked(&j, capacity);
+    assert_eq!(advice.changes, [Change::Offload]);
+    assert!(advice.to_string().starts_with("it would fit with: offload the optimizer (zero_optimization.offload_optimizer"), "{advice}");
+}
+
+#[test]
+fn zero_2_is_advised_next_when_offload_is_not_enough() {
+    // 2B on 8 GPUs of a node: whole fp32 gradients at stage 0 even with offload.
+    let j = plain(builtin("codegen-2B"), 8, 8, 1, 2048);
+    let both = Job { offload: true, zero_stage: 2, ..j };
+    let capacity = per_gpu(totals(&both, &terms(&both)).per_device);
+    assert!(!fits(&Job { offload: true, ..j }, capacity));
+    let advice = assert_checked(&j, capacity);
+    assert_eq!(advice.changes, [Change::Offload, Change::Zero2], "{advice}");
+    assert!(advice.to_string().contains("ZeRO stage 2 (zero_optimization.stage 2 in --deepspeed)"), "{advice}");
+}
+
+#[test]
+fn a_16b_on_2_nodes_of_8_80gb_gpus_fits_with_zero_2_offload_and_checkpointing() {
+    // As `--num_nodes 2 --num_gpus 8 --block_size 2048 --per_device_train_batch_size 1` plans it,
+    // against 80 GB (--gpu_memory 80GB) and an A100-80GB's 81920 MiB (--gpu_model a100-80gb).
+    let j = plain(shape_16b(), 16, 8, 1, 2048);
+    for capacity in [per_gpu(80_000_000_000), per_gpu(81920 << 20)] {
+        let refusal = verdict(&j, capacity).unwrap_err();
+        let advice = assert_checked(&j, capacity);
+        assert_eq!(refusal.advice, advice);
+        assert_eq!(advice.changes, [Change::Offload, Change::Zero2, Change::Checkpointing], "{advice}");
+        assert!(advice.to_string().contains("--gradient_checkpointing on the same 16 GPUs: "), "{advice}");
+    }
+}
+
+#[test]
+fn every_suggestion_fits_when_re_estimated() {
+    let shapes = [shape_350m(), shape_16b()];
+    let mut seen = std::collections::BTreeSet::new();
+    for (shape, world, micro, block, cap) in grid(&shapes) {
+        let j = plain(shape, world, world.min(8), micro, block);
+        let capacity = per_gpu(cap * GIB);
+        if fits(&j, capacity) {
+            continue;
+        }
+        let advice = advise(&j, capacity);
+        if !advice.fits {
+            assert!(advice.to_string().starts_with("it does not fit even with"), "{advice}");
+            continue;
+        }
+        assert_checked(&j, capacity);
+        // Cheapest first: the settings in the ladder's order, more GPUs last.
+        let rank = |c: &Change| LADDER.iter().position(|l| l == c).unwrap_or(LADDER.len());
+        assert!(advice.changes.windows(2).all(|w| rank(&w[0]) < rank(&w[1])), "{advice}");
+        seen.extend(advice.changes.iter().map(rank));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), [0, 1, 2, 3, 4], "the grid has suggestions of every change and of more GPUs");
+}
+
+/// Every (shape, world, micro, block, GiB per GPU) of the grid.
+fn grid(shapes: &[Shape]) -> Vec<(Shape, u64, u64, u64, u64)> {
+    let mut out = vec![];
+    for &shape in shapes {
+        for world in [1, 2, 8, 16] {
+            for (micro, block) in [(1, 2048), (4, 1024), (8, 2048)] {
+                for cap in [16, 24, 40, 80] {
+                    out.push((shape, world, micro, block, cap));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[test]

@@ -1,14 +1,14 @@
 //! What the coordinator needs to know of this machine's GPUs and memory before a job starts: their
-//! memory and compute capability (from `nvidia-smi`, no CUDA library needed), the precision a GPU
-//! without fast 16-bit math should train in (a pure decision), and the memory plan of a
-//! `TrainPlan` (`estimate.rs`) with its verdict.
+//! memory and compute capability (from `nvidia-smi`, no CUDA library needed, or from the table of
+//! `--gpu_model`s), the precision a GPU without fast 16-bit math or bf16 should train in (a pure
+//! decision), and the memory plan of a `TrainPlan` (`estimate.rs`) with its verdict.
 
 use std::process::Command;
 
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
 
-use crate::config::{config_by_name, Device, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
+use crate::config::{config_by_name, Device, GpuModel, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
 use crate::estimate::{self, Capacity, Job, Shape};
 
@@ -19,6 +19,29 @@ pub struct GpuInfo {
     pub memory: u64,
     /// (major, minor), e.g. (6, 1) for a P40.
     pub compute_capability: (u32, u32),
+}
+
+/// From this compute capability (Ampere) GPUs have bf16; Volta and Turing have fast fp16 only
+/// (the worker's inference rule, worker precision.rs, draws the same line).
+const BF16_CAPABILITY: (u32, u32) = (8, 0);
+
+/// Each `--gpu_model`: nvidia-smi's name, memory.total in MiB (what a query on that card gives,
+/// and so what the planner plans against there) and compute capability.
+const GPU_MODELS: [(GpuModel, &str, u64, (u32, u32)); 6] = [
+    (GpuModel::P40, "Tesla P40", 24576, (6, 1)),
+    (GpuModel::V100, "Tesla V100-SXM2-32GB", 32768, (7, 0)),
+    (GpuModel::A100With40Gb, "NVIDIA A100-SXM4-40GB", 40960, (8, 0)),
+    (GpuModel::A100With80Gb, "NVIDIA A100-SXM4-80GB", 81920, (8, 0)),
+    (GpuModel::H100, "NVIDIA H100 80GB HBM3", 81559, (9, 0)),
+    (GpuModel::H200, "NVIDIA H200", 143771, (9, 0)),
+];
+
+impl GpuInfo {
+    /// The GPU `--gpu_model` names, as a query on it would report it.
+    pub fn of_model(model: GpuModel) -> Self {
+        let (_, name, mib, capability) = GPU_MODELS.iter().find(|row| row.0 == model).copied().expect("every GpuModel has a row");
+        Self { name: name.into(), memory: mib << 20, compute_capability: capability }
+    }
 }
 
 /// This machine's GPUs; empty when `nvidia-smi` is absent or fails.
@@ -65,17 +88,30 @@ pub enum Chosen {
 /// a note to print, or an error. Below compute capability 7.0 (Pascal: P40, P100, GTX 10xx) fp16
 /// math runs at a small fraction of fp32's rate (1/64 on a P40) and there is no bf16: the default
 /// becomes fp32 compute with the optimizer offloaded; --fp16 is allowed with a warning, --bf16 is
-/// refused.
+/// refused. Volta and Turing (7.x: V100, T4) have fast fp16 but emulate bf16: the default
+/// becomes fp16 (with its loss scaler); --bf16 runs, with a warning.
 pub fn precision_for(
     capability: (u32, u32),
     precision: Precision,
     chosen: Chosen,
 ) -> std::result::Result<(Precision, bool, Option<String>), String> {
     let (major, minor) = capability;
-    if capability >= FAST_16_BIT_CAPABILITY {
+    let gpu = format!("compute capability {major}.{minor}");
+    if capability >= BF16_CAPABILITY || (precision != Precision::Bf16 && capability >= FAST_16_BIT_CAPABILITY) {
         return Ok((precision, false, None));
     }
-    let gpu = format!("compute capability {major}.{minor}");
+    if capability >= FAST_16_BIT_CAPABILITY {
+        let note = match chosen {
+            Chosen::Default => {
+                (Precision::Fp16, format!("note: this GPU ({gpu}) has fast fp16 but no bf16: training in fp16 with loss scaling"))
+            }
+            Chosen::Explicit => (
+                Precision::Bf16,
+                format!("warning: --bf16 on a GPU of {gpu}: bf16 is emulated there, far below its fp16 rate; --fp16 is usually faster"),
+            ),
+        };
+        return Ok((note.0, false, Some(note.1)));
+    }
     match (precision, chosen) {
         (Precision::Fp32, _) => Ok((Precision::Fp32, false, None)),
         (_, Chosen::Default) => Ok((
@@ -137,33 +173,57 @@ pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> Job {
     }
 }
 
-/// The memory to plan against: --gpu_memory, else the GPU's (queried) or, for CPU ranks, this
-/// machine's RAM; host memory is this machine's when every rank runs here.
+/// Where the GPU a plan is made for is known from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// --gpu_model: wherever the ranks run.
+    Model(GpuModel),
+    /// Queried on this machine: the ranks' GPU only when they run here.
+    Queried,
+}
+
+/// The GPU `plan` is made for: --gpu_model's, else this machine's (the one `cuda:N` names, or
+/// the first).
+fn planned_gpu(plan: &TrainPlan, gpus: &[GpuInfo]) -> Option<(GpuInfo, Known)> {
+    let Device::Cuda(index) = plan.launch.device else { return None };
+    match plan.launch.gpu_model {
+        Some(model) => Some((GpuInfo::of_model(model), Known::Model(model))),
+        None => gpus.get(index.unwrap_or(0)).or(gpus.first()).map(|g| (g.clone(), Known::Queried)),
+    }
+}
+
+/// The memory to plan against: --gpu_memory, else --gpu_model's, else the GPU's (queried) or, for
+/// CPU ranks, this machine's RAM; host memory is this machine's when every rank runs here (CPU
+/// ranks, or GPU ranks where this machine has GPUs: not those planned from a machine without).
 pub fn capacity(plan: &TrainPlan, gpus: &[GpuInfo]) -> Capacity {
     let local = matches!(plan.launch.launcher, Launcher::Local);
-    let ram = if local { host_memory() } else { None };
+    let here = local && (plan.launch.device == Device::Cpu || !gpus.is_empty());
+    let ram = if here { host_memory() } else { None };
     let device = match plan.launch.device {
         Device::Cpu => plan.launch.gpu_memory.or(ram),
-        Device::Cuda(index) => plan.launch.gpu_memory.or_else(|| {
-            let gpu = gpus.get(index.unwrap_or(0)).or(gpus.first());
-            gpu.map(|g| g.memory).filter(|_| local)
+        Device::Cuda(_) => plan.launch.gpu_memory.or_else(|| match planned_gpu(plan, gpus)? {
+            (gpu, Known::Model(_)) => Some(gpu.memory),
+            (gpu, Known::Queried) => Some(gpu.memory).filter(|_| local),
         }),
     };
     Capacity { device, host: ram }
 }
 
-/// Applies the GPU's precision rule to `plan` (when its GPUs are this machine's), returning the
-/// notes to print.
+/// Applies the precision rule of the plan's GPU (--gpu_model's, or this machine's) to `plan`,
+/// returning the notes to print.
 pub fn adapt_precision(plan: &mut TrainPlan, gpus: &[GpuInfo], chosen: Chosen) -> Result<Vec<String>> {
-    let Device::Cuda(index) = plan.launch.device else { return Ok(vec![]) };
-    let Some(gpu) = gpus.get(index.unwrap_or(0)).or(gpus.first()) else { return Ok(vec![]) };
+    let Some((gpu, known)) = planned_gpu(plan, gpus) else { return Ok(vec![]) };
     let (precision, offload, note) = precision_for(gpu.compute_capability, plan.training.precision, chosen)
         .map_err(|e| CoordinatorError::Flag(format!("{}: {e}", gpu.name)))?;
     plan.training.precision = precision;
     if offload && !plan.zero.offload_optimizer {
         plan.zero.offload_optimizer = true;
     }
-    Ok(note.map(|n| format!("{} ({}): {n}", gpu.name, plan.launch.device)).into_iter().collect())
+    let whence = match known {
+        Known::Model(model) => format!("--gpu_model {}", model.name()),
+        Known::Queried => plan.launch.device.to_string(),
+    };
+    Ok(note.map(|n| format!("{} ({whence}): {n}", gpu.name)).into_iter().collect())
 }
 
 /// The memory table of `plan`, or the refusal naming the largest term and a fix.
@@ -174,9 +234,9 @@ pub fn check_memory(plan: &TrainPlan, gpus: &[GpuInfo]) -> Result<String> {
     let table = estimate::table(&job, capacity);
     let hint = match plan.launch.device {
         Device::Cpu => "these are CPU ranks: plan GPU ranks with --device cuda, and another machine's memory with --gpu_memory SIZE",
-        Device::Cuda(_) => "plan for another device with --gpu_memory SIZE",
+        Device::Cuda(_) => "plan for another device with --gpu_model MODEL or --gpu_memory SIZE",
     };
-    estimate::verdict(&job, capacity).map_err(|e| CoordinatorError::Flag(format!("{table}memory planner: {e} ({hint})")))?;
+    estimate::verdict(&job, capacity).map_err(|refusal| CoordinatorError::Memory { table: table.clone(), refusal, hint })?;
     Ok(table)
 }
 
@@ -224,7 +284,7 @@ mod tests {
         assert!(table.contains("total per GPU") && table.contains("fits in 24.00 GiB"), "{table}");
         let err = check_memory(&plan(&["--gpu_memory", "1GiB"]), &p40()).unwrap_err().to_string();
         assert!(err.contains("DOES NOT FIT in 1.00 GiB") && err.contains("memory planner: the job needs"), "{err}");
-        assert!(err.ends_with("(plan for another device with --gpu_memory SIZE)"), "{err}");
+        assert!(err.ends_with("(plan for another device with --gpu_model MODEL or --gpu_memory SIZE)"), "{err}");
         // A plan of CPU ranks says how to plan GPU ranks instead.
         let err = check_memory(&plan_on("cpu", &["--gpu_memory", "1GiB"]), &[]).unwrap_err().to_string();
         assert!(err.contains("total per CPU rank") && err.contains("plan GPU ranks with --device cuda"), "{err}");
@@ -248,10 +308,79 @@ mod tests {
         assert!(note.unwrap().starts_with("warning: --fp16"));
         assert!(precision_for((6, 0), Precision::Bf16, Chosen::Explicit).unwrap_err().contains("has no bf16"));
         assert_eq!(precision_for((6, 1), Precision::Fp32, Chosen::Explicit).unwrap(), (Precision::Fp32, false, None));
-        // Volta and later keep what the plan says.
-        for cap in [(7, 0), (8, 0), (9, 0)] {
+        // Ampere and later keep what the plan says.
+        for cap in [(8, 0), (9, 0)] {
             assert_eq!(precision_for(cap, Precision::Bf16, Chosen::Default).unwrap(), (Precision::Bf16, false, None));
             assert_eq!(precision_for(cap, Precision::Fp16, Chosen::Explicit).unwrap(), (Precision::Fp16, false, None));
         }
+        // Volta and Turing: fast fp16, emulated bf16; the default becomes fp16, --bf16 warns.
+        for cap in [(7, 0), (7, 5)] {
+            let (p, offload, note) = precision_for(cap, Precision::Bf16, Chosen::Default).unwrap();
+            assert_eq!((p, offload), (Precision::Fp16, false));
+            assert!(note.unwrap().contains("has fast fp16 but no bf16: training in fp16"));
+            let (p, _, note) = precision_for(cap, Precision::Bf16, Chosen::Explicit).unwrap();
+            assert!(p == Precision::Bf16 && note.unwrap().starts_with("warning: --bf16"));
+            for p in [Precision::Fp16, Precision::Fp32] {
+                assert_eq!(precision_for(cap, p, Chosen::Explicit).unwrap(), (p, false, None));
+            }
+        }
+    }
+
+    /// A plan to estimate, as `coordinator estimate` makes it: no data, output dir or tokenizer.
+    fn estimate(extra: &[&str]) -> TrainPlan {
+        let mut argv = vec!["x", "--config_name", "codegen-350M", "--do_train"];
+        argv.extend_from_slice(extra);
+        let cmd = <Cli as clap::CommandFactory>::command()
+            .mut_arg("train_file", |a| a.required(false))
+            .mut_arg("output_dir", |a| a.required(false));
+        let matches = cmd.try_get_matches_from(argv).unwrap();
+        let args = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap().args;
+        TrainPlan::resolve_for(&args, crate::config::Purpose::Estimate).unwrap()
+    }
+
+    #[test]
+    fn each_gpu_model_gives_its_memory_capability_and_precision() {
+        use clap::ValueEnum;
+        let names: Vec<String> = GpuModel::value_variants().iter().map(|m| m.name()).collect();
+        assert_eq!(names, ["p40", "v100", "a100-40gb", "a100-80gb", "h100", "h200"]);
+        // (model, GiB as nvidia-smi reports it, capability, what the default (bf16 on a GPU) becomes).
+        let table = [
+            (GpuModel::P40, 24.0, (6, 1), Precision::Fp32),
+            (GpuModel::V100, 32.0, (7, 0), Precision::Fp16),
+            (GpuModel::A100With40Gb, 40.0, (8, 0), Precision::Bf16),
+            (GpuModel::A100With80Gb, 80.0, (8, 0), Precision::Bf16),
+            (GpuModel::H100, 79.6, (9, 0), Precision::Bf16),
+            (GpuModel::H200, 140.4, (9, 0), Precision::Bf16),
+        ];
+        for (model, gib, capability, precision) in table {
+            let gpu = GpuInfo::of_model(model);
+            assert!((gpu.memory as f64 / (1u64 << 30) as f64 - gib).abs() < 0.05, "{model:?}: {gpu:?}");
+            assert_eq!(gpu.compute_capability, capability, "{model:?}");
+            // Planned from a machine without GPUs (none queried), wherever the ranks run.
+            let mut plan = estimate(&["--gpu_model", &model.name(), "--num_nodes", "2", "--num_gpus", "8"]);
+            assert_eq!((plan.launch.device, plan.world_size()), (Device::Cuda(None), 16));
+            assert_eq!(plan.training.precision, Precision::Bf16, "the GPU default before the GPU's rule");
+            let notes = adapt_precision(&mut plan, &[], Chosen::Default).unwrap();
+            assert_eq!(plan.training.precision, precision, "{model:?}");
+            assert_eq!(plan.zero.offload_optimizer, precision == Precision::Fp32, "{model:?}");
+            assert_eq!(notes.len(), usize::from(precision != Precision::Bf16), "{notes:?}");
+            assert!(notes.iter().all(|n| n.starts_with(&format!("{} (--gpu_model {}): note:", gpu.name, model.name()))), "{notes:?}");
+            assert_eq!(capacity(&plan, &[]).device, Some(gpu.memory));
+        }
+        // The model names the GPU: this machine's (here a P40) is not the one planned for. Its RAM
+        // is the host's where the ranks can run here, on its GPUs, not where it has none.
+        let plan = estimate(&["--gpu_model", "h100", "--device", "cuda"]);
+        assert_eq!(capacity(&plan, &p40()), Capacity { device: Some(GpuInfo::of_model(GpuModel::H100).memory), host: host_memory() });
+        assert_eq!(capacity(&plan, &[]).host, None);
+    }
+
+    #[test]
+    fn gpu_memory_overrides_the_memory_of_a_gpu_model_only() {
+        let mut plan = estimate(&["--gpu_model", "p40", "--gpu_memory", "12GiB", "--gradient_checkpointing"]);
+        assert_eq!(capacity(&plan, &[]).device, Some(12 << 30));
+        adapt_precision(&mut plan, &[], Chosen::Default).unwrap();
+        assert_eq!((plan.training.precision, plan.zero.offload_optimizer), (Precision::Fp32, true), "still a P40's rule");
+        let table = check_memory(&plan, &[]).unwrap();
+        assert!(table.contains("Fp32") && table.contains("fits in 12.00 GiB"), "{table}");
     }
 }

@@ -1,6 +1,7 @@
 //! Which ranks run where, the DeepSpeed way: a hostfile (`host slots=N` per line), narrowed by
 //! `--include` / `--exclude` (`host1:0,2@host2`), `--num_nodes` and `--num_gpus`. Global ranks are
-//! node-major in hostfile order. Pure functions over text, so every rule is unit-tested.
+//! node-major in hostfile order (a Slurm allocation's ranks are `slurm.rs`). Pure functions over
+//! text, so every rule is unit-tested.
 
 use std::path::Path;
 
@@ -185,24 +186,6 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>> 
     Ok(vars)
 }
 
-/// The ranks of a Slurm allocation, from its environment (`lookup` reads a variable): nodes from
-/// --num_nodes or SLURM_JOB_NUM_NODES, ranks per node from --num_gpus/--num_workers,
-/// SLURM_NTASKS_PER_NODE or SLURM_GPUS_ON_NODE. srun places them; hosts are named by index.
-pub fn slurm_placements(
-    lookup: &dyn Fn(&str) -> Option<String>,
-    num_nodes: Option<usize>,
-    per_node: Option<usize>,
-) -> Result<Vec<Placement>> {
-    let number = |key: &str| lookup(key).and_then(|v| v.split(['(', ',']).next().and_then(|n| n.trim().parse::<usize>().ok()));
-    if lookup("SLURM_JOB_ID").is_none() {
-        return Err(bad("--launcher slurm runs inside a Slurm allocation (salloc/sbatch): SLURM_JOB_ID is not set".into()));
-    }
-    let nodes = num_nodes.or_else(|| number("SLURM_JOB_NUM_NODES")).unwrap_or(1);
-    let per_node = per_node.or_else(|| number("SLURM_NTASKS_PER_NODE")).or_else(|| number("SLURM_GPUS_ON_NODE")).unwrap_or(1);
-    let nodes: Vec<Node> = (0..nodes).map(|i| Node { host: format!("slurm-node-{i}"), slots: (0..per_node).collect() }).collect();
-    Ok(placements(&nodes))
-}
-
 /// Hosts that name this machine (launched without ssh).
 pub fn is_local(host: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1")
@@ -267,19 +250,6 @@ mod tests {
             let err = select(nodes(), &s).unwrap_err().to_string();
             assert!(err.contains(needle), "{s:?}: {err}");
         }
-    }
-
-    #[test]
-    fn slurm_allocation_sizes_the_job() {
-        let env =
-            |vars: &'static [(&'static str, &'static str)]| move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
-        let alloc = env(&[("SLURM_JOB_ID", "7"), ("SLURM_JOB_NUM_NODES", "2"), ("SLURM_NTASKS_PER_NODE", "4(x2)")]);
-        let ranks = slurm_placements(&alloc, None, None).unwrap();
-        assert_eq!(ranks.len(), 8);
-        assert_eq!(ranks[5], Placement { rank: 5, host: "slurm-node-1".into(), local_rank: 1, slot: 1 });
-        assert_eq!(slurm_placements(&alloc, Some(1), Some(2)).unwrap().len(), 2, "flags narrow the allocation");
-        let err = slurm_placements(&env(&[]), None, None).unwrap_err().to_string();
-        assert!(err.contains("SLURM_JOB_ID is not set"), "{err}");
     }
 
     #[test]

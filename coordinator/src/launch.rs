@@ -66,7 +66,7 @@ pub fn start(
                 })
                 .collect()
         }
-        Launcher::Slurm => {
+        Launcher::Slurm { .. } => {
             let argv = srun_argv(spec, url);
             let mut command = tokio::process::Command::new(&argv[0]);
             command.args(&argv[1..]).envs(spec.env.iter().cloned()).env(zerotune_proto::SECRET_ENV, secret);
@@ -302,7 +302,7 @@ mod tests {
     fn srun_runs_one_task_per_rank() {
         let placements = [placement(0, "a", 0), placement(1, "a", 1), placement(2, "b", 0), placement(3, "b", 1)];
         let spec = LaunchSpec {
-            launcher: &Launcher::Slurm,
+            launcher: &Launcher::Slurm { world_from: "SLURM_NTASKS=4".into() },
             placements: &placements,
             device: Device::Cuda(None),
             worker: Path::new("/w"),

@@ -2,6 +2,7 @@
 //! prepares and caches the token blocks, launches the workers, serves them over gRPC and records
 //! what they report (metrics, checkpoints, the final model).
 
+pub mod advice;
 pub mod blame;
 pub mod checkpoint;
 pub mod completion_eval;
@@ -18,9 +19,10 @@ pub mod lock;
 pub mod prepare;
 pub mod progress;
 pub mod report;
-pub mod sampler;
 pub mod rotation;
+pub mod sampler;
 pub mod service;
+pub mod slurm;
 
 pub use error::{CoordinatorError, Result};
 

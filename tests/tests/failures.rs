@@ -566,3 +566,70 @@ fn every_failure_is_named_and_loses_nothing() {
     assert_eq!(std::fs::read_to_string(killed.join("latest")).unwrap(), "checkpoint-6\n");
     drop(lock);
 }
+
+/// `coordinator estimate FLAGS`.
+fn estimate<'a>(flags: &[&'a str]) -> Vec<&'a str> {
+    [&["coordinator", "estimate"][..], flags].concat()
+}
+
+/// The memory planner from this machine (no GPU, no data, no hostfile): a size without its unit
+/// and a split over 100% refused by flag; the 16B on 2 nodes of 8 A100-80GB told the changes that
+/// fit on those 16 GPUs, and the advised command fitting as said; the README's 350M recipe
+/// planned for a P40 in fp32, fitting as with the README's --gpu_memory 24GiB.
+#[test]
+fn the_planner_refuses_by_flag_and_its_advice_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, cache) = (tmp.path(), tmp.path().join("cache"));
+    let new_out = t.join("never");
+    let ds = s(&t.join("ds_offload.json"));
+    std::fs::write(&ds, r#"{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}"#).unwrap();
+    let unit = ["--gpu_memory 24: a size needs a unit", "add one, e.g. --gpu_memory 24GiB"];
+    let big = ["--model_name_or_path", "./codegen-16B-multi", "--num_nodes", "2", "--num_gpus", "8", "--gpu_model", "a100-80gb"];
+    let big = [&big[..], &["--block_size", "2048", "--per_device_train_batch_size", "1"]].concat();
+    let advice = "it would fit with: offload the optimizer (zero_optimization.offload_optimizer.device \"cpu\" in --deepspeed), \
+                  ZeRO stage 2 (zero_optimization.stage 2 in --deepspeed), --gradient_checkpointing on the same 16 GPUs: ";
+    // README's "350M on one P40", planned rather than run.
+    let recipe = ["--model_name_or_path", "./codegen-350M-multi", "--deepspeed", &ds, "--gradient_checkpointing", "--block_size", "2048"];
+    let recipe = [&recipe[..], &["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8"]].concat();
+    let p40 = [&recipe[..], &["--gpu_model", "p40"]].concat();
+    let no_ds: Vec<&str> = p40.iter().copied().filter(|&flag| flag != "--deepspeed" && flag != ds).collect();
+    let cases = [
+        with_argv(case("a memory size without its unit", &[], Ends::Refused, &unit), train_args(&new_out, &["--gpu_memory", "24"]))
+            .absent(&[&new_out]),
+        case(
+            "estimate: a memory size without its unit",
+            &estimate(&["--config_name", "codegen-350M", "--gpu_memory", "24"]),
+            Ends::Refused,
+            &unit,
+        ),
+        with_argv(
+            case("validation split over 100%", &[], Ends::Refused, &["--validation_split_percentage 101: must be in [0, 100]"]),
+            train_args(&new_out, &["--validation_split_percentage", "101"]),
+        )
+        .absent(&[&new_out]),
+        case("16B on 2 nodes of 8 A100-80GB", &estimate(&big), Ends::Refused, &["DOES NOT FIT", "memory planner: the job needs", advice]),
+        case("the 350M recipe on a P40", &estimate(&p40), Ends::Succeeds, &[]),
+        case("350M on a P40 without a ds_config", &estimate(&no_ds), Ends::Succeeds, &["Tesla P40 (--gpu_model p40): note:", "in fp32"]),
+    ];
+    let failures: Vec<String> = cases.iter().flat_map(|c| c.check(&cache)).collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    let run = |argv: &[&str]| Command::new(binary(argv[0])).args(&argv[1..]).output().unwrap();
+    // The advised command fits, with the total the advice said.
+    let refused = common::stderr(&run(&estimate(&big)));
+    let said = refused.split(advice).nth(1).and_then(|rest| rest.split(" per GPU").next()).unwrap_or_else(|| panic!("{refused}"));
+    let (need, cap) = said.split_once(" of ").unwrap_or_else(|| panic!("{said}"));
+    let advised = run(&estimate(&[&big[..], &["--bf16", "--deepspeed", &ds, "--gradient_checkpointing"]].concat()));
+    let table = String::from_utf8_lossy(&advised.stdout);
+    assert!(advised.status.success(), "{table}{}", common::stderr(&advised));
+    assert!(table.contains(&format!("total per GPU: {need} (")) && table.contains(&format!("fits in {cap}")), "{said}:\n{table}");
+    // fp32, and the verdict of the README's --gpu_memory 24GiB for the P40.
+    for flags in [&p40, &no_ds] {
+        let table = String::from_utf8_lossy(&run(&estimate(flags)).stdout).into_owned();
+        let plan = table.lines().next().unwrap_or_default();
+        assert!(plan.starts_with("memory plan: ") && plan.contains(", Fp32, ") && plan.contains("CPU offload"), "{table}");
+        assert!(table.contains("total per GPU: ") && table.contains(": fits in "), "{table}");
+    }
+    let readme = run(&estimate(&[&recipe[..], &["--device", "cuda", "--gpu_memory", "24GiB"]].concat()));
+    assert_eq!(String::from_utf8_lossy(&run(&estimate(&p40)).stdout), String::from_utf8_lossy(&readme.stdout));
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use zerotune_coordinator::config::{DataArgs, Device, TrainArgs, TrainPlan};
+use zerotune_coordinator::config::{DataArgs, Device, Purpose, TrainArgs, TrainPlan};
 use zerotune_coordinator::{gpu, job, prepare};
 use zerotune_data::files2jsonl::{self, Filter};
 use zerotune_proto::plan::Precision;
@@ -20,7 +20,10 @@ enum Command {
     /// Fine-tune (or train from scratch) with run_clm.py / HF Trainer flags.
     Train(Box<TrainArgs>),
     /// The memory plan of a `train` command line (the same flags): bytes per GPU and per host,
-    /// term by term, and whether it fits (--gpu_memory SIZE plans for another machine).
+    /// term by term, whether it fits, and if not what would. From any machine: --gpu_model MODEL
+    /// or --gpu_memory SIZE plans for another one, --num_gpus / --num_nodes its ranks; no
+    /// --train_file, --output_dir, tokenizer, GPU or hostfile is needed.
+    #[command(mut_arg("train_file", |a| a.required(false)), mut_arg("output_dir", |a| a.required(false)))]
     Estimate(Box<TrainArgs>),
     /// Prepare the token cache a `train` run with the same data flags would use, and stop.
     Tokenize(TokenizeArgs),
@@ -70,8 +73,8 @@ fn main() {
 
 /// The validated plan with the GPU's precision rule applied and its memory plan checked (printed
 /// to stderr): a job that cannot fit is refused here, before any worker starts.
-fn checked_plan(args: &TrainArgs) -> anyhow::Result<(TrainPlan, String)> {
-    let mut plan = TrainPlan::resolve(args)?;
+fn checked_plan(args: &TrainArgs, purpose: Purpose) -> anyhow::Result<(TrainPlan, String)> {
+    let mut plan = TrainPlan::resolve_for(args, purpose)?;
     let gpus = if plan.launch.device == Device::Cpu { vec![] } else { gpu::query() };
     let t = &args.training;
     let explicit = t.fp16 == Some(true) || t.bf16 == Some(true) || (t.deepspeed.is_some() && plan.training.precision != Precision::Fp32);
@@ -84,13 +87,13 @@ fn checked_plan(args: &TrainArgs) -> anyhow::Result<(TrainPlan, String)> {
 
 fn estimate(mut args: TrainArgs) -> anyhow::Result<()> {
     args.training.do_train = true;
-    let (_, table) = checked_plan(&args)?;
+    let (_, table) = checked_plan(&args, Purpose::Estimate)?;
     print!("{table}");
     Ok(())
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let (plan, table) = checked_plan(&args)?;
+    let (plan, table) = checked_plan(&args, Purpose::Train)?;
     eprint!("{table}");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let outcome = runtime.block_on(job::run(plan))?;

@@ -1,5 +1,6 @@
 //! `coordinator train` flags, in HF's spelling (run_clm.py / TrainingArguments / the deepspeed
-//! launcher), grouped by concern; `coordinator tokenize` shares the data group. Values with a
+//! launcher), grouped by concern; `coordinator tokenize` shares the data group, and `coordinator
+//! estimate` takes the same flags with --train_file and --output_dir optional. Values with a
 //! fixed set of spellings parse into enums here, so the plan never matches on strings.
 
 use std::path::PathBuf;
@@ -47,8 +48,9 @@ pub struct ModelArgs {
 #[command(rename_all = "snake_case")]
 pub struct DataArgs {
     /// Training data: .jsonl/.json, .csv, .txt, or a source directory (files2jsonl built in).
-    #[arg(long)]
-    pub train_file: PathBuf,
+    /// Required but for `coordinator estimate`, which plans without data.
+    #[arg(long, required = true)]
+    pub train_file: Option<PathBuf>,
     /// Validation data; without it --validation_split_percentage of the documents is held out.
     #[arg(long)]
     pub validation_file: Option<PathBuf>,
@@ -57,6 +59,8 @@ pub struct DataArgs {
     /// Secrets, duplicates, leaks and document size: the data pipeline's settings.
     #[command(flatten)]
     pub hygiene: HygieneArgs,
+    /// Percent of the documents held out for validation when there is no --validation_file
+    /// (0 to 100).
     #[arg(long, default_value_t = 5)]
     pub validation_split_percentage: u32,
     /// Tokens per training block (default: min(1024, n_positions)).
@@ -106,8 +110,9 @@ pub struct TrainingArgs {
     pub bf16: Option<bool>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long)]
-    pub output_dir: PathBuf,
+    /// Where the run writes; required but for `coordinator estimate`.
+    #[arg(long, required = true)]
+    pub output_dir: Option<PathBuf>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
     pub overwrite_output_dir: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", action = clap::ArgAction::Set)]
@@ -213,16 +218,66 @@ pub struct LaunchArgs {
     /// The remote shell for --launcher ssh (any program called as `CMD host script`).
     #[arg(long, default_value = "ssh -o BatchMode=yes")]
     pub ssh_command: String,
-    /// Memory of each GPU to plan for (e.g. 24GiB, 80GB, 16000MiB; default: queried from the
-    /// GPU, or this machine's RAM for CPU ranks). A job the memory planner finds too large for it
-    /// is refused before any worker starts.
+    /// Memory of each GPU to plan for, with its unit (e.g. 24GiB, 80GB, 16000MiB; default:
+    /// --gpu_model's, else queried from the GPU, or this machine's RAM for CPU ranks). A job the
+    /// memory planner finds too large for it is refused before any worker starts.
     #[arg(long)]
     pub gpu_memory: Option<Bytes>,
+    /// Plan for this GPU instead of this machine's: its memory (as nvidia-smi reports it) and
+    /// compute capability, which decides the precision (fp32 on a P40); --gpu_memory still
+    /// overrides the memory. With `estimate` it plans GPU ranks on a machine without one.
+    #[arg(long, value_enum)]
+    pub gpu_model: Option<GpuModel>,
 }
 
-/// A byte count with an optional unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (of 1024).
+/// `--gpu_model`: the GPUs the planner knows (their memory and compute capability: `gpu.rs`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuModel {
+    /// Tesla P40, 24 GB, Pascal.
+    P40,
+    /// Tesla V100 32 GB, Volta.
+    V100,
+    /// A100 40 GB, Ampere.
+    #[value(name = "a100-40gb")]
+    A100With40Gb,
+    /// A100 80 GB, Ampere.
+    #[value(name = "a100-80gb")]
+    A100With80Gb,
+    /// H100 80 GB, Hopper.
+    H100,
+    /// H200 141 GB, Hopper.
+    H200,
+}
+
+impl GpuModel {
+    /// The flag's value, as clap spells it.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).expect("no variant is skipped").get_name().to_string()
+    }
+}
+
+/// A byte count as spelled: a number and a unit, B, KB/MB/GB/TB (powers of 1000) or
+/// KiB/MiB/GiB/TiB (of 1024). A bare number parses (as bytes) but keeps that it had no unit, so
+/// that a memory size of `24` can be refused rather than read as 24 bytes (`with_unit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bytes(pub u64);
+pub struct Bytes {
+    pub bytes: u64,
+    /// The spelling had a unit (`24GiB`, `4096B`); `24` alone has none.
+    pub has_unit: bool,
+}
+
+impl Bytes {
+    /// The byte count of flag `name`, refused when it was given without a unit.
+    pub fn with_unit(self, name: &str) -> Result<u64, String> {
+        if self.has_unit {
+            return Ok(self.bytes);
+        }
+        Err(format!(
+            "{name} {n}: a size needs a unit, or it would be {n} bytes: add one, e.g. {name} {n}GiB (GiB/MiB: powers of 1024, GB/MB: of 1000)",
+            n = self.bytes
+        ))
+    }
+}
 
 impl FromStr for Bytes {
     type Err = String;
@@ -231,7 +286,8 @@ impl FromStr for Bytes {
         let s = spec.trim();
         let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
-        let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        let unit = unit.trim().to_ascii_lowercase();
+        let factor: f64 = match unit.as_str() {
             "" | "b" => 1.0,
             "kb" => 1e3,
             "mb" => 1e6,
@@ -244,7 +300,7 @@ impl FromStr for Bytes {
             other => return Err(format!("{spec:?}: unknown unit {other:?} (expected e.g. 24GiB, 80GB or 16000MiB)")),
         };
         match number.parse::<f64>() {
-            Ok(n) if n > 0.0 && n.is_finite() => Ok(Self((n * factor).round() as u64)),
+            Ok(n) if n > 0.0 && n.is_finite() => Ok(Self { bytes: (n * factor).round() as u64, has_unit: !unit.is_empty() }),
             _ => Err(format!("{spec:?}: expected a positive size such as 24GiB")),
         }
     }
@@ -335,10 +391,17 @@ mod tests {
         assert_eq!("out/checkpoint-4".parse(), Ok(ResumeFrom::Dir("out/checkpoint-4".into())));
         assert_eq!(parse_schedule("constant_with_warmup"), Ok(ScheduleKind::ConstantWithWarmup));
         assert!(parse_schedule("poly").unwrap_err().contains("expected linear"));
-        assert_eq!("24GiB".parse(), Ok(Bytes(24 << 30)));
-        assert_eq!("80GB".parse(), Ok(Bytes(80_000_000_000)));
-        assert_eq!("1.5 GiB".parse(), Ok(Bytes(3 << 29)));
-        assert_eq!("4096".parse(), Ok(Bytes(4096)));
+        let sized = |bytes| Ok(Bytes { bytes, has_unit: true });
+        assert_eq!("24GiB".parse(), sized(24 << 30));
+        assert_eq!("80GB".parse(), sized(80_000_000_000));
+        assert_eq!("1.5 GiB".parse(), sized(3 << 29));
+        assert_eq!("4096B".parse(), sized(4096));
+        // A bare number is bytes with no unit, which a memory size refuses, naming the flag.
+        let bare: Bytes = "24".parse().unwrap();
+        assert_eq!(bare, Bytes { bytes: 24, has_unit: false });
+        let err = bare.with_unit("--gpu_memory").unwrap_err();
+        assert!(err.starts_with("--gpu_memory 24: a size needs a unit") && err.contains("e.g. --gpu_memory 24GiB"), "{err}");
+        assert_eq!("24GiB".parse::<Bytes>().unwrap().with_unit("--gpu_memory"), Ok(24 << 30));
         assert!("24 parsecs".parse::<Bytes>().unwrap_err().contains("unknown unit"));
         assert!("-1GiB".parse::<Bytes>().is_err() && "0GiB".parse::<Bytes>().is_err());
     }

@@ -1,14 +1,15 @@
 //! `coordinator train` flags (run_clm.py / HF TrainingArguments names, `args.rs`) plus
 //! `--deepspeed ds_config.json` (`ds_config.rs`), resolved into one validated `TrainPlan` the way
 //! HF Trainer resolves "auto", with the ranks' placement (`placement.rs`). Only the plan reaches
-//! library code; every error names the flag or config key at fault.
+//! library code; every error names the flag or config key at fault. A plan is made to train, or
+//! only to be estimated (`Purpose`), which needs no data, output dir, tokenizer, GPU or hostfile.
 
 mod args;
 mod ds_config;
 mod ds_keys;
 mod placement;
 
-pub use args::{Bytes, DataArgs, DeviceSpec, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
+pub use args::{Bytes, DataArgs, DeviceSpec, GpuModel, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
 pub use ds_config::{Auto, DsConfig};
 pub use placement::Launcher;
 
@@ -41,6 +42,18 @@ pub enum TokenizerChoice {
 pub enum Warmup {
     Steps(u64),
     Ratio(f64),
+}
+
+/// What a plan is made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A run: every flag it needs, checked.
+    Train,
+    /// Only the memory plan (`coordinator estimate`), from any machine: the plan is never run, so
+    /// the paths it does not need (--train_file, --output_dir, --worker_bin, a from-scratch
+    /// model's tokenizer) may be absent and are left empty; `--device auto` means GPU ranks when
+    /// --num_gpus or --gpu_model is given; --num_nodes needs no hostfile.
+    Estimate,
 }
 
 /// The device every rank computes on (`--device auto` resolved).
@@ -161,11 +174,15 @@ pub struct LaunchPlan {
     pub max_restarts: u32,
     /// --gpu_memory: bytes per device to plan for instead of the queried ones.
     pub gpu_memory: Option<u64>,
+    /// --gpu_model: the GPU to plan for (memory, compute capability) instead of the queried one.
+    pub gpu_model: Option<GpuModel>,
 }
 
 /// The validated run.
 #[derive(Clone, Debug)]
 pub struct TrainPlan {
+    /// A run, or only its memory plan (whose unneeded paths are empty).
+    pub purpose: Purpose,
     pub model: ModelChoice,
     pub tokenizer: TokenizerChoice,
     pub data: DataPlan,
@@ -188,11 +205,34 @@ fn flag(message: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Flag(message.into())
 }
 
+/// A path flag's value, refused with `missing` when absent; an estimate does without (an empty
+/// path, never read).
+fn needed(value: &Option<PathBuf>, purpose: Purpose, missing: &str) -> Result<PathBuf> {
+    match (value, purpose) {
+        (Some(path), _) => Ok(path.clone()),
+        (None, Purpose::Estimate) => Ok(PathBuf::new()),
+        (None, Purpose::Train) => Err(flag(missing)),
+    }
+}
+
 impl DataArgs {
     /// The data section of a plan (`block_size` as given).
     pub fn plan(&self) -> Result<DataPlan> {
+        self.plan_for(Purpose::Train)
+    }
+
+    /// The same; an estimate needs no --train_file (its block size is --block_size, or the
+    /// model's).
+    pub fn plan_for(&self, purpose: Purpose) -> Result<DataPlan> {
+        let train_file =
+            needed(&self.train_file, purpose, "--train_file is required: the training data (.jsonl, .csv, .txt or a directory)")?;
+        // Only read without --validation_file, as in HF run_clm.
+        let percent = self.validation_split_percentage;
+        if self.validation_file.is_none() && percent > 100 {
+            return Err(flag(format!("--validation_split_percentage {percent}: must be in [0, 100] (the percent of documents held out)")));
+        }
         Ok(DataPlan {
-            train_file: self.train_file.clone(),
+            train_file,
             validation_file: self.validation_file.clone(),
             text_column: self.source.text_column_name.clone(),
             validation_split_percentage: self.validation_split_percentage,
@@ -205,16 +245,24 @@ impl DataArgs {
 }
 
 impl TrainPlan {
-    /// Validates flags and the DeepSpeed config into a plan.
+    /// Validates flags and the DeepSpeed config into a plan to train.
     pub fn resolve(args: &TrainArgs) -> Result<Self> {
+        Self::resolve_for(args, Purpose::Train)
+    }
+
+    /// Validates flags and the DeepSpeed config into a plan for `purpose`.
+    pub fn resolve_for(args: &TrainArgs, purpose: Purpose) -> Result<Self> {
         let (t, l) = (&args.training, &args.launch);
         if !t.do_train {
             return Err(flag("nothing to do: pass --do_train (evaluation-only runs are not supported yet)"));
         }
         check_numbers(t)?;
-        let (model, tokenizer) = model_and_tokenizer(&args.model)?;
-        let device = resolve_device(l.device);
-        let (placements, launcher) = placement::placements_and_launcher(l, device)?;
+        let (model, tokenizer) = model_and_tokenizer(&args.model, purpose)?;
+        let device = resolve_device(l, purpose);
+        let (placements, launcher) = placement::placements_and_launcher(l, device, purpose)?;
+        let estimate = purpose == Purpose::Estimate;
+        let output_dir = needed(&t.output_dir, purpose, "--output_dir is required: where the run writes its checkpoints and model")?;
+        let gpu_memory = planned_memory(l, device)?;
         let warmup = if t.warmup_steps > 0 { Warmup::Steps(t.warmup_steps) } else { Warmup::Ratio(t.warmup_ratio) };
         for (name, value) in [
             ("--per_device_train_batch_size", t.per_device_train_batch_size),
@@ -226,9 +274,10 @@ impl TrainPlan {
             }
         }
         let mut plan = Self {
+            purpose,
             model,
             tokenizer,
-            data: args.data.plan()?,
+            data: args.data.plan_for(purpose)?,
             batch: BatchPlan {
                 micro: t.per_device_train_batch_size,
                 eval: t.per_device_eval_batch_size,
@@ -258,7 +307,7 @@ impl TrainPlan {
             // already in host memory, so it runs the host kernel.
             zero: Zero { stage: 0, offload_optimizer: device == Device::Cpu, reduce_bucket_size: DEFAULT_REDUCE_BUCKET },
             output: OutputPlan {
-                dir: t.output_dir.clone(),
+                dir: output_dir,
                 overwrite: t.overwrite_output_dir,
                 logging_steps: t.logging_steps.max(1),
                 do_eval: t.do_eval,
@@ -274,6 +323,7 @@ impl TrainPlan {
                 device,
                 worker_bin: match &l.worker_bin {
                     Some(path) => path.clone(),
+                    None if estimate => PathBuf::new(),
                     None => sibling_binary("worker")?,
                 },
                 placements,
@@ -281,11 +331,12 @@ impl TrainPlan {
                 num_gpus_given: l.num_gpus.is_some() || (device != Device::Cpu && (l.hostfile.is_some() || l.include.is_some())),
                 master_addr: l.master_addr.clone(),
                 master_port: l.master_port,
-                tls: placement::tls(l)?,
+                tls: if estimate { None } else { placement::tls(l)? },
                 ddp_timeout: Duration::from_secs(l.ddp_timeout.max(1)),
                 heartbeat_timeout: Duration::from_secs(l.heartbeat_timeout.max(1)),
                 max_restarts: l.max_restarts,
-                gpu_memory: l.gpu_memory.map(|b| b.0),
+                gpu_memory,
+                gpu_model: l.gpu_model,
             },
         };
         let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));
@@ -350,6 +401,17 @@ impl TrainPlan {
     }
 }
 
+/// --gpu_memory in bytes (given with its unit), once --gpu_model is known to name GPU ranks' GPU.
+fn planned_memory(l: &LaunchArgs, device: Device) -> Result<Option<u64>> {
+    if let (Some(model), Device::Cpu) = (l.gpu_model, device) {
+        return Err(flag(format!(
+            "--gpu_model {} plans GPU ranks, but these are CPU ranks (--device cpu, or auto without a GPU here): pass --device cuda, or drop --gpu_model",
+            model.name()
+        )));
+    }
+    l.gpu_memory.map(|b| b.with_unit("--gpu_memory")).transpose().map_err(flag)
+}
+
 /// A flag's name, its value, whether the value is in range, and the rule in words.
 type NumberRule<'a> = (&'a str, f64, &'a dyn Fn(f64) -> bool, &'a str);
 
@@ -377,7 +439,9 @@ fn check_numbers(t: &TrainingArgs) -> Result<()> {
     Ok(())
 }
 
-fn model_and_tokenizer(args: &ModelArgs) -> Result<(ModelChoice, TokenizerChoice)> {
+/// The model and its tokenizer; an estimate of a from-scratch model needs no tokenizer (its
+/// config's vocabulary is planned; an empty directory stands for the tokenizer never loaded).
+fn model_and_tokenizer(args: &ModelArgs, purpose: Purpose) -> Result<(ModelChoice, TokenizerChoice)> {
     let model = match (&args.model_name_or_path, &args.config_name) {
         (Some(dir), None) => ModelChoice::Pretrained(dir.clone()),
         (None, Some(name)) => ModelChoice::Scratch(Box::new(config_by_name(name)?)),
@@ -392,6 +456,7 @@ fn model_and_tokenizer(args: &ModelArgs) -> Result<(ModelChoice, TokenizerChoice
         (Some(vocab_size), None, _) => TokenizerChoice::Train { vocab_size: *vocab_size },
         (None, Some(dir), _) => TokenizerChoice::Dir(dir.clone()),
         (None, None, ModelChoice::Pretrained(dir)) => TokenizerChoice::Dir(dir.clone()),
+        (None, None, ModelChoice::Scratch(_)) if purpose == Purpose::Estimate => TokenizerChoice::Dir(PathBuf::new()),
         (None, None, ModelChoice::Scratch(_)) => {
             return Err(flag("--config_name needs a tokenizer: pass --tokenizer_name DIR or --train_tokenizer VOCAB_SIZE"))
         }
@@ -409,10 +474,12 @@ fn precision(fp16: bool, bf16: bool, gpu_default_bf16: bool) -> Result<Precision
     }
 }
 
-/// `auto` is cuda where this machine has a GPU.
-fn resolve_device(spec: DeviceSpec) -> Device {
-    match spec {
-        DeviceSpec::Auto if Path::new("/dev/nvidiactl").exists() => Device::Cuda(None),
+/// `auto` is cuda where this machine has a GPU, and for an estimate of GPU ranks (--num_gpus or
+/// --gpu_model) wherever it is made.
+fn resolve_device(l: &LaunchArgs, purpose: Purpose) -> Device {
+    let planned_gpus = purpose == Purpose::Estimate && (l.num_gpus.is_some() || l.gpu_model.is_some());
+    match l.device {
+        DeviceSpec::Auto if planned_gpus || Path::new("/dev/nvidiactl").exists() => Device::Cuda(None),
         DeviceSpec::Auto | DeviceSpec::Cpu => Device::Cpu,
         DeviceSpec::Cuda(index) => Device::Cuda(index),
     }

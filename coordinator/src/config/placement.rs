@@ -1,13 +1,14 @@
 //! Where the ranks run and how they are started: the hostfile or this machine, narrowed by
 //! --include/--exclude/--num_nodes/--num_gpus (or Slurm's environment), the launcher, and the
-//! coordinator's TLS identity.
+//! coordinator's TLS identity. An estimate without a hostfile plans --num_nodes alike nodes.
 
 use std::path::Path;
 
 use super::args::{LaunchArgs, LauncherKind};
-use super::{flag, Device, Tls};
+use super::{flag, Device, Purpose, Tls};
 use crate::error::Result;
 use crate::hosts::{self, Node, Placement};
+use crate::slurm::{self, SlurmFlags};
 
 /// How workers are started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,13 +18,16 @@ pub enum Launcher {
     Ssh {
         command: Vec<String>,
     },
-    Slurm,
+    /// `srun` inside an allocation; `world_from` says where the world size came from.
+    Slurm {
+        world_from: String,
+    },
     /// Print each rank's command; the user starts them.
     Manual,
 }
 
 /// The ranks in global order, and the launcher that starts them.
-pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec<Placement>, Launcher)> {
+pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpose) -> Result<(Vec<Placement>, Launcher)> {
     let (gpus, workers) = (args.num_gpus, args.num_workers);
     match (gpus, workers) {
         (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
@@ -47,12 +51,19 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec
     }
     if args.launcher == Some(LauncherKind::Slurm) {
         let env = |key: &str| std::env::var(key).ok();
-        return Ok((hosts::slurm_placements(&env, args.num_nodes, per_node)?, Launcher::Slurm));
+        let flags = SlurmFlags { num_nodes: args.num_nodes, num_gpus: gpus, num_workers: workers };
+        let allocation = slurm::slurm_allocation(&env, &flags)?;
+        return Ok((allocation.placements, Launcher::Slurm { world_from: allocation.world_from }));
     }
     let nodes = match &args.hostfile {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| flag(format!("--hostfile {}: {e}", path.display())))?;
             hosts::parse_hostfile(&text, path)?
+        }
+        // Planned nodes, each with this machine's slots, named for the table only.
+        None if purpose == Purpose::Estimate && args.num_nodes.is_some_and(|n| n > 1) => {
+            let slots = local_slots(args, device, per_node);
+            (0..args.num_nodes.unwrap_or(1)).map(|i| Node { host: format!("node-{i}"), slots: slots.clone() }).collect()
         }
         None if args.num_nodes.is_some_and(|n| n > 1) => {
             return Err(flag("--num_nodes > 1 needs --hostfile (one \"hostname slots=N\" per line)"))
@@ -73,7 +84,7 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device) -> Result<(Vec
             return Err(flag(format!("--launcher local cannot start ranks on {host}: use ssh, slurm or manual")))
         }
         (None | Some(LauncherKind::Local), None) => Launcher::Local,
-        (Some(LauncherKind::Slurm), _) => Launcher::Slurm,
+        (Some(LauncherKind::Slurm), _) => unreachable!("a Slurm launch returned above"),
         (Some(LauncherKind::Manual), _) => Launcher::Manual,
     };
     Ok((placements, launcher))

@@ -177,3 +177,64 @@ fn flag_errors() {
     let plan = TrainPlan::resolve(&parse(&["--fp16", "false", "--warmup_ratio", "0.1"])).unwrap();
     assert_eq!((plan.training.precision, plan.warmup_steps(95)), (Precision::Fp32, 10));
 }
+
+/// `parse` of model `config` without the data, output dir, tokenizer and device flags, for `purpose`.
+fn bare(purpose: Purpose, config: &str, extra: &[&str]) -> Result<TrainPlan> {
+    let mut args = parse(extra);
+    (args.data.train_file, args.training.output_dir, args.model.train_tokenizer) = (None, None, None);
+    (args.launch.device, args.launch.worker_bin, args.model.config_name) = (DeviceSpec::Auto, None, Some(config.into()));
+    TrainPlan::resolve_for(&args, purpose)
+}
+
+#[test]
+fn an_estimate_plans_gpu_ranks_and_nodes_from_any_machine_and_train_keeps_its_checks() {
+    let plan = bare(Purpose::Estimate, "codegen-16B", &["--num_nodes", "2", "--num_gpus", "8"]).unwrap();
+    assert_eq!((plan.purpose, plan.launch.device, plan.world_size()), (Purpose::Estimate, Device::Cuda(None), 16));
+    let per_host = |plan: &TrainPlan, host: &str| plan.launch.placements.iter().filter(|p| p.host == host).count();
+    assert_eq!((per_host(&plan, "node-0"), per_host(&plan, "node-1")), (8, 8));
+    assert_eq!(plan.training.precision, Precision::Bf16, "GPU ranks default to bf16 before their GPU's rule");
+    assert_eq!(plan.data.block_size, None, "taken from the model, as train does");
+    assert_eq!(plan.tokenizer, TokenizerChoice::Dir(PathBuf::new()), "never loaded");
+    let plan = bare(Purpose::Estimate, "tiny", &["--gpu_model", "p40"]).unwrap();
+    assert_eq!((plan.launch.device, plan.world_size(), plan.launch.gpu_model), (Device::Cuda(None), 1, Some(GpuModel::P40)));
+    // The same flags to train: each missing piece is refused as before.
+    let mut args = parse(&["--num_nodes", "2"]);
+    args.launch.device = DeviceSpec::Cuda(None);
+    assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--num_nodes > 1 needs --hostfile"));
+    let err = TrainPlan::resolve(&parse(&["--num_gpus", "8"])).unwrap_err().to_string();
+    assert!(err.contains("--num_gpus 8 with --device cpu: use --num_workers 8"), "{err}");
+    let mut args = parse(&[]);
+    args.data.train_file = None;
+    assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--train_file is required"));
+    let mut args = parse(&[]);
+    args.training.output_dir = None;
+    assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--output_dir is required"));
+    let mut args = parse(&[]);
+    args.model.train_tokenizer = None;
+    assert!(TrainPlan::resolve(&args).unwrap_err().to_string().contains("--config_name needs a tokenizer"));
+    // Clap itself still requires --train_file and --output_dir of `train`.
+    let err = Cli::try_parse_from(["x", "--config_name", "tiny", "--do_train"]).err().unwrap().to_string();
+    assert!(err.contains("--train_file") && err.contains("--output_dir"), "{err}");
+    // GPU ranks of a model on CPU ranks contradict each other.
+    let err = TrainPlan::resolve(&parse(&["--gpu_model", "p40"])).unwrap_err().to_string();
+    assert!(err.contains("--gpu_model p40 plans GPU ranks, but these are CPU ranks") && err.contains("--device cuda"), "{err}");
+}
+
+#[test]
+fn a_memory_size_needs_its_unit_and_the_split_a_percentage() {
+    let train = TrainPlan::resolve(&parse(&["--gpu_memory", "24"])).unwrap_err().to_string();
+    let estimate = bare(Purpose::Estimate, "tiny", &["--gpu_memory", "24"]).unwrap_err().to_string();
+    for err in [train, estimate] {
+        assert!(err.contains("--gpu_memory 24: a size needs a unit") && err.contains("--gpu_memory 24GiB"), "{err}");
+    }
+    assert_eq!(TrainPlan::resolve(&parse(&["--gpu_memory", "24GiB"])).unwrap().launch.gpu_memory, Some(24 << 30));
+    let err = TrainPlan::resolve(&parse(&["--validation_split_percentage", "101"])).unwrap_err().to_string();
+    assert!(err.contains("--validation_split_percentage 101: must be in [0, 100]"), "{err}");
+    let err = parse(&["--validation_split_percentage", "101"]).data.plan().unwrap_err().to_string();
+    assert!(err.contains("--validation_split_percentage 101"), "tokenize's plan checks it too: {err}");
+    for fine in [&["--validation_split_percentage", "100"][..], &["--validation_split_percentage", "0"]] {
+        assert!(TrainPlan::resolve(&parse(fine)).is_ok(), "{fine:?}");
+    }
+    // With --validation_file it is not read, as in run_clm.
+    assert!(TrainPlan::resolve(&parse(&["--validation_split_percentage", "101", "--validation_file", "v.jsonl"])).is_ok());
+}

@@ -552,7 +552,7 @@ mod tests {
             (60, Event::Exited { rank: None, status: ExitStatus::Code(137) }),
         ];
         let started = Instant::now();
-        let (result, _) = drive_under(Launcher::Slurm, dir.path(), 1, events).await;
+        let (result, _) = drive_under(Launcher::Slurm { world_from: "SLURM_NTASKS=2".into() }, dir.path(), 1, events).await;
         let err = result.unwrap_err().to_string();
         assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "{err}");
         assert_eq!(started.elapsed(), DISCONNECT_GRACE, "on tokio's paused clock");

@@ -17,7 +17,7 @@ use serde_json::json;
 use zerotune_proto::plan::{Collectives, ModelSource, Schedule, WorkerPlan};
 use zerotune_proto::state::DataIdentity;
 
-use crate::config::{Device, ModelChoice, TrainPlan};
+use crate::config::{Device, Launcher, ModelChoice, TrainPlan};
 use crate::dataset::TokenCache;
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::events::Signal;
@@ -70,13 +70,17 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     prepared.data_report.write(&output_dir.join("data_report.json"))?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
-        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}, block {}) on {}{}",
+        "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}{}, block {}) on {}{}",
         prepared.config.num_parameters(),
         prepared.total_steps,
         prepared.sampler.steps_per_epoch(),
         plan.batch.micro,
         plan.batch.accumulation,
         plan.world_size(),
+        match &plan.launch.launcher {
+            Launcher::Slurm { world_from } => format!(" from {world_from}"),
+            _ => String::new(),
+        },
         prepared.block_size,
         plan.launch.device,
         if plan.world_size() > 1 { format!(", ZeRO stage {}", plan.zero.stage) } else { String::new() },

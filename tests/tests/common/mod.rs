@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod http;
+pub mod slurm;
 
 #[allow(unused_imports)] // each test binary uses its own few
 pub use zerotune_tests::{fixtures, s, stderr};
