@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the fault, launcher, server and failure-table tests (and the driver's blame unit tests) N times with a
+# Runs the fault, launcher, real-Slurm, server and failure-table tests (and the driver's blame unit tests) N times with a
 # CPU hog beside them, and prints one line per test binary and run, then the failure count.
 # A test that fails 1 time in 20 is a bug: run this before trusting a change to those paths.
 #   scripts/soak.sh [N=8]      (after scripts/test.sh has set up .venv and target/fixtures)
@@ -15,7 +15,7 @@ hog=$!
 trap 'kill "$hog" 2>/dev/null' EXIT
 failed=0
 for run in $(seq 1 "$runs"); do
-    for target in "--test launch" "--test zero" "--test serve" "--test failures"; do
+    for target in "--test launch" "--test slurm" "--test zero" "--test serve" "--test failures"; do
         # shellcheck disable=SC2086
         out=$(cargo test -q -p zerotune-tests $target 2>&1) || failed=$((failed + 1))
         echo "run $run ${target#--test }: $(echo "$out" | grep 'test result' | tail -1)"

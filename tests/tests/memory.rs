@@ -128,3 +128,50 @@ fn a_job_planned_not_to_fit_is_refused_before_any_worker_starts() {
     assert!(!err.contains("joined") && !out_dir.exists(), "nothing started, nothing written:\n{err}");
     assert!(started.elapsed().as_secs() < 10, "refused at once, before tokenizing");
 }
+
+/// The `#SBATCH` value of `key` in `script` (`#SBATCH --nodes=3   # comment` -> "3").
+fn sbatch_value<'a>(script: &'a str, key: &str) -> &'a str {
+    let prefix = format!("#SBATCH --{key}=");
+    let line = script.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {prefix} in:\n{script}"));
+    line.split_whitespace().next().unwrap()
+}
+
+/// README's sbatch script for the 16B recipe asks for what the planner plans for its command on
+/// those nodes: the world its nodes x tasks per node make, one A100-80GB per task that it fits, and
+/// at least the planner's memory per host.
+#[test]
+fn the_readme_sbatch_script_asks_for_what_the_planner_plans() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let script = readme.split("```bash\n#!/bin/bash\n#SBATCH --job-name=zerotune-16b\n").nth(1).expect("README's sbatch script");
+    let script = &script[..script.find("```").unwrap()];
+    let (nodes, per_node) = (sbatch_value(script, "nodes"), sbatch_value(script, "ntasks-per-node"));
+    assert_eq!(sbatch_value(script, "gpus-per-task"), "1");
+    let mem: f64 = sbatch_value(script, "mem").strip_suffix('G').and_then(|g| g.parse().ok()).expect("--mem=NG");
+    // The exec'd command, its flags less those an estimate does without.
+    let command = script[script.find("coordinator train").expect("the coordinator command")..].replace("\\\n", " ");
+    let mut flags: Vec<&str> = command.split_whitespace().skip(2).collect();
+    for (flag, takes_value) in [("--launcher", true), ("--train_file", true), ("--output_dir", true), ("\"${resume[@]}\"", false)] {
+        let at = flags.iter().position(|f| *f == flag).unwrap_or_else(|| panic!("{flag} in {command}"));
+        flags.drain(at..at + 1 + usize::from(takes_value));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dir.path().join("ds_offload.json");
+    let ds_line = readme.lines().find(|l| l.starts_with("echo '{") && l.ends_with("> ds_offload.json")).expect("README's ds_offload.json");
+    std::fs::write(&ds, ds_line.trim_start_matches("echo '").trim_end_matches("' > ds_offload.json")).unwrap();
+    let ds = s(&ds);
+    let flags: Vec<&str> = flags.into_iter().map(|f| if f == "ds_offload.json" { ds.as_str() } else { f }).collect();
+    let out = Command::new(binary("coordinator"))
+        .arg("estimate")
+        .args(&flags)
+        .args(["--num_nodes", nodes, "--num_gpus", per_node, "--gpu_model", "a100-80gb"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let world = nodes.parse::<usize>().unwrap() * per_node.parse::<usize>().unwrap();
+    assert!(table.starts_with(&format!("memory plan: 16032155648 parameters, world {world} ({per_node} per host)")), "{table}");
+    assert!(table.contains("total per GPU: ") && table.contains(": fits in 80.00 GiB"), "{table}");
+    let host = table.lines().find_map(|l| l.strip_prefix(&format!("  total per host ({per_node} ranks): "))).expect("a host total");
+    let host: f64 = host.split(" GiB").next().and_then(|g| g.parse().ok()).unwrap_or_else(|| panic!("{host}"));
+    assert!(host <= mem, "--mem={mem}G but the planner needs {host} GiB per host:\n{table}");
+}
