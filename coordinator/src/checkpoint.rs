@@ -5,22 +5,16 @@
 //! `--save_total_limit` (`rotation`). A crash before the renames leaves the previous checkpoint as `latest` and
 //! a `.partial` directory that the next start removes. A resume reads trainer_state.json back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use zerotune_hf::manifest::{Manifest, MANIFEST_FILE};
-use zerotune_proto::state::{TrainerState, TRAINER_STATE_FILE};
+use zerotune_hf::layout::{self, MANIFEST_FILE, MODEL_DIR, TRAINER_STATE_FILE};
+use zerotune_hf::manifest::Manifest;
+use zerotune_proto::state::TrainerState;
 
 use crate::error::{io_err, CoordinatorError, Result};
 use crate::rotation;
 
-pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
-    output_dir.join(format!("checkpoint-{step}"))
-}
-
-/// Where the ranks write checkpoint `step` until it is complete.
-pub fn partial_dir(output_dir: &Path, step: u64) -> PathBuf {
-    output_dir.join(format!(".checkpoint-{step}.partial"))
-}
+pub use layout::{checkpoint_dir, partial_checkpoint_dir as partial_dir};
 
 /// Removes what an interrupted save left in `output_dir`: `.checkpoint-<step>.partial/`
 /// directories, and the final model's manifest (the model is about to be written again). Called
@@ -29,7 +23,7 @@ pub fn clean_leftovers(output_dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(output_dir).map_err(io_err(output_dir))? {
         let path = entry.map_err(io_err(output_dir))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if name.starts_with(".checkpoint-") && name.ends_with(".partial") {
+        if layout::is_partial_checkpoint(&name) {
             eprintln!("removing {}: an incomplete checkpoint an interrupted save left", path.display());
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
         }
@@ -73,7 +67,7 @@ pub fn finalize(
     limit: Option<usize>,
 ) -> Result<()> {
     let partial = partial_dir(output_dir, step);
-    write_files(&partial.join("model"), tokenizer_files)?;
+    write_files(&partial.join(MODEL_DIR), tokenizer_files)?;
     let state = partial.join(TRAINER_STATE_FILE);
     zerotune_hf::write::write_json(&state, &serde_json::to_value(trainer_state).expect("the trainer state serialises"))?;
     Manifest::of_tree(&partial)?.write(&partial)?;
@@ -83,9 +77,9 @@ pub fn finalize(
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     std::fs::rename(&partial, &dir).map_err(io_err(&dir))?;
-    let tmp = output_dir.join("latest.tmp");
-    std::fs::write(&tmp, format!("checkpoint-{step}\n")).map_err(io_err(&tmp))?;
-    let latest = output_dir.join("latest");
+    let latest = layout::latest_path(output_dir);
+    let tmp = layout::partial_path(&latest, false);
+    std::fs::write(&tmp, layout::latest_text(step)).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &latest).map_err(io_err(&latest))?;
     // HF Trainer's meaning: a limit of 0 (or none) keeps every checkpoint.
     if let Some(limit) = limit.filter(|&limit| limit > 0) {
@@ -105,10 +99,10 @@ pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
 fn rotate(output_dir: &Path, limit: usize, saved: &TrainerState) -> Result<()> {
     let on_disk: Vec<u64> = std::fs::read_dir(output_dir)
         .map_err(io_err(output_dir))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+        .filter_map(|e| layout::checkpoint_step(e.ok()?.file_name().to_str()?))
         .collect();
-    let latest = std::fs::read_to_string(output_dir.join("latest")).ok();
-    let latest = latest.as_deref().and_then(|name| name.trim().strip_prefix("checkpoint-")?.parse().ok());
+    let latest = std::fs::read_to_string(layout::latest_path(output_dir)).ok();
+    let latest = latest.as_deref().and_then(layout::latest_step);
     let keep: Vec<u64> = [Some(saved.global_step), latest].into_iter().flatten().collect();
     for step in rotation::to_remove(&on_disk, &saved.checkpoints, &keep, limit) {
         let dir = checkpoint_dir(output_dir, step);
@@ -121,6 +115,7 @@ fn rotate(output_dir: &Path, limit: usize, saved: &TrainerState) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerotune_proto::records::MetricRecord;
 
     fn state(step: u64) -> TrainerState {
         TrainerState {
@@ -132,7 +127,7 @@ mod tests {
             world_size: 2,
             block_size: Some(64),
             sampler: zerotune_proto::state::SamplerPosition { seed: 42, epoch: step / 10, step_in_epoch: step % 10, blocks: 40 },
-            log_history: (1..=step).map(|s| serde_json::json!({"step": s, "loss": s as f64 * 0.25})).collect(),
+            log_history: (1..=step).map(|s| MetricRecord::Other(serde_json::json!({"step": s, "loss": s as f64 * 0.25}))).collect(),
             checkpoints: (1..=step / 5).map(|i| i * 5).collect(),
             data: None,
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{io_err, CoordinatorError, Result};
 
 /// The lock file's name inside the output dir (not counted when checking that a dir is empty).
-pub const LOCK_FILE: &str = ".zerotune.lock";
+pub use zerotune_hf::layout::LOCK_FILE;
 
 /// Held while alive; the lock goes with the file descriptor.
 pub struct OutputLock {

@@ -5,7 +5,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use serde_json::{json, Value};
+use zerotune_hf::layout::METRICS_FILE;
+use zerotune_proto::records::{EvalRecord, MetricRecord, TrainRecord};
 use zerotune_proto::v1::StepReport;
 
 use crate::error::{io_err, Result};
@@ -18,7 +19,7 @@ pub struct Progress {
     metrics_path: std::path::PathBuf,
     /// Every logged record, for trainer_state.json: a resumed run's starts with the history of
     /// the checkpoint it resumed from.
-    pub history: Vec<Value>,
+    pub history: Vec<MetricRecord>,
     started: Option<(Instant, u64)>,
     tokens: u64,
     window: Vec<StepReport>,
@@ -28,7 +29,7 @@ pub struct Progress {
 impl Progress {
     /// Progress of a run; a resumed run (`append`) continues the existing metrics.jsonl.
     pub fn new(output_dir: &Path, total_steps: u64, steps_per_epoch: u64, logging_steps: u64, append: bool) -> Result<Self> {
-        let metrics_path = output_dir.join("metrics.jsonl");
+        let metrics_path = output_dir.join(METRICS_FILE);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -53,8 +54,8 @@ impl Progress {
     /// Continues the history of a run resumed at `step` from a checkpoint with `log_history`.
     /// Records past `step` are dropped (ranks run ahead while a checkpoint completes, so its
     /// history can hold a step or two more): the resumed run logs those steps again.
-    pub fn resume_history(&mut self, log_history: Vec<Value>, step: u64) {
-        let before = log_history.into_iter().filter(|r| r.get("step").and_then(Value::as_u64).is_none_or(|s| s <= step));
+    pub fn resume_history(&mut self, log_history: Vec<MetricRecord>, step: u64) {
+        let before = log_history.into_iter().filter(|r| r.step().is_none_or(|s| s <= step));
         self.history.splice(0..0, before);
     }
 
@@ -96,24 +97,22 @@ impl Progress {
         }
         if step.is_multiple_of(self.logging_steps) || step == self.total_steps {
             let n = self.window.len() as f64;
-            let mut record = json!({
-                "step": step,
-                "epoch": self.epoch(step),
-                "loss": self.window.iter().map(|r| r.loss).sum::<f64>() / n,
-                "learning_rate": last.learning_rate,
-                "grad_norm": last.grad_norm,
-                "tokens_per_second": tps,
-            });
-            let skipped = self.window.iter().filter(|r| r.skipped).count();
-            if last.loss_scale != 1.0 {
-                record["loss_scale"] = last.loss_scale.into();
-                record["skipped_steps"] = skipped.into();
-            }
+            let fp16 = last.loss_scale != 1.0;
+            let record = TrainRecord {
+                step,
+                epoch: self.epoch(step),
+                loss: self.window.iter().map(|r| r.loss).sum::<f64>() / n,
+                learning_rate: last.learning_rate,
+                grad_norm: Some(last.grad_norm).filter(|g| g.is_finite()),
+                tokens_per_second: tps,
+                loss_scale: fp16.then_some(last.loss_scale),
+                skipped_steps: fp16.then(|| self.window.iter().filter(|r| r.skipped).count() as u64),
+            };
             self.window.clear();
             if !self.tty {
                 eprintln!("{line}");
             }
-            self.record(record)?;
+            self.record(MetricRecord::Train(record))?;
         }
         Ok(())
     }
@@ -125,7 +124,7 @@ impl Progress {
             eprintln!();
         }
         eprintln!("eval at step {step}: loss {loss:.4}, perplexity {perplexity:.2}");
-        self.record(json!({"step": step, "epoch": self.epoch(step), "eval_loss": loss, "perplexity": perplexity}))
+        self.record(MetricRecord::Eval(EvalRecord { step, epoch: self.epoch(step), eval_loss: loss, perplexity }))
     }
 
     pub fn note(&self, message: &str) {
@@ -135,16 +134,16 @@ impl Progress {
         eprintln!("{message}");
     }
 
-    fn record(&mut self, record: Value) -> Result<()> {
+    fn record(&mut self, record: MetricRecord) -> Result<()> {
         let io = io_err(&self.metrics_path);
-        serde_json::to_writer(&mut self.metrics, &record).expect("JSON values serialise");
+        serde_json::to_writer(&mut self.metrics, &record).expect("a record serialises");
         self.metrics.write_all(b"\n").and_then(|_| self.metrics.flush()).map_err(io)?;
         self.history.push(record);
         Ok(())
     }
 
-    pub fn last_eval(&self) -> Option<&Value> {
-        self.history.iter().rev().find(|r| r.get("eval_loss").is_some())
+    pub fn last_eval(&self) -> Option<&EvalRecord> {
+        self.history.iter().rev().find_map(MetricRecord::as_eval)
     }
 }
 
@@ -166,8 +165,12 @@ fn format_secs(secs: f64) -> String {
 mod tests {
     use super::*;
 
-    fn steps(history: &[Value]) -> Vec<u64> {
-        history.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+    fn steps(history: &[MetricRecord]) -> Vec<u64> {
+        history.iter().map(|r| r.step().unwrap()).collect()
+    }
+
+    fn record(json: serde_json::Value) -> MetricRecord {
+        serde_json::from_value(json).unwrap()
     }
 
     /// A run resumed at step 4 keeps the records up to 4 (an evaluation at 4 included), drops the
@@ -176,12 +179,15 @@ mod tests {
     fn a_resumed_history_continues_the_checkpoint_s() {
         let dir = tempfile::tempdir().unwrap();
         let mut progress = Progress::new(dir.path(), 8, 8, 1, true).unwrap();
-        let mut saved: Vec<Value> = (1..=6).map(|step| json!({"step": step, "loss": 1.0})).collect();
-        saved.insert(4, json!({"step": 4, "eval_loss": 2.0, "perplexity": 7.4}));
+        let train = |step| serde_json::json!({"step": step, "epoch": 0.1, "loss": 1.0, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_second": null});
+        let mut saved: Vec<MetricRecord> = (1..=6).map(|step| record(train(step))).collect();
+        saved.insert(4, record(serde_json::json!({"step": 4, "epoch": 0.1, "eval_loss": 2.0, "perplexity": 7.4})));
         progress.resume_history(saved, 4);
         progress.step(StepReport { step: 5, loss: 0.5, learning_rate: 1e-3, tokens: 10, loss_scale: 1.0, ..Default::default() }).unwrap();
         assert_eq!(steps(&progress.history), [1, 2, 3, 4, 4, 5]);
-        assert_eq!(progress.history[4]["eval_loss"], 2.0);
-        assert_eq!(progress.history[5]["loss"], 0.5);
+        assert!(matches!(progress.history[4], MetricRecord::Eval(EvalRecord { eval_loss: 2.0, .. })));
+        assert!(matches!(progress.history[5], MetricRecord::Train(TrainRecord { loss: 0.5, .. })));
+        let written = std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(serde_json::from_str::<MetricRecord>(written.trim()).unwrap(), progress.history[5], "metrics.jsonl holds the record");
     }
 }

@@ -7,7 +7,9 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use zerotune_hf::layout::{COMPLETION_EVAL_FILE, METRICS_FILE, PREDICTIONS_FILE, REPORT_FILE, RUN_FILE};
+use zerotune_proto::records::{CompletionEval, EvalModel, MetricRecord, Prediction, RunRecord, Scores};
 
 use crate::error::{io_err, CoordinatorError, Result};
 
@@ -18,39 +20,51 @@ struct Curve {
     points: Vec<(f64, f64)>,
 }
 
+/// What a run dir holds now, each file as its record (absent ones empty).
+struct RunFiles {
+    run: Option<RunRecord>,
+    records: Vec<MetricRecord>,
+    eval: Option<CompletionEval>,
+    predictions: Vec<Prediction>,
+}
+
 /// Writes `dir/report.html` from what the run dir holds now; returns its path.
 pub fn write(dir: &Path) -> Result<PathBuf> {
-    let records = read_jsonl(&dir.join("metrics.jsonl"))?;
-    if records.is_empty() && !dir.join("run.json").is_file() {
+    let records = read_jsonl(&dir.join(METRICS_FILE))?;
+    if records.is_empty() && !dir.join(RUN_FILE).is_file() {
         return Err(CoordinatorError::Data {
             path: dir.into(),
-            message: "holds neither metrics.jsonl nor run.json: not a run directory".into(),
+            message: format!("holds neither {METRICS_FILE} nor {RUN_FILE}: not a run directory"),
         });
     }
-    let run = read_json(&dir.join("run.json"))?;
-    let eval = read_json(&dir.join("completion_eval.json"))?;
-    let predictions = read_jsonl(&dir.join("predictions.jsonl"))?;
-    let html = render(dir, &run, &records, &eval, &predictions);
-    let path = dir.join("report.html");
-    let partial = dir.join("report.html.partial");
+    let files = RunFiles {
+        run: read_json(&dir.join(RUN_FILE))?,
+        records,
+        eval: read_json(&dir.join(COMPLETION_EVAL_FILE))?,
+        predictions: read_jsonl(&dir.join(PREDICTIONS_FILE))?,
+    };
+    let html = render(dir, &files);
+    let path = dir.join(REPORT_FILE);
+    let partial = zerotune_hf::layout::partial_path(&path, false);
     std::fs::write(&partial, html).map_err(io_err(&partial))?;
     std::fs::rename(&partial, &path).map_err(io_err(&path))?;
     Ok(path)
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+/// The record in a JSON file, None when it is missing.
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            serde_json::from_str(&text).map_err(|e| CoordinatorError::Data { path: path.into(), message: format!("not valid JSON: {e}") })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Value::Null),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CoordinatorError::Data { path: path.into(), message: format!("not what zerotune writes there: {e}") }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(CoordinatorError::Io { path: path.into(), source: e }),
     }
 }
 
-/// The lines of a JSON Lines file (none when it is missing); a torn last line (a run still
+/// The records of a JSON Lines file (none when it is missing); a torn last line (a run still
 /// writing) is skipped.
-fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
+fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
@@ -58,8 +72,8 @@ fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
     }
 }
 
-fn render(dir: &Path, run: &Value, records: &[Value], eval: &Value, predictions: &[Value]) -> String {
-    let curves = curves(records);
+fn render(dir: &Path, files: &RunFiles) -> String {
+    let curves = curves(&files.records);
     let mut page = String::new();
     let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
     let _ = write!(
@@ -68,29 +82,30 @@ fn render(dir: &Path, run: &Value, records: &[Value], eval: &Value, predictions:
         escape(&name)
     );
     let _ = writeln!(page, "<h1>Run <code>{}</code></h1>", escape(&dir.display().to_string()));
-    page += &completion_section(eval);
+    page += &completion_section(files.eval.as_ref());
     page += "<h2>Training</h2><div class=\"curves\">\n";
     for curve in &curves {
         page += &svg(curve);
     }
     page += "</div>\n";
-    page += &examples_section(predictions);
-    page += &plan_section(run);
+    page += &examples_section(&files.predictions);
+    page += &plan_section(files.run.as_ref());
     page += "<p class=\"foot\">Written by zerotune from metrics.jsonl, run.json, completion_eval.json and predictions.jsonl.</p>\n</body></html>\n";
     page
 }
 
-fn curves(records: &[Value]) -> Vec<Curve> {
-    let series = |key: &'static str, title: &'static str| Curve {
+fn curves(records: &[MetricRecord]) -> Vec<Curve> {
+    type Value = fn(&MetricRecord) -> Option<f64>;
+    let series = |key: &'static str, title: &'static str, value: Value| Curve {
         title,
         key,
-        points: records.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect(),
+        points: records.iter().filter_map(|r| Some((r.step()? as f64, value(r)?))).collect(),
     };
     vec![
-        series("loss", "train loss"),
-        series("eval_loss", "eval loss"),
-        series("learning_rate", "learning rate"),
-        series("tokens_per_second", "tokens/s"),
+        series("loss", "train loss", |r| Some(r.as_train()?.loss)),
+        series("eval_loss", "eval loss", |r| Some(r.as_eval()?.eval_loss)),
+        series("learning_rate", "learning rate", |r| Some(r.as_train()?.learning_rate)),
+        series("tokens_per_second", "tokens/s", |r| r.as_train()?.tokens_per_second),
     ]
 }
 
@@ -166,115 +181,87 @@ fn number(x: f64) -> String {
     }
 }
 
-fn completion_section(eval: &Value) -> String {
-    let Some(models) = eval["models"].as_object() else {
+fn completion_section(eval: Option<&CompletionEval>) -> String {
+    let Some(eval) = eval else {
         return "<h2>Completion</h2><p>No completion evaluation in this run (train with <code>--do_eval</code>, or run <code>worker eval</code>).</p>\n".into();
     };
-    let names: Vec<(&str, &str)> =
-        [("base", "base"), ("fine_tuned", "fine-tuned")].into_iter().filter(|(k, _)| models.contains_key(*k)).collect();
+    let models: Vec<(&str, &Scores)> = [(EvalModel::Base, "base"), (EvalModel::FineTuned, "fine-tuned")]
+        .into_iter()
+        .filter_map(|(model, label)| Some((label, eval.models.get(&model)?)))
+        .collect();
     let mut out = format!(
         "<h2>Completion: next line on {} held-out positions</h2><table class=\"scores\"><tr><th></th>{}</tr>",
-        escape(&eval["positions"].to_string()),
-        names.iter().map(|(_, label)| format!("<th>{label}</th>")).collect::<String>()
+        eval.positions,
+        models.iter().map(|(label, _)| format!("<th>{label}</th>")).collect::<String>()
     );
-    for (key, label, digits) in [
-        ("exact_match", "exact match %", 1),
-        ("edit_similarity", "edit similarity", 1),
-        ("loss", "held-out loss", 4),
-        ("perplexity", "perplexity", 2),
-    ] {
-        let cells: String =
-            names.iter().map(|(k, _)| format!("<td>{:.*}</td>", digits, models[*k][key].as_f64().unwrap_or(f64::NAN))).collect();
+    type Score = fn(&Scores) -> f64;
+    let rows: [(&str, usize, Score); 4] = [
+        ("exact match %", 1, |s| s.exact_match),
+        ("edit similarity", 1, |s| s.edit_similarity),
+        ("held-out loss", 4, |s| s.loss),
+        ("perplexity", 2, |s| s.perplexity),
+    ];
+    for (label, digits, score) in rows {
+        let cells: String = models.iter().map(|(_, scores)| format!("<td>{:.*}</td>", digits, score(scores))).collect();
         let _ = write!(out, "<tr><th>{label}</th>{cells}</tr>");
     }
     out + "</table>\n"
 }
 
 /// Six positions spread evenly over the evaluated ones, each model's prediction beside the target.
-fn examples_section(predictions: &[Value]) -> String {
-    let fine: Vec<&Value> = predictions.iter().filter(|p| p["model"] == "fine_tuned").collect();
+fn examples_section(predictions: &[Prediction]) -> String {
+    let fine: Vec<&Prediction> = predictions.iter().filter(|p| p.model == EvalModel::FineTuned).collect();
     if fine.is_empty() {
         return String::new();
     }
-    let base = |p: &Value| predictions.iter().find(|b| b["model"] == "base" && b["url"] == p["url"] && b["line"] == p["line"]);
-    let picks: Vec<&Value> = (0..6.min(fine.len())).map(|i| fine[i * fine.len() / 6.min(fine.len())]).collect();
+    let base = |p: &Prediction| predictions.iter().find(|b| b.model == EvalModel::Base && b.url == p.url && b.line == p.line);
+    let picks: Vec<&Prediction> = (0..6.min(fine.len())).map(|i| fine[i * fine.len() / 6.min(fine.len())]).collect();
     let mut out = String::from("<h2>Examples</h2><div class=\"examples\">\n");
     for p in picks {
-        let text = |v: &Value, key: &str| escape(v[key].as_str().unwrap_or_default());
-        let _ = write!(
-            out,
-            "<section><h3>{}:{}</h3><pre class=\"prompt\">{}</pre><dl>",
-            text(p, "url"),
-            escape(&p["line"].to_string()),
-            text(p, "prompt_tail")
-        );
-        let _ = write!(out, "<dt>target</dt><dd><pre>{}</pre></dd>", text(p, "target"));
+        let _ = write!(out, "<section><h3>{}:{}</h3><pre class=\"prompt\">{}</pre><dl>", escape(&p.url), p.line, escape(&p.prompt_tail));
+        let _ = write!(out, "<dt>target</dt><dd><pre>{}</pre></dd>", escape(&p.target));
         if let Some(b) = base(p) {
-            let _ = write!(
-                out,
-                "<dt>base ({:.0})</dt><dd><pre>{}</pre></dd>",
-                b["edit_similarity"].as_f64().unwrap_or(0.0),
-                text(b, "prediction")
-            );
+            let _ = write!(out, "<dt>base ({:.0})</dt><dd><pre>{}</pre></dd>", b.edit_similarity, escape(&b.prediction));
         }
-        let _ = writeln!(
-            out,
-            "<dt>fine-tuned ({:.0})</dt><dd><pre>{}</pre></dd></dl></section>",
-            p["edit_similarity"].as_f64().unwrap_or(0.0),
-            text(p, "prediction")
-        );
+        let _ = writeln!(out, "<dt>fine-tuned ({:.0})</dt><dd><pre>{}</pre></dd></dl></section>", p.edit_similarity, escape(&p.prediction));
     }
     out + "</div>\n"
 }
 
-fn plan_section(run: &Value) -> String {
-    if run.is_null() {
-        return String::new();
-    }
-    let get = |key: &str| match &run[key] {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        v => v.to_string(),
-    };
-    let config = &run["model_config"];
-    let zero = &run["zero_optimization"];
-    let batch = |k: &str| run[k].as_u64().unwrap_or(0);
-    let global = batch("per_device_train_batch_size") * batch("gradient_accumulation_steps") * batch("world_size");
+fn plan_section(run: Option<&RunRecord>) -> String {
+    let Some(run) = run else { return String::new() };
+    let config = &run.model_config;
+    let zero = &run.zero_optimization;
+    let global = run.per_device_train_batch_size * run.gradient_accumulation_steps * run.world_size;
+    let precision = serde_json::to_value(run.precision).ok().and_then(|p| p.as_str().map(String::from)).unwrap_or_default();
     let rows = [
         (
             "model",
             format!(
                 "{} ({} parameters, {} layers, n_embd {}, context {})",
-                get("model_name_or_path"),
-                get("num_parameters"),
-                config["n_layer"],
-                config["n_embd"],
-                config["n_positions"]
+                run.model_name_or_path, run.num_parameters, config["n_layer"], config["n_embd"], config["n_positions"]
             ),
         ),
         (
             "data",
             format!(
                 "{}: {} train / {} validation blocks of {} tokens",
-                get("train_file"),
-                get("train_blocks"),
-                get("validation_blocks"),
-                get("block_size")
+                run.train_file.display(),
+                run.train_blocks,
+                run.validation_blocks,
+                run.block_size
             ),
         ),
         (
             "batch",
             format!(
                 "micro {} x accumulation {} x world {} = {global} blocks per step, {} steps",
-                get("per_device_train_batch_size"),
-                get("gradient_accumulation_steps"),
-                get("world_size"),
-                get("total_steps")
+                run.per_device_train_batch_size, run.gradient_accumulation_steps, run.world_size, run.total_steps
             ),
         ),
-        ("world", format!("{} rank(s) on {}, {}", get("world_size"), get("device"), get("precision"))),
-        ("ZeRO", format!("stage {}, optimizer offload {}", zero["stage"], zero["offload_optimizer"])),
-        ("learning rate", get("learning_rate")),
+        ("world", format!("{} rank(s) on {}, {precision}", run.world_size, run.device)),
+        ("ZeRO", format!("stage {}, optimizer offload {}", zero.stage, zero.offload_optimizer)),
+        ("learning rate", run.learning_rate.to_string()),
     ];
     let mut out = String::from("<h2>Plan</h2><table class=\"plan\">");
     for (label, value) in rows {
@@ -319,14 +306,14 @@ mod tests {
     fn a_page_from_partial_files_escapes_user_text() {
         let dir = tempfile::tempdir().unwrap();
         let records = [
-            r#"{"step":1,"loss":5.0,"learning_rate":0.001,"tokens_per_second":10.0}"#,
-            r#"{"step":2,"loss":4.0,"learning_rate":0.002,"tokens_per_second":12.0}"#,
-            r#"{"step":2,"eval_loss":4.5}"#,
+            r#"{"step":1,"epoch":0.1,"loss":5.0,"learning_rate":0.001,"grad_norm":1.0,"tokens_per_second":10.0}"#,
+            r#"{"step":2,"epoch":0.2,"loss":4.0,"learning_rate":0.002,"grad_norm":1.0,"tokens_per_second":12.0}"#,
+            r#"{"step":2,"epoch":0.2,"eval_loss":4.5,"perplexity":90.0}"#,
             "{\"step\":3,\"lo",
         ];
-        std::fs::write(dir.path().join("metrics.jsonl"), records.join("\n")).unwrap();
+        std::fs::write(dir.path().join(METRICS_FILE), records.join("\n")).unwrap();
         let prediction = r#"{"model":"fine_tuned","url":"a<b>.py","line":2,"prompt_tail":"if x < 1:","target":"    y = '&'","prediction":"</pre><script>","exact_match":0,"edit_similarity":10}"#;
-        std::fs::write(dir.path().join("predictions.jsonl"), prediction).unwrap();
+        std::fs::write(dir.path().join(PREDICTIONS_FILE), prediction).unwrap();
         let html = std::fs::read_to_string(write(dir.path()).unwrap()).unwrap();
         assert!(html.contains("data-key=\"loss\" data-points=\"2\""), "the torn last line is skipped");
         assert!(html.contains("data-key=\"eval_loss\" data-points=\"1\""));

@@ -8,17 +8,13 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
+use zerotune_hf::layout::OUTPUT_MARKERS;
 
 use crate::{DataError, Result};
 
 /// Directories that hold someone else's or generated code.
 const SKIPPED_DIRS: [&str; 10] =
     [".git", "node_modules", "vendor", "target", "dist", "build", "__pycache__", ".venv", "venv", "third_party"];
-/// The files that mark a directory as zerotune's own output, each set alone enough: a training
-/// run's --output_dir (its lock stays after the job), a checkpoint wherever it was copied, and a
-/// run dir whose lock was removed. Their files (tokenizer.json, metrics.jsonl, report.html, ...)
-/// are not the user's code.
-const OUTPUT_MARKERS: [&[&str]; 3] = [&[".zerotune.lock"], &["trainer_state.json", "manifest.json"], &["run.json", "data_report.json"]];
 /// File names that are generated or lock files.
 const GENERATED_NAMES: [&str; 6] = ["Cargo.lock", "package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "go.sum"];
 /// Markers in a file's first lines that say it was generated.
@@ -73,7 +69,7 @@ pub enum Skip {
     Minified,
     Empty,
     VendoredDir,
-    /// A directory zerotune wrote (`OUTPUT_MARKERS`).
+    /// A directory zerotune wrote (`zerotune_hf::layout::OUTPUT_MARKERS`).
     ZerotuneOutput,
 }
 

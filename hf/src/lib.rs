@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dtype;
+pub mod layout;
 pub mod manifest;
 pub mod os;
 pub mod read;
@@ -11,19 +12,10 @@ pub mod write;
 
 pub use config::{CodeGenConfig, MP_NUM};
 pub use dtype::Dtype;
+pub use layout::model_dir;
 pub use read::{f32_bytes, RawTensor, WeightFiles};
 
-use std::path::{Path, PathBuf};
-
-/// The HF model directory behind `dir`: itself, or for a zerotune `checkpoint-<step>/` its
-/// `model/` subdirectory.
-pub fn model_dir(dir: &Path) -> PathBuf {
-    if dir.join("model/config.json").is_file() && !dir.join("config.json").is_file() {
-        dir.join("model")
-    } else {
-        dir.to_path_buf()
-    }
-}
+use std::path::PathBuf;
 
 /// Everything that can go wrong reading or writing a model directory, naming the file.
 #[derive(Debug, thiserror::Error)]

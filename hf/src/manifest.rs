@@ -5,14 +5,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::read::WeightFiles;
 use crate::{invalid, io_err, Error, Result};
 
-pub const MANIFEST_FILE: &str = "manifest.json";
+pub use crate::layout::MANIFEST_FILE;
 
 /// What a complete save holds: file path (relative, `/`-separated) -> its entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,7 +99,7 @@ pub enum NonFinite {
 /// refused, naming the tensor, unless allowed.
 pub fn verify_model_dir(dir: &Path, nonfinite: NonFinite) -> Result<()> {
     let dir = crate::model_dir(dir);
-    let (root, prefix) = match checkpoint_root(&dir) {
+    let (root, prefix) = match crate::layout::checkpoint_root(&dir) {
         Some(root) => (root, "model/"),
         None => (dir.clone(), ""),
     };
@@ -152,13 +152,6 @@ pub fn verify_checkpoint(dir: &Path, nonfinite: NonFinite) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A directory is part of a checkpoint when it is `model/` beside `optimizer/` or trainer_state.json.
-fn checkpoint_root(dir: &Path) -> Option<PathBuf> {
-    let root = dir.parent()?;
-    let inside = dir.file_name()? == "model" && (root.join("optimizer").is_dir() || root.join("trainer_state.json").is_file());
-    inside.then(|| root.to_path_buf())
 }
 
 fn incomplete(dir: &Path) -> Error {

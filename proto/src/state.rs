@@ -5,13 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::plan::LossScaler;
+use crate::records::MetricRecord;
 
-/// `checkpoint-<step>/trainer_state.json`.
-pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
-/// `checkpoint-<step>/optimizer/`: the optimizer slices and their layout.
-pub const OPTIMIZER_DIR: &str = "optimizer";
-/// The layout's name within `OPTIMIZER_DIR`.
-pub const LAYOUT_FILE: &str = "layout.json";
+/// The names of the checkpoint's files (one home: `zerotune_hf::layout`).
+pub use zerotune_hf::layout::{LAYOUT_FILE, OPTIMIZER_DIR, TRAINER_STATE_FILE};
 
 /// `trainer_state.json`: HF Trainer's keys, so HF tools read it, and what an exact resume needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,7 +42,7 @@ pub struct TrainerState {
     /// HF's log history: one record per logged step (loss, learning rate, grad norm, ...) and per
     /// evaluation (eval_loss, perplexity), each with its `step` and `epoch`, from the run's first
     /// step on (a resumed run carries the history it resumed from).
-    pub log_history: Vec<serde_json::Value>,
+    pub log_history: Vec<MetricRecord>,
 }
 
 /// What identifies a run's data: a hash of the documents after hygiene (both splits, and the
@@ -161,7 +158,10 @@ mod tests {
     fn a_change_of_data_names_the_counts_that_changed_or_the_content() {
         assert_eq!(data(31, 100, "ab").changes_from(&data(31, 100, "ab")), None);
         let counts = data(8, 40, "cd").changes_from(&data(31, 100, "ab")).unwrap();
-        assert_eq!(counts, "the data differ from the checkpoint's: 8 training documents where it has 31, 40 training blocks where it has 100");
+        assert_eq!(
+            counts,
+            "the data differ from the checkpoint's: 8 training documents where it has 31, 40 training blocks where it has 100"
+        );
         let content = data(31, 100, "cd").changes_from(&data(31, 100, "ab")).unwrap();
         assert!(content.contains("other content: hash cd where it has ab"), "{content}");
     }

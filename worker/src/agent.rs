@@ -11,11 +11,12 @@ use tch::{Device, Tensor};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use zerotune_hf::layout;
 use zerotune_proto::plan::{Collectives, WorkerPlan};
 use zerotune_proto::v1::coordinator_client::CoordinatorClient;
 use zerotune_proto::v1::{
     command, Batch, CommandsRequest, EvalReport, FailureKind, FailureReport, HeartbeatRequest, RegisterRequest, RendezvousRequest,
-    SavedReport, StepReport,
+    SaveKind, SavedReport, StepReport,
 };
 use zerotune_proto::SECRET_HEADER;
 
@@ -146,13 +147,15 @@ fn serve(
             }
             Some(command::Kind::Save(save)) => {
                 let dir = Path::new(&save.dir);
-                trainer.save_model(&dir.join("model"))?;
-                trainer.save_optimizer(&dir.join("optimizer"))?;
-                rt.block_on(client.report_saved(SavedReport { rank, step: save.step, dir: save.dir }))?;
+                trainer.save_model(&dir.join(layout::MODEL_DIR))?;
+                trainer.save_optimizer(&dir.join(layout::OPTIMIZER_DIR))?;
+                let kind = SaveKind::Checkpoint.into();
+                rt.block_on(client.report_saved(SavedReport { rank, step: save.step, dir: save.dir, kind }))?;
             }
             Some(command::Kind::Finish(finish)) => {
                 trainer.save_model(Path::new(&finish.dir))?;
-                rt.block_on(client.report_saved(SavedReport { rank, step: finish.step, dir: finish.dir }))?;
+                let kind = SaveKind::FinalModel.into();
+                rt.block_on(client.report_saved(SavedReport { rank, step: finish.step, dir: finish.dir, kind }))?;
                 return Ok(());
             }
             Some(command::Kind::Stop(stop)) => {

@@ -14,7 +14,7 @@ use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_B
 
 use super::args::TrainArgs;
 use super::ds_keys;
-use super::{flag, precision, TrainPlan, Warmup, Zero};
+use super::{flag, precision, TrainPlan, Warmup, ZeroSettings};
 use crate::error::Result;
 
 /// A value that may be `"auto"`: HF Trainer fills it from the matching flag.
@@ -332,7 +332,7 @@ impl DsConfig {
         Ok(())
     }
 
-    fn zero(&self) -> std::result::Result<Zero, String> {
+    fn zero(&self) -> std::result::Result<ZeroSettings, String> {
         let section = self.zero_optimization.as_ref();
         let stage = section.and_then(|z| z.stage).unwrap_or(0);
         if stage > 2 {
@@ -355,7 +355,7 @@ impl DsConfig {
                 ));
             }
         };
-        Ok(Zero { stage, offload_optimizer: device == OffloadDevice::Cpu, reduce_bucket_size })
+        Ok(ZeroSettings { stage, offload_optimizer: device == OffloadDevice::Cpu, reduce_bucket_size })
     }
 }
 
@@ -393,7 +393,7 @@ mod tests {
             "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": false}"#,
         )
         .unwrap();
-        assert_eq!(config.zero().unwrap(), Zero { stage: 2, offload_optimizer: true, reduce_bucket_size: 200_000_000 });
+        assert_eq!(config.zero().unwrap(), ZeroSettings { stage: 2, offload_optimizer: true, reduce_bucket_size: 200_000_000 });
         assert_eq!(config.fp16.as_ref().unwrap().enabled, Some(Auto::Auto));
     }
 

@@ -12,6 +12,7 @@ mod placement;
 pub use args::{Bytes, DataArgs, DeviceSpec, GpuModel, LaunchArgs, LauncherKind, ModelArgs, ResumeFrom, TrainArgs, TrainingArgs};
 pub use ds_config::{Auto, DsConfig};
 pub use placement::Launcher;
+pub use zerotune_proto::records::ZeroSettings;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -82,15 +83,6 @@ impl std::fmt::Display for Device {
             Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
         }
     }
-}
-
-/// ZeRO settings from ds_config.json.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Zero {
-    pub stage: u8,
-    pub offload_optimizer: bool,
-    /// Elements per rank in one stage-2 gradient reduce-scatter.
-    pub reduce_bucket_size: usize,
 }
 
 /// The documents and their token blocks.
@@ -188,7 +180,7 @@ pub struct TrainPlan {
     pub data: DataPlan,
     pub batch: BatchPlan,
     pub training: TrainingPlan,
-    pub zero: Zero,
+    pub zero: ZeroSettings,
     pub output: OutputPlan,
     pub launch: LaunchPlan,
 }
@@ -305,7 +297,7 @@ impl TrainPlan {
             },
             // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
             // already in host memory, so it runs the host kernel.
-            zero: Zero { stage: 0, offload_optimizer: device == Device::Cpu, reduce_bucket_size: DEFAULT_REDUCE_BUCKET },
+            zero: ZeroSettings { stage: 0, offload_optimizer: device == Device::Cpu, reduce_bucket_size: DEFAULT_REDUCE_BUCKET },
             output: OutputPlan {
                 dir: output_dir,
                 overwrite: t.overwrite_output_dir,

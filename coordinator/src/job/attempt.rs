@@ -167,8 +167,8 @@ pub(super) async fn attempt(
     Ok(Outcome {
         output_dir,
         steps: stopped.map_or(run.total_steps, |(step, _)| step),
-        eval_loss: last_eval.and_then(|e| e["eval_loss"].as_f64()),
-        perplexity: last_eval.and_then(|e| e["perplexity"].as_f64()),
+        eval_loss: last_eval.map(|e| e.eval_loss),
+        perplexity: last_eval.map(|e| e.perplexity),
         stopped_on: stopped.map(|(_, signal)| signal),
     })
 }

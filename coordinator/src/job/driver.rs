@@ -18,7 +18,7 @@ use crate::events::{Control, Event, ExitStatus, Signal};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
 use zerotune_proto::state::{DataIdentity, SamplerPosition, TrainerState};
-use zerotune_proto::v1::FailureKind;
+use zerotune_proto::v1::{FailureKind, SaveKind};
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -26,15 +26,6 @@ const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// rank's end, where no process of the rank's own says so (srun runs every rank): a task killed
 /// under srun ends the job about this long after its connection closed.
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// What a save the ranks acknowledged is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Save {
-    /// The final model, written into the output dir itself.
-    FinalModel,
-    /// `checkpoint-<step>/`.
-    Checkpoint,
-}
 
 /// What an event means for the event loop.
 enum Next {
@@ -326,13 +317,13 @@ impl<'a> Job<'a> {
     /// completes the checkpoint or the final model. True when that ends a job started by hand.
     fn saved(&mut self, report: zerotune_proto::v1::SavedReport, last: bool, healthy: bool, progress: &mut Progress) -> Result<bool> {
         let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
-        let kind = if Path::new(&report.dir) == self.spec.output_dir { Save::FinalModel } else { Save::Checkpoint };
+        let kind = report.kind();
         *acks += 1;
         if *acks < self.spec.world || !healthy {
             return Ok(false);
         }
         let output_dir = &self.spec.output_dir;
-        if kind == Save::FinalModel {
+        if kind == SaveKind::FinalModel {
             checkpoint::finalize_model(output_dir, self.spec.tokenizer_files)?;
             self.finished = self.spec.world;
             progress.note(&format!("saved the final model to {}", output_dir.display()));
@@ -487,7 +478,7 @@ mod tests {
     async fn a_rank_may_exit_once_its_final_save_is_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().to_string_lossy().into_owned();
-        let saved = |rank| Event::Saved(SavedReport { rank, step: 4, dir: out.clone() });
+        let saved = |rank| Event::Saved(SavedReport { rank, step: 4, dir: out.clone(), kind: SaveKind::FinalModel.into() });
         let exited = |rank| Event::Exited { rank: Some(rank), status: ExitStatus::Code(0) };
         let events = [saved(1), exited(1), Event::Disconnected { rank: 1 }, saved(0), exited(0)];
         let (result, finished) = drive(dir.path(), 2, events.into_iter().map(|e| (0, e)).collect()).await;

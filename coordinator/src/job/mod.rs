@@ -13,8 +13,9 @@ mod resume;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::json;
+use zerotune_hf::layout;
 use zerotune_proto::plan::{Collectives, ModelSource, Schedule, WorkerPlan};
+use zerotune_proto::records::RunRecord;
 use zerotune_proto::state::DataIdentity;
 
 use crate::config::{Device, Launcher, ModelChoice, TrainPlan};
@@ -67,7 +68,7 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
     let output_dir = plan.output.dir.canonicalize().map_err(io_err(&plan.output.dir))?;
     // Held until the run, its evaluation and its report are done: one job per output dir.
     let _lock = OutputLock::acquire(&output_dir)?;
-    prepared.data_report.write(&output_dir.join("data_report.json"))?;
+    prepared.data_report.write(&output_dir.join(layout::DATA_REPORT_FILE))?;
     write_run_json(&output_dir, &plan, &prepared, &worker_plan)?;
     eprintln!(
         "training {} parameters for {} steps ({} per epoch; micro {} x accumulation {} x world {}{}, block {}) on {}{}",
@@ -242,26 +243,27 @@ fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, work
         ModelChoice::Pretrained(dir) => dir.display().to_string(),
         ModelChoice::Scratch(_) => "from scratch".to_string(),
     };
-    let run = json!({
-        "model_name_or_path": model,
-        "num_parameters": prepared.config.num_parameters(),
-        "precision": plan.training.precision,
-        "learning_rate": plan.training.optimizer.lr,
-        "train_file": plan.data.train_file,
-        "validation_file": plan.data.validation_file,
-        "token_cache": prepared.cache.path,
-        "train_blocks": prepared.cache.train_blocks,
-        "validation_blocks": prepared.cache.validation_blocks,
-        "block_size": prepared.block_size,
-        "world_size": plan.world_size(),
-        "per_device_train_batch_size": plan.batch.micro,
-        "gradient_accumulation_steps": plan.batch.accumulation,
-        "total_steps": prepared.total_steps,
-        "device": plan.launch.device.to_string(),
-        "zero_optimization": plan.zero,
-        "model_config": prepared.config.to_hf_json("float32"),
-        "worker_plan": worker,
-    });
-    zerotune_hf::write::write_json(&output_dir.join("run.json"), &run)?;
+    let run = RunRecord {
+        model_name_or_path: model,
+        num_parameters: prepared.config.num_parameters() as u64,
+        precision: plan.training.precision,
+        learning_rate: plan.training.optimizer.lr,
+        train_file: plan.data.train_file.clone(),
+        validation_file: plan.data.validation_file.clone(),
+        token_cache: prepared.cache.path.clone(),
+        train_blocks: prepared.cache.train_blocks,
+        validation_blocks: prepared.cache.validation_blocks,
+        block_size: prepared.block_size,
+        world_size: plan.world_size(),
+        per_device_train_batch_size: plan.batch.micro,
+        gradient_accumulation_steps: plan.batch.accumulation,
+        total_steps: prepared.total_steps,
+        device: plan.launch.device.to_string(),
+        zero_optimization: plan.zero,
+        model_config: prepared.config.to_hf_json("float32"),
+        worker_plan: worker.clone(),
+    };
+    let json = serde_json::to_value(&run).expect("a run record serialises");
+    zerotune_hf::write::write_json(&output_dir.join(layout::RUN_FILE), &json)?;
     Ok(())
 }

@@ -30,7 +30,7 @@ pub fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom, nonfinite: NonFi
     let dir = if let ResumeFrom::Dir(dir) = spec {
         dir.clone()
     } else {
-        let pointer = output_dir.join("latest");
+        let pointer = zerotune_hf::layout::latest_path(output_dir);
         let name = std::fs::read_to_string(&pointer).map_err(|e| {
             CoordinatorError::Flag(format!(
                 "--resume_from_checkpoint latest: cannot read {}: {e} (no complete checkpoint yet?)",
@@ -50,7 +50,7 @@ pub fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom, nonfinite: NonFi
 
 /// The checkpoint `latest` names, if any.
 pub fn latest_checkpoint(output_dir: &Path, nonfinite: NonFinite) -> Result<Option<Resume>> {
-    if !output_dir.join("latest").is_file() {
+    if !zerotune_hf::layout::latest_path(output_dir).is_file() {
         return Ok(None);
     }
     resolve_checkpoint(output_dir, &ResumeFrom::Latest, nonfinite).map(|(resume, _)| Some(resume))

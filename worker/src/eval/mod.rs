@@ -9,10 +9,11 @@ pub mod positions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use zerotune_data::{Document, Filter};
+use zerotune_hf::layout;
 use zerotune_hf::manifest::NonFinite;
+pub use zerotune_proto::records::{CompletionEval, EvalModel, Prediction, Scores};
 
 use crate::engine::{Engine, Prompt};
 use crate::error::{io_err, Result, WorkerError};
@@ -46,31 +47,20 @@ pub struct EvalOptions {
     pub nonfinite: NonFinite,
 }
 
-/// One model's scores.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Scores {
-    /// Mean over positions, 0-100.
-    pub exact_match: f64,
-    /// Mean over positions, 0-100.
-    pub edit_similarity: f64,
-    /// Mean token cross-entropy over the held-out documents.
-    pub loss: f64,
-    pub perplexity: f64,
-}
-
-/// The evaluation's outcome: `("base" | "fine_tuned", scores)`, base first when given.
+/// The evaluation's outcome: each model's scores, base first when given.
 #[derive(Clone, Debug)]
 pub struct Report {
     pub positions: usize,
     pub candidates: usize,
-    pub models: Vec<(&'static str, Scores)>,
+    pub models: Vec<(EvalModel, Scores)>,
 }
 
 impl Report {
     /// A markdown table, base and fine-tuned side by side.
     pub fn table(&self) -> String {
         let mut out = format!("| {} positions |", self.positions);
-        let header: Vec<&str> = self.models.iter().map(|(name, _)| if *name == "base" { "base" } else { "fine-tuned" }).collect();
+        let header: Vec<&str> =
+            self.models.iter().map(|(model, _)| if *model == EvalModel::Base { "base" } else { "fine-tuned" }).collect();
         out += &format!(" {} |\n|---|{}\n", header.join(" | "), "---|".repeat(header.len()));
         type Cell = fn(&Scores) -> String;
         let rows: [(&str, Cell); 4] = [
@@ -120,11 +110,11 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             )));
         }
     }
-    let mut models: Vec<(&'static str, &Path)> = vec![];
+    let mut models: Vec<(EvalModel, &Path)> = vec![];
     if let Some(base) = &options.base {
-        models.push(("base", base));
+        models.push((EvalModel::Base, base));
     }
-    models.push(("fine_tuned", &options.model));
+    models.push((EvalModel::FineTuned, &options.model));
     let mut report = Report { positions: positions.len(), candidates: total, models: vec![] };
     let mut lines = vec![];
     for (name, dir) in models {
@@ -155,16 +145,22 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             let (exact, similarity) = (metrics::exact_match(prediction, &p.target), metrics::edit_similarity(prediction, &p.target));
             em += exact;
             es += similarity;
-            lines.push(json!({
-                "model": name, "url": url(&documents, p.doc), "line": p.line, "prompt_tail": prompt_tail(&documents[p.doc].text[..p.start]),
-                "target": p.target, "prediction": prediction,
-                "exact_match": exact, "edit_similarity": similarity,
-            }));
+            lines.push(Prediction {
+                model: name,
+                url: url(&documents, p.doc),
+                line: p.line,
+                prompt_tail: prompt_tail(&documents[p.doc].text[..p.start]),
+                target: p.target.clone(),
+                prediction: prediction.clone(),
+                exact_match: exact,
+                edit_similarity: similarity,
+            });
         }
         let started = std::time::Instant::now();
         let (loss, tokens) = held_out_loss(&loaded, &documents, block)?;
         eprintln!(
-            "eval {name}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
+            "eval {}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
+            name.name(),
             positions.len(),
             positions.len() as f64 / predicting,
             started.elapsed().as_secs_f64()
@@ -270,24 +266,18 @@ fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Resul
 }
 
 /// completion_eval.json and predictions.jsonl, each written beside its place and renamed in.
-fn write_outputs(dir: &Path, report: &Report, lines: &[serde_json::Value]) -> Result<()> {
+fn write_outputs(dir: &Path, report: &Report, lines: &[Prediction]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let models: serde_json::Map<String, serde_json::Value> = report
-        .models
-        .iter()
-        .map(|(name, s)| {
-            let scores =
-                json!({"exact_match": s.exact_match, "edit_similarity": s.edit_similarity, "loss": s.loss, "perplexity": s.perplexity});
-            (name.to_string(), scores)
-        })
-        .collect();
-    let summary = json!({"positions": report.positions, "candidate_lines": report.candidates, "models": models});
-    zerotune_hf::write::write_json(&dir.join("completion_eval.json"), &summary)?;
-    let path = dir.join("predictions.jsonl");
-    let partial = dir.join("predictions.jsonl.partial");
+    let summary =
+        CompletionEval { positions: report.positions, candidate_lines: report.candidates, models: report.models.iter().copied().collect() };
+    let json = serde_json::to_value(&summary).expect("the evaluation serialises");
+    zerotune_hf::write::write_json(&dir.join(layout::COMPLETION_EVAL_FILE), &json)?;
+    let path = dir.join(layout::PREDICTIONS_FILE);
+    let partial = layout::partial_path(&path, false);
     let mut out = std::io::BufWriter::new(std::fs::File::create(&partial).map_err(io_err(&partial))?);
     for line in lines {
-        writeln!(out, "{line}").map_err(io_err(&partial))?;
+        serde_json::to_writer(&mut out, line).map_err(|e| io_err(&partial)(e.into()))?;
+        out.write_all(b"\n").map_err(io_err(&partial))?;
     }
     out.flush().map_err(io_err(&partial))?;
     drop(out);
