@@ -30,8 +30,9 @@ pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: 
 pub fn model_config(source: &ModelSource) -> Result<CodeGenConfig> {
     Ok(match source {
         ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
-        ModelSource::Scratch { config } => CodeGenConfig::from_value(config.clone())
-            .map_err(|m| WorkerError::Invalid(format!("invalid model config from the coordinator: {m}")))?,
+        ModelSource::Scratch { config } => {
+            CodeGenConfig::from_value(config.clone()).map_err(|reason| WorkerError::ModelConfig { reason })?
+        }
     })
 }
 
@@ -106,13 +107,12 @@ pub fn save_optimizer(dir: &Path, rank: usize, world: usize, state: [&[f32]; 3],
 pub fn load_optimizer(dir: &Path, numel: usize, owned: &Range<usize>) -> Result<(OptimizerLayout, [Vec<f32>; 3])> {
     let path = dir.join(LAYOUT_FILE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let layout: OptimizerLayout = serde_json::from_str(&text).map_err(|e| WorkerError::Invalid(format!("{}: {e}", path.display())))?;
+    let layout: OptimizerLayout = match serde_json::from_str(&text) {
+        Ok(layout) => layout,
+        Err(source) => return Err(WorkerError::OptimizerLayout { path, source }),
+    };
     if layout.numel != numel {
-        return Err(WorkerError::Invalid(format!(
-            "{}: holds {} parameters, the model has {numel} (another model size?)",
-            path.display(),
-            layout.numel
-        )));
+        return Err(WorkerError::OptimizerSize { path, saved: layout.numel, model: numel });
     }
     let world = layout.partitions.len();
     let mut state = [vec![0f32; owned.len()], vec![0f32; owned.len()], vec![0f32; owned.len()]];
@@ -130,14 +130,10 @@ pub fn load_optimizer(dir: &Path, numel: usize, owned: &Range<usize>) -> Result<
 fn read_slice(path: &Path, range: Range<usize>, want: Range<usize>, state: &mut [Vec<f32>; 3], state_start: usize) -> Result<()> {
     let files = WeightFiles::open_file(path)?;
     for (values, name) in state.iter_mut().zip(OPTIMIZER_STATE) {
-        let bytes = files.bytes(name).ok_or_else(|| WorkerError::Invalid(format!("{}: no tensor {name}", path.display())))?;
+        let bytes = files.bytes(name).ok_or_else(|| WorkerError::MissingTensor { path: path.to_path_buf(), tensor: name })?;
         if bytes.len() != range.len() * 4 {
-            return Err(WorkerError::Invalid(format!(
-                "{}: {name} has {} bytes, {LAYOUT_FILE} implies {}",
-                path.display(),
-                bytes.len(),
-                range.len() * 4
-            )));
+            let (bytes, expected) = (bytes.len(), range.len() * 4);
+            return Err(WorkerError::SliceSize { path: path.to_path_buf(), tensor: name, bytes, expected });
         }
         let src = &bytes[(want.start - range.start) * 4..(want.end - range.start) * 4];
         for (dst, b) in values[want.start - state_start..want.end - state_start].iter_mut().zip(src.chunks_exact(4)) {

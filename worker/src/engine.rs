@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::{BatchCache, CodeGen};
 use crate::prefix::PrefixCache;
-use crate::sample::{logprobs, Sampler};
+use crate::sample::{logprobs, TokenSampler};
 
 /// What a prompt asks of the engine; its choices come with their own keys and samplers.
 #[derive(Clone, Debug)]
@@ -66,7 +66,7 @@ struct Active<K> {
     limit: usize,
     max_new_tokens: usize,
     logprobs: Option<usize>,
-    sampler: Sampler,
+    sampler: TokenSampler,
 }
 
 pub struct Engine<'m, K> {
@@ -111,7 +111,7 @@ impl<'m, K: Clone> Engine<'m, K> {
 
     /// Prefills `prompt` and gives each choice its first token; the choices that go on join the
     /// batch. Returns the prompt's logprobs (when asked) and what each choice got.
-    pub fn admit(&mut self, prompt: &Prompt, choices: Vec<(K, Sampler)>) -> (Vec<Option<Logprob>>, Vec<Emitted<K>>) {
+    pub fn admit(&mut self, prompt: &Prompt, choices: Vec<(K, TokenSampler)>) -> (Vec<Option<Logprob>>, Vec<Emitted<K>>) {
         let _guard = tch::no_grad_guard();
         let n_positions = self.model.config.n_positions;
         assert!(!prompt.ids.is_empty() && prompt.ids.len() <= n_positions, "the caller checks the prompt against the context");

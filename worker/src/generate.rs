@@ -14,7 +14,7 @@ use crate::checkpoint::load_params;
 use crate::engine::{Engine, Finish, Prompt};
 use crate::error::{Result, WorkerError};
 use crate::model::CodeGen;
-use crate::sample::{Rng, Sampler, SamplingParams};
+use crate::sample::{Rng, SamplingParams, TokenSampler};
 
 /// The compute precision of a loaded model (`precision.rs` says which for `--dtype`).
 pub use zerotune_proto::plan::Precision;
@@ -45,12 +45,12 @@ impl Loaded {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| WorkerError::Invalid(format!("cannot tokenize the prompt: {e}")))?;
+        let encoding = self.tokenizer.encode(text, false).map_err(|source| WorkerError::Tokenize { source })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| WorkerError::Invalid(format!("cannot decode tokens: {e}")))
+        self.tokenizer.decode(ids, true).map_err(|source| WorkerError::Detokenize { source })
     }
 }
 
@@ -92,7 +92,7 @@ pub struct GenerateArgs {
 /// the prompt with its completion, or the JSON reply, on stdout; a completion cut short by the
 /// context gets a note on stderr.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    args.params.check().map_err(WorkerError::Invalid)?;
+    args.params.check()?;
     let loaded = Loaded::open(&args.model, args.device, args.precision, args.nonfinite)?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {
@@ -116,18 +116,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 pub fn generate(loaded: &Loaded, prompt: &str, max_new_tokens: usize, params: SamplingParams, seed: u64) -> Result<Generation> {
     let prompt_ids = loaded.encode(prompt)?;
     if prompt_ids.is_empty() {
-        return Err(WorkerError::Invalid("the prompt is empty after tokenization".into()));
+        return Err(WorkerError::EmptyPrompt);
     }
     let n_positions = loaded.config.n_positions;
     if prompt_ids.len() >= n_positions {
-        return Err(WorkerError::Invalid(format!(
-            "the prompt has {} tokens; the model's context is {n_positions} (n_positions)",
-            prompt_ids.len()
-        )));
+        return Err(WorkerError::PromptTooLong { tokens: prompt_ids.len(), n_positions });
     }
     let mut engine = Engine::new(&loaded.model, loaded.device, loaded.eos);
     let request = Prompt { ids: prompt_ids.clone(), max_new_tokens, logprobs: None, prompt_logprobs: false };
-    let (_, mut emitted) = engine.admit(&request, vec![((), Sampler::new(params, Rng::new(seed, 0)))]);
+    let (_, mut emitted) = engine.admit(&request, vec![((), TokenSampler::new(params, Rng::new(seed, 0)))]);
     let mut new_ids = vec![];
     loop {
         let out = emitted.pop().expect("one sequence");

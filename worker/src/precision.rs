@@ -6,13 +6,16 @@ use clap::ValueEnum;
 use tch::Device;
 use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
 
+use crate::error::{Result, WorkerError};
+
 /// From this compute capability (Ampere) GPUs compute in bf16 natively; Volta and Turing have
 /// fast fp16 but emulate bf16.
 const BF16_CAPABILITY: (u32, u32) = (8, 0);
 
-/// `--dtype` of generate, eval and serve.
+/// The value of `--dtype` of generate, eval and serve: `auto` or a compute precision. (Not
+/// `zerotune_hf::Dtype`, the element type a file stores.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dtype {
+pub enum DtypeChoice {
     /// fp32 on the CPU and on GPUs below compute capability 7.0 (no bf16, slow fp16 math: P40,
     /// P100), fp16 on 7.x (V100, T4), bf16 from 8.0 (A100, H100) and when the capability is unknown.
     Auto,
@@ -24,37 +27,84 @@ pub enum Dtype {
     Fp16,
 }
 
-impl Dtype {
+impl DtypeChoice {
     /// The flag's value, as clap spells it.
     pub fn name(self) -> String {
         self.to_possible_value().expect("no variant is skipped").get_name().to_string()
     }
 }
 
+/// What to tell the user when the GPU's age decided or slows the precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionNote {
+    /// `auto` on a GPU of this compute capability (below 7.0) computes in fp32.
+    Fp32OnOldGpu { capability: (u32, u32) },
+    /// fp16, asked for, on a GPU of this compute capability (below 7.0): it runs, slowly.
+    SlowFp16 { capability: (u32, u32) },
+}
+
+impl PrecisionNote {
+    /// Whether it warns of a slow choice the user made (rather than explaining the default).
+    pub fn is_warning(self) -> bool {
+        matches!(self, Self::SlowFp16 { .. })
+    }
+}
+
+impl std::fmt::Display for PrecisionNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match *self {
+            Self::Fp32OnOldGpu { capability: (major, minor) } => write!(
+                f,
+                "note: this GPU (compute capability {major}.{minor}) has no bf16 and slow fp16 math: computing in fp32"
+            ),
+            Self::SlowFp16 { capability: (major, minor) } => write!(
+                f,
+                "warning: fp16 on a GPU of compute capability {major}.{minor}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 is usually faster"
+            ),
+        }
+    }
+}
+
 /// The precision `dtype` means on `device`, whose compute capability is `capability` (a GPU's,
 /// when it could be asked), with a note to print when the GPU's age decided it; or why the
-/// combination cannot run.
-pub fn resolve(dtype: Dtype, device: Device, capability: Option<(u32, u32)>) -> Result<(Precision, Option<String>), String> {
-    let old_gpu = capability.filter(|&c| c < FAST_16_BIT_CAPABILITY).map(|(major, minor)| format!("compute capability {major}.{minor}"));
+/// combination cannot run (`DtypeOnCpu`, `NoBf16`).
+pub fn resolve(dtype: DtypeChoice, device: Device, capability: Option<(u32, u32)>) -> Result<(Precision, Option<PrecisionNote>)> {
+    let old_gpu = capability.filter(|&c| c < FAST_16_BIT_CAPABILITY);
     match (device, dtype, old_gpu) {
-        (Device::Cpu, Dtype::Auto | Dtype::Fp32, _) => Ok((Precision::Fp32, None)),
-        (Device::Cpu, _, _) => {
-            Err(format!("--dtype {}: on the CPU models compute in fp32 (drop --dtype, or pick a GPU with --device)", dtype.name()))
-        }
-        (_, Dtype::Fp32, _) => Ok((Precision::Fp32, None)),
-        (_, Dtype::Auto, None) if capability.is_some_and(|c| c < BF16_CAPABILITY) => Ok((Precision::Fp16, None)),
-        (_, Dtype::Auto, None) | (_, Dtype::Bf16, None) => Ok((Precision::Bf16, None)),
-        (_, Dtype::Fp16, None) => Ok((Precision::Fp16, None)),
-        (_, Dtype::Auto, Some(gpu)) => {
-            Ok((Precision::Fp32, Some(format!("note: this GPU ({gpu}) has no bf16 and slow fp16 math: computing in fp32"))))
-        }
-        (_, Dtype::Bf16, Some(gpu)) => Err(format!("--dtype bf16: a GPU of {gpu} has no bf16; use fp32 (the default there) or fp16")),
-        (_, Dtype::Fp16, Some(gpu)) => Ok((
-            Precision::Fp16,
-            Some(format!(
-                "warning: fp16 on a GPU of {gpu}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 is usually faster"
-            )),
-        )),
+        (Device::Cpu, DtypeChoice::Auto | DtypeChoice::Fp32, _) => Ok((Precision::Fp32, None)),
+        (Device::Cpu, _, _) => Err(WorkerError::DtypeOnCpu { dtype }),
+        (_, DtypeChoice::Fp32, _) => Ok((Precision::Fp32, None)),
+        (_, DtypeChoice::Auto, None) if capability.is_some_and(|c| c < BF16_CAPABILITY) => Ok((Precision::Fp16, None)),
+        (_, DtypeChoice::Auto, None) | (_, DtypeChoice::Bf16, None) => Ok((Precision::Bf16, None)),
+        (_, DtypeChoice::Fp16, None) => Ok((Precision::Fp16, None)),
+        (_, DtypeChoice::Auto, Some(capability)) => Ok((Precision::Fp32, Some(PrecisionNote::Fp32OnOldGpu { capability }))),
+        (_, DtypeChoice::Bf16, Some(capability)) => Err(WorkerError::NoBf16 { capability }),
+        (_, DtypeChoice::Fp16, Some(capability)) => Ok((Precision::Fp16, Some(PrecisionNote::SlowFp16 { capability }))),
+    }
+}
+
+/// `--dtype` and its shorthand `--fp16` (generate, eval, serve).
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct DtypeArgs {
+    /// What the model computes in: auto (fp32 on the CPU and on GPUs below compute capability 7.0
+    /// such as the P40, fp16 on 7.x such as the V100 and T4, bf16 from 8.0), fp32, bf16 or fp16.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: DtypeChoice,
+    /// Shorthand for --dtype fp16.
+    #[arg(long, conflicts_with = "dtype")]
+    pub fp16: bool,
+}
+
+impl DtypeArgs {
+    /// The precision on `device` (asking a GPU for its compute capability), with the note to
+    /// show when the GPU's age decided it.
+    pub fn resolve(&self, device: Device) -> Result<(Precision, Option<PrecisionNote>)> {
+        let dtype = if self.fp16 { DtypeChoice::Fp16 } else { self.dtype };
+        let capability = match device {
+            Device::Cuda(index) => crate::device::compute_capability(index),
+            _ => None,
+        };
+        resolve(dtype, device, capability)
     }
 }
 
@@ -65,35 +115,50 @@ mod tests {
     const P40: Option<(u32, u32)> = Some((6, 1));
     const H200: Option<(u32, u32)> = Some((9, 0));
 
+    /// The precision alone, when there is no note.
+    fn plain(dtype: DtypeChoice, device: Device, capability: Option<(u32, u32)>) -> Precision {
+        match resolve(dtype, device, capability) {
+            Ok((precision, None)) => precision,
+            other => panic!("{dtype:?} on {device:?} {capability:?}: {other:?}"),
+        }
+    }
+
     #[test]
     fn auto_is_fp32_on_the_cpu_and_a_p40_fp16_on_volta_and_turing_and_bf16_from_ampere() {
         let gpu = Device::Cuda(0);
-        assert_eq!(resolve(Dtype::Auto, Device::Cpu, None), Ok((Precision::Fp32, None)));
-        assert_eq!(resolve(Dtype::Auto, gpu, H200), Ok((Precision::Bf16, None)));
-        assert_eq!(resolve(Dtype::Auto, gpu, Some((7, 0))), Ok((Precision::Fp16, None)), "Volta: fast fp16, emulated bf16");
-        assert_eq!(resolve(Dtype::Auto, gpu, Some((7, 5))), Ok((Precision::Fp16, None)), "Turing (T4)");
-        assert_eq!(resolve(Dtype::Auto, gpu, Some((8, 0))), Ok((Precision::Bf16, None)), "Ampere");
-        assert_eq!(resolve(Dtype::Bf16, gpu, Some((7, 5))), Ok((Precision::Bf16, None)), "asked for: emulated, but it runs");
-        assert_eq!(resolve(Dtype::Auto, gpu, None), Ok((Precision::Bf16, None)), "unknown capability: bf16, as before");
-        let (precision, note) = resolve(Dtype::Auto, gpu, P40).unwrap();
-        assert_eq!(precision, Precision::Fp32);
-        assert!(note.unwrap().contains("(compute capability 6.1) has no bf16 and slow fp16 math: computing in fp32"));
+        assert_eq!(plain(DtypeChoice::Auto, Device::Cpu, None), Precision::Fp32);
+        assert_eq!(plain(DtypeChoice::Auto, gpu, H200), Precision::Bf16);
+        assert_eq!(plain(DtypeChoice::Auto, gpu, Some((7, 0))), Precision::Fp16, "Volta: fast fp16, emulated bf16");
+        assert_eq!(plain(DtypeChoice::Auto, gpu, Some((7, 5))), Precision::Fp16, "Turing (T4)");
+        assert_eq!(plain(DtypeChoice::Auto, gpu, Some((8, 0))), Precision::Bf16, "Ampere");
+        assert_eq!(plain(DtypeChoice::Bf16, gpu, Some((7, 5))), Precision::Bf16, "asked for: emulated, but it runs");
+        assert_eq!(plain(DtypeChoice::Auto, gpu, None), Precision::Bf16, "unknown capability: bf16, as before");
+        let (precision, note) = resolve(DtypeChoice::Auto, gpu, P40).unwrap();
+        assert_eq!((precision, note), (Precision::Fp32, Some(PrecisionNote::Fp32OnOldGpu { capability: (6, 1) })));
+        let note = note.unwrap();
+        assert!(!note.is_warning());
+        assert!(note.to_string().contains("(compute capability 6.1) has no bf16 and slow fp16 math: computing in fp32"));
     }
 
     #[test]
     fn an_explicit_dtype_is_kept_or_refused_with_the_reason() {
         let gpu = Device::Cuda(1);
-        assert_eq!(resolve(Dtype::Fp32, gpu, H200), Ok((Precision::Fp32, None)));
-        assert_eq!(resolve(Dtype::Fp16, gpu, H200), Ok((Precision::Fp16, None)));
-        assert_eq!(resolve(Dtype::Bf16, gpu, H200), Ok((Precision::Bf16, None)));
-        assert_eq!(resolve(Dtype::Fp32, gpu, P40), Ok((Precision::Fp32, None)));
-        assert!(resolve(Dtype::Bf16, gpu, P40).unwrap_err().contains("compute capability 6.1 has no bf16"));
-        let (precision, warning) = resolve(Dtype::Fp16, gpu, P40).unwrap();
-        assert!(precision == Precision::Fp16 && warning.unwrap().starts_with("warning: fp16 on a GPU of compute capability 6.1"));
-        assert_eq!(resolve(Dtype::Fp32, Device::Cpu, None), Ok((Precision::Fp32, None)));
-        for dtype in [Dtype::Bf16, Dtype::Fp16] {
+        assert_eq!(plain(DtypeChoice::Fp32, gpu, H200), Precision::Fp32);
+        assert_eq!(plain(DtypeChoice::Fp16, gpu, H200), Precision::Fp16);
+        assert_eq!(plain(DtypeChoice::Bf16, gpu, H200), Precision::Bf16);
+        assert_eq!(plain(DtypeChoice::Fp32, gpu, P40), Precision::Fp32);
+        let err = resolve(DtypeChoice::Bf16, gpu, P40).unwrap_err();
+        assert!(matches!(err, WorkerError::NoBf16 { capability: (6, 1) }), "{err:?}");
+        assert!(err.to_string().contains("compute capability 6.1 has no bf16"), "{err}");
+        let (precision, warning) = resolve(DtypeChoice::Fp16, gpu, P40).unwrap();
+        let warning = warning.unwrap();
+        assert!(precision == Precision::Fp16 && warning.is_warning());
+        assert!(warning.to_string().starts_with("warning: fp16 on a GPU of compute capability 6.1"), "{warning}");
+        assert_eq!(plain(DtypeChoice::Fp32, Device::Cpu, None), Precision::Fp32);
+        for dtype in [DtypeChoice::Bf16, DtypeChoice::Fp16] {
             let err = resolve(dtype, Device::Cpu, None).unwrap_err();
-            assert!(err.starts_with(&format!("--dtype {}: on the CPU models compute in fp32", dtype.name())), "{err}");
+            assert!(matches!(err, WorkerError::DtypeOnCpu { dtype: d } if d == dtype), "{err:?}");
+            assert!(err.to_string().starts_with(&format!("--dtype {}: on the CPU models compute in fp32", dtype.name())), "{err}");
         }
     }
 }

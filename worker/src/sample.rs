@@ -7,6 +7,8 @@ use std::collections::HashMap;
 
 use zerotune_data::rng::SplitMix64;
 
+use crate::error::WorkerError;
+
 /// How one sequence picks its tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -24,14 +26,18 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     /// Refuses what sampling cannot use, naming the `worker generate` flag.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), WorkerError> {
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 {
-            return Err(format!("--temperature {t}: must be a finite number, 0 (greedy) or more"));
+            return Err(WorkerError::Flag {
+                flag: "--temperature",
+                value: t.to_string(),
+                rule: "must be a finite number, 0 (greedy) or more",
+            });
         }
         let p = self.top_p;
         if !(p > 0.0 && p <= 1.0) {
-            return Err(format!("--top_p {p}: must be in (0, 1]"));
+            return Err(WorkerError::Flag { flag: "--top_p", value: p.to_string(), rule: "must be in (0, 1]" });
         }
         Ok(())
     }
@@ -78,15 +84,18 @@ pub fn fresh_seed() -> u64 {
     Rng::new(nanos, COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).next_u64()
 }
 
+/// The old name of `TokenSampler`, kept while `eval/` (converted separately) still says it.
+pub type Sampler = TokenSampler;
+
 /// One sequence's sampling state: its settings, generator and the counts the penalties need.
 #[derive(Clone, Debug)]
-pub struct Sampler {
+pub struct TokenSampler {
     pub params: SamplingParams,
     rng: Rng,
     counts: HashMap<u32, u32>,
 }
 
-impl Sampler {
+impl TokenSampler {
     pub fn new(params: SamplingParams, rng: Rng) -> Self {
         Self { params, rng, counts: HashMap::new() }
     }
@@ -193,8 +202,8 @@ pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
 mod tests {
     use super::*;
 
-    fn sampler(params: SamplingParams, seed: u64) -> Sampler {
-        Sampler::new(params, Rng::new(seed, 0))
+    fn sampler(params: SamplingParams, seed: u64) -> TokenSampler {
+        TokenSampler::new(params, Rng::new(seed, 0))
     }
 
     #[test]

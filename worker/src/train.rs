@@ -375,7 +375,7 @@ fn decay_segments(params: &ParamSet) -> Vec<Segment> {
 pub fn batch_tensor(rows: u32, cols: u32, tokens: &[u32], device: Device) -> Result<Tensor> {
     let expected = rows as usize * cols as usize;
     if tokens.len() != expected {
-        return Err(WorkerError::Invalid(format!("a batch has {} tokens, expected {rows} x {cols}", tokens.len())));
+        return Err(WorkerError::BatchShape { tokens: tokens.len(), rows, cols });
     }
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     Ok(Tensor::from_slice(&ids).view([rows as i64, cols as i64]).to_device(device))

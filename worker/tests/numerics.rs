@@ -10,7 +10,7 @@ use zerotune_proto::plan::{LossScaler, ModelSource, Precision, WorkerPlan};
 use zerotune_worker::checkpoint::load_params;
 use zerotune_worker::engine::{Engine, Prompt};
 use zerotune_worker::model::{BatchCache, CodeGen, KvCache};
-use zerotune_worker::sample::{Rng, Sampler, SamplingParams};
+use zerotune_worker::sample::{Rng, SamplingParams, TokenSampler};
 use zerotune_worker::train::Trainer;
 
 /// Tolerances, fp32 (docs/style.md: written down once).
@@ -126,7 +126,7 @@ fn greedy_generation_matches_hf_generate() {
     // HF was run with eos_token_id 0; the engine stops at EOS without emitting it.
     let mut engine = Engine::new(&model, Device::Cpu, Some(0));
     let prompt = Prompt { ids: ids.iter().map(|&i| i as u32).collect(), max_new_tokens: 20, logprobs: None, prompt_logprobs: false };
-    let (_, mut emitted) = engine.admit(&prompt, vec![((), Sampler::new(SamplingParams::default(), Rng::new(0, 0)))]);
+    let (_, mut emitted) = engine.admit(&prompt, vec![((), TokenSampler::new(SamplingParams::default(), Rng::new(0, 0)))]);
     let mut new_ids = vec![];
     loop {
         let out = emitted.pop().unwrap();

@@ -5,9 +5,42 @@
 pub mod nccl;
 pub mod ring;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Result;
+
+/// A collective called with tensors it cannot take: wrong device, layout, element type or length.
+/// The caller's bug, not a lost rank (that is `WorkerError::Peer`).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    /// The TCP ring was given a GPU or non-contiguous tensor.
+    #[error("TCP ring collectives need contiguous host tensors (GPUs use NCCL)")]
+    NotHost,
+    /// The TCP ring sums f32 and f64 only.
+    #[error("all_reduce of {kind:?} is not supported (f32, f64)")]
+    RingKind { kind: Kind },
+    /// The TCP ring's reduce_scatter takes f32 input of world x output elements.
+    #[error("reduce_scatter needs f32 input of world x output length")]
+    RingReduceScatter { input: usize, output: usize, world: usize },
+    /// NCCL has no type for this element kind.
+    #[error("NCCL collectives on {kind:?} are not supported")]
+    NcclKind { kind: Kind },
+    /// NCCL was given a host or non-contiguous tensor.
+    #[error("NCCL collectives need contiguous CUDA tensors")]
+    NotCuda,
+    /// NCCL was asked to join on a device that is not a GPU.
+    #[error("NCCL collectives need a GPU")]
+    NoGpu,
+    /// An NCCL communicator id of the wrong length (`expected` is NCCL's).
+    #[error("an NCCL id has {expected} bytes, got {got}")]
+    NcclId { expected: usize, got: usize },
+    /// NCCL's reduce_scatter takes input of world x output elements.
+    #[error("reduce_scatter needs input of world x output length")]
+    NcclReduceScatter { input: usize, output: usize, world: usize },
+    /// all_gather of a buffer that does not split into `world` equal blocks.
+    #[error("all_gather of {len} values over {world} ranks: pad to a multiple")]
+    UnevenGather { len: usize, world: usize },
+}
 
 /// Sum-reductions and gathers over contiguous tensors on this rank's device.
 pub trait Collective: Send {

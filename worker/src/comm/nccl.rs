@@ -6,7 +6,7 @@
 use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
-use super::Collective;
+use super::{Collective, CollectiveError};
 use crate::error::{Result, WorkerError};
 
 /// Bytes of an NCCL unique id (relayed from rank 0 by the coordinator).
@@ -62,13 +62,13 @@ fn data_type(kind: Kind) -> Result<sys::ncclDataType_t> {
         Kind::Half => sys::ncclDataType_t::ncclFloat16,
         Kind::BFloat16 => sys::ncclDataType_t::ncclBfloat16,
         Kind::Uint8 => sys::ncclDataType_t::ncclUint8,
-        other => return Err(WorkerError::Invalid(format!("NCCL collectives on {other:?} are not supported"))),
+        kind => return Err(CollectiveError::NcclKind { kind }.into()),
     })
 }
 
 fn on_gpu(t: &Tensor) -> Result<*mut std::ffi::c_void> {
     if !matches!(t.device(), Device::Cuda(_)) || !t.is_contiguous() {
-        return Err(WorkerError::Invalid("NCCL collectives need contiguous CUDA tensors".into()));
+        return Err(CollectiveError::NotCuda.into());
     }
     Ok(t.data_ptr())
 }
@@ -79,7 +79,7 @@ impl Nccl {
     pub fn join(id: &[u8], rank: usize, world: usize, device: Device) -> Result<Self> {
         available()?;
         let Device::Cuda(index) = device else {
-            return Err(WorkerError::Invalid("NCCL collectives need a GPU".into()));
+            return Err(CollectiveError::NoGpu.into());
         };
         // NCCL takes the calling thread's current device, which is GPU 0 unless made otherwise
         // (every launcher gives a rank its one GPU as cuda:0).
@@ -88,7 +88,7 @@ impl Nccl {
         }
         let mut unique = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
         if id.len() != UNIQUE_ID_BYTES {
-            return Err(WorkerError::Invalid(format!("an NCCL id has {UNIQUE_ID_BYTES} bytes, got {}", id.len())));
+            return Err(CollectiveError::NcclId { expected: UNIQUE_ID_BYTES, got: id.len() }.into());
         }
         for (dst, src) in unique.internal.iter_mut().zip(id) {
             *dst = *src as std::ffi::c_char;
@@ -126,7 +126,8 @@ impl Collective for Nccl {
 
     fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
         if input.numel() != output.numel() * self.world {
-            return Err(WorkerError::Invalid("reduce_scatter needs input of world x output length".into()));
+            let (input, output, world) = (input.numel(), output.numel(), self.world);
+            return Err(CollectiveError::NcclReduceScatter { input, output, world }.into());
         }
         let (src, dst, ty) = (on_gpu(input)?, on_gpu(output)?, data_type(input.kind())?);
         // SAFETY: live device buffers of the stated sizes, default stream.
@@ -137,11 +138,7 @@ impl Collective for Nccl {
 
     fn all_gather(&mut self, buffer: &mut Tensor) -> Result<()> {
         if !buffer.numel().is_multiple_of(self.world) {
-            return Err(WorkerError::Invalid(format!(
-                "all_gather of {} values over {} ranks: pad to a multiple",
-                buffer.numel(),
-                self.world
-            )));
+            return Err(CollectiveError::UnevenGather { len: buffer.numel(), world: self.world }.into());
         }
         let n = buffer.numel() / self.world;
         let (ptr, ty) = (on_gpu(buffer)?, data_type(buffer.kind())?);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::Collective;
+use super::{Collective, CollectiveError};
 use crate::error::{Result, WorkerError};
 
 const MAGIC: &[u8; 8] = b"ZTRING01";
@@ -173,7 +173,7 @@ impl Element for f64 {
 
 fn check_host(t: &Tensor) -> Result<usize> {
     if t.device() != Device::Cpu || !t.is_contiguous() {
-        return Err(WorkerError::Invalid("TCP ring collectives need contiguous host tensors (GPUs use NCCL)".into()));
+        return Err(CollectiveError::NotHost.into());
     }
     Ok(t.numel() * t.kind().elt_size_in_bytes())
 }
@@ -218,14 +218,14 @@ impl Collective for TcpRing {
                 self.reduce_scatter_in_place(typed::<f64>(bytes), 0)?;
                 self.all_gather_in_place(bytes, 8, 1)
             }
-            other => Err(WorkerError::Invalid(format!("all_reduce of {other:?} is not supported (f32, f64)"))),
+            kind => Err(CollectiveError::RingKind { kind }.into()),
         }
     }
 
     fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
         let n = output.numel();
         if input.numel() != n * self.world || input.kind() != Kind::Float || output.kind() != Kind::Float {
-            return Err(WorkerError::Invalid("reduce_scatter needs f32 input of world x output length".into()));
+            return Err(CollectiveError::RingReduceScatter { input: input.numel(), output: n, world: self.world }.into());
         }
         let mut work = host_bytes(input)?.to_vec();
         // Shift by world - 1 so this rank ends up holding the sum of its own chunk.
@@ -236,11 +236,7 @@ impl Collective for TcpRing {
 
     fn all_gather(&mut self, buffer: &mut Tensor) -> Result<()> {
         if !buffer.numel().is_multiple_of(self.world) {
-            return Err(WorkerError::Invalid(format!(
-                "all_gather of {} values over {} ranks: pad to a multiple",
-                buffer.numel(),
-                self.world
-            )));
+            return Err(CollectiveError::UnevenGather { len: buffer.numel(), world: self.world }.into());
         }
         let elem = buffer.kind().elt_size_in_bytes();
         self.all_gather_in_place(host_bytes_mut(buffer)?, elem, 0)

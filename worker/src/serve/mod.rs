@@ -2,34 +2,42 @@
 //! clients speak (OpenAI's legacy completions; docs/serving.md). The HTTP front end (axum)
 //! validates and tokenizes each request and hands it to the engine thread over a bounded queue
 //! (full: 429); the engine batches every request in flight (`batcher.rs`), sharing the batch's
-//! rows fairly between them (`fair.rs`).
+//! rows fairly between them (`fair.rs`), and keeps the books of each request (`requests.rs`).
+//! `command.rs` is `worker serve` itself: its flags, the log, the model, the listener.
 
 pub mod api;
 mod batcher;
+mod command;
+mod completions;
 mod fair;
+pub mod log;
 pub mod metrics;
+mod requests;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Router;
 use serde_json::json;
 use tokenizers::Tokenizer;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::generate::Loaded;
-use api::{completion_json, parse_completion, ApiError, PromptInput, ResponseHead};
-use batcher::{Batcher, Job, Reply};
+use api::ApiError;
+use batcher::Batcher;
+pub use command::{main, ServeArgs};
+use completions::{completions, PromptLimits};
+pub use log::LogFormat;
 use metrics::Metrics;
+use requests::PendingRequest;
 
 /// How the server behaves, from `worker serve`'s flags.
 #[derive(Clone, Debug)]
@@ -51,11 +59,10 @@ pub struct ServeOptions {
 struct App {
     options: ServeOptions,
     tokenizer: Arc<Tokenizer>,
-    eos: Option<u32>,
-    n_positions: usize,
-    /// Embedding rows: every token id must be below.
-    vocab_rows: usize,
-    queue: mpsc::Sender<Job>,
+    /// What the model takes of a prompt (context, vocabulary, EOS).
+    limits: PromptLimits,
+    /// The engine thread's queue.
+    queue: mpsc::Sender<PendingRequest>,
     metrics: Arc<Metrics>,
 }
 
@@ -74,15 +81,33 @@ pub fn run(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
     let options = ServeOptions { max_batch: options.max_batch.max(1), max_queue: options.max_queue.max(1), ..options };
+    let (batcher, app, requests) = engine_and_app(loaded, options);
+    let router = router(app);
+    let server = runtime.spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown).await });
+    // The router holds the queue's only sender: once the server has stopped, the queue closes and
+    // the engine returns after answering its last request.
+    batcher.run(requests);
+    runtime.block_on(server).map_err(std::io::Error::other)?
+}
+
+/// The engine thread's part (the model, its queue's receiving end) and the handlers' (the
+/// tokenizer, the limits, the sending end), sharing the metrics.
+fn engine_and_app(loaded: Loaded, options: ServeOptions) -> (Batcher, Arc<App>, mpsc::Receiver<PendingRequest>) {
+    let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
-    let (queue, jobs) = mpsc::channel(options.max_queue);
+    let (queue, requests) = mpsc::channel(options.max_queue);
     let (max_batch, prefix_cache_tokens) = (options.max_batch, options.prefix_cache_tokens);
     let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
-    let app = Arc::new(App { options, tokenizer, eos, n_positions: config.n_positions, vocab_rows: config.vocab_size, queue, metrics });
-    let router = Router::new()
+    let limits = PromptLimits { n_positions: config.n_positions, vocab_rows: config.vocab_size, eos };
+    (batcher, Arc::new(App { options, tokenizer, limits, queue, metrics }), requests)
+}
+
+/// The routes (docs/serving.md), OpenAI-shaped 404 and 405 answers, the body limit and the
+/// per-request log line.
+fn router(app: Arc<App>) -> Router {
+    Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/engines/{engine}/completions", post(completions))
         .route("/v1/models", get(models))
@@ -99,152 +124,7 @@ pub fn run(
         })
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(axum::middleware::from_fn_with_state(app.clone(), log_request))
-        .with_state(app);
-    let server = runtime.spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown).await });
-    // The router holds the queue's only sender: once the server has stopped, the queue closes and
-    // the engine returns after answering its last request.
-    batcher.run(jobs);
-    runtime.block_on(server).map_err(std::io::Error::other)?
-}
-
-/// `POST /v1/completions` and `/v1/engines/{engine}/completions`.
-async fn completions(
-    State(app): State<Arc<App>>,
-    Extension(usage): Extension<Arc<Usage>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        // A body over the size limit (413), or one that broke off.
-        Err(rejection) => {
-            let status = rejection.status().as_u16();
-            return error(&ApiError { status, code: Some("invalid_body"), ..ApiError::invalid("", rejection.body_text()) });
-        }
-    };
-    match start(&app, &usage, &headers, &body).await {
-        Ok(response) => response,
-        Err(err) => error(&err),
-    }
-}
-
-async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    authorize(app, headers)?;
-    let request = parse_completion(body)?;
-    check_sequences(request.prompts.len(), request.n, app.options.max_batch)?;
-    // Tokenizing a long prompt takes a while: off the threads that serve every connection.
-    let tokenizer = app.tokenizer.clone();
-    let inputs = request.prompts.clone();
-    let tokenized = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u32>, String)>, ApiError> {
-        inputs
-            .into_iter()
-            .map(|prompt| match prompt {
-                PromptInput::Text(text) => {
-                    let encoding = tokenizer
-                        .encode(text.as_str(), false)
-                        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
-                    Ok((encoding.get_ids().to_vec(), text))
-                }
-                PromptInput::Tokens(ids) => {
-                    let text = tokenizer.decode(&ids, false).unwrap_or_default();
-                    Ok((ids, text))
-                }
-            })
-            .collect()
-    });
-    let tokenized = tokenized.await.map_err(|_| server_error("tokenizing the prompt failed"))??;
-    let mut prompts = vec![];
-    let mut prompt_texts = vec![];
-    for (ids, text) in tokenized {
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= app.vocab_rows) {
-            return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the model's {} embedding rows", app.vocab_rows)));
-        }
-        let ids = if ids.is_empty() { app.eos.into_iter().collect() } else { ids };
-        if ids.is_empty() {
-            return Err(ApiError::invalid("prompt", "the prompt is empty and the tokenizer has no <|endoftext|> to start from"));
-        }
-        let total = ids.len() + request.max_tokens;
-        if total > app.n_positions {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                format!(
-                    "This model's maximum context length is {} tokens, however you requested {total} tokens ({} in your prompt; {} for the completion). Please reduce your prompt; or completion length.",
-                    app.n_positions,
-                    ids.len(),
-                    request.max_tokens
-                ),
-            ));
-        }
-        prompts.push(ids);
-        prompt_texts.push(text);
-    }
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    usage.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
-    let head = ResponseHead { id: completion_id(), created: unix_now(), model: request.model.clone() };
-    let stream = request.stream;
-    let (reply, whole, streamed) = if stream {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Reply::Stream(tx), None, Some(rx))
-    } else {
-        let (tx, rx) = oneshot::channel();
-        (Reply::Whole(tx), Some(rx), None)
-    };
-    let job = Job { head: head.clone(), request, prompts, prompt_texts, reply, completion_tokens: usage.completion_tokens.clone() };
-    // Counted before it is sent: the engine may take it (and count it out) at once. The count, not
-    // the channel, bounds the requests waiting: the engine takes each one off the channel as it
-    // comes, to share the batch's rows between all of them.
-    let waiting = app.metrics.queued.fetch_add(1, Ordering::Relaxed) as usize;
-    let sent = if waiting >= app.options.max_queue { Err(mpsc::error::TrySendError::Full(job)) } else { app.queue.try_send(job) };
-    if sent.is_err() {
-        app.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-    }
-    match sent {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            return Err(ApiError {
-                status: 429,
-                kind: "rate_limit_exceeded",
-                code: Some("queue_full"),
-                param: None,
-                message: format!(
-                    "the server's queue is full ({} requests wait for a place in the batch); retry shortly",
-                    app.options.max_queue
-                ),
-            })
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            return Err(ApiError {
-                status: 503,
-                kind: "server_error",
-                code: None,
-                param: None,
-                message: "the server is shutting down".into(),
-            })
-        }
-    };
-    if let Some(rx) = streamed {
-        let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let body = Body::from_stream(tokio_stream::StreamExt::map(events, Ok::<_, std::convert::Infallible>));
-        return Ok(([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], body).into_response());
-    }
-    let choices =
-        whole.expect("not streaming").await.map_err(|_| server_error("the engine failed on this request (see the server's log)"))?;
-    let completion_tokens = usage.completion_tokens.load(Ordering::Relaxed) as usize;
-    Ok(axum::Json(completion_json(&head, &choices, prompt_tokens, completion_tokens)).into_response())
-}
-
-/// One request may hold at most the whole batch: its prompts x n sequences generate together
-/// with everyone else's, and a larger request would hold the batch for as long as it runs.
-fn check_sequences(prompts: usize, n: usize, max_batch: usize) -> Result<(), ApiError> {
-    let sequences = prompts * n;
-    if sequences <= max_batch {
-        return Ok(());
-    }
-    let plural = if prompts == 1 { "" } else { "s" };
-    let message = format!(
-        "this request asks for {sequences} sequences ({prompts} prompt{plural} x n {n}), more than the server's batch of {max_batch} (--max_batch): send at most {max_batch} prompts x n per request, splitting the prompts over several requests"
-    );
-    Err(ApiError::invalid(if prompts == 1 { "n" } else { "prompt" }, message))
+        .with_state(app)
 }
 
 /// The server's own failure: 500, which clients may retry.
@@ -329,17 +209,8 @@ impl Drop for LogLine {
         let seconds = self.start.elapsed().as_secs_f64();
         self.app.metrics.request(self.status, seconds);
         let (prompt, completion) = (self.usage.prompt_tokens.load(Ordering::Relaxed), self.usage.completion_tokens.load(Ordering::Relaxed));
-        let tokens = if prompt + completion > 0 { format!(" {prompt}+{completion} tokens") } else { String::new() };
-        eprintln!("{} {} {}{tokens} {seconds:.3} s", self.method, self.path, self.status);
+        log::request(self.method.as_str(), &self.path, self.status, prompt, completion, seconds);
     }
-}
-
-/// `cmpl-` and 29 letters and digits, as FauxPilot's ids.
-fn completion_id() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = crate::sample::Rng::new(crate::sample::fresh_seed(), 0);
-    let id: String = (0..29).map(|_| ALPHABET[(rng.next_u64() % ALPHABET.len() as u64) as usize] as char).collect();
-    format!("cmpl-{id}")
 }
 
 fn unix_now() -> u64 {
