@@ -23,7 +23,7 @@ printf 'node-a slots=1\nnode-b slots=1\n' >"$WORK/hostfile"
 
 flags=(train --device cpu --model_name_or_path target/fixtures/tiny --train_file coordinator/src --do_train
   --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --block_size 32 --max_steps 400 --save_steps 0
-  --logging_steps 1 --master_addr 127.0.0.1 --master_port 0 --cache_dir "$WORK/cache")
+  --logging_steps 1 --master_addr 127.0.0.1 --master_port 0 --cache_dir "$WORK/cache" --worker_bin "$PWD/target/debug/worker")
 
 # One run: prints the seconds from the kill of rank 1 (at step 3) to the job's exit.
 # $1 = slurm|ssh, $2 = the coordinator binary.

@@ -39,12 +39,12 @@ impl AbortSwitch {
         thrown
     }
 
-    /// Waits until `ranks` ranks heard the abort, or `limit` passed.
-    pub async fn wait_told(&self, ranks: usize, limit: std::time::Duration) {
+    /// Waits until every one of `ranks` heard the abort, or `limit` passed.
+    pub async fn wait_told(&self, ranks: &BTreeSet<u32>, limit: std::time::Duration) {
         let _ = tokio::time::timeout(limit, async {
             loop {
                 let heard = self.heard.notified();
-                if self.told.lock().expect("abort lock").len() >= ranks {
+                if self.told.lock().expect("abort lock").is_superset(ranks) {
                     return;
                 }
                 heard.await;
@@ -257,7 +257,7 @@ mod tests {
         abort.throw();
         let waiting = tokio::spawn({
             let abort = abort.clone();
-            async move { abort.wait_told(2, std::time::Duration::from_secs(600)).await }
+            async move { abort.wait_told(&[0, 1].into(), std::time::Duration::from_secs(600)).await }
         });
         assert!(service.heartbeat(beat(0)).await.unwrap().into_inner().abort);
         assert!(service.heartbeat(beat(1)).await.unwrap().into_inner().abort);

@@ -151,9 +151,11 @@ pub(super) async fn attempt(
     };
     pace.close();
     if result.is_err() && matches!(plan.launch.launcher, Launcher::Ssh { .. } | Launcher::Manual) {
-        // Ranks we cannot kill ourselves hear the abort in their next heartbeat, even mid-step.
+        // Ranks we cannot kill ourselves hear the abort in their next heartbeat, even mid-step;
+        // those whose connection closed never will.
         abort.throw();
-        abort.wait_told(job.hosts.len(), 2 * zerotune_proto::plan::heartbeat_interval(plan.launch.heartbeat_timeout)).await;
+        let limit = 2 * zerotune_proto::plan::heartbeat_interval(plan.launch.heartbeat_timeout);
+        abort.wait_told(&job.still_connected(), limit).await;
     }
     let stopped = job.stopped_at.zip(job.stop);
     let _ = stop_tx.send(());

@@ -385,6 +385,12 @@ impl<'a> Job<'a> {
         CoordinatorError::Worker { rank, host: self.host(rank), message }
     }
 
+    /// The registered ranks whose connection has not closed: those an abort can still reach
+    /// through their heartbeat.
+    pub fn still_connected(&self) -> BTreeSet<u32> {
+        self.hosts.keys().copied().filter(|rank| !self.disconnected.contains_key(rank)).collect()
+    }
+
     fn host(&self, rank: u32) -> String {
         self.hosts.get(&rank).cloned().unwrap_or_else(|| "not registered".into())
     }
