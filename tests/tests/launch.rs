@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, weights_rel_err};
+use common::{binary, fixtures, kill_rank_1_at_step_3, s, source_dir, stderr, weights_rel_err};
 use zerotune_hf::WeightFiles;
 
 /// Flags shared by every run here: 2 ranks' worth of work on the tiny fixture.
@@ -119,27 +119,14 @@ fn a_rank_killed_over_ssh_ends_the_job_within_two_seconds() {
     let mut args = train_args(&t.join("out"), &t.join("cache"));
     let at = args.iter().position(|a| a == "--max_steps").unwrap() + 1;
     args[at] = "400".into();
-    let mut job = Command::new(binary("coordinator"))
+    let job = Command::new(binary("coordinator"))
         .args(args)
         .args(["--hostfile", &s(&hostfile), "--ssh_command", &s(&fake), "--master_addr", "127.0.0.1", "--master_port", "0"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (mut rank1, mut killed_at, mut lines) = (None, None, vec![]);
-    for line in BufReader::new(job.stderr.take().unwrap()).lines().map(Result::unwrap) {
-        if line.starts_with("rank 1 joined: ") {
-            rank1 = joined_pid(&line);
-        }
-        if let (true, Some(pid), None) = (line.starts_with("step 3/"), rank1, killed_at) {
-            signal(pid, libc::SIGKILL);
-            killed_at = Some(std::time::Instant::now());
-        }
-        lines.push(line);
-    }
-    let status = job.wait().unwrap();
-    let took = killed_at.expect("rank 1 joined and step 3 was reached").elapsed();
-    let log = lines.join("\n");
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (code, took, log) = kill_rank_1_at_step_3(job);
+    assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("worker rank 1 (") && log.contains("SIGKILL") && !log.contains("panicked"), "{log}");
     assert!(took < std::time::Duration::from_secs(2), "the job ended {took:?} after the kill:\n{log}");
 }

@@ -7,14 +7,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::slurm::Cluster;
-use common::{binary, fixtures, joined_pid, s, signal, source_dir, stderr, weights_rel_err};
+use common::{binary, fixtures, kill_rank_1_at_step_3, s, source_dir, stderr, weights_rel_err};
 use zerotune_hf::WeightFiles;
 
 /// A killed task ends the job within this (issue 29; over ssh it takes under 0.5 s).
@@ -105,23 +104,10 @@ fn a_killed_task_is_named_and_ends_the_job_within_two_seconds() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let cluster = cluster();
-    let mut job =
+    let job =
         salloc(&cluster, &["-N1", "-n2"], &train_args(&t.join("out"), &t.join("cache"), 400, 0)).stderr(Stdio::piped()).spawn().unwrap();
-    let (mut rank1, mut killed_at, mut lines) = (None, None, vec![]);
-    for line in BufReader::new(job.stderr.take().unwrap()).lines().map(Result::unwrap) {
-        if line.starts_with("rank 1 joined: ") {
-            rank1 = joined_pid(&line);
-        }
-        if let (true, Some(pid), None) = (line.starts_with("step 3/"), rank1, killed_at) {
-            signal(pid, libc::SIGKILL);
-            killed_at = Some(Instant::now());
-        }
-        lines.push(line);
-    }
-    let status = job.wait().unwrap();
-    let took = killed_at.expect("rank 1 joined and step 3 was reached").elapsed();
-    let log = lines.join("\n");
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (code, took, log) = kill_rank_1_at_step_3(job);
+    assert_eq!(code, Some(1), "{log}");
     assert!(log.contains("worker rank 1 (") && !log.contains("panicked"), "{log}");
     assert!(took < KILL_BOUND, "the job ended {took:?} after the kill (bound {KILL_BOUND:?}):\n{log}");
     eprintln!("kill to exit under salloc -n2: {took:?}");

@@ -64,3 +64,25 @@ pub fn weights_rel_err(ours: &Path, reference: &Path) -> f64 {
     let values = |files: &zerotune_hf::WeightFiles, name: &str| files.read(name).unwrap().to_f32().unwrap();
     b.names().map(|name| zerotune_tests::rel_err(&values(&a, name), &values(&b, name))).fold(0.0, zerotune_tests::nan_max)
 }
+
+/// Runs `job` (its stderr piped) to its end, SIGKILLing rank 1 (the pid of its `rank 1 joined`
+/// line) at the first `step 3/` line. Returns the exit code, the time from the kill to the exit,
+/// and the whole stderr.
+pub fn kill_rank_1_at_step_3(mut job: std::process::Child) -> (Option<i32>, std::time::Duration, String) {
+    use std::io::{BufRead, BufReader};
+    let (mut rank1, mut killed_at, mut lines) = (None, None, vec![]);
+    for line in BufReader::new(job.stderr.take().expect("stderr piped")).lines().map(Result::unwrap) {
+        if line.starts_with("rank 1 joined: ") {
+            rank1 = joined_pid(&line);
+        }
+        if let (true, Some(pid), None) = (line.starts_with("step 3/"), rank1, killed_at) {
+            signal(pid, libc::SIGKILL);
+            killed_at = Some(std::time::Instant::now());
+        }
+        lines.push(line);
+    }
+    let status = job.wait().unwrap();
+    let log = lines.join("\n");
+    let took = killed_at.unwrap_or_else(|| panic!("rank 1 joined and step 3 was reached:\n{log}")).elapsed();
+    (status.code(), took, log)
+}
