@@ -58,7 +58,7 @@ pub fn tokenize_into(docs: &[Document], tokenizer: &Tokenizer, eos: u32, sink: &
     let mut flush = |batch: &mut Vec<&str>, ends: &mut Vec<bool>| -> Result<()> {
         let encodings = tokenizer
             .encode_batch_fast(std::mem::take(batch), false)
-            .map_err(|e| CoordinatorError::Flag(format!("tokenization failed: {e}")))?;
+            .map_err(|e| CoordinatorError::Tokenizer { what: "tokenization failed", message: e.to_string() })?;
         ids.clear();
         for (encoding, end) in encodings.iter().zip(ends.drain(..)) {
             ids.extend_from_slice(encoding.get_ids());

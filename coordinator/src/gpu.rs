@@ -6,7 +6,8 @@
 use std::process::Command;
 
 use zerotune_hf::CodeGenConfig;
-use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
+use zerotune_proto::plan::Precision;
+use zerotune_proto::precision::{gpu_precision, NoBf16, PrecisionNote};
 
 use crate::config::{config_by_name, Device, GpuModel, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
@@ -20,10 +21,6 @@ pub struct GpuInfo {
     /// (major, minor), e.g. (6, 1) for a P40.
     pub compute_capability: (u32, u32),
 }
-
-/// From this compute capability (Ampere) GPUs have bf16; Volta and Turing have fast fp16 only
-/// (the worker's inference rule, worker precision.rs, draws the same line).
-const BF16_CAPABILITY: (u32, u32) = (8, 0);
 
 /// Each `--gpu_model`: nvidia-smi's name, memory.total in MiB (what a query on that card gives,
 /// and so what the planner plans against there) and compute capability.
@@ -84,47 +81,46 @@ pub enum Chosen {
     Explicit,
 }
 
-/// What a GPU of `capability` trains in, given the plan's precision and how it was chosen; with
-/// a note to print, or an error. Below compute capability 7.0 (Pascal: P40, P100, GTX 10xx) fp16
-/// math runs at a small fraction of fp32's rate (1/64 on a P40) and there is no bf16: the default
-/// becomes fp32 compute with the optimizer offloaded; --fp16 is allowed with a warning, --bf16 is
-/// refused. Volta and Turing (7.x: V100, T4) have fast fp16 but emulate bf16: the default
-/// becomes fp16 (with its loss scaler); --bf16 runs, with a warning.
+/// What a GPU of `capability` trains in, given the plan's precision and how it was chosen
+/// (`zerotune_proto::precision`'s rule), whether the optimizer moves to the CPU, and a note to
+/// print. Below compute capability 7.0 (Pascal: P40, P100, GTX 10xx) fp16 math runs at a small
+/// fraction of fp32's rate (1/64 on a P40) and there is no bf16: the default becomes fp32
+/// compute with the optimizer offloaded; --fp16 is allowed with a warning, --bf16 is refused.
+/// Volta and Turing (7.x: V100, T4) have fast fp16 but emulate bf16: the default becomes fp16
+/// (with its loss scaler); --bf16 runs, with a warning.
 pub fn precision_for(
     capability: (u32, u32),
     precision: Precision,
     chosen: Chosen,
-) -> std::result::Result<(Precision, bool, Option<String>), String> {
-    let (major, minor) = capability;
-    let gpu = format!("compute capability {major}.{minor}");
-    if capability >= BF16_CAPABILITY || (precision != Precision::Bf16 && capability >= FAST_16_BIT_CAPABILITY) {
-        return Ok((precision, false, None));
-    }
-    if capability >= FAST_16_BIT_CAPABILITY {
-        let note = match chosen {
-            Chosen::Default => {
-                (Precision::Fp16, format!("note: this GPU ({gpu}) has fast fp16 but no bf16: training in fp16 with loss scaling"))
-            }
-            Chosen::Explicit => (
-                Precision::Bf16,
-                format!("warning: --bf16 on a GPU of {gpu}: bf16 is emulated there, far below its fp16 rate; --fp16 is usually faster"),
-            ),
-        };
-        return Ok((note.0, false, Some(note.1)));
-    }
-    match (precision, chosen) {
-        (Precision::Fp32, _) => Ok((Precision::Fp32, false, None)),
-        (_, Chosen::Default) => Ok((
-            Precision::Fp32,
-            true,
-            Some(format!("note: this GPU ({gpu}) has no bf16 and slow fp16 math: training in fp32 with the optimizer offloaded to the CPU")),
-        )),
-        (Precision::Fp16, Chosen::Explicit) => Ok((
-            Precision::Fp16,
-            false,
-            Some(format!("warning: --fp16 on a GPU of {gpu}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 (no --fp16) is usually faster")),
-        )),
-        (Precision::Bf16, Chosen::Explicit) => Err(format!("--bf16: a GPU of {gpu} has no bf16; train in fp32 (drop --bf16) or --fp16")),
+) -> std::result::Result<(Precision, bool, Option<String>), NoBf16> {
+    let asked = match (chosen, precision) {
+        (Chosen::Default, Precision::Bf16) => None,
+        _ => Some(precision),
+    };
+    let (precision, note) = gpu_precision(capability, asked)?;
+    let offload = matches!(note, Some(PrecisionNote::Fp32OnOldGpu { .. }));
+    Ok((precision, offload, note.map(training_note)))
+}
+
+/// A precision note in training's words.
+fn training_note(note: PrecisionNote) -> String {
+    let gpu = |(major, minor): (u32, u32)| format!("compute capability {major}.{minor}");
+    match note {
+        PrecisionNote::Fp16WithoutBf16 { capability } => {
+            format!("note: this GPU ({}) has fast fp16 but no bf16: training in fp16 with loss scaling", gpu(capability))
+        }
+        PrecisionNote::EmulatedBf16 { capability } => format!(
+            "warning: --bf16 on a GPU of {}: bf16 is emulated there, far below its fp16 rate; --fp16 is usually faster",
+            gpu(capability)
+        ),
+        PrecisionNote::Fp32OnOldGpu { capability } => format!(
+            "note: this GPU ({}) has no bf16 and slow fp16 math: training in fp32 with the optimizer offloaded to the CPU",
+            gpu(capability)
+        ),
+        PrecisionNote::SlowFp16 { capability } => format!(
+            "warning: --fp16 on a GPU of {}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 (no --fp16) is usually faster",
+            gpu(capability)
+        ),
     }
 }
 
@@ -141,7 +137,7 @@ pub fn plan_config(plan: &TrainPlan) -> Result<CodeGenConfig> {
         }
         ModelChoice::Pretrained(dir) => Ok(CodeGenConfig::from_dir(dir)
             .or_else(|_| config_by_name(&dir.to_string_lossy()))
-            .map_err(|e| CoordinatorError::Flag(format!("--model_name_or_path {}: {e}", dir.display())))?),
+            .map_err(|e| CoordinatorError::flag("--model_name_or_path", dir.display(), e.to_string()))?),
     }
 }
 
@@ -214,7 +210,7 @@ pub fn capacity(plan: &TrainPlan, gpus: &[GpuInfo]) -> Capacity {
 pub fn adapt_precision(plan: &mut TrainPlan, gpus: &[GpuInfo], chosen: Chosen) -> Result<Vec<String>> {
     let Some((gpu, known)) = planned_gpu(plan, gpus) else { return Ok(vec![]) };
     let (precision, offload, note) = precision_for(gpu.compute_capability, plan.training.precision, chosen)
-        .map_err(|e| CoordinatorError::Flag(format!("{}: {e}", gpu.name)))?;
+        .map_err(|refusal| CoordinatorError::Precision { gpu: gpu.name.clone(), refusal })?;
     plan.training.precision = precision;
     if offload && !plan.zero.offload_optimizer {
         plan.zero.offload_optimizer = true;
@@ -275,8 +271,10 @@ mod tests {
         let notes = adapt_precision(&mut default, &p40(), Chosen::Default).unwrap();
         assert_eq!((default.training.precision, default.zero.offload_optimizer), (Precision::Fp32, true));
         assert!(notes[0].starts_with("Tesla P40 (cuda:0): note: this GPU (compute capability 6.1)"), "{notes:?}");
-        let err = adapt_precision(&mut plan(&["--bf16"]), &p40(), Chosen::Explicit).unwrap_err().to_string();
-        assert!(err.contains("Tesla P40: --bf16: a GPU of compute capability 6.1 has no bf16"), "{err}");
+        let err = adapt_precision(&mut plan(&["--bf16"]), &p40(), Chosen::Explicit).unwrap_err();
+        assert!(matches!(&err, CoordinatorError::Precision { refusal: NoBf16 { capability: (6, 1) }, .. }), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains("Tesla P40: --bf16: a GPU of compute capability 6.1 has no bf16; train in fp32"), "{err}");
         // The embedding follows the trained tokenizer: 2048 rows.
         let job = job_of(&default, &plan_config(&default).unwrap());
         assert_eq!((job.shape.vocab, job.block, job.gpu, job.offload), (2048, 1024, true, true));
@@ -306,7 +304,7 @@ mod tests {
         let (p, offload, note) = precision_for((6, 1), Precision::Fp16, Chosen::Explicit).unwrap();
         assert_eq!((p, offload), (Precision::Fp16, false));
         assert!(note.unwrap().starts_with("warning: --fp16"));
-        assert!(precision_for((6, 0), Precision::Bf16, Chosen::Explicit).unwrap_err().contains("has no bf16"));
+        assert_eq!(precision_for((6, 0), Precision::Bf16, Chosen::Explicit), Err(NoBf16 { capability: (6, 0) }));
         assert_eq!(precision_for((6, 1), Precision::Fp32, Chosen::Explicit).unwrap(), (Precision::Fp32, false, None));
         // Ampere and later keep what the plan says.
         for cap in [(8, 0), (9, 0)] {

@@ -23,10 +23,6 @@ pub struct Placement {
     pub slot: usize,
 }
 
-fn bad(message: String) -> CoordinatorError {
-    CoordinatorError::Flag(message)
-}
-
 /// Parses hostfile text (`path` names it in errors): `host slots=N`, `#` comments, blank lines.
 pub fn parse_hostfile(text: &str, path: &Path) -> Result<Vec<Node>> {
     let mut nodes: Vec<Node> = vec![];
@@ -35,27 +31,27 @@ pub fn parse_hostfile(text: &str, path: &Path) -> Result<Vec<Node>> {
         if line.is_empty() {
             continue;
         }
-        let at = || format!("{}:{}", path.display(), i + 1);
+        let at = |message: String| CoordinatorError::Line { path: path.into(), line: i + 1, message };
         let mut words = line.split_whitespace();
         let host = words.next().expect("non-empty line").to_string();
         let slots = match (words.next().and_then(|w| w.strip_prefix("slots=")), words.next()) {
             (Some(n), None) => n.parse::<usize>().ok().filter(|&n| n > 0),
             _ => None,
         }
-        .ok_or_else(|| bad(format!("{}: expected \"hostname slots=N\" (N >= 1), found {line:?}", at())))?;
+        .ok_or_else(|| at(format!("expected \"hostname slots=N\" (N >= 1), found {line:?}")))?;
         if nodes.iter().any(|n| n.host == host) {
-            return Err(bad(format!("{}: host {host} is listed twice", at())));
+            return Err(at(format!("host {host} is listed twice")));
         }
         nodes.push(Node { host, slots: (0..slots).collect() });
     }
     if nodes.is_empty() {
-        return Err(bad(format!("{}: no hosts (expected lines like \"worker-0 slots=8\")", path.display())));
+        return Err(CoordinatorError::Data { path: path.into(), message: "no hosts (expected lines like \"worker-0 slots=8\")".into() });
     }
     Ok(nodes)
 }
 
 /// `host1:0,2@host2` -> [(host1, Some([0, 2])), (host2, None)].
-fn parse_filter(spec: &str, flag: &str) -> Result<Vec<(String, Option<Vec<usize>>)>> {
+fn parse_filter(spec: &str, flag: &'static str) -> Result<Vec<(String, Option<Vec<usize>>)>> {
     spec.split('@')
         .map(|part| {
             let (host, slots) = match part.split_once(':') {
@@ -64,13 +60,13 @@ fn parse_filter(spec: &str, flag: &str) -> Result<Vec<(String, Option<Vec<usize>
                         .split(',')
                         .map(|s| s.trim().parse::<usize>())
                         .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|_| bad(format!("{flag} {spec:?}: slots must be numbers, as in host:0,1")))?;
+                        .map_err(|_| CoordinatorError::flag(flag, format!("{spec:?}"), "slots must be numbers, as in host:0,1"))?;
                     (host, Some(slots))
                 }
                 None => (part, None),
             };
             if host.trim().is_empty() {
-                return Err(bad(format!("{flag} {spec:?}: empty host name (use host1:0,1@host2)")));
+                return Err(CoordinatorError::flag(flag, format!("{spec:?}"), "empty host name (use host1:0,1@host2)"));
             }
             Ok((host.trim().to_string(), slots))
         })
@@ -89,20 +85,23 @@ pub struct Selection<'a> {
 /// Applies DeepSpeed's rules to the hostfile's nodes.
 pub fn select(nodes: Vec<Node>, s: &Selection) -> Result<Vec<Node>> {
     if s.include.is_some() && s.exclude.is_some() {
-        return Err(bad("--include and --exclude are mutually exclusive".into()));
+        return Err(CoordinatorError::flags(&["--include", "--exclude"], "--include and --exclude are mutually exclusive"));
     }
     if (s.include.is_some() || s.exclude.is_some()) && (s.num_nodes.is_some() || s.num_gpus.is_some()) {
-        return Err(bad("--num_nodes / --num_gpus cannot be combined with --include / --exclude (as in deepspeed)".into()));
+        let message = "--num_nodes / --num_gpus cannot be combined with --include / --exclude (as in deepspeed)";
+        return Err(CoordinatorError::flags(&["--num_nodes", "--num_gpus", "--include", "--exclude"], message));
     }
-    let known = |host: &str, flag: &str| {
+    let known = |host: &str, flag: &'static str| {
         if nodes.iter().any(|n| n.host == host) {
             Ok(())
         } else {
-            Err(bad(format!("{flag}: host {host} is not in the hostfile")))
+            Err(CoordinatorError::flag(flag, "", format!("host {host} is not in the hostfile")))
         }
     };
-    let check_slots = |node: &Node, slots: &[usize], flag: &str| match slots.iter().find(|s| !node.slots.contains(s)) {
-        Some(s) => Err(bad(format!("{flag}: {}:{s} is not a slot of {} (it has {})", node.host, node.host, node.slots.len()))),
+    let check_slots = |node: &Node, slots: &[usize], flag: &'static str| match slots.iter().find(|s| !node.slots.contains(s)) {
+        Some(s) => {
+            Err(CoordinatorError::flag(flag, "", format!("{}:{s} is not a slot of {} (it has {})", node.host, node.host, node.slots.len())))
+        }
         None => Ok(()),
     };
     let mut selected = if let Some(spec) = s.include {
@@ -138,20 +137,20 @@ pub fn select(nodes: Vec<Node>, s: &Selection) -> Result<Vec<Node>> {
     };
     if let Some(n) = s.num_nodes {
         if n == 0 || n > selected.len() {
-            return Err(bad(format!("--num_nodes {n}: the hostfile has {} host(s)", selected.len())));
+            return Err(CoordinatorError::flag("--num_nodes", n, format!("the hostfile has {} host(s)", selected.len())));
         }
         selected.truncate(n);
     }
     if let Some(g) = s.num_gpus {
         for node in &mut selected {
             if g == 0 || g > node.slots.len() {
-                return Err(bad(format!("--num_gpus {g}: {} has {} slot(s)", node.host, node.slots.len())));
+                return Err(CoordinatorError::flag("--num_gpus", g, format!("{} has {} slot(s)", node.host, node.slots.len())));
             }
             node.slots.truncate(g);
         }
     }
     if selected.is_empty() {
-        return Err(bad("no slots left after --include / --exclude".into()));
+        return Err(CoordinatorError::flags(&["--include", "--exclude"], "no slots left after --include / --exclude"));
     }
     Ok(selected)
 }
@@ -177,10 +176,10 @@ pub fn parse_env_file(text: &str, path: &Path) -> Result<Vec<(String, String)>> 
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (key, value) = line
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            .ok_or_else(|| bad(format!("{}:{}: expected KEY=VALUE, found {line:?}", path.display(), i + 1)))?;
+        let (key, value) =
+            line.split_once('=').filter(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).ok_or_else(
+                || CoordinatorError::Line { path: path.into(), line: i + 1, message: format!("expected KEY=VALUE, found {line:?}") },
+            )?;
         vars.push((key.to_string(), value.to_string()));
     }
     Ok(vars)
@@ -215,9 +214,12 @@ mod tests {
             ("a slots=2\na slots=1\n", "hf:2: host a is listed twice"),
             ("# nothing\n", "no hosts"),
         ] {
-            let err = parse_hostfile(text, Path::new("hf")).unwrap_err().to_string();
-            assert!(err.contains(needle), "{text:?}: {err}");
+            let err = parse_hostfile(text, Path::new("hf")).unwrap_err();
+            assert!(matches!(err, CoordinatorError::Line { .. } | CoordinatorError::Data { .. }), "{err:?}");
+            assert!(err.to_string().contains(needle), "{text:?}: {err}");
         }
+        let err = parse_hostfile("a slots=2\nb slot=2\n", Path::new("hf")).unwrap_err();
+        assert!(matches!(err, CoordinatorError::Line { line: 2, .. }), "{err:?}");
     }
 
     #[test]
@@ -247,9 +249,12 @@ mod tests {
             (sel(None, None, Some(3), None), "--num_nodes 3: the hostfile has 2"),
             (sel(None, None, None, Some(3)), "--num_gpus 3: worker-1 has 2"),
         ] {
-            let err = select(nodes(), &s).unwrap_err().to_string();
-            assert!(err.contains(needle), "{s:?}: {err}");
+            let err = select(nodes(), &s).unwrap_err();
+            assert!(matches!(err, CoordinatorError::Flag { .. } | CoordinatorError::Flags { .. }), "{err:?}");
+            assert!(err.to_string().contains(needle), "{s:?}: {err}");
         }
+        let err = select(nodes(), &sel(None, None, Some(3), None)).unwrap_err();
+        assert!(matches!(&err, CoordinatorError::Flag { flag: "--num_nodes", value, .. } if value == "3"), "{err:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::config::{Device, Launcher};
-use crate::error::{CoordinatorError, Result};
+use crate::error::{io_err, os_err, CoordinatorError, Result};
 use crate::events::{Event, ExitStatus};
 use crate::hosts::{self, Placement};
 
@@ -55,7 +55,7 @@ pub fn start(
                 .collect()
         }
         Launcher::Ssh { command: ssh } => {
-            let cwd = std::env::current_dir().map_err(|e| CoordinatorError::Flag(format!("current directory: {e}")))?;
+            let cwd = std::env::current_dir().map_err(os_err("current directory"))?;
             spec.placements
                 .iter()
                 .map(|p| {
@@ -209,7 +209,7 @@ fn watch(
     // workers after a checkpoint, instead of killing them all at once.
     command.kill_on_drop(true).process_group(0).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
     let program = command.as_std().get_program().to_string_lossy().into_owned();
-    let mut child = command.spawn().map_err(|e| CoordinatorError::Flag(format!("cannot start {program}: {e}")))?;
+    let mut child = command.spawn().map_err(|source| CoordinatorError::Spawn { program, source })?;
     let stdin = child.stdin.take();
     let events = events.clone();
     Ok(tokio::spawn(async move {
@@ -235,7 +235,7 @@ pub fn propagated_env() -> Result<Vec<(String, String)>> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let files = [Some(PathBuf::from(".deepspeed_env")), home.map(|h| h.join(".deepspeed_env"))];
     if let Some(path) = files.into_iter().flatten().find(|p| p.is_file()) {
-        let text = std::fs::read_to_string(&path).map_err(|e| CoordinatorError::Flag(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         env.extend(hosts::parse_env_file(&text, &path)?);
     }
     Ok(env)
@@ -265,8 +265,8 @@ fn nccl_shim() -> Option<PathBuf> {
 pub fn job_secret() -> Result<String> {
     let mut buf = [0u8; 16];
     use std::io::Read;
-    let mut f = std::fs::File::open("/dev/urandom").map_err(|e| CoordinatorError::Flag(format!("cannot read /dev/urandom: {e}")))?;
-    f.read_exact(&mut buf).map_err(|e| CoordinatorError::Flag(format!("cannot read /dev/urandom: {e}")))?;
+    let mut f = std::fs::File::open("/dev/urandom").map_err(os_err("cannot read /dev/urandom"))?;
+    f.read_exact(&mut buf).map_err(os_err("cannot read /dev/urandom"))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 

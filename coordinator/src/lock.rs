@@ -33,11 +33,7 @@ impl OutputLock {
                 return Err(io_err(&path)(err));
             }
             let holder = if holder.is_empty() { "a job starting up".to_string() } else { holder };
-            return Err(CoordinatorError::Flag(format!(
-                "--output_dir {}: another job is using it ({holder}, lock {}); wait for it to end, or choose another --output_dir",
-                dir.display(),
-                path.display()
-            )));
+            return Err(CoordinatorError::OutputLocked { dir: dir.into(), holder, lock: path });
         }
         if !holder.is_empty() {
             eprintln!("{}: taking over the lock left by {holder} (that job is gone)", dir.display());

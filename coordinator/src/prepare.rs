@@ -36,10 +36,6 @@ pub struct Prepared {
     pub data: DataIdentity,
 }
 
-fn flag(message: String) -> CoordinatorError {
-    CoordinatorError::Flag(message)
-}
-
 /// `keep_tokenizer`: a resumed checkpoint's model dir, whose tokenizer the run keeps instead of
 /// training one (--train_tokenizer): the weights were trained with its ids.
 pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepared> {
@@ -55,8 +51,11 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
         (_, Some(dir)) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
         (TokenizerChoice::Dir(dir), None) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
         (TokenizerChoice::Train { vocab_size }, None) => {
-            let tok = tokenizer::train(data.train.iter().map(|d| d.text.as_str()), *vocab_size).map_err(flag)?;
-            let json = tok.to_string(true).map_err(|e| flag(format!("cannot serialise the trained tokenizer: {e}")))?;
+            let tok = tokenizer::train(data.train.iter().map(|d| d.text.as_str()), *vocab_size)
+                .map_err(|message| CoordinatorError::Tokenizer { what: "--train_tokenizer", message })?;
+            let json = tok
+                .to_string(true)
+                .map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the trained tokenizer", message: e.to_string() })?;
             eprintln!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
             (tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into())
         }
@@ -67,10 +66,9 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
 
     let block_size = plan.data.block_size.unwrap_or(config.n_positions.min(1024));
     if block_size > config.n_positions {
-        return Err(flag(format!(
-            "--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it",
-            config.n_positions
-        )));
+        let message =
+            format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions);
+        return Err(CoordinatorError::flags(&["--block_size"], message));
     }
     check_enough(&plan.data.train_file, &data.train, block_size)?;
     let (cache, documents_hash) = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
@@ -100,17 +98,15 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
     };
     let per_epoch = sampler.steps_per_epoch() as u64;
     if per_epoch == 0 {
-        return Err(flag(format!(
-            "{} training blocks are fewer than one optimizer step needs: world {} x micro {} x accumulation {} = {}; lower --per_device_train_batch_size, --gradient_accumulation_steps or --block_size",
-            cache.train_blocks, plan.world_size(), plan.batch.micro, plan.batch.accumulation, plan.world_size() * plan.batch.micro * plan.batch.accumulation
-        )));
+        let (world, micro, accumulation) = (plan.world_size(), plan.batch.micro, plan.batch.accumulation);
+        return Err(CoordinatorError::TooFewBlocks { blocks: cache.train_blocks, world, micro, accumulation });
     }
     let total_steps = plan.training.max_steps.unwrap_or_else(|| (plan.training.epochs * per_epoch as f64).ceil().max(1.0) as u64);
     if let Some(ds_total) = plan.training.ds_total_steps {
         if ds_total != total_steps {
-            return Err(flag(format!(
-                "ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\""
-            )));
+            let message =
+                format!("ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\"");
+            return Err(CoordinatorError::flags(&["--deepspeed", "--max_steps", "--num_train_epochs"], message));
         }
     }
     let warmup_steps = plan.warmup_steps(total_steps);
@@ -172,9 +168,10 @@ pub fn tokenize_cached(
     cache_dir: &Path,
 ) -> Result<(TokenCache, String)> {
     if block_size < 2 {
-        return Err(flag(format!("--block_size {block_size}: a block needs at least 2 tokens")));
+        return Err(CoordinatorError::flag("--block_size", block_size, "a block needs at least 2 tokens"));
     }
-    let tokenizer_json = tok.to_string(false).map_err(|e| flag(format!("cannot serialise the tokenizer: {e}")))?;
+    let tokenizer_json =
+        tok.to_string(false).map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the tokenizer", message: e.to_string() })?;
     let hygiene = data.report.settings.key();
     let (train, val) = (&data.train, &data.validation);
     let key = CacheKey { hygiene: &hygiene, train, validation: val, tokenizer_json: &tokenizer_json, block_size, eos };
@@ -238,10 +235,7 @@ fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
         }
     };
     if ids > config.vocab_size {
-        return Err(flag(format!(
-            "the tokenizer has {ids} ids but {source} gives the embedding only {} rows (vocab_size); use the model's own tokenizer",
-            config.vocab_size
-        )));
+        return Err(CoordinatorError::VocabTooSmall { ids, from: source, rows: config.vocab_size });
     }
     Ok(config)
 }

@@ -38,8 +38,9 @@ impl SlurmFlags {
     }
 }
 
-fn bad(message: String) -> CoordinatorError {
-    CoordinatorError::Flag(message)
+/// The allocation's `var` (`NAME=value`, or what the count came from) is wrong, or disagrees.
+fn bad(var: impl fmt::Display, message: String) -> CoordinatorError {
+    CoordinatorError::Slurm { var: var.to_string(), message }
 }
 
 /// One set, non-empty variable of the allocation; shown as `NAME=value`.
@@ -57,11 +58,11 @@ impl fmt::Display for Var {
 
 impl Var {
     fn count(&self) -> Result<usize> {
-        self.value.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| bad(format!("{self}: expected a number of at least 1")))
+        self.value.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| bad(self, format!("{self}: expected a number of at least 1")))
     }
 
     fn counts(&self) -> Result<Vec<usize>> {
-        expand_counts(&self.value).ok_or_else(|| bad(format!("{self}: expected counts like 2(x3),1")))
+        expand_counts(&self.value).ok_or_else(|| bad(self, format!("{self}: expected counts like 2(x3),1")))
     }
 }
 
@@ -77,7 +78,7 @@ impl Nodes {
         match counts.len() {
             1 => Ok(vec![counts[0]; self.count]),
             n if n == self.count => Ok(counts),
-            n => Err(bad(format!("{var} names {n} node(s) but the allocation has {} ({})", self.count, self.said))),
+            n => Err(bad(var, format!("{var} names {n} node(s) but the allocation has {} ({})", self.count, self.said))),
         }
     }
 }
@@ -119,7 +120,7 @@ fn compress_counts(counts: &[usize]) -> String {
 /// disagrees with the allocation is refused, naming both.
 pub fn slurm_allocation(lookup: &dyn Fn(&str) -> Option<String>, flags: &SlurmFlags) -> Result<SlurmAllocation> {
     if lookup("SLURM_JOB_ID").is_none() {
-        return Err(bad("--launcher slurm runs inside a Slurm allocation (salloc/sbatch): SLURM_JOB_ID is not set".into()));
+        return Err(bad("SLURM_JOB_ID", "--launcher slurm runs inside a Slurm allocation (salloc/sbatch): SLURM_JOB_ID is not set".into()));
     }
     let var = |key: &'static str| lookup(key).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).map(|value| Var { key, value });
     let tasks = Tasks {
@@ -129,7 +130,7 @@ pub fn slurm_allocation(lookup: &dyn Fn(&str) -> Option<String>, flags: &SlurmFl
     };
     let nodes = nodes(var("SLURM_JOB_NUM_NODES").or_else(|| var("SLURM_NNODES")), tasks.tasks_per_node.as_ref())?;
     if let Some(n) = flags.num_nodes.filter(|&n| n != nodes.count) {
-        return Err(bad(format!("--num_nodes {n} but the allocation has {} node(s) ({})", nodes.count, nodes.said)));
+        return Err(bad(&nodes.said, format!("--num_nodes {n} but the allocation has {} node(s) ({})", nodes.count, nodes.said)));
     }
     let (per_node, world_from) = if tasks.sized() {
         tasks.per_node(&nodes, flags.per_node())?
@@ -171,7 +172,7 @@ impl Tasks {
         let (counts, from) = if let Some(v) = &self.tasks_per_node {
             let listed = v.counts()?;
             if listed.len() != nodes.count {
-                return Err(bad(format!("{v} names {} node(s) but the allocation has {} ({})", listed.len(), nodes.count, nodes.said)));
+                return Err(bad(v, format!("{v} names {} node(s) but the allocation has {} ({})", listed.len(), nodes.count, nodes.said)));
             }
             (listed, v.to_string())
         } else if let Some(v) = &self.ntasks_per_node {
@@ -183,14 +184,14 @@ impl Tasks {
             let total = v.count()?;
             if total % nodes.count != 0 {
                 let why = "and SLURM_TASKS_PER_NODE, which would say how, is not set";
-                return Err(bad(format!("{v} does not split evenly over {}, {why}", nodes.said)));
+                return Err(bad(v, format!("{v} does not split evenly over {}, {why}", nodes.said)));
             }
             (vec![total / nodes.count; nodes.count], format!("{v} / {}", nodes.said))
         };
         if let Some(v) = &self.ntasks {
             let (total, sum) = (v.count()?, counts.iter().sum::<usize>());
             if total != sum {
-                return Err(bad(format!("{v} but {from} makes {sum} task(s)")));
+                return Err(bad(v, format!("{v} but {from} makes {sum} task(s)")));
             }
         }
         if let Some((flag, n)) = flag.filter(|&(_, n)| counts.iter().any(|&c| c != n)) {
@@ -198,7 +199,7 @@ impl Tasks {
                 true => format!("{} tasks per node", counts[0]),
                 false => format!("uneven tasks per node ({})", compress_counts(&counts)),
             };
-            return Err(bad(format!("{flag} {n} but the allocation has {has} ({from})")));
+            return Err(bad(&from, format!("{flag} {n} but the allocation has {has} ({from})")));
         }
         Ok((counts, from))
     }
@@ -209,7 +210,7 @@ fn without_task_count(nodes: &Nodes, flag: Option<(&str, usize)>, gpus: Option<V
     let gpus = gpus.map(|g| g.count().map(|n| (n, g.to_string()))).transpose()?;
     let (n, from) = match (flag, gpus) {
         (Some(("--num_gpus", n)), Some((g, gpus))) if g != n => {
-            return Err(bad(format!("--num_gpus {n} but the allocation has {g} GPU(s) per node ({gpus})")))
+            return Err(bad(&gpus, format!("--num_gpus {n} but the allocation has {g} GPU(s) per node ({gpus})")))
         }
         (Some((flag, n)), _) => (n, format!("{flag} {n} per node x {}", nodes.said)),
         (None, Some((g, gpus))) => (g, format!("{gpus} x {}", nodes.said)),
@@ -219,7 +220,7 @@ fn without_task_count(nodes: &Nodes, flag: Option<(&str, usize)>, gpus: Option<V
     if let Some(v) = cpus {
         if let Some(&fewest) = nodes.spread(v.counts()?, &v)?.iter().filter(|&&c| c < n).min() {
             let fix = format!("size the allocation in tasks, as in salloc --ntasks-per-node={n}");
-            return Err(bad(format!("{n} task(s) per node from {from}, but a node has {fewest} CPU(s) ({v}): {fix}")));
+            return Err(bad(&v, format!("{n} task(s) per node from {from}, but a node has {fewest} CPU(s) ({v}): {fix}")));
         }
     }
     Ok((vec![n; nodes.count], from))
@@ -387,10 +388,15 @@ mod tests {
                 "SLURM_NTASKS_PER_NODE=2(x2) names 2 node(s) but the allocation has 3",
             ),
         ] {
-            let err = slurm_allocation(&slurm_env(vars), &SlurmFlags::default()).unwrap_err().to_string();
+            let err = slurm_allocation(&slurm_env(vars), &SlurmFlags::default()).unwrap_err();
+            // The variable at fault is named first in each sentence.
+            assert!(matches!(&err, CoordinatorError::Slurm { var, .. } if needle.starts_with(var.as_str())), "{err:?}");
+            let err = err.to_string();
             assert!(err.contains(needle), "{vars:?}: {err}");
         }
-        let err = slurm_allocation(&|_: &str| None, &SlurmFlags::default()).unwrap_err().to_string();
+        let err = slurm_allocation(&|_: &str| None, &SlurmFlags::default()).unwrap_err();
+        assert!(matches!(&err, CoordinatorError::Slurm { var, .. } if var == "SLURM_JOB_ID"), "{err:?}");
+        let err = err.to_string();
         assert!(err.contains("SLURM_JOB_ID is not set"), "{err}");
     }
 }

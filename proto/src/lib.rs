@@ -1,8 +1,10 @@
 //! The coordinator <-> worker wire: generated gRPC code (`zerotune/v1/coordinator.proto`), the
-//! job plan the coordinator hands each worker, the checkpoint's JSON files both sides read, the
-//! run directory's records (`records.rs`), and the metadata key that carries the job secret.
+//! job plan the coordinator hands each worker, the GPU precision rule both apply
+//! (`precision.rs`), the checkpoint's JSON files both sides read, the run directory's records
+//! (`records.rs`), and the metadata key that carries the job secret.
 
 pub mod plan;
+pub mod precision;
 pub mod records;
 pub mod state;
 

@@ -100,10 +100,6 @@ pub enum ModelSource {
     Scratch { config: serde_json::Value },
 }
 
-/// GPUs below this compute capability (Pascal: P40, P100) have no bf16 and run fp16 math far
-/// below their fp32 rate: they train and infer in fp32 unless told otherwise.
-pub const FAST_16_BIT_CAPABILITY: (u32, u32) = (7, 0);
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {

@@ -84,14 +84,31 @@ pub enum WorkerError {
     /// the message is the OS's.
     #[error(transparent)]
     Os(std::io::Error),
-    /// Input that is not what the worker was promised, said in a sentence. Only the sites in
-    /// `eval/` still build it (their own variants are on the way there); new code adds a variant
-    /// that carries its data instead.
-    #[error("{0}")]
-    Invalid(String),
+    /// `worker eval`'s held-out file gives it nothing to evaluate.
+    #[error("--validation_file {}: {}", file.display(), match .reason {
+        EmptyEval::NoDocuments => "holds no documents: there is nothing to evaluate on",
+        EmptyEval::NoLines => "has no line to predict (a non-blank line after a document's first)",
+    })]
+    NothingToEvaluate { file: PathBuf, reason: EmptyEval },
+    /// `worker eval --base` of another tokenizer than `--model`'s.
+    #[error("--base {} and --model {} have different tokenizers: their completions would not be comparable", base.display(), model.display())]
+    TokenizersDiffer { base: PathBuf, model: PathBuf },
+    #[error("--max_new_tokens {max_new_tokens} leaves no room for a prompt in the context of {context} tokens")]
+    NoRoomForPrompt { max_new_tokens: usize, context: usize },
+    #[error("--block_size {block} is above the model's context of {context} tokens (n_positions); lower it")]
+    BlockAboveContext { block: usize, context: usize },
+    #[error("the held-out documents are too short to measure a loss (fewer than 2 tokens)")]
+    TooShortForLoss,
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;
+
+/// Why a held-out file leaves `worker eval` nothing to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmptyEval {
+    NoDocuments,
+    NoLines,
+}
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
     let path = path.into();

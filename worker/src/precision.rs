@@ -4,13 +4,10 @@
 
 use clap::ValueEnum;
 use tch::Device;
-use zerotune_proto::plan::{Precision, FAST_16_BIT_CAPABILITY};
+use zerotune_proto::plan::Precision;
+use zerotune_proto::precision::{gpu_precision, NoBf16, PrecisionNote};
 
 use crate::error::{Result, WorkerError};
-
-/// From this compute capability (Ampere) GPUs compute in bf16 natively; Volta and Turing have
-/// fast fp16 but emulate bf16.
-const BF16_CAPABILITY: (u32, u32) = (8, 0);
 
 /// The value of `--dtype` of generate, eval and serve: `auto` or a compute precision. (Not
 /// `zerotune_hf::Dtype`, the element type a file stores.)
@@ -34,30 +31,32 @@ impl DtypeChoice {
     }
 }
 
-/// What to tell the user when the GPU's age decided or slows the precision.
+/// A note on the GPU's precision rule (`zerotune_proto::precision`), in inference's words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrecisionNote {
-    /// `auto` on a GPU of this compute capability (below 7.0) computes in fp32.
-    Fp32OnOldGpu { capability: (u32, u32) },
-    /// fp16, asked for, on a GPU of this compute capability (below 7.0): it runs, slowly.
-    SlowFp16 { capability: (u32, u32) },
-}
+pub struct InferenceNote(pub PrecisionNote);
 
-impl PrecisionNote {
+impl InferenceNote {
     /// Whether it warns of a slow choice the user made (rather than explaining the default).
     pub fn is_warning(self) -> bool {
-        matches!(self, Self::SlowFp16 { .. })
+        self.0.is_warning()
     }
 }
 
-impl std::fmt::Display for PrecisionNote {
+impl std::fmt::Display for InferenceNote {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        match *self {
-            Self::Fp32OnOldGpu { capability: (major, minor) } => write!(
+        match self.0 {
+            PrecisionNote::Fp16WithoutBf16 { capability: (major, minor) } => {
+                write!(f, "note: this GPU (compute capability {major}.{minor}) has fast fp16 but no bf16: computing in fp16")
+            }
+            PrecisionNote::EmulatedBf16 { capability: (major, minor) } => write!(
+                f,
+                "warning: bf16 on a GPU of compute capability {major}.{minor}: bf16 is emulated there, far below its fp16 rate; fp16 is usually faster"
+            ),
+            PrecisionNote::Fp32OnOldGpu { capability: (major, minor) } => write!(
                 f,
                 "note: this GPU (compute capability {major}.{minor}) has no bf16 and slow fp16 math: computing in fp32"
             ),
-            Self::SlowFp16 { capability: (major, minor) } => write!(
+            PrecisionNote::SlowFp16 { capability: (major, minor) } => write!(
                 f,
                 "warning: fp16 on a GPU of compute capability {major}.{minor}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 is usually faster"
             ),
@@ -66,20 +65,23 @@ impl std::fmt::Display for PrecisionNote {
 }
 
 /// The precision `dtype` means on `device`, whose compute capability is `capability` (a GPU's,
-/// when it could be asked), with a note to print when the GPU's age decided it; or why the
-/// combination cannot run (`DtypeOnCpu`, `NoBf16`).
-pub fn resolve(dtype: DtypeChoice, device: Device, capability: Option<(u32, u32)>) -> Result<(Precision, Option<PrecisionNote>)> {
-    let old_gpu = capability.filter(|&c| c < FAST_16_BIT_CAPABILITY);
-    match (device, dtype, old_gpu) {
-        (Device::Cpu, DtypeChoice::Auto | DtypeChoice::Fp32, _) => Ok((Precision::Fp32, None)),
+/// when it could be asked; bf16 when it could not), with a note to print when the GPU's age
+/// decided or slows it; or why the combination cannot run (`DtypeOnCpu`, `NoBf16`).
+pub fn resolve(dtype: DtypeChoice, device: Device, capability: Option<(u32, u32)>) -> Result<(Precision, Option<InferenceNote>)> {
+    let asked = match dtype {
+        DtypeChoice::Auto => None,
+        DtypeChoice::Fp32 => Some(Precision::Fp32),
+        DtypeChoice::Bf16 => Some(Precision::Bf16),
+        DtypeChoice::Fp16 => Some(Precision::Fp16),
+    };
+    match (device, asked, capability) {
+        (Device::Cpu, None | Some(Precision::Fp32), _) => Ok((Precision::Fp32, None)),
         (Device::Cpu, _, _) => Err(WorkerError::DtypeOnCpu { dtype }),
-        (_, DtypeChoice::Fp32, _) => Ok((Precision::Fp32, None)),
-        (_, DtypeChoice::Auto, None) if capability.is_some_and(|c| c < BF16_CAPABILITY) => Ok((Precision::Fp16, None)),
-        (_, DtypeChoice::Auto, None) | (_, DtypeChoice::Bf16, None) => Ok((Precision::Bf16, None)),
-        (_, DtypeChoice::Fp16, None) => Ok((Precision::Fp16, None)),
-        (_, DtypeChoice::Auto, Some(capability)) => Ok((Precision::Fp32, Some(PrecisionNote::Fp32OnOldGpu { capability }))),
-        (_, DtypeChoice::Bf16, Some(capability)) => Err(WorkerError::NoBf16 { capability }),
-        (_, DtypeChoice::Fp16, Some(capability)) => Ok((Precision::Fp16, Some(PrecisionNote::SlowFp16 { capability }))),
+        (_, asked, None) => Ok((asked.unwrap_or(Precision::Bf16), None)),
+        (_, asked, Some(capability)) => {
+            let (precision, note) = gpu_precision(capability, asked).map_err(|NoBf16 { capability }| WorkerError::NoBf16 { capability })?;
+            Ok((precision, note.map(InferenceNote)))
+        }
     }
 }
 
@@ -98,7 +100,7 @@ pub struct DtypeArgs {
 impl DtypeArgs {
     /// The precision on `device` (asking a GPU for its compute capability), with the note to
     /// show when the GPU's age decided it.
-    pub fn resolve(&self, device: Device) -> Result<(Precision, Option<PrecisionNote>)> {
+    pub fn resolve(&self, device: Device) -> Result<(Precision, Option<InferenceNote>)> {
         let dtype = if self.fp16 { DtypeChoice::Fp16 } else { self.dtype };
         let capability = match device {
             Device::Cuda(index) => crate::device::compute_capability(index),
@@ -115,10 +117,11 @@ mod tests {
     const P40: Option<(u32, u32)> = Some((6, 1));
     const H200: Option<(u32, u32)> = Some((9, 0));
 
-    /// The precision alone, when there is no note.
+    /// The precision alone, when there is no note or only an explaining (not warning) one.
     fn plain(dtype: DtypeChoice, device: Device, capability: Option<(u32, u32)>) -> Precision {
         match resolve(dtype, device, capability) {
             Ok((precision, None)) => precision,
+            Ok((precision, Some(note))) if !note.is_warning() => precision,
             other => panic!("{dtype:?} on {device:?} {capability:?}: {other:?}"),
         }
     }
@@ -131,10 +134,12 @@ mod tests {
         assert_eq!(plain(DtypeChoice::Auto, gpu, Some((7, 0))), Precision::Fp16, "Volta: fast fp16, emulated bf16");
         assert_eq!(plain(DtypeChoice::Auto, gpu, Some((7, 5))), Precision::Fp16, "Turing (T4)");
         assert_eq!(plain(DtypeChoice::Auto, gpu, Some((8, 0))), Precision::Bf16, "Ampere");
-        assert_eq!(plain(DtypeChoice::Bf16, gpu, Some((7, 5))), Precision::Bf16, "asked for: emulated, but it runs");
+        let (precision, warning) = resolve(DtypeChoice::Bf16, gpu, Some((7, 5))).unwrap();
+        assert_eq!(precision, Precision::Bf16, "asked for: emulated, but it runs");
+        assert!(warning.unwrap().to_string().starts_with("warning: bf16 on a GPU of compute capability 7.5: bf16 is emulated"));
         assert_eq!(plain(DtypeChoice::Auto, gpu, None), Precision::Bf16, "unknown capability: bf16, as before");
         let (precision, note) = resolve(DtypeChoice::Auto, gpu, P40).unwrap();
-        assert_eq!((precision, note), (Precision::Fp32, Some(PrecisionNote::Fp32OnOldGpu { capability: (6, 1) })));
+        assert_eq!((precision, note), (Precision::Fp32, Some(InferenceNote(PrecisionNote::Fp32OnOldGpu { capability: (6, 1) }))));
         let note = note.unwrap();
         assert!(!note.is_warning());
         assert!(note.to_string().contains("(compute capability 6.1) has no bf16 and slow fp16 math: computing in fp32"));

@@ -84,9 +84,6 @@ pub fn fresh_seed() -> u64 {
     Rng::new(nanos, COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).next_u64()
 }
 
-/// The old name of `TokenSampler`, kept while `eval/` (converted separately) still says it.
-pub type Sampler = TokenSampler;
-
 /// One sequence's sampling state: its settings, generator and the counts the penalties need.
 #[derive(Clone, Debug)]
 pub struct TokenSampler {

@@ -9,6 +9,8 @@ use std::str::FromStr;
 use zerotune_data::{HygieneArgs, SourceArgs};
 use zerotune_proto::plan::ScheduleKind;
 
+use crate::error::CoordinatorError;
+
 /// Every `train` flag. Boolean flags work alone or with a value (`--fp16`, `--fp16 true`), as
 /// with HfArgumentParser.
 #[derive(clap::Args, Debug, Clone)]
@@ -268,14 +270,14 @@ pub struct Bytes {
 
 impl Bytes {
     /// The byte count of flag `name`, refused when it was given without a unit.
-    pub fn with_unit(self, name: &str) -> Result<u64, String> {
+    pub fn with_unit(self, name: &'static str) -> Result<u64, CoordinatorError> {
         if self.has_unit {
             return Ok(self.bytes);
         }
-        Err(format!(
-            "{name} {n}: a size needs a unit, or it would be {n} bytes: add one, e.g. {name} {n}GiB (GiB/MiB: powers of 1024, GB/MB: of 1000)",
-            n = self.bytes
-        ))
+        let n = self.bytes;
+        let reason =
+            format!("a size needs a unit, or it would be {n} bytes: add one, e.g. {name} {n}GiB (GiB/MiB: powers of 1024, GB/MB: of 1000)");
+        Err(CoordinatorError::flag(name, n, reason))
     }
 }
 
@@ -400,8 +402,10 @@ mod tests {
         let bare: Bytes = "24".parse().unwrap();
         assert_eq!(bare, Bytes { bytes: 24, has_unit: false });
         let err = bare.with_unit("--gpu_memory").unwrap_err();
+        assert!(matches!(&err, CoordinatorError::Flag { flag: "--gpu_memory", value, .. } if value == "24"), "{err:?}");
+        let err = err.to_string();
         assert!(err.starts_with("--gpu_memory 24: a size needs a unit") && err.contains("e.g. --gpu_memory 24GiB"), "{err}");
-        assert_eq!("24GiB".parse::<Bytes>().unwrap().with_unit("--gpu_memory"), Ok(24 << 30));
+        assert_eq!("24GiB".parse::<Bytes>().unwrap().with_unit("--gpu_memory").unwrap(), 24 << 30);
         assert!("24 parsecs".parse::<Bytes>().unwrap_err().contains("unknown unit"));
         assert!("-1GiB".parse::<Bytes>().is_err() && "0GiB".parse::<Bytes>().is_err());
     }

@@ -14,8 +14,8 @@ use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_B
 
 use super::args::TrainArgs;
 use super::ds_keys;
-use super::{flag, precision, TrainPlan, Warmup, ZeroSettings};
-use crate::error::Result;
+use super::{precision, TrainPlan, Warmup, ZeroSettings};
+use crate::error::{CoordinatorError, Result};
 
 /// A value that may be `"auto"`: HF Trainer fills it from the matching flag.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -154,7 +154,7 @@ impl DsConfig {
     /// Reads and checks `path`: JSON syntax, every value's type, and every key's name.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(crate::error::io_err(path))?;
-        let bad = |m: String| flag(format!("--deepspeed {}: {m}", path.display()));
+        let bad = |reason: String| CoordinatorError::DsConfig { path: path.into(), reason };
         let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let config: Self = serde_path_to_error::deserialize(value).map_err(|e| bad(format!("{}: {}", e.path(), e.inner())))?;
         // A ZeRO-3 config has keys of its own: say first that the stage is the matter.
@@ -220,7 +220,7 @@ impl Agreement {
 impl DsConfig {
     /// Checks the values against the flags and applies the config's settings to `plan`.
     pub fn apply(&self, plan: &mut TrainPlan, args: &TrainArgs, path: &Path) -> Result<()> {
-        let bad = |m: String| flag(format!("--deepspeed {}: {m}", path.display()));
+        let bad = |reason: String| CoordinatorError::DsConfig { path: path.into(), reason };
         let t = &args.training;
         let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));
         let optimizer = self.optimizer.as_ref();

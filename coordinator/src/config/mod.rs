@@ -23,7 +23,7 @@ use zerotune_hf::manifest::NonFinite;
 use zerotune_hf::CodeGenConfig;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
-use crate::error::{CoordinatorError, Result};
+use crate::error::{os_err, CoordinatorError, Result};
 use crate::hosts::Placement;
 
 /// Where the initial weights come from.
@@ -193,17 +193,13 @@ pub struct Tls {
     pub ca: Vec<u8>,
 }
 
-fn flag(message: impl Into<String>) -> CoordinatorError {
-    CoordinatorError::Flag(message.into())
-}
-
-/// A path flag's value, refused with `missing` when absent; an estimate does without (an empty
-/// path, never read).
-fn needed(value: &Option<PathBuf>, purpose: Purpose, missing: &str) -> Result<PathBuf> {
+/// A path flag's value, refused naming `flag` and `what` it is when absent; an estimate does
+/// without (an empty path, never read).
+fn needed(value: &Option<PathBuf>, purpose: Purpose, flag: &'static str, what: &'static str) -> Result<PathBuf> {
     match (value, purpose) {
         (Some(path), _) => Ok(path.clone()),
         (None, Purpose::Estimate) => Ok(PathBuf::new()),
-        (None, Purpose::Train) => Err(flag(missing)),
+        (None, Purpose::Train) => Err(CoordinatorError::Missing { flag, what }),
     }
 }
 
@@ -216,12 +212,12 @@ impl DataArgs {
     /// The same; an estimate needs no --train_file (its block size is --block_size, or the
     /// model's).
     pub fn plan_for(&self, purpose: Purpose) -> Result<DataPlan> {
-        let train_file =
-            needed(&self.train_file, purpose, "--train_file is required: the training data (.jsonl, .csv, .txt or a directory)")?;
+        let train_file = needed(&self.train_file, purpose, "--train_file", "the training data (.jsonl, .csv, .txt or a directory)")?;
         // Only read without --validation_file, as in HF run_clm.
         let percent = self.validation_split_percentage;
         if self.validation_file.is_none() && percent > 100 {
-            return Err(flag(format!("--validation_split_percentage {percent}: must be in [0, 100] (the percent of documents held out)")));
+            let reason = "must be in [0, 100] (the percent of documents held out)";
+            return Err(CoordinatorError::flag("--validation_split_percentage", percent, reason));
         }
         Ok(DataPlan {
             train_file,
@@ -246,14 +242,17 @@ impl TrainPlan {
     pub fn resolve_for(args: &TrainArgs, purpose: Purpose) -> Result<Self> {
         let (t, l) = (&args.training, &args.launch);
         if !t.do_train {
-            return Err(flag("nothing to do: pass --do_train (evaluation-only runs are not supported yet)"));
+            return Err(CoordinatorError::flags(
+                &["--do_train"],
+                "nothing to do: pass --do_train (evaluation-only runs are not supported yet)",
+            ));
         }
         check_numbers(t)?;
         let (model, tokenizer) = model_and_tokenizer(&args.model, purpose)?;
         let device = resolve_device(l, purpose);
         let (placements, launcher) = placement::placements_and_launcher(l, device, purpose)?;
         let estimate = purpose == Purpose::Estimate;
-        let output_dir = needed(&t.output_dir, purpose, "--output_dir is required: where the run writes its checkpoints and model")?;
+        let output_dir = needed(&t.output_dir, purpose, "--output_dir", "where the run writes its checkpoints and model")?;
         let gpu_memory = planned_memory(l, device)?;
         let warmup = if t.warmup_steps > 0 { Warmup::Steps(t.warmup_steps) } else { Warmup::Ratio(t.warmup_ratio) };
         for (name, value) in [
@@ -262,7 +261,7 @@ impl TrainPlan {
             ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
         ] {
             if value == 0 {
-                return Err(flag(format!("{name} must be at least 1")));
+                return Err(CoordinatorError::flag(name, value, "must be at least 1"));
             }
         }
         let mut plan = Self {
@@ -338,7 +337,10 @@ impl TrainPlan {
             plan.training.precision = precision(fp16, bf16, t.bf16.is_none() && device != Device::Cpu)?;
         }
         if plan.training.precision == Precision::Fp16 && device == Device::Cpu {
-            return Err(flag("--fp16 needs a GPU (--device cuda); on CPU train in fp32 (the default) or --bf16"));
+            return Err(CoordinatorError::flags(
+                &["--fp16", "--device"],
+                "--fp16 needs a GPU (--device cuda); on CPU train in fp32 (the default) or --bf16",
+            ));
         }
         Ok(plan)
     }
@@ -368,15 +370,11 @@ impl TrainPlan {
         let (world, global, micro) = (placements.len(), self.global_batch(), self.batch.micro);
         let lost_list = lost.iter().cloned().collect::<Vec<_>>().join(", ");
         if world == 0 {
-            return Err(flag(format!("no rank is left once the hosts that stopped answering ({lost_list}) are dropped")));
+            return Err(CoordinatorError::NoRankLeft { lost: lost_list });
         }
         if global % (micro * world) != 0 {
-            return Err(flag(format!(
-                "without {lost_list}, {world} rank(s) are left and cannot keep the global batch of {global} (micro {micro} x accumulation {} x world {}): \
-                 it is not a multiple of micro {micro} x {world} ranks; continue by hand with --resume_from_checkpoint latest and a batch that fits",
-                self.batch.accumulation,
-                self.world_size()
-            )));
+            let (accumulation, old_world) = (self.batch.accumulation, self.world_size());
+            return Err(CoordinatorError::BatchDoesNotFit { lost: lost_list, world, global, micro, accumulation, old_world });
         }
         let mut fewer = self.clone();
         fewer.batch.accumulation = global / (micro * world);
@@ -396,16 +394,17 @@ impl TrainPlan {
 /// --gpu_memory in bytes (given with its unit), once --gpu_model is known to name GPU ranks' GPU.
 fn planned_memory(l: &LaunchArgs, device: Device) -> Result<Option<u64>> {
     if let (Some(model), Device::Cpu) = (l.gpu_model, device) {
-        return Err(flag(format!(
+        let message = format!(
             "--gpu_model {} plans GPU ranks, but these are CPU ranks (--device cpu, or auto without a GPU here): pass --device cuda, or drop --gpu_model",
             model.name()
-        )));
+        );
+        return Err(CoordinatorError::flags(&["--gpu_model", "--device"], message));
     }
-    l.gpu_memory.map(|b| b.with_unit("--gpu_memory")).transpose().map_err(flag)
+    l.gpu_memory.map(|b| b.with_unit("--gpu_memory")).transpose()
 }
 
 /// A flag's name, its value, whether the value is in range, and the rule in words.
-type NumberRule<'a> = (&'a str, f64, &'a dyn Fn(f64) -> bool, &'a str);
+type NumberRule<'a> = (&'static str, f64, &'a dyn Fn(f64) -> bool, &'static str);
 
 /// Every number of the optimization, finite and in its range, before anything is written.
 fn check_numbers(t: &TrainingArgs) -> Result<()> {
@@ -425,7 +424,7 @@ fn check_numbers(t: &TrainingArgs) -> Result<()> {
     ];
     for (name, value, in_range, rule) in rules {
         if !value.is_finite() || !in_range(value) {
-            return Err(flag(format!("{name} {value}: {rule}")));
+            return Err(CoordinatorError::flag(name, value, rule));
         }
     }
     Ok(())
@@ -437,20 +436,36 @@ fn model_and_tokenizer(args: &ModelArgs, purpose: Purpose) -> Result<(ModelChoic
     let model = match (&args.model_name_or_path, &args.config_name) {
         (Some(dir), None) => ModelChoice::Pretrained(dir.clone()),
         (None, Some(name)) => ModelChoice::Scratch(Box::new(config_by_name(name)?)),
-        (Some(_), Some(_)) => return Err(flag("pass either --model_name_or_path (fine-tune) or --config_name (from scratch), not both")),
-        (None, None) => return Err(flag("no model: pass --model_name_or_path DIR, or --config_name tiny to train from scratch")),
+        (Some(_), Some(_)) => {
+            let message = "pass either --model_name_or_path (fine-tune) or --config_name (from scratch), not both";
+            return Err(CoordinatorError::flags(&["--model_name_or_path", "--config_name"], message));
+        }
+        (None, None) => {
+            let message = "no model: pass --model_name_or_path DIR, or --config_name tiny to train from scratch";
+            return Err(CoordinatorError::flags(&["--model_name_or_path", "--config_name"], message));
+        }
     };
     let tokenizer = match (&args.train_tokenizer, &args.tokenizer_name, &model) {
-        (Some(_), Some(_), _) => return Err(flag("pass either --tokenizer_name or --train_tokenizer, not both")),
+        (Some(_), Some(_), _) => {
+            return Err(CoordinatorError::flags(
+                &["--tokenizer_name", "--train_tokenizer"],
+                "pass either --tokenizer_name or --train_tokenizer, not both",
+            ))
+        }
         (Some(vocab_size), None, _) if *vocab_size < 300 => {
-            return Err(flag(format!("--train_tokenizer {vocab_size}: a byte-level BPE needs at least 300 tokens (256 bytes + merges)")))
+            return Err(CoordinatorError::flag(
+                "--train_tokenizer",
+                vocab_size,
+                "a byte-level BPE needs at least 300 tokens (256 bytes + merges)",
+            ))
         }
         (Some(vocab_size), None, _) => TokenizerChoice::Train { vocab_size: *vocab_size },
         (None, Some(dir), _) => TokenizerChoice::Dir(dir.clone()),
         (None, None, ModelChoice::Pretrained(dir)) => TokenizerChoice::Dir(dir.clone()),
         (None, None, ModelChoice::Scratch(_)) if purpose == Purpose::Estimate => TokenizerChoice::Dir(PathBuf::new()),
         (None, None, ModelChoice::Scratch(_)) => {
-            return Err(flag("--config_name needs a tokenizer: pass --tokenizer_name DIR or --train_tokenizer VOCAB_SIZE"))
+            let message = "--config_name needs a tokenizer: pass --tokenizer_name DIR or --train_tokenizer VOCAB_SIZE";
+            return Err(CoordinatorError::flags(&["--config_name", "--tokenizer_name", "--train_tokenizer"], message));
         }
     };
     Ok((model, tokenizer))
@@ -458,7 +473,7 @@ fn model_and_tokenizer(args: &ModelArgs, purpose: Purpose) -> Result<(ModelChoic
 
 fn precision(fp16: bool, bf16: bool, gpu_default_bf16: bool) -> Result<Precision> {
     match (fp16, bf16) {
-        (true, true) => Err(flag("--fp16 and --bf16 are mutually exclusive")),
+        (true, true) => Err(CoordinatorError::flags(&["--fp16", "--bf16"], "--fp16 and --bf16 are mutually exclusive")),
         (true, false) => Ok(Precision::Fp16),
         (false, true) => Ok(Precision::Bf16),
         (false, false) if gpu_default_bf16 => Ok(Precision::Bf16),
@@ -487,10 +502,10 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// A binary installed next to the running executable.
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| flag(format!("cannot locate this executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(os_err("cannot locate this executable"))?;
     let path = exe.with_file_name(name);
     if !path.is_file() {
-        return Err(flag(format!("{} not found next to {}; build it (cargo build) or pass --worker_bin", name, exe.display())));
+        return Err(CoordinatorError::MissingBinary { name: name.into(), exe });
     }
     Ok(path)
 }
@@ -507,7 +522,8 @@ pub fn config_by_name(name: &str) -> Result<CodeGenConfig> {
     if path.is_file() {
         return Ok(CodeGenConfig::from_file(path)?);
     }
-    Err(flag(format!("--config_name {name:?}: not a built-in config ({}) nor a config.json path", CodeGenConfig::BUILTIN_NAMES)))
+    let reason = format!("not a built-in config ({}) nor a config.json path", CodeGenConfig::BUILTIN_NAMES);
+    Err(CoordinatorError::flag("--config_name", format!("{name:?}"), reason))
 }
 
 #[cfg(test)]

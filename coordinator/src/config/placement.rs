@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use super::args::{LaunchArgs, LauncherKind};
-use super::{flag, Device, Purpose, Tls};
-use crate::error::Result;
+use super::{Device, Purpose, Tls};
+use crate::error::{flag_file_err, CoordinatorError, Result};
 use crate::hosts::{self, Node, Placement};
 use crate::slurm::{self, SlurmFlags};
 
@@ -30,13 +30,26 @@ pub enum Launcher {
 pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpose) -> Result<(Vec<Placement>, Launcher)> {
     let (gpus, workers) = (args.num_gpus, args.num_workers);
     match (gpus, workers) {
-        (Some(_), Some(_)) => return Err(flag("pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both")),
-        (Some(0), _) | (_, Some(0)) => return Err(flag("--num_gpus / --num_workers must be at least 1")),
+        (Some(_), Some(_)) => {
+            return Err(CoordinatorError::flags(
+                &["--num_gpus", "--num_workers"],
+                "pass either --num_gpus (GPU ranks) or --num_workers (CPU ranks), not both",
+            ))
+        }
+        (Some(0), _) | (_, Some(0)) => {
+            return Err(CoordinatorError::flags(&["--num_gpus", "--num_workers"], "--num_gpus / --num_workers must be at least 1"))
+        }
         (Some(n), None) if device == Device::Cpu => {
-            return Err(flag(format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks")))
+            return Err(CoordinatorError::flags(
+                &["--num_gpus", "--device"],
+                format!("--num_gpus {n} with --device cpu: use --num_workers {n} for CPU ranks"),
+            ))
         }
         (None, Some(n)) if device != Device::Cpu => {
-            return Err(flag(format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs")))
+            return Err(CoordinatorError::flags(
+                &["--num_workers", "--device"],
+                format!("--num_workers {n} starts CPU ranks: add --device cpu, or use --num_gpus for GPUs"),
+            ))
         }
         _ => {}
     }
@@ -44,9 +57,10 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
     if let Device::Cuda(Some(index)) = device {
         let several = per_node.is_some() || args.hostfile.is_some() || args.include.is_some() || args.exclude.is_some();
         if several || args.launcher == Some(LauncherKind::Slurm) {
-            return Err(flag(format!(
-                "--device cuda:{index} runs one rank on GPU {index}: to choose GPUs for several ranks, use --device cuda with --include localhost:{index},..."
-            )));
+            return Err(CoordinatorError::flags(
+                &["--device", "--num_gpus", "--include"],
+                format!("--device cuda:{index} runs one rank on GPU {index}: to choose GPUs for several ranks, use --device cuda with --include localhost:{index},..."),
+            ));
         }
     }
     if args.launcher == Some(LauncherKind::Slurm) {
@@ -57,7 +71,7 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
     }
     let nodes = match &args.hostfile {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| flag(format!("--hostfile {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(flag_file_err("--hostfile", path))?;
             hosts::parse_hostfile(&text, path)?
         }
         // Planned nodes, each with this machine's slots, named for the table only.
@@ -66,7 +80,10 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
             (0..args.num_nodes.unwrap_or(1)).map(|i| Node { host: format!("node-{i}"), slots: slots.clone() }).collect()
         }
         None if args.num_nodes.is_some_and(|n| n > 1) => {
-            return Err(flag("--num_nodes > 1 needs --hostfile (one \"hostname slots=N\" per line)"))
+            return Err(CoordinatorError::flags(
+                &["--num_nodes", "--hostfile"],
+                "--num_nodes > 1 needs --hostfile (one \"hostname slots=N\" per line)",
+            ))
         }
         None => vec![Node { host: "localhost".into(), slots: local_slots(args, device, per_node) }],
     };
@@ -81,7 +98,10 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
     let launcher = match (args.launcher, remote) {
         (None, Some(_)) | (Some(LauncherKind::Ssh), _) => Launcher::Ssh { command: ssh_command(&args.ssh_command)? },
         (Some(LauncherKind::Local), Some(host)) => {
-            return Err(flag(format!("--launcher local cannot start ranks on {host}: use ssh, slurm or manual")))
+            return Err(CoordinatorError::flags(
+                &["--launcher", "--hostfile"],
+                format!("--launcher local cannot start ranks on {host}: use ssh, slurm or manual"),
+            ))
         }
         (None | Some(LauncherKind::Local), None) => Launcher::Local,
         (Some(LauncherKind::Slurm), _) => unreachable!("a Slurm launch returned above"),
@@ -108,15 +128,15 @@ fn local_slots(args: &LaunchArgs, device: Device, per_node: Option<usize>) -> Ve
 fn ssh_command(spec: &str) -> Result<Vec<String>> {
     let words: Vec<String> = spec.split_whitespace().map(String::from).collect();
     if words.is_empty() {
-        return Err(flag("--ssh_command is empty"));
+        return Err(CoordinatorError::flag("--ssh_command", "", "is empty"));
     }
     Ok(words)
 }
 
-fn read_pem(path: &Path, flag_name: &str) -> Result<Vec<u8>> {
-    let pem = std::fs::read(path).map_err(|e| flag(format!("{flag_name} {}: {e}", path.display())))?;
+fn read_pem(path: &Path, flag_name: &'static str) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(flag_file_err(flag_name, path))?;
     if !pem.starts_with(b"-----BEGIN") {
-        return Err(flag(format!("{flag_name} {}: not a PEM file (expected -----BEGIN ...)", path.display())));
+        return Err(CoordinatorError::flag(flag_name, path.display(), "not a PEM file (expected -----BEGIN ...)"));
     }
     Ok(pem)
 }
@@ -133,6 +153,9 @@ pub fn tls(args: &LaunchArgs) -> Result<Option<Tls>> {
             };
             Ok(Some(Tls { cert: cert_pem, key: read_pem(key, "--tls_key")?, ca }))
         }
-        _ => Err(flag("TLS needs both --tls_cert and --tls_key (and optionally --tls_ca)")),
+        _ => Err(CoordinatorError::flags(
+            &["--tls_cert", "--tls_key", "--tls_ca"],
+            "TLS needs both --tls_cert and --tls_key (and optionally --tls_ca)",
+        )),
     }
 }

@@ -57,10 +57,14 @@ fn fewer_hosts_keep_the_global_batch_with_more_accumulation() {
     let one = plan.without_hosts(&lost(&["a", "c"])).unwrap();
     assert_eq!((one.world_size(), one.batch.accumulation, one.launch.placements[0].host.as_str()), (1, 12, "b"));
 
-    let err = plan.without_hosts(&lost(&["a", "b", "c"])).unwrap_err().to_string();
+    let err = plan.without_hosts(&lost(&["a", "b", "c"])).unwrap_err();
+    assert!(matches!(&err, CoordinatorError::NoRankLeft { lost } if lost == "a, b, c"), "{err:?}");
+    let err = err.to_string();
     assert!(err.contains("no rank is left") && err.contains("a, b, c"), "{err}");
     let args = ["--hostfile", &hostfile, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1"];
-    let err = TrainPlan::resolve(&parse(&args)).unwrap().without_hosts(&lost(&["b"])).unwrap_err().to_string();
+    let err = TrainPlan::resolve(&parse(&args)).unwrap().without_hosts(&lost(&["b"])).unwrap_err();
+    assert!(matches!(err, CoordinatorError::BatchDoesNotFit { world: 3, global: 4, .. }), "{err:?}");
+    let err = err.to_string();
     assert!(
         err.contains("without b, 3 rank(s) are left and cannot keep the global batch of 4 (micro 1 x accumulation 1 x world 4)"),
         "{err}"
@@ -237,4 +241,29 @@ fn a_memory_size_needs_its_unit_and_the_split_a_percentage() {
     }
     // With --validation_file it is not read, as in run_clm.
     assert!(TrainPlan::resolve(&parse(&["--validation_split_percentage", "101", "--validation_file", "v.jsonl"])).is_ok());
+}
+
+/// Each kind of mistake is its own variant, carrying the flag (and value) at fault.
+#[test]
+fn refusals_carry_their_cause() {
+    let cause = |extra: &[&str]| TrainPlan::resolve(&parse(extra)).unwrap_err();
+    assert!(matches!(cause(&["--learning_rate", "0"]), CoordinatorError::Flag { flag: "--learning_rate", value, .. } if value == "0"));
+    assert!(matches!(cause(&["--per_device_train_batch_size", "0"]), CoordinatorError::Flag { flag: "--per_device_train_batch_size", .. }));
+    assert!(matches!(cause(&["--fp16", "--bf16"]), CoordinatorError::Flags { flags: ["--fp16", "--bf16"], .. }));
+    assert!(matches!(cause(&["--num_gpus", "8"]), CoordinatorError::Flags { flags: ["--num_gpus", "--device"], .. }));
+    let mut args = parse(&[]);
+    args.model.train_tokenizer = Some(12);
+    let err = TrainPlan::resolve(&args).unwrap_err();
+    assert!(matches!(&err, CoordinatorError::Flag { flag: "--train_tokenizer", value, .. } if value == "12"), "{err:?}");
+    let mut args = parse(&[]);
+    args.data.train_file = None;
+    assert!(matches!(TrainPlan::resolve(&args).unwrap_err(), CoordinatorError::Missing { flag: "--train_file", .. }));
+    let (_d, path) = ds(r#"{"zero_optimization": {"stage": 3}}"#);
+    assert!(matches!(cause(&["--deepspeed", &path]), CoordinatorError::DsConfig { path: p, .. } if p.to_str() == Some(path.as_str())));
+    let missing = std::env::temp_dir().join("zerotune-no-such-hostfile");
+    let err = cause(&["--hostfile", missing.to_str().unwrap()]);
+    assert!(
+        matches!(&err, CoordinatorError::FlagFile { flag: "--hostfile", source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
 }

@@ -14,7 +14,7 @@ use super::pace::Pace;
 use super::{Outcome, Run};
 use crate::config::Launcher;
 use crate::config::TrainPlan;
-use crate::error::{CoordinatorError, Result};
+use crate::error::{os_err, CoordinatorError, Result};
 use crate::events::{Control, Signal};
 use crate::launch::{self, LaunchSpec};
 use crate::progress::Progress;
@@ -25,7 +25,7 @@ use crate::service::{AbortSwitch, JobService};
 /// so a terminal's Ctrl-C reaches only the coordinator.)
 pub(super) fn forward_signals() -> Result<mpsc::UnboundedReceiver<Control>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let listen = |kind| signal(kind).map_err(|e| CoordinatorError::Server(format!("cannot listen for signals: {e}")));
+    let listen = |kind| signal(kind).map_err(os_err("cannot listen for signals"));
     let (mut int, mut term, mut usr1) =
         (listen(SignalKind::interrupt())?, listen(SignalKind::terminate())?, listen(SignalKind::user_defined1())?);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -85,8 +85,8 @@ pub(super) async fn attempt(
     let port = if plan.launch.launcher == Launcher::Local { 0 } else { plan.launch.master_port };
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
         .await
-        .map_err(|e| CoordinatorError::Server(format!("cannot listen on {bind}:{port} (--master_port): {e}")))?;
-    let port = listener.local_addr().map_err(|e| CoordinatorError::Server(e.to_string()))?.port();
+        .map_err(|source| CoordinatorError::Listen { addr: format!("{bind}:{port}"), source })?;
+    let port = listener.local_addr().map_err(|source| CoordinatorError::Listen { addr: format!("{bind}:{port}"), source })?.port();
     let scheme = if plan.launch.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{host}:{port}");
     let mut builder = server_builder();
@@ -94,7 +94,7 @@ pub(super) async fn attempt(
         let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
         builder = builder
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| CoordinatorError::Flag(format!("--tls_cert/--tls_key: {e}")))?;
+            .map_err(|e| CoordinatorError::flag("--tls_cert/--tls_key", "", e.to_string()))?;
     }
     let secret = launch::job_secret()?;
     let abort = Arc::new(AbortSwitch::default());
@@ -145,7 +145,7 @@ pub(super) async fn attempt(
     let result = match (job.drive(&mut events, controls, &mut progress).await, job.stop) {
         // The user asked to stop: no restart.
         (Err(err @ CoordinatorError::Worker { .. }), Some(signal)) => {
-            Err(CoordinatorError::Flag(format!("{err} (while stopping on {signal})")))
+            Err(CoordinatorError::WhileStopping { signal, source: Box::new(err) })
         }
         (result, _) => result,
     };

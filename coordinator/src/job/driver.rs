@@ -191,7 +191,7 @@ impl<'a> Job<'a> {
                 break;
             }
         }
-        Err(blame.verdict().unwrap_or_else(|| CoordinatorError::Server("all workers disconnected before the run finished".into())))
+        Err(blame.verdict().unwrap_or_else(|| CoordinatorError::Disconnected))
     }
 
     /// When a failed attempt has nothing more to tell: once every process is gone and every
@@ -346,11 +346,7 @@ impl<'a> Job<'a> {
     /// Carries out a user's request: checkpoints at the next step every rank can reach, or an abort.
     fn control(&mut self, control: Control, progress: &mut Progress) -> Result<()> {
         let signal = match control {
-            Control::Abort { signal } => {
-                return Err(CoordinatorError::Flag(format!(
-                    "aborted on a second {signal}; the last complete checkpoint (`latest`) is kept"
-                )))
-            }
+            Control::Abort { signal } => return Err(CoordinatorError::Aborted { signal }),
             Control::Stop { signal } => Some(signal),
             Control::Save => None,
         };

@@ -114,7 +114,9 @@ pub async fn run(mut plan: TrainPlan) -> Result<Outcome> {
                 eprintln!("{failure}");
                 let lost = launch::unreachable_hosts(&plan.launch.launcher, &plan.launch.placements).await;
                 if !lost.is_empty() {
-                    let fewer = plan.without_hosts(&lost).map_err(|e| CoordinatorError::Flag(format!("{failure}; cannot restart: {e}")))?;
+                    let fewer = plan
+                        .without_hosts(&lost)
+                        .map_err(|e| CoordinatorError::NoRestart { failure: Box::new(failure), source: Box::new(e) })?;
                     eprintln!(
                         "host(s) {} do not answer: continuing on the {} rank(s) still available, gradient accumulation {} -> {} (the global batch stays {})",
                         lost.into_iter().collect::<Vec<_>>().join(", "),
@@ -192,10 +194,7 @@ fn check_output_dir(plan: &TrainPlan) -> Result<()> {
     let dir = &plan.output.dir;
     let non_empty = std::fs::read_dir(dir).map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != lock::LOCK_FILE))).unwrap_or(false);
     if non_empty && !plan.output.overwrite {
-        return Err(CoordinatorError::Flag(format!(
-            "--output_dir {} exists and is not empty; pass --overwrite_output_dir to train into it anyway",
-            dir.display()
-        )));
+        return Err(CoordinatorError::OutputNotEmpty { dir: dir.clone() });
     }
     Ok(())
 }

@@ -31,18 +31,12 @@ pub fn resolve_checkpoint(output_dir: &Path, spec: &ResumeFrom, nonfinite: NonFi
         dir.clone()
     } else {
         let pointer = zerotune_hf::layout::latest_path(output_dir);
-        let name = std::fs::read_to_string(&pointer).map_err(|e| {
-            CoordinatorError::Flag(format!(
-                "--resume_from_checkpoint latest: cannot read {}: {e} (no complete checkpoint yet?)",
-                pointer.display()
-            ))
-        })?;
+        let name = std::fs::read_to_string(&pointer).map_err(|source| CoordinatorError::NoLatest { pointer: pointer.clone(), source })?;
         output_dir.join(name.trim())
     };
-    let state = crate::checkpoint::read_trainer_state(&dir)
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
-    tokio::task::block_in_place(|| verify_checkpoint(&dir, nonfinite))
-        .map_err(|e| CoordinatorError::Flag(format!("--resume_from_checkpoint {}: {e}", dir.display())))?;
+    let bad = |e: CoordinatorError| CoordinatorError::BadCheckpoint { dir: dir.clone(), source: Box::new(e) };
+    let state = crate::checkpoint::read_trainer_state(&dir).map_err(bad)?;
+    tokio::task::block_in_place(|| verify_checkpoint(&dir, nonfinite)).map_err(|e| bad(e.into()))?;
     let step = state.global_step;
     let dir = dir.canonicalize().map_err(io_err(&dir))?;
     Ok((Resume { dir: dir.to_string_lossy().into_owned(), step }, state))

@@ -16,9 +16,9 @@ use zerotune_hf::manifest::NonFinite;
 pub use zerotune_proto::records::{CompletionEval, EvalModel, Prediction, Scores};
 
 use crate::engine::{Engine, Prompt};
-use crate::error::{io_err, Result, WorkerError};
+use crate::error::{io_err, EmptyEval, Result, WorkerError};
 use crate::generate::{Loaded, Precision};
-use crate::sample::{Rng, Sampler, SamplingParams};
+use crate::sample::{Rng, SamplingParams, TokenSampler};
 use crate::text::TextState;
 use positions::{candidates, cut_left, draw, Position};
 
@@ -81,14 +81,14 @@ impl Report {
 pub fn run(options: &EvalOptions) -> Result<Report> {
     check_numbers(options)?;
     let documents = zerotune_data::load_documents(&options.validation, &options.text_column, &options.filter)?;
-    let invalid = |message: String| WorkerError::Invalid(format!("--validation_file {}: {message}", options.validation.display()));
+    let nothing = |reason| WorkerError::NothingToEvaluate { file: options.validation.clone(), reason };
     if documents.is_empty() {
-        return Err(invalid("holds no documents: there is nothing to evaluate on".into()));
+        return Err(nothing(EmptyEval::NoDocuments));
     }
     let per_doc: Vec<Vec<Position>> = documents.iter().enumerate().map(|(i, d)| candidates(i, &d.text)).collect();
     let total: usize = per_doc.iter().map(Vec::len).sum();
     if total == 0 {
-        return Err(invalid("has no line to predict (a non-blank line after a document's first)".into()));
+        return Err(nothing(EmptyEval::NoLines));
     }
     let positions = draw(per_doc, options.num_positions, options.seed);
     if positions.len() < options.num_positions {
@@ -103,11 +103,7 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
     if let Some(base) = &options.base {
         let theirs = zerotune_hf::tokenizer::load(&tokenizer_dir(base))?;
         if theirs.get_vocab(true) != tokenizer.get_vocab(true) {
-            return Err(WorkerError::Invalid(format!(
-                "--base {} and --model {} have different tokenizers: their completions would not be comparable",
-                base.display(),
-                options.model.display()
-            )));
+            return Err(WorkerError::TokenizersDiffer { base: base.clone(), model: options.model.clone() });
         }
     }
     let mut models: Vec<(EvalModel, &Path)> = vec![];
@@ -121,17 +117,11 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
         let loaded = Loaded::open(dir, options.device, options.precision, options.nonfinite)?;
         let limit = options.context_tokens.min(loaded.config.n_positions.saturating_sub(options.max_new_tokens));
         if limit == 0 {
-            return Err(WorkerError::Invalid(format!(
-                "--max_new_tokens {} leaves no room for a prompt in the context of {} tokens",
-                options.max_new_tokens, loaded.config.n_positions
-            )));
+            return Err(WorkerError::NoRoomForPrompt { max_new_tokens: options.max_new_tokens, context: loaded.config.n_positions });
         }
         let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
         if block > loaded.config.n_positions {
-            return Err(WorkerError::Invalid(format!(
-                "--block_size {block} is above the model's context of {} tokens (n_positions); lower it",
-                loaded.config.n_positions
-            )));
+            return Err(WorkerError::BlockAboveContext { block, context: loaded.config.n_positions });
         }
         let prompts: Vec<Vec<u32>> = positions
             .iter()
@@ -217,7 +207,7 @@ pub fn predict(loaded: &Loaded, prompts: &[Vec<u32>], max_new_tokens: usize, bat
         let mut emitted = vec![];
         while engine.len() < batch.max(1) && next < prompts.len() {
             let prompt = Prompt { ids: prompts[next].clone(), max_new_tokens, logprobs: None, prompt_logprobs: false };
-            emitted.extend(engine.admit(&prompt, vec![(next, Sampler::new(SamplingParams::default(), Rng::new(0, 0)))]).1);
+            emitted.extend(engine.admit(&prompt, vec![(next, TokenSampler::new(SamplingParams::default(), Rng::new(0, 0)))]).1);
             next += 1;
         }
         emitted.extend(engine.step());
@@ -260,7 +250,7 @@ fn held_out_loss(loaded: &Loaded, documents: &[Document], block: usize) -> Resul
         tokens += chunk.len() - 1;
     }
     if tokens == 0 {
-        return Err(WorkerError::Invalid("the held-out documents are too short to measure a loss (fewer than 2 tokens)".into()));
+        return Err(WorkerError::TooShortForLoss);
     }
     Ok((sum / tokens as f64, tokens))
 }
