@@ -86,7 +86,7 @@ pub(super) async fn attempt(
     let listener = tokio::net::TcpListener::bind((bind.as_str(), port))
         .await
         .map_err(|source| CoordinatorError::Listen { addr: format!("{bind}:{port}"), source })?;
-    let port = listener.local_addr().map_err(|source| CoordinatorError::Listen { addr: format!("{bind}:{port}"), source })?.port();
+    let port = listener.local_addr().map_err(os_err("the coordinator's listening address"))?.port();
     let scheme = if plan.launch.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{host}:{port}");
     let mut builder = server_builder();
