@@ -62,7 +62,7 @@ impl FtModel {
         let (start_id, end_id) = match eos_from_tokenizer(&source.dir)? {
             Some(eos) => (eos, eos),
             None => {
-                eprintln!("note: {} has no tokenizer files; start/end ids come from config.json", source.dir.display());
+                tracing::info!("note: {} has no tokenizer files; start/end ids come from config.json", source.dir.display());
                 (c.bos_token_id, c.eos_token_id)
             }
         };
@@ -103,7 +103,7 @@ pub fn open_planned(input: &Path, nonfinite: NonFinite, tp: usize, dtype: Dtype)
     let source = Source::open(input, nonfinite)?;
     let model = FtModel::plan(&source, tp, dtype)?;
     if model.vocab_size != model.source_vocab_size {
-        eprintln!(
+        tracing::info!(
             "note: {} vocab rows padded to {} (a multiple of {VOCAB_MULTIPLE}): zero embedding and lm_head rows, lm_head bias {PAD_LOGIT_BIAS} so padded ids are never chosen",
             model.source_vocab_size, model.vocab_size,
         );

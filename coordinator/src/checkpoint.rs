@@ -24,7 +24,7 @@ pub fn clean_leftovers(output_dir: &Path) -> Result<()> {
         let path = entry.map_err(io_err(output_dir))?.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if layout::is_partial_checkpoint(&name) {
-            eprintln!("removing {}: an incomplete checkpoint an interrupted save left", path.display());
+            tracing::info!("removing {}: an incomplete checkpoint an interrupted save left", path.display());
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
         }
     }
@@ -106,7 +106,7 @@ fn rotate(output_dir: &Path, limit: usize, saved: &TrainerState) -> Result<()> {
     let keep: Vec<u64> = [Some(saved.global_step), latest].into_iter().flatten().collect();
     for step in rotation::to_remove(&on_disk, &saved.checkpoints, &keep, limit) {
         let dir = checkpoint_dir(output_dir, step);
-        eprintln!("removing {} (--save_total_limit {limit})", dir.display());
+        tracing::info!("removing {} (--save_total_limit {limit})", dir.display());
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     Ok(())

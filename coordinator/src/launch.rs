@@ -26,6 +26,12 @@ pub struct LaunchSpec<'a> {
     pub env: &'a [(String, String)],
 }
 
+/// Whether stopping the launcher's processes ends every rank: not over ssh (a remote rank may
+/// outlive its ssh) nor for ranks the user started, which hear the abort in a heartbeat instead.
+pub fn kills_its_workers(launcher: &Launcher) -> bool {
+    !matches!(launcher, Launcher::Ssh { .. } | Launcher::Manual)
+}
+
 /// Starts every rank; each returned task ends once its process is gone.
 pub fn start(
     spec: &LaunchSpec,
@@ -73,6 +79,7 @@ pub fn start(
             Ok(vec![watch(command, None, None, events)?])
         }
         Launcher::Manual => {
+            // Instructions for the user, with the job secret in them: the terminal, never the log.
             eprintln!("start these {world} worker(s), each on its host (they must reach {url}):");
             for p in spec.placements {
                 let mut env: Vec<(String, String)> = rank_env(p, world, spec.device);

@@ -36,7 +36,7 @@ impl OutputLock {
             return Err(CoordinatorError::OutputLocked { dir: dir.into(), holder, lock: path });
         }
         if !holder.is_empty() {
-            eprintln!("{}: taking over the lock left by {holder} (that job is gone)", dir.display());
+            tracing::info!("{}: taking over the lock left by {holder} (that job is gone)", dir.display());
         }
         let me = format!("host {} pid {}\n", zerotune_proto::hostname(), std::process::id());
         (|| {
@@ -54,7 +54,7 @@ impl Drop for OutputLock {
     /// lock two different files), so the next one has no takeover to report.
     fn drop(&mut self) {
         if self.file.set_len(0).is_err() {
-            eprintln!("warning: could not clear {}", self.path.display());
+            tracing::warn!("could not clear {}", self.path.display());
         }
     }
 }

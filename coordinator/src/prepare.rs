@@ -45,7 +45,7 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
     }
     let kept = keep_tokenizer.filter(|_| matches!(plan.tokenizer, TokenizerChoice::Train { .. }));
     if let Some(dir) = kept {
-        eprintln!("resuming: keeping the checkpoint's tokenizer ({}) instead of training one (--train_tokenizer)", dir.display());
+        tracing::info!("resuming: keeping the checkpoint's tokenizer ({}) instead of training one (--train_tokenizer)", dir.display());
     }
     let (tok, tokenizer_files, tokenizer_file) = match (&plan.tokenizer, kept) {
         (_, Some(dir)) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
@@ -56,7 +56,7 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
             let json = tok
                 .to_string(true)
                 .map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the trained tokenizer", message: e.to_string() })?;
-            eprintln!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
+            tracing::info!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
             (tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into())
         }
     };
@@ -64,7 +64,7 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
     let config_eos = u32::try_from(config.eos_token_id).ok();
     let eos = tokenizer::eos_for(&tok, config_eos, &tokenizer_file)?;
 
-    let block_size = plan.data.block_size.unwrap_or(config.n_positions.min(1024));
+    let block_size = plan.data.block_size.unwrap_or(config.default_block_size());
     if block_size > config.n_positions {
         let message =
             format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions);
@@ -86,7 +86,7 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
         });
     }
     if plan.output.do_eval && cache.validation_blocks == 0 {
-        eprintln!("warning: the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
+        tracing::warn!("the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
     }
 
     let sampler = Sampler {
@@ -135,7 +135,7 @@ pub fn run_pipeline(data: &DataPlan, seed: u64) -> Result<pipeline::Prepared> {
         seed,
     };
     let prepared = pipeline::run(&inputs, &data.hygiene)?;
-    eprintln!("{}", prepared.report.summary());
+    tracing::info!("{}", prepared.report.summary());
     Ok(prepared)
 }
 
@@ -200,9 +200,14 @@ pub fn tokenize_cached(
     });
     match hit {
         true => {
-            eprintln!("token cache hit: {} ({} train / {} validation blocks)", path.display(), cache.train_blocks, cache.validation_blocks)
+            tracing::info!(
+                "token cache hit: {} ({} train / {} validation blocks)",
+                path.display(),
+                cache.train_blocks,
+                cache.validation_blocks
+            )
         }
-        false => eprintln!(
+        false => tracing::info!(
             "tokenized {} train / {} validation documents into {} / {} blocks of {block_size} in {seconds:.2}s ({})",
             train.len(),
             val.len(),

@@ -21,7 +21,7 @@ pub struct Document {
 pub fn load_documents(path: &Path, text_column: &str, filter: &Filter) -> Result<Vec<Document>> {
     if path.is_dir() {
         let collected = files2jsonl::collect(path, filter)?;
-        eprintln!("{}: {}", path.display(), collected.summary());
+        tracing::info!("{}: {}", path.display(), collected.summary());
         return Ok(collected.files.into_iter().map(|f| Document { text: f.text, url: Some(f.url) }).collect());
     }
     if path == Path::new("-") {

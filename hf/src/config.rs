@@ -105,6 +105,12 @@ impl CodeGenConfig {
         Ok(())
     }
 
+    /// Tokens per training and held-out block when `--block_size` is not given: the model's
+    /// context, at most 1024 (run_clm.py's default).
+    pub fn default_block_size(&self) -> usize {
+        self.n_positions.min(1024)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }

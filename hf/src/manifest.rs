@@ -123,7 +123,7 @@ pub fn verify_model_dir(dir: &Path, nonfinite: NonFinite) -> Result<()> {
     match nonfinite {
         NonFinite::Refuse => Err(Error::NonFinite { path, name: name.into(), count }),
         NonFinite::Allow => {
-            eprintln!("warning: {}: tensor {name} holds {count} NaN or infinite values (loaded anyway: --allow_nonfinite)", path.display());
+            tracing::warn!("{}: tensor {name} holds {count} NaN or infinite values (loaded anyway: --allow_nonfinite)", path.display());
             Ok(())
         }
     }
@@ -147,7 +147,7 @@ pub fn verify_checkpoint(dir: &Path, nonfinite: NonFinite) -> Result<()> {
                 ))
             }
             NonFinite::Allow => {
-                eprintln!("warning: {}: {} NaN or infinite values (resuming anyway: --allow_nonfinite)", path.display(), entry.nonfinite)
+                tracing::warn!("{}: {} NaN or infinite values (resuming anyway: --allow_nonfinite)", path.display(), entry.nonfinite)
             }
         }
     }

@@ -69,7 +69,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             let asked = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), client.heartbeat(beat)).await });
             if let Ok(Ok(reply)) = asked {
                 if reply.get_ref().abort {
-                    eprintln!("rank {}: the coordinator aborted the job; exiting", args.rank);
+                    tracing::warn!("rank {}: the coordinator aborted the job; exiting", args.rank);
                 }
             }
         }
@@ -159,7 +159,7 @@ fn serve(
                 return Ok(());
             }
             Some(command::Kind::Stop(stop)) => {
-                eprintln!("rank {rank}: stopping after step {} on the coordinator's request", stop.step);
+                tracing::info!("rank {rank}: stopping after step {} on the coordinator's request", stop.step);
                 return Ok(());
             }
             None => anyhow::bail!("the coordinator sent an empty command (version mismatch?)"),
@@ -180,12 +180,12 @@ async fn heartbeat(mut client: Client, rank: u32, finished_step: Arc<AtomicU64>,
         let beat = HeartbeatRequest { rank, step: finished_step.load(Ordering::Relaxed) };
         match tokio::time::timeout(timeout, client.heartbeat(beat)).await {
             Ok(Ok(reply)) if reply.get_ref().abort => {
-                eprintln!("rank {rank}: the coordinator aborted the job; exiting");
+                tracing::warn!("rank {rank}: the coordinator aborted the job; exiting");
                 exit_now(1);
             }
             Ok(Ok(_)) => answered = Instant::now(),
             _ if answered.elapsed() >= timeout => {
-                eprintln!("rank {rank}: no answer from the coordinator for {} s (--heartbeat_timeout); exiting", timeout.as_secs());
+                tracing::error!("rank {rank}: no answer from the coordinator for {} s (--heartbeat_timeout); exiting", timeout.as_secs());
                 exit_now(1);
             }
             _ => {}

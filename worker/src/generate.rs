@@ -96,7 +96,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model, args.device, args.precision, args.nonfinite)?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {
-        eprintln!("worker: note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
+        tracing::info!("note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
     }
     if args.json {
         let reply = serde_json::json!({

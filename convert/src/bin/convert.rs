@@ -81,6 +81,7 @@ enum Command {
 }
 
 fn main() {
+    zerotune_log::init(zerotune_log::LogFormat::Text, &[]);
     if let Err(err) = run(Cli::parse()) {
         eprintln!("convert: error: {}", zerotune_hf::os::error_report(err.as_ref()));
         std::process::exit(1);

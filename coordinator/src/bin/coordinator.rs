@@ -54,6 +54,7 @@ enum Command {
 }
 
 fn main() {
+    zerotune_log::init(zerotune_log::LogFormat::Text, &[]);
     let result = match Cli::parse().command {
         Command::Train(args) => train(*args),
         Command::Estimate(args) => estimate(*args),

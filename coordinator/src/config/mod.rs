@@ -92,7 +92,8 @@ pub struct DataPlan {
     pub validation_file: Option<PathBuf>,
     pub text_column: String,
     pub validation_split_percentage: u32,
-    /// Tokens per block; `None`: min(1024, n_positions), known once the model config is.
+    /// `--block_size` as asked; `None`: the model's default (`CodeGenConfig::default_block_size`),
+    /// which `prepare` resolves into `Prepared::block_size`. Never filled in later.
     pub block_size: Option<usize>,
     pub filter: Filter,
     /// Secrets, dedup, leakage and document size settings of the data pipeline.

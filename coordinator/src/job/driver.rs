@@ -80,6 +80,8 @@ pub(super) struct JobSpec<'a> {
     pub checkpoints: Vec<u64>,
     /// The data the run trains on, recorded in every checkpoint.
     pub data: &'a DataIdentity,
+    /// Tokens per training block (recorded in every checkpoint).
+    pub block_size: usize,
 }
 
 /// The driver's bookkeeping while workers run.
@@ -402,7 +404,7 @@ impl<'a> Job<'a> {
             train_batch_size: self.spec.plan.batch.micro,
             gradient_accumulation_steps: self.spec.plan.batch.accumulation,
             world_size: self.spec.world,
-            block_size: self.spec.plan.data.block_size,
+            block_size: Some(self.spec.block_size),
             sampler: SamplerPosition { seed: sampler.seed, epoch, step_in_epoch, blocks: sampler.blocks },
             log_history: progress.history.clone(),
             checkpoints: self.spec.checkpoints.clone(),
@@ -416,18 +418,6 @@ mod tests {
     use super::*;
     use zerotune_proto::v1::SavedReport;
 
-    fn plan(out: &Path) -> TrainPlan {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: crate::config::TrainArgs,
-        }
-        let out = out.to_string_lossy();
-        let argv = ["x", "--config_name", "tiny", "--train_tokenizer", "400", "--train_file", "d.jsonl", "--output_dir", &out];
-        let flags = ["--do_train", "--device", "cpu", "--worker_bin", "/bin/true", "--num_workers", "2"];
-        TrainPlan::resolve(&<Cli as clap::Parser>::parse_from(argv.iter().chain(&flags)).args).unwrap()
-    }
-
     /// Drives a 2-rank job of 4 steps, with `processes` watched processes, through `events`
     /// (each sent after its delay in seconds, on tokio's clock).
     async fn drive(dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
@@ -435,7 +425,7 @@ mod tests {
     }
 
     async fn drive_under(launcher: Launcher, dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
-        let mut plan = plan(dir);
+        let mut plan = super::super::test_plan(dir, &["--num_workers", "2"]);
         plan.launch.launcher = launcher;
         let spec = JobSpec {
             world: 2,
@@ -454,6 +444,7 @@ mod tests {
                 train_blocks: 100,
                 validation_blocks: 0,
             },
+            block_size: 8,
         };
         let mut job = Job::new(spec);
         let (events_tx, mut events_rx) = mpsc::unbounded_channel();

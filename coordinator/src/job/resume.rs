@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use zerotune_hf::manifest::{verify_checkpoint, NonFinite};
 use zerotune_proto::plan::Resume;
-use zerotune_proto::state::{DataIdentity, TrainerState};
+use zerotune_proto::state::TrainerState;
 
 use crate::config::{ResumeFrom, TrainPlan};
 use crate::error::{io_err, CoordinatorError, Result};
+use crate::prepare::Prepared;
 
 /// Why a resume is refused.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +59,9 @@ pub fn tokenizer_dir(resume: &Resume) -> PathBuf {
 /// Refuses a resume with no step left, and, unless --ignore_data_skip, one whose data order would
 /// change: another block size, global batch (micro x accumulation x world; its factors may
 /// change) or other data.
-pub fn check(plan: &TrainPlan, total_steps: u64, data: &DataIdentity, resume: &Resume, state: &TrainerState) -> Result<()> {
+pub fn check(plan: &TrainPlan, prepared: &Prepared, resume: &Resume, state: &TrainerState) -> Result<()> {
     let refused = |reason| CoordinatorError::Resume { dir: resume.dir.clone().into(), reason };
+    let total_steps = prepared.total_steps;
     if total_steps <= resume.step {
         let length = match plan.training.max_steps {
             Some(steps) => format!("--max_steps {steps}"),
@@ -67,22 +69,22 @@ pub fn check(plan: &TrainPlan, total_steps: u64, data: &DataIdentity, resume: &R
         };
         return Err(refused(ResumeConflict::NothingLeft { step: resume.step, length }));
     }
-    let changes = data_order_changes(plan, data, state);
+    let changes = data_order_changes(plan, prepared, state);
     if changes.is_empty() {
         return Ok(());
     }
     let changes = changes.join(" and ");
     if plan.output.ignore_data_skip {
-        eprintln!("warning: resuming from step {} with {changes}: the data order is the new one's (--ignore_data_skip)", resume.step);
+        tracing::warn!("resuming from step {} with {changes}: the data order is the new one's (--ignore_data_skip)", resume.step);
         return Ok(());
     }
     Err(refused(ResumeConflict::DataOrder { changes }))
 }
 
 /// What differs from the checkpoint in what determines the data order, each said with both values.
-fn data_order_changes(plan: &TrainPlan, data: &DataIdentity, state: &TrainerState) -> Vec<String> {
+fn data_order_changes(plan: &TrainPlan, prepared: &Prepared, state: &TrainerState) -> Vec<String> {
     let mut changes = vec![];
-    let block = plan.data.block_size.expect("resolved by prepare");
+    let (block, data) = (prepared.block_size, &prepared.data);
     if let Some(saved) = state.block_size.filter(|&saved| saved != block) {
         changes.push(format!("--block_size {block} where the checkpoint has {saved}"));
     }

@@ -116,11 +116,13 @@ struct EvalArgs {
 }
 
 /// The precision `dtype` means on `device`; a note on why, when the GPU's age decided it, goes to
-/// stderr.
+/// the log.
 fn precision_on(dtype: &DtypeArgs, device: tch::Device) -> anyhow::Result<Precision> {
     let (precision, note) = dtype.resolve(device)?;
-    if let Some(note) = note {
-        eprintln!("worker: {note}");
+    match note {
+        Some(note) if note.is_warning() => tracing::warn!(%note, "{note}"),
+        Some(note) => tracing::info!(%note, "{note}"),
+        None => {}
     }
     Ok(precision)
 }
@@ -133,6 +135,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        zerotune_log::init(zerotune_log::LogFormat::Text, &[]); // serve's own flags say how its log reads
+    }
     let nonfinite = if cli.allow_nonfinite { NonFinite::Allow } else { NonFinite::Refuse };
     match cli.command {
         Command::Run { coordinator, rank, device: spec } => {

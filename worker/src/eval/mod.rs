@@ -92,7 +92,7 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
     }
     let positions = draw(per_doc, options.num_positions, options.seed);
     if positions.len() < options.num_positions {
-        eprintln!(
+        tracing::info!(
             "eval: {} holds {total} candidate lines, fewer than --num_positions {}: evaluating all of them",
             options.validation.display(),
             options.num_positions
@@ -119,7 +119,7 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
         if limit == 0 {
             return Err(WorkerError::NoRoomForPrompt { max_new_tokens: options.max_new_tokens, context: loaded.config.n_positions });
         }
-        let block = options.block_size.unwrap_or(1024.min(loaded.config.n_positions));
+        let block = options.block_size.unwrap_or(loaded.config.default_block_size());
         if block > loaded.config.n_positions {
             return Err(WorkerError::BlockAboveContext { block, context: loaded.config.n_positions });
         }
@@ -148,7 +148,7 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
         }
         let started = std::time::Instant::now();
         let (loss, tokens) = held_out_loss(&loaded, &documents, block)?;
-        eprintln!(
+        tracing::info!(
             "eval {}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
             name.name(),
             positions.len(),

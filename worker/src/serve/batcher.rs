@@ -93,7 +93,7 @@ impl Batcher {
         let failed = inflight.drain();
         tracing::error!(
             requests = failed.len(),
-            "worker: the engine failed; answering {} request(s) in flight with an error and going on",
+            "the engine failed; answering {} request(s) in flight with an error and going on",
             failed.len()
         );
         for l in failed {

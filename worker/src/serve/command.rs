@@ -88,7 +88,7 @@ pub fn main(args: ServeArgs, nonfinite: NonFinite) -> Result<()> {
 fn open_model(args: &ServeArgs, device: Device, nonfinite: NonFinite) -> Result<(Loaded, Precision)> {
     let (precision, note) = args.dtype.resolve(device)?;
     match note {
-        Some(note) if note.is_warning() => tracing::warn!(%note, "worker: {note}"),
+        Some(note) if note.is_warning() => tracing::warn!(%note, "{note}"),
         Some(note) => tracing::info!(%note, "worker: {note}"),
         None => {}
     }

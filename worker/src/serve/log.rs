@@ -1,19 +1,7 @@
-//! The server's log on stderr, through `tracing`: `RUST_LOG` filters it (default `info`), and
-//! `--log_format` says how each line reads. `text`: our lines exactly as the server has always
-//! printed them (people and scripts read them: the `serving ... at http://ADDR/v1` line, one
-//! `METHOD PATH STATUS [P+C tokens] SECONDS s` line per request), other crates' events with their
-//! level, target and fields. `json`: one object per line with the event's fields beside its
-//! `message`, `level`, `target` and `timestamp` (tracing-subscriber's JSON format).
+//! The server's log lines (through `zerotune_log`: `RUST_LOG` filters them, `--log_format`
+//! says how they read): the targets scripts wait for, and the one line per finished request.
 
-use std::fmt::{self, Write as _};
-
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::{EnvFilter, Layer, Registry};
+pub use zerotune_log::LogFormat;
 
 /// The target of the lines that say where the server listens, that a signal came and that it
 /// stopped: shown whatever `RUST_LOG` says, as scripts wait for the first.
@@ -22,44 +10,9 @@ pub const LIFECYCLE: &str = "zerotune_worker::serve::lifecycle";
 /// The target of the per-request lines (`RUST_LOG=zerotune_worker::serve::request=off` drops them).
 pub const REQUEST: &str = "zerotune_worker::serve::request";
 
-/// `--log_format` of `worker serve`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Each line as a person reads it (our lines as the server always printed them).
-    #[default]
-    Text,
-    /// One JSON object per line, the event's fields at its top level.
-    Json,
-}
-
-/// Makes the log of `format` on stderr this process's, filtered by `RUST_LOG` (default `info`).
-/// A second call (a test, say) leaves the first's in place.
+/// Makes the server's log of `format` on stderr this process's, the lifecycle lines always on.
 pub fn init(format: LogFormat) {
-    let _ = tracing::subscriber::set_global_default(subscriber(format, env_filter(), std::io::stderr));
-}
-
-/// `RUST_LOG`'s directives (`info` when unset or unreadable), with the lifecycle lines always on.
-fn env_filter() -> EnvFilter {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    filter.add_directive(format!("{LIFECYCLE}=info").parse().expect("a valid directive"))
-}
-
-/// The subscriber writing `format` lines to `writer`, those `filter` lets through.
-pub fn subscriber<W>(format: LogFormat, filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
-where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
-{
-    let layer: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().event_format(TextLines).with_writer(writer).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .with_writer(writer)
-            .boxed(),
-    };
-    Registry::default().with(layer.with_filter(filter))
+    zerotune_log::init(format, &[LIFECYCLE]);
 }
 
 /// One finished request (its body's end, for a stream): the route, the status, the prompt and
@@ -69,58 +22,14 @@ pub fn request(method: &str, path: &str, status: u16, prompt_tokens: u64, comple
     tracing::info!(target: REQUEST, method, path, status, prompt_tokens, completion_tokens, seconds, "{method} {path} {status}{tokens} {seconds:.3} s");
 }
 
-/// `--log_format text`: the worker's events as their message alone (the message holds their
-/// data, as the server's lines always did), any other crate's as `LEVEL target: message k=v`.
-struct TextLines;
-
-impl<S, N> FormatEvent<S, N> for TextLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(&self, _: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let meta = event.metadata();
-        if meta.target().starts_with("zerotune") {
-            writeln!(writer, "{}", fields.message)
-        } else {
-            writeln!(writer, "{} {}: {}{}", meta.level(), meta.target(), fields.message, fields.rest)
-        }
-    }
-}
-
-/// An event's message, and its other fields as ` name=value`.
-#[derive(Default)]
-struct Fields {
-    message: String,
-    rest: String,
-}
-
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.message.push_str(value);
-        } else {
-            let _ = write!(self.rest, " {}={value:?}", field.name());
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
-        } else {
-            let _ = write!(self.rest, " {}={value:?}", field.name());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
     use serde_json::Value;
+
+    use zerotune_log::{subscriber, EnvFilter};
 
     use super::*;
 
