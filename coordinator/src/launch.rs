@@ -11,7 +11,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::config::{Device, Launcher};
+use crate::config::{Device, DeviceSpec, Launcher};
 use crate::error::{io_err, os_err, CoordinatorError, Result};
 use crate::events::{Event, ExitStatus};
 use crate::hosts::{self, Placement};
@@ -138,8 +138,9 @@ fn rank_env(p: &Placement, world: usize, device: Device) -> Vec<(String, String)
 }
 
 fn worker_args(url: &str, rank: usize, device: Device) -> Vec<String> {
-    let device = if device == Device::Cpu { "cpu" } else { "cuda:0" };
-    ["run", "--coordinator", url, "--rank", &rank.to_string(), "--device", device].map(String::from).to_vec()
+    // Each GPU rank sees its one GPU (CUDA_VISIBLE_DEVICES) as the first.
+    let device = if device == Device::Cpu { DeviceSpec::Cpu } else { DeviceSpec::Cuda(Some(0)) };
+    ["run", "--coordinator", url, "--rank", &rank.to_string(), "--device", &device.to_string()].map(String::from).to_vec()
 }
 
 /// The shell script one ssh connection runs: same directory and worker path as here, the secret

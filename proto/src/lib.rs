@@ -1,8 +1,9 @@
 //! The coordinator <-> worker wire: generated gRPC code (`zerotune/v1/coordinator.proto`), the
-//! job plan the coordinator hands each worker, the GPU precision rule both apply
-//! (`precision.rs`), the checkpoint's JSON files both sides read, the run directory's records
+//! job plan the coordinator hands each worker, the `--device` grammar both parse (`device.rs`),
+//! the GPU precision rule both apply (`precision.rs`), the checkpoint's JSON files both sides read, the run directory's records
 //! (`records.rs`), and the metadata key that carries the job secret.
 
+pub mod device;
 pub mod plan;
 pub mod precision;
 pub mod records;

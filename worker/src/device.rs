@@ -3,28 +3,22 @@
 //! on machines without one.
 
 use tch::Device;
+use zerotune_proto::device::DeviceSpec;
 
 use crate::error::{Result, WorkerError};
 
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto` (the first GPU if there is one) and checks the
 /// device can be used.
 pub fn parse(spec: &str) -> Result<Device> {
-    let spec = spec.trim();
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    if spec == "auto" {
-        let _ = load_cuda_backend();
-        return Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu });
-    }
-    let index = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| WorkerError::Device(spec.into(), "expected cpu, cuda, cuda:N or auto".into()))?,
-        None => return Err(WorkerError::Device(spec.into(), "expected cpu, cuda, cuda:N or auto".into())),
+    let index = match spec.parse::<DeviceSpec>()? {
+        DeviceSpec::Cpu => return Ok(Device::Cpu),
+        DeviceSpec::Auto => {
+            let _ = load_cuda_backend();
+            return Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu });
+        }
+        DeviceSpec::Cuda(index) => index.unwrap_or(0),
     };
+    let spec = spec.trim();
     let loaded = load_cuda_backend();
     if !tch::Cuda::is_available() {
         let why = match loaded {

@@ -22,6 +22,8 @@ pub enum WorkerError {
     NonFiniteGradients { step: u64, norm: f64 },
     #[error(transparent)]
     LossScale(#[from] crate::optim::loss_scale::AtMinimum),
+    #[error("--device {0}")]
+    BadDevice(#[from] zerotune_proto::device::BadDevice),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
     #[error("{path}: {source}")]

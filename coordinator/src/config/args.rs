@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use zerotune_data::{HygieneArgs, SourceArgs};
+pub use zerotune_proto::device::DeviceSpec;
 use zerotune_proto::plan::ScheduleKind;
 
 use crate::error::CoordinatorError;
@@ -321,32 +322,6 @@ pub enum LauncherKind {
     Manual,
 }
 
-/// `--device` as given: `auto` is resolved when the plan is made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Auto,
-    Cpu,
-    /// `cuda`, or `cuda:N` for that one GPU.
-    Cuda(Option<usize>),
-}
-
-impl FromStr for DeviceSpec {
-    type Err = String;
-
-    fn from_str(spec: &str) -> Result<Self, String> {
-        match spec {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(None)),
-            s => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(|n| Self::Cuda(Some(n)))
-                .ok_or_else(|| format!("{s:?}: expected auto, cpu, cuda or cuda:N")),
-        }
-    }
-}
-
 /// `--resume_from_checkpoint`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResumeFrom {
@@ -385,10 +360,6 @@ mod tests {
 
     #[test]
     fn spellings_parse_into_their_enums() {
-        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(Some(3))));
-        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(None)));
-        assert!("cuda:x".parse::<DeviceSpec>().unwrap_err().contains("expected auto, cpu, cuda or cuda:N"));
-        assert!("gpu".parse::<DeviceSpec>().is_err());
         assert_eq!("latest".parse(), Ok(ResumeFrom::Latest));
         assert_eq!("out/checkpoint-4".parse(), Ok(ResumeFrom::Dir("out/checkpoint-4".into())));
         assert_eq!(parse_schedule("constant_with_warmup"), Ok(ScheduleKind::ConstantWithWarmup));

@@ -14,7 +14,8 @@ use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_B
 
 use super::args::TrainArgs;
 use super::ds_keys;
-use super::{precision, TrainPlan, Warmup, ZeroSettings};
+use super::resolve::precision;
+use super::{TrainPlan, Warmup, ZeroSettings};
 use crate::error::{CoordinatorError, Result};
 
 /// A value that may be `"auto"`: HF Trainer fills it from the matching flag.

@@ -80,7 +80,7 @@ fn auto_values_take_the_flags() {
     let plan =
         TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
     assert_eq!((plan.batch.micro, plan.training.optimizer.lr), (2, 1e-3));
-    assert_eq!(plan.zero, ZeroSettings { stage: 2, offload_optimizer: true, reduce_bucket_size: DEFAULT_REDUCE_BUCKET });
+    assert_eq!(plan.zero, ZeroSettings { stage: 2, offload_optimizer: true, reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET });
 }
 
 #[test]
@@ -135,7 +135,7 @@ fn cuda_n_places_the_one_rank_on_that_gpu() {
     let mut args = parse(&[]);
     args.launch.device = DeviceSpec::Cuda(Some(3));
     let plan = TrainPlan::resolve(&args).unwrap();
-    assert_eq!((plan.launch.device.to_string(), plan.launch.device.worker_flag()), ("cuda:3".into(), "cuda"));
+    assert_eq!(plan.launch.device.to_string(), "cuda:3");
     assert_eq!((plan.world_size(), plan.launch.placements[0].slot), (1, 3));
     args.launch.num_gpus = Some(2);
     let err = TrainPlan::resolve(&args).unwrap_err().to_string();
