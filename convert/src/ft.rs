@@ -123,7 +123,7 @@ fn eos_from_tokenizer(dir: &Path) -> Result<Option<i64>> {
 }
 
 /// How one source tensor becomes FT files.
-enum Job {
+enum Conversion {
     /// One file, same bytes; vocab-sized tensors padded to `FtModel::vocab_size` rows.
     Replicated { src: String, out: String, pad: Pad },
     /// q, k, v of one layer as [E, 3, E/N] per rank.
@@ -143,8 +143,8 @@ enum Pad {
 }
 
 /// Every file of `model` in order: 5 + L x (3 + 5N) of them.
-fn jobs(model: &FtModel) -> Vec<Job> {
-    let replicated = |src: &str, out: &str, pad| Job::Replicated { src: src.into(), out: out.into(), pad };
+fn jobs(model: &FtModel) -> Vec<Conversion> {
+    let replicated = |src: &str, out: &str, pad| Conversion::Replicated { src: src.into(), out: out.into(), pad };
     let mut jobs = vec![
         replicated("transformer.wte.weight", "model.wte", Pad::ZeroRows),
         replicated("lm_head.weight", "model.lm_head.weight", Pad::ZeroRows),
@@ -158,11 +158,11 @@ fn jobs(model: &FtModel) -> Vec<Job> {
         jobs.extend([
             replicated(&s("ln_1.weight"), &o("input_layernorm.weight"), Pad::None),
             replicated(&s("ln_1.bias"), &o("input_layernorm.bias"), Pad::None),
-            Job::Qkv(l),
-            Job::Rows { src: s("attn.out_proj.weight"), out: o("attention.dense.weight") },
-            Job::Columns { src: s("mlp.fc_in.weight"), out: o("mlp.dense_h_to_4h.weight") },
-            Job::Columns { src: s("mlp.fc_in.bias"), out: o("mlp.dense_h_to_4h.bias") },
-            Job::Rows { src: s("mlp.fc_out.weight"), out: o("mlp.dense_4h_to_h.weight") },
+            Conversion::Qkv(l),
+            Conversion::Rows { src: s("attn.out_proj.weight"), out: o("attention.dense.weight") },
+            Conversion::Columns { src: s("mlp.fc_in.weight"), out: o("mlp.dense_h_to_4h.weight") },
+            Conversion::Columns { src: s("mlp.fc_in.bias"), out: o("mlp.dense_h_to_4h.bias") },
+            Conversion::Rows { src: s("mlp.fc_out.weight"), out: o("mlp.dense_4h_to_h.weight") },
             replicated(&s("mlp.fc_out.bias"), &o("mlp.dense_4h_to_h.bias"), Pad::None),
         ]);
     }
@@ -204,11 +204,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Converts one source tensor into its FT file(s) in `dir`, through `scratch` (reused across
 /// jobs, so each thread faults in its largest output once).
-fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mut Vec<u8>) -> Result<()> {
+fn run_job(source: &Source, model: &FtModel, job: &Conversion, dir: &Path, scratch: &mut Vec<u8>) -> Result<()> {
     let (n, to, elem) = (model.tp, model.dtype, model.dtype.size());
     let src = match job {
-        Job::Replicated { src, .. } | Job::Columns { src, .. } | Job::Rows { src, .. } => src.clone(),
-        Job::Qkv(l) => format!("transformer.h.{l}.attn.qkv_proj.weight"),
+        Conversion::Replicated { src, .. } | Conversion::Columns { src, .. } | Conversion::Rows { src, .. } => src.clone(),
+        Conversion::Qkv(l) => format!("transformer.h.{l}.attn.qkv_proj.weight"),
     };
     let (from, shape, stored) = source.stored(&src)?;
     let data = stored.as_slice();
@@ -217,7 +217,7 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
         scratch.resize(len, 0);
     };
     match job {
-        Job::Replicated { out, pad, .. } => {
+        Conversion::Replicated { out, pad, .. } => {
             cast_into(scratch, data, from, to);
             let rows = model.vocab_size - model.source_vocab_size;
             match pad {
@@ -231,7 +231,7 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
             }
             write_file(&dir.join(format!("{out}.bin")), scratch)?;
         }
-        Job::Qkv(l) => {
+        Conversion::Qkv(l) => {
             // q, k, v in the source dtype; rank r's output rows of each, transposed and
             // interleaved into [in, 3 (q, k, v), out/N].
             let e = model.n_embd();
@@ -247,7 +247,7 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
                 write_file(&dir.join(format!("model.layers.{l}.attention.query_key_value.weight.{r}.bin")), scratch)?;
             }
         }
-        Job::Columns { out, .. } => {
+        Conversion::Columns { out, .. } => {
             let part = data.len() / n;
             for r in 0..n {
                 let piece = &data[r * part..][..part];
@@ -260,7 +260,7 @@ fn run_job(source: &Source, model: &FtModel, job: &Job, dir: &Path, scratch: &mu
                 write_file(&dir.join(format!("{out}.{r}.bin")), scratch)?;
             }
         }
-        Job::Rows { out, .. } => {
+        Conversion::Rows { out, .. } => {
             let [rows, cols] = *shape else { unreachable!("row-split tensors are matrices") };
             zeroed(scratch, rows * cols * elem);
             transpose_into(scratch, data, Transpose::plain(rows, cols), from, to);

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use crate::estimate::{self, gib, Capacity, Job};
+use crate::estimate::{self, gib, Capacity, MemoryJob};
 
 /// One change to a job's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +29,7 @@ const DOUBLINGS: u32 = 12;
 
 impl Change {
     /// Whether `job` does not have this setting yet.
-    fn is_new_to(self, job: &Job) -> bool {
+    fn is_new_to(self, job: &MemoryJob) -> bool {
         match self {
             Self::Offload => !job.offload,
             Self::Zero2 => job.zero_stage < 2,
@@ -39,18 +39,18 @@ impl Change {
         }
     }
 
-    fn apply(self, job: Job) -> Job {
+    fn apply(self, job: MemoryJob) -> MemoryJob {
         match self {
-            Self::Offload => Job { offload: true, ..job },
-            Self::Zero2 => Job { zero_stage: 2, ..job },
-            Self::Checkpointing => Job { checkpointing: true, ..job },
-            Self::MicroBatch1 => Job { micro: 1, ..job },
-            Self::World(world) => Job { world, ..job },
+            Self::Offload => MemoryJob { offload: true, ..job },
+            Self::Zero2 => MemoryJob { zero_stage: 2, ..job },
+            Self::Checkpointing => MemoryJob { checkpointing: true, ..job },
+            Self::MicroBatch1 => MemoryJob { micro: 1, ..job },
+            Self::World(world) => MemoryJob { world, ..job },
         }
     }
 
     /// In words, with the flag or ds_config key that makes it, for `job` (the one not changed).
-    fn words(self, job: &Job) -> String {
+    fn words(self, job: &MemoryJob) -> String {
         match self {
             Self::Offload => "offload the optimizer (zero_optimization.offload_optimizer.device \"cpu\" in --deepspeed)".into(),
             Self::Zero2 => "ZeRO stage 2 (zero_optimization.stage 2 in --deepspeed)".into(),
@@ -65,7 +65,7 @@ impl Change {
 }
 
 /// `job` with `changes` made.
-pub fn with(job: &Job, changes: &[Change]) -> Job {
+pub fn with(job: &MemoryJob, changes: &[Change]) -> MemoryJob {
     changes.iter().fold(*job, |job, change| change.apply(job))
 }
 
@@ -73,7 +73,7 @@ pub fn with(job: &Job, changes: &[Change]) -> Job {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Advice {
     /// The job as planned.
-    pub job: Job,
+    pub job: MemoryJob,
     pub capacity: Capacity,
     /// The changes, cheapest first: together they make the job fit, and none can be left out;
     /// or, when `fits` is false, everything tried.
@@ -83,7 +83,7 @@ pub struct Advice {
 
 /// The first of the ladder's changes, each added to the ones before, then of ever more ranks,
 /// that makes `job` fit `capacity`, without the changes it fits without.
-pub fn advise(job: &Job, capacity: Capacity) -> Advice {
+pub fn advise(job: &MemoryJob, capacity: Capacity) -> Advice {
     let fits = |changes: &[Change]| estimate::fits(&with(job, changes), capacity);
     let found = |changes| Advice { job: *job, capacity, changes: fewest(job, capacity, changes), fits: true };
     let mut changes = vec![];
@@ -104,7 +104,7 @@ pub fn advise(job: &Job, capacity: Capacity) -> Advice {
 }
 
 /// `changes` less each one (the most expensive tried first) that the job fits without.
-fn fewest(job: &Job, capacity: Capacity, mut changes: Vec<Change>) -> Vec<Change> {
+fn fewest(job: &MemoryJob, capacity: Capacity, mut changes: Vec<Change>) -> Vec<Change> {
     for i in (0..changes.len()).rev() {
         let mut without = changes.clone();
         without.remove(i);

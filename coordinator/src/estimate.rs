@@ -36,7 +36,7 @@ pub struct Shape {
 
 /// A job's memory-relevant settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Job {
+pub struct MemoryJob {
     pub shape: Shape,
     pub world: u64,
     /// The most ranks any one host runs.
@@ -89,7 +89,7 @@ pub enum Phase {
 /// host copy (worker train.rs).
 const SAVE_CHUNK: u64 = 1 << 26;
 
-impl Job {
+impl MemoryJob {
     fn bytes_per_value(&self) -> u64 {
         match self.precision {
             Precision::Fp32 => 4,
@@ -113,7 +113,7 @@ impl Job {
 }
 
 /// Every term of `job`, device terms first.
-pub fn terms(job: &Job) -> Vec<Term> {
+pub fn terms(job: &MemoryJob) -> Vec<Term> {
     let (p, n, part, k) = (job.shape.params, job.world, job.partition(), job.bytes_per_value());
     let padded = part * n;
     let owned = job.owned();
@@ -185,7 +185,7 @@ pub fn terms(job: &Job) -> Vec<Term> {
 /// chunk at a time), and from a partitioned optimizer it first gathers the whole model through a
 /// device buffer of world chunks, each rank's part staged to the host in turn. Checkpoints write
 /// each rank's optimizer slice a state at a time, from host copies unless offloaded.
-fn save_terms(job: &Job) -> Vec<Term> {
+fn save_terms(job: &MemoryJob) -> Vec<Term> {
     let (p, n, part) = (job.shape.params, job.world, job.partition());
     let partitioned = n > 1 && job.zero_stage > 0;
     let tensor = job.shape.vocab * job.shape.n_embd * 4;
@@ -239,7 +239,7 @@ pub struct Totals {
     pub per_host: u64,
 }
 
-pub fn totals(job: &Job, terms: &[Term]) -> Totals {
+pub fn totals(job: &MemoryJob, terms: &[Term]) -> Totals {
     if job.gpu {
         Totals { per_device: peak(terms, Some(Place::Device)), per_host: peak_of_ranks(terms, Some(Place::Host), job.ranks_per_host) }
     } else {
@@ -255,7 +255,7 @@ pub struct Capacity {
 }
 
 /// Whether `job`'s totals are within `capacity` (an unknown one is not checked).
-pub fn fits(job: &Job, capacity: Capacity) -> bool {
+pub fn fits(job: &MemoryJob, capacity: Capacity) -> bool {
     let t = totals(job, &terms(job));
     capacity.device.is_none_or(|cap| t.per_device <= cap) && capacity.host.is_none_or(|cap| t.per_host <= cap)
 }
@@ -280,7 +280,7 @@ impl std::fmt::Display for Refusal {
 }
 
 /// Whether `job` fits `capacity`, and if not, the largest term and what would make it fit.
-pub fn verdict(job: &Job, capacity: Capacity) -> Result<(), Box<Refusal>> {
+pub fn verdict(job: &MemoryJob, capacity: Capacity) -> Result<(), Box<Refusal>> {
     let terms = terms(job);
     let t = totals(job, &terms);
     let over_device = capacity.device.filter(|&cap| t.per_device > cap);
@@ -310,7 +310,7 @@ pub fn deepspeed_zero2(params: u64, gpus_per_node: u64, nodes: u64, cpu_offload:
 }
 
 /// The table: one line per term, then the totals and the verdict.
-pub fn table(job: &Job, capacity: Capacity) -> String {
+pub fn table(job: &MemoryJob, capacity: Capacity) -> String {
     let terms = terms(job);
     let t = totals(job, &terms);
     let device = if job.gpu { "GPU" } else { "CPU rank" };

@@ -10,8 +10,8 @@ fn shape_350m() -> Shape {
     Shape { params: 356_712_448, n_layer: 20, n_embd: 1024, vocab: 51200 }
 }
 
-fn job(world: u64, offload: bool, checkpointing: bool) -> Job {
-    Job {
+fn job(world: u64, offload: bool, checkpointing: bool) -> MemoryJob {
+    MemoryJob {
         shape: shape_350m(),
         world,
         ranks_per_host: world,
@@ -71,7 +71,7 @@ fn every_term_of_a_350m_zero2_offload_gpu() {
         Totals { per_device: peak(&t, Some(Place::Device)), per_host: 4 * (part * 12 + 2 * (1 << 23) * 2) + saving }
     );
     // Without offload the master is copied to the host before it is written.
-    let single = terms(&Job { offload: false, ..job(1, false, false) });
+    let single = terms(&MemoryJob { offload: false, ..job(1, false, false) });
     assert_eq!(bytes(&single, "saving"), 356_712_448 * 4 + (1 << 26) * 4 + 51200 * 1024 * 4);
 }
 
@@ -89,35 +89,35 @@ fn stages_world_one_and_fp32_choose_their_buffers() {
     let one = terms(&job(1, true, false));
     assert_eq!(bytes(&one, "gradient accumulator"), job(1, true, false).partition() * 4);
     assert!(one.iter().all(|t| t.name != "gradient partition"));
-    let stage1 = terms(&Job { zero_stage: 1, ..job(2, false, false) });
+    let stage1 = terms(&MemoryJob { zero_stage: 1, ..job(2, false, false) });
     let part = job(2, false, false).partition();
     assert_eq!(bytes(&stage1, "gradient accumulator"), 2 * part * 4);
     assert_eq!(bytes(&stage1, "gradient partition"), part * 4);
     assert_eq!(bytes(&stage1, "optimizer state"), part * 12);
     assert_eq!(bytes(&stage1, "optimizer step temporaries"), part * 16);
-    let stage0 = terms(&Job { zero_stage: 0, ..job(2, false, false) });
+    let stage0 = terms(&MemoryJob { zero_stage: 0, ..job(2, false, false) });
     assert_eq!(bytes(&stage0, "optimizer state"), 356_712_448 * 12);
     // Small buckets: reduce_bucket / world elements per rank's block.
-    let small = terms(&Job { reduce_bucket: 1000, ..job(4, true, false) });
+    let small = terms(&MemoryJob { reduce_bucket: 1000, ..job(4, true, false) });
     assert_eq!(bytes(&small, "reduce-scatter buckets"), 250 * 5 * 4);
     // fp32 offload on a GPU: two pinned fp32 tiles; on CPU ranks none for fp32 (the master goes
     // up as it is) and two unpinned ones for 16-bit.
-    let fp32 = Job { precision: Precision::Fp32, ..job(1, true, false) };
+    let fp32 = MemoryJob { precision: Precision::Fp32, ..job(1, true, false) };
     assert_eq!(bytes(&terms(&fp32), "pinned buffers"), 2 * (1 << 23) * 4);
-    assert_eq!(bytes(&terms(&Job { gpu: false, ..job(1, true, false) }), "upload tiles"), 2 * (1 << 23) * 2);
+    assert_eq!(bytes(&terms(&MemoryJob { gpu: false, ..job(1, true, false) }), "upload tiles"), 2 * (1 << 23) * 2);
     // Pinned tiles take a power of two bytes each: 1000 x 2 B -> 2048 B.
-    assert_eq!(bytes(&terms(&Job { offload_tile: 1000, ..job(1, true, false) }), "pinned buffers"), 2 * 2048);
+    assert_eq!(bytes(&terms(&MemoryJob { offload_tile: 1000, ..job(1, true, false) }), "pinned buffers"), 2 * 2048);
     assert_eq!(bytes(&terms(&fp32), "parameters"), fp32.partition() * 4);
     assert_eq!(bytes(&terms(&fp32), "logits"), 2 * 128 * 51200 * 12);
     assert!(terms(&fp32).iter().all(|t| t.name != "transfer tiles"));
-    let cpu = terms(&Job { gpu: false, ..fp32 });
+    let cpu = terms(&MemoryJob { gpu: false, ..fp32 });
     assert!(cpu.iter().all(|t| !["pinned buffers", "upload tiles", "transfer tiles"].contains(&t.name)));
     assert_eq!(bytes(&cpu, "buffers"), 200 << 20);
 }
 
 #[test]
 fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
-    let j = Job { gpu: false, precision: Precision::Fp32, ..job(1, true, false) };
+    let j = MemoryJob { gpu: false, precision: Precision::Fp32, ..job(1, true, false) };
     let t = terms(&j);
     let total = totals(&j, &t);
     // One RAM: the phases of both places add up. Saving writes the offloaded master where it is,
@@ -129,16 +129,16 @@ fn a_cpu_rank_counts_device_and_host_terms_in_one_ram() {
     assert_eq!(total.per_device, always + backward);
     assert_eq!(total.per_host, total.per_device);
     // Three CPU ranks on one machine share its RAM: each fits in 12 GiB, the three not in 16.
-    let three = Job { world: 3, ranks_per_host: 3, ..j };
+    let three = MemoryJob { world: 3, ranks_per_host: 3, ..j };
     let t3 = totals(&three, &terms(&three));
     assert!(t3.per_device < 12 * GIB && t3.per_host > 16 * GIB, "{t3:?}");
     let err = verdict(&three, Capacity { device: Some(12 * GIB), host: Some(16 * GIB) }).unwrap_err().to_string();
     assert!(err.contains("per host"), "{err}");
     // Checkpoints write the optimizer slice a state at a time (4 B per parameter), more than the
     // model's largest tensor; without offload from host copies of all three (12 + 4).
-    let t = terms(&Job { checkpoints: true, ..j });
+    let t = terms(&MemoryJob { checkpoints: true, ..j });
     assert_eq!(bytes(&t, "saving"), j.partition() * 4);
-    let t = terms(&Job { checkpoints: true, offload: false, ..j });
+    let t = terms(&MemoryJob { checkpoints: true, offload: false, ..j });
     assert_eq!(bytes(&t, "saving"), j.partition() * 16);
 }
 
@@ -150,8 +150,12 @@ fn model_states_equal_deepspeed_s_zero2_formula() {
     for gpus_per_node in [1, 2, 4, 8] {
         for nodes in [1, 3] {
             let world = gpus_per_node * nodes;
-            let base =
-                Job { shape: Shape { params: EVEN, ..shape_350m() }, world, ranks_per_host: gpus_per_node, ..job(world, false, false) };
+            let base = MemoryJob {
+                shape: Shape { params: EVEN, ..shape_350m() },
+                world,
+                ranks_per_host: gpus_per_node,
+                ..job(world, false, false)
+            };
             // Without offload DeepSpeed counts 2 + 2 bytes per parameter (16-bit weights and
             // gradients) and 16 per owned one (fp32 master, m, v and the gradient partition).
             let t = terms(&base);
@@ -162,7 +166,7 @@ fn model_states_equal_deepspeed_s_zero2_formula() {
             // With offload: the 16-bit weights on the GPU; on the host, with 1.5 of slack, the
             // node's fp32 master, m, v and fp32 gradients (ours stay on the GPU: the partition),
             // as long as DeepSpeed's max(4 x GPUs, 16) is 16.
-            let offload = Job { offload: true, ..base };
+            let offload = MemoryJob { offload: true, ..base };
             let t = terms(&offload);
             let (ds_cpu, ds_gpu) = deepspeed_zero2(EVEN, gpus_per_node, nodes, true);
             assert_eq!(bytes(&t, "parameters"), ds_gpu, "offload, {gpus_per_node} x {nodes}");
@@ -185,19 +189,19 @@ fn deepspeed_formula_as_published() {
 
 #[test]
 fn a_job_too_large_is_refused_naming_its_largest_term_and_a_fix() {
-    let j = Job { micro: 8, block: 2048, ..job(1, false, false) };
+    let j = MemoryJob { micro: 8, block: 2048, ..job(1, false, false) };
     let err = verdict(&j, Capacity { device: Some(GIB), host: None }).unwrap_err().to_string();
     assert!(err.contains("the largest term is logits (10.94 GiB: 8x2048x51200 x 14 B)"), "{err}");
     assert!(err.contains("available"), "{err}");
     // 350M on a 24 GiB card with block 2048, micro 8: offload alone is not enough, checkpointing
     // is, and then offload is not needed.
     let on_24 = Capacity { device: Some(24 * GIB), host: None };
-    assert!(!fits(&Job { offload: true, ..j }, on_24) && fits(&Job { checkpointing: true, ..j }, on_24));
+    assert!(!fits(&MemoryJob { offload: true, ..j }, on_24) && fits(&MemoryJob { checkpointing: true, ..j }, on_24));
     let refusal = verdict(&j, on_24).unwrap_err();
     assert_eq!(refusal.advice.changes, [Change::Checkpointing]);
     assert!(refusal.to_string().contains("it would fit with: --gradient_checkpointing on the same 1 GPU: "), "{refusal}");
     // Too much for one GPU whatever the settings: more GPUs.
-    let huge = Job { shape: shape_16b(), ..job(1, true, true) };
+    let huge = MemoryJob { shape: shape_16b(), ..job(1, true, true) };
     let refusal = verdict(&huge, Capacity { device: Some(80 * GIB), host: None }).unwrap_err();
     assert!(matches!(refusal.advice.changes.last(), Some(Change::World(n)) if *n > 1), "{refusal}");
     assert!(refusal.to_string().contains(" GPUs (--num_gpus / --num_nodes) on "), "{refusal}");
@@ -222,8 +226,8 @@ fn shape_16b() -> Shape {
 }
 
 /// A job as planned from flags without a ds_config: stage 0, nothing offloaded or recomputed.
-fn plain(shape: Shape, world: u64, ranks_per_host: u64, micro: u64, block: u64) -> Job {
-    Job { shape, world, ranks_per_host, micro, block, zero_stage: 0, ..job(world, false, false) }
+fn plain(shape: Shape, world: u64, ranks_per_host: u64, micro: u64, block: u64) -> MemoryJob {
+    MemoryJob { shape, world, ranks_per_host, micro, block, zero_stage: 0, ..job(world, false, false) }
 }
 
 fn per_gpu(bytes: u64) -> Capacity {
@@ -231,7 +235,7 @@ fn per_gpu(bytes: u64) -> Capacity {
 }
 
 /// What a suggestion must be: it fits when re-estimated, and none of its changes can go.
-fn assert_checked(job: &Job, capacity: Capacity) -> Advice {
+fn assert_checked(job: &MemoryJob, capacity: Capacity) -> Advice {
     let advice = advise(job, capacity);
     assert!(advice.fits, "{advice}");
     assert!(fits(&with(job, &advice.changes), capacity), "{advice}");
@@ -249,7 +253,7 @@ fn assert_checked(job: &Job, capacity: Capacity) -> Advice {
 #[test]
 fn offload_is_advised_first_when_it_alone_suffices() {
     let j = plain(shape_350m(), 1, 1, 1, 128);
-    let offloaded = Job { offload: true, ..j };
+    let offloaded = MemoryJob { offload: true, ..j };
     let capacity = per_gpu(totals(&offloaded, &terms(&offloaded)).per_device);
     assert!(!fits(&j, capacity));
     let advice = assert_checked(&j, capacity);
@@ -261,9 +265,9 @@ fn offload_is_advised_first_when_it_alone_suffices() {
 fn zero_2_is_advised_next_when_offload_is_not_enough() {
     // 2B on 8 GPUs of a node: whole fp32 gradients at stage 0 even with offload.
     let j = plain(builtin("codegen-2B"), 8, 8, 1, 2048);
-    let both = Job { offload: true, zero_stage: 2, ..j };
+    let both = MemoryJob { offload: true, zero_stage: 2, ..j };
     let capacity = per_gpu(totals(&both, &terms(&both)).per_device);
-    assert!(!fits(&Job { offload: true, ..j }, capacity));
+    assert!(!fits(&MemoryJob { offload: true, ..j }, capacity));
     let advice = assert_checked(&j, capacity);
     assert_eq!(advice.changes, [Change::Offload, Change::Zero2], "{advice}");
     assert!(advice.to_string().contains("ZeRO stage 2 (zero_optimization.stage 2 in --deepspeed)"), "{advice}");

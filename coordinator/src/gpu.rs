@@ -11,7 +11,7 @@ use zerotune_proto::precision::{gpu_precision, NoBf16, PrecisionNote};
 
 use crate::config::{config_by_name, Device, GpuModel, Launcher, ModelChoice, TokenizerChoice, TrainPlan};
 use crate::error::{CoordinatorError, Result};
-use crate::estimate::{self, Capacity, Job, Shape};
+use crate::estimate::{self, Capacity, MemoryJob, Shape};
 
 /// One GPU as `nvidia-smi` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -142,12 +142,12 @@ pub fn plan_config(plan: &TrainPlan) -> Result<CodeGenConfig> {
 }
 
 /// The memory planner's view of `plan`.
-pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> Job {
+pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> MemoryJob {
     let mut per_host = std::collections::BTreeMap::<&str, u64>::new();
     for p in &plan.launch.placements {
         *per_host.entry(p.host.as_str()).or_default() += 1;
     }
-    Job {
+    MemoryJob {
         shape: Shape {
             params: config.num_parameters() as u64,
             n_layer: config.n_layer as u64,

@@ -3,7 +3,7 @@
 //! training split), the model config checked against it, the block size, then the pipeline's last
 //! stages here, tokenize -> cache, and the step arithmetic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
@@ -19,7 +19,7 @@ use crate::error::{io_err, CoordinatorError, Result};
 use crate::sampler::Sampler;
 
 /// The data and model facts a run needs, all checked.
-pub struct Prepared {
+pub struct PreparedRun {
     pub config: CodeGenConfig,
     /// Tokenizer files (name, bytes) to copy next to every saved model.
     pub tokenizer_files: Vec<(String, Vec<u8>)>,
@@ -38,28 +38,12 @@ pub struct Prepared {
 
 /// `keep_tokenizer`: a resumed checkpoint's model dir, whose tokenizer the run keeps instead of
 /// training one (--train_tokenizer): the weights were trained with its ids.
-pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepared> {
+pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<PreparedRun> {
     let mut data = run_pipeline(&plan.data, plan.training.seed)?;
     if let Some(block_size) = plan.data.block_size {
         check_enough(&plan.data.train_file, &data.train, block_size)?; // before training a tokenizer
     }
-    let kept = keep_tokenizer.filter(|_| matches!(plan.tokenizer, TokenizerChoice::Train { .. }));
-    if let Some(dir) = kept {
-        tracing::info!("resuming: keeping the checkpoint's tokenizer ({}) instead of training one (--train_tokenizer)", dir.display());
-    }
-    let (tok, tokenizer_files, tokenizer_file) = match (&plan.tokenizer, kept) {
-        (_, Some(dir)) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
-        (TokenizerChoice::Dir(dir), None) => (tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir)),
-        (TokenizerChoice::Train { vocab_size }, None) => {
-            let tok = tokenizer::train(data.train.iter().map(|d| d.text.as_str()), *vocab_size)
-                .map_err(|message| CoordinatorError::Tokenizer { what: "--train_tokenizer", message })?;
-            let json = tok
-                .to_string(true)
-                .map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the trained tokenizer", message: e.to_string() })?;
-            tracing::info!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
-            (tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into())
-        }
-    };
+    let (tok, tokenizer_files, tokenizer_file) = tokenizer_for(plan, &data.train, keep_tokenizer)?;
     let config = model_config(plan, &tok)?;
     let config_eos = u32::try_from(config.eos_token_id).ok();
     let eos = tokenizer::eos_for(&tok, config_eos, &tokenizer_file)?;
@@ -89,28 +73,9 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
         tracing::warn!("the validation split makes no complete block of {block_size} tokens; evaluation is skipped");
     }
 
-    let sampler = Sampler {
-        blocks: cache.train_blocks,
-        world: plan.world_size(),
-        micro_batch: plan.batch.micro,
-        accumulation: plan.batch.accumulation,
-        seed: plan.training.seed,
-    };
-    let per_epoch = sampler.steps_per_epoch() as u64;
-    if per_epoch == 0 {
-        let (world, micro, accumulation) = (plan.world_size(), plan.batch.micro, plan.batch.accumulation);
-        return Err(CoordinatorError::TooFewBlocks { blocks: cache.train_blocks, world, micro, accumulation });
-    }
-    let total_steps = plan.training.max_steps.unwrap_or_else(|| (plan.training.epochs * per_epoch as f64).ceil().max(1.0) as u64);
-    if let Some(ds_total) = plan.training.ds_total_steps {
-        if ds_total != total_steps {
-            let message =
-                format!("ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\"");
-            return Err(CoordinatorError::flags(&["--deepspeed", "--max_steps", "--num_train_epochs"], message));
-        }
-    }
+    let (sampler, total_steps) = schedule(plan, cache.train_blocks)?;
     let warmup_steps = plan.warmup_steps(total_steps);
-    Ok(Prepared {
+    Ok(PreparedRun {
         config,
         tokenizer_files,
         cache,
@@ -124,8 +89,51 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
     })
 }
 
+/// The run's tokenizer, its files to save beside every model, and the name its errors use: a
+/// resumed checkpoint's (`kept`) when it would otherwise train one, else the tokenizer dir, or one
+/// trained on the training split (--train_tokenizer).
+fn tokenizer_for(plan: &TrainPlan, train: &[Document], kept: Option<&Path>) -> Result<(Tokenizer, Vec<(String, Vec<u8>)>, PathBuf)> {
+    let kept = kept.filter(|_| matches!(plan.tokenizer, TokenizerChoice::Train { .. }));
+    if let Some(dir) = kept {
+        tracing::info!("resuming: keeping the checkpoint's tokenizer ({}) instead of training one (--train_tokenizer)", dir.display());
+    }
+    match (&plan.tokenizer, kept) {
+        (_, Some(dir)) => Ok((tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir))),
+        (TokenizerChoice::Dir(dir), None) => Ok((tokenizer::load(dir)?, tokenizer::read_files(dir)?, tokenizer::file_in(dir))),
+        (TokenizerChoice::Train { vocab_size }, None) => {
+            let tok = tokenizer::train(train.iter().map(|d| d.text.as_str()), *vocab_size)
+                .map_err(|message| CoordinatorError::Tokenizer { what: "--train_tokenizer", message })?;
+            let json = tok
+                .to_string(true)
+                .map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the trained tokenizer", message: e.to_string() })?;
+            tracing::info!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
+            Ok((tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into()))
+        }
+    }
+}
+
+/// The sampler over `blocks` training blocks and the run's length in optimizer steps (a
+/// ds_config's total_num_steps must agree with it).
+fn schedule(plan: &TrainPlan, blocks: usize) -> Result<(Sampler, u64)> {
+    let (world, micro, accumulation) = (plan.world_size(), plan.batch.micro, plan.batch.accumulation);
+    let sampler = Sampler { blocks, world, micro_batch: micro, accumulation, seed: plan.training.seed };
+    let per_epoch = sampler.steps_per_epoch() as u64;
+    if per_epoch == 0 {
+        return Err(CoordinatorError::TooFewBlocks { blocks, world, micro, accumulation });
+    }
+    let total_steps = plan.training.max_steps.unwrap_or_else(|| (plan.training.epochs * per_epoch as f64).ceil().max(1.0) as u64);
+    if let Some(ds_total) = plan.training.ds_total_steps {
+        if ds_total != total_steps {
+            let message =
+                format!("ds_config scheduler.params.total_num_steps {ds_total} vs the run's {total_steps} steps; set it to \"auto\"");
+            return Err(CoordinatorError::flags(&["--deepspeed", "--max_steps", "--num_train_epochs"], message));
+        }
+    }
+    Ok((sampler, total_steps))
+}
+
 /// The pipeline's stages up to the leakage check, with the summary printed.
-pub fn run_pipeline(data: &DataPlan, seed: u64) -> Result<pipeline::Prepared> {
+pub fn run_pipeline(data: &DataPlan, seed: u64) -> Result<pipeline::SplitDocuments> {
     let inputs = Inputs {
         train: data.train_file.clone(),
         validation: data.validation_file.clone(),
@@ -160,7 +168,7 @@ pub fn check_enough(train_file: &Path, train: &[Document], block_size: usize) ->
 /// data (and these pipeline settings) was tokenized before. Fills in the report's token counts.
 /// Also returns the hash of the documents alone (`CacheKey::documents_hash`).
 pub fn tokenize_cached(
-    data: &mut pipeline::Prepared,
+    data: &mut pipeline::SplitDocuments,
     tok: &Tokenizer,
     eos: u32,
     block_size: usize,

@@ -35,14 +35,14 @@ pub struct Inputs {
 }
 
 /// What the pipeline hands to tokenization.
-pub struct Prepared {
+pub struct SplitDocuments {
     pub train: Vec<Document>,
     pub validation: Vec<Document>,
     pub report: DataReport,
 }
 
 /// collect -> scrub -> cut -> dedup -> split -> leakage, on training and validation data.
-pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
+pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<SplitDocuments> {
     let mut report = DataReport { settings: hygiene.clone(), ..Default::default() };
     let mut clock = Clock(Instant::now());
     let (docs, counts) = collect(&inputs.train, &inputs.text_column, &inputs.filter)?;
@@ -86,7 +86,7 @@ pub fn run(inputs: &Inputs, hygiene: &Hygiene) -> Result<Prepared> {
     report.validation_documents = val.len();
     report.merge_skipped();
     let docs = |v: Vec<Named>| v.into_iter().map(|n| n.doc).collect();
-    Ok(Prepared { train: docs(train), validation: docs(val), report })
+    Ok(SplitDocuments { train: docs(train), validation: docs(val), report })
 }
 
 /// files2jsonl: a source tree through collect -> scrub -> cut -> dedup (no split).

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use zerotune_proto::plan::{LossScaler, Precision, ScheduleKind, DEFAULT_REDUCE_BUCKET};
 
-use super::args::TrainArgs;
+use super::args::{TrainArgs, TrainingArgs};
 use super::ds_keys;
 use super::resolve::precision;
 use super::{TrainPlan, Warmup, ZeroSettings};
@@ -200,6 +200,34 @@ impl DsConfig {
     }
 }
 
+impl Fp16 {
+    /// The dynamic loss scaler the section asks for (a fixed `loss_scale` is refused).
+    fn loss_scaler(&self) -> std::result::Result<LossScaler, String> {
+        if let Some(scale) = self.loss_scale.filter(|&s| s != 0.0) {
+            return Err(format!("fp16.loss_scale {scale}: only dynamic loss scaling (0) is supported"));
+        }
+        let default = LossScaler::default();
+        // Whole numbers in range (DeepSpeed configs often write 1e3, or 1000.0).
+        let whole = |key: &str, value: Option<f64>, default: u32, range: std::ops::RangeInclusive<u32>| match value {
+            None => Ok(default),
+            Some(v) if v.fract() == 0.0 && range.contains(&(v as u32)) && v >= 0.0 => Ok(v as u32),
+            Some(v) => Err(format!("fp16.{key} {v}: expected a whole number in [{}, {}]", range.start(), range.end())),
+        };
+        let min_scale = self.min_loss_scale.unwrap_or(default.min_scale);
+        if !(min_scale.is_finite() && min_scale > 0.0) {
+            return Err(format!("fp16.min_loss_scale {min_scale}: expected a finite number above 0"));
+        }
+        Ok(LossScaler {
+            // 2^64 and beyond is no longer a finite fp32 scale.
+            initial_scale_power: whole("initial_scale_power", self.initial_scale_power, default.initial_scale_power, 0..=63)?,
+            window: whole("loss_scale_window", self.loss_scale_window, default.window, 1..=u32::MAX)?,
+            hysteresis: whole("hysteresis", self.hysteresis, default.hysteresis, 1..=u32::MAX)?,
+            min_scale,
+            abort_at_min_scale: true,
+        })
+    }
+}
+
 /// Collects the values that disagree with the command line.
 #[derive(Default)]
 struct Agreement(Vec<String>);
@@ -223,27 +251,39 @@ impl DsConfig {
     pub fn apply(&self, plan: &mut TrainPlan, args: &TrainArgs, path: &Path) -> Result<()> {
         let bad = |reason: String| CoordinatorError::DsConfig { path: path.into(), reason };
         let t = &args.training;
+        let disagreements = self.disagreements(t, plan.world_size());
+        if !disagreements.is_empty() {
+            return Err(bad(format!(
+                "values that mismatch the command line (set them to \"auto\" or make them agree):\n{}",
+                disagreements.join("\n")
+            )));
+        }
+        self.check_optimizer().map_err(bad)?;
+        if let Some(scheduler) = &self.scheduler {
+            self.apply_scheduler(scheduler, plan, args).map_err(bad)?;
+        }
+        let enabled = |section: Option<&Auto<bool>>| section.and_then(Auto::value).copied().unwrap_or(false);
+        let ds_fp16 = enabled(self.fp16.as_ref().and_then(|f| f.enabled.as_ref()));
+        let ds_bf16 = enabled(self.bf16.as_ref().and_then(|b| b.enabled.as_ref()));
+        plan.training.precision = precision(t.fp16.unwrap_or(false) || ds_fp16, t.bf16.unwrap_or(false) || ds_bf16, false)?;
+        if let (Precision::Fp16, Some(f)) = (plan.training.precision, &self.fp16) {
+            plan.training.loss_scaler = f.loss_scaler().map_err(bad)?;
+        }
+        plan.zero = self.zero().map_err(bad)?;
+        plan.training.gradient_checkpointing |= self.activation_checkpointing.is_some();
+        Ok(())
+    }
+
+    /// Each value the config sets (not "auto") that differs from the command line's, with both.
+    fn disagreements(&self, t: &TrainingArgs, world: usize) -> Vec<String> {
         let (fp16, bf16) = (t.fp16.unwrap_or(false), t.bf16.unwrap_or(false));
-        let optimizer = self.optimizer.as_ref();
-        let params = optimizer.map(|o| &o.params);
+        let params = self.optimizer.as_ref().map(|o| &o.params);
         let scheduler = self.scheduler.as_ref().map(|s| &s.params);
-        let world = plan.world_size();
-        let mut agreement = Agreement::default();
-        let a = &mut agreement;
-        a.check(
-            "train_micro_batch_size_per_gpu",
-            self.train_micro_batch_size_per_gpu.as_ref(),
-            "per_device_train_batch_size",
-            t.per_device_train_batch_size,
-        );
-        a.check(
-            "gradient_accumulation_steps",
-            self.gradient_accumulation_steps.as_ref(),
-            "gradient_accumulation_steps",
-            t.gradient_accumulation_steps,
-        );
         let (micro, accumulation) = (t.per_device_train_batch_size, t.gradient_accumulation_steps);
         let factors = format!("world {world} x micro {micro} x accumulation {accumulation}");
+        let mut a = Agreement::default();
+        a.check("train_micro_batch_size_per_gpu", self.train_micro_batch_size_per_gpu.as_ref(), "per_device_train_batch_size", micro);
+        a.check("gradient_accumulation_steps", self.gradient_accumulation_steps.as_ref(), "gradient_accumulation_steps", accumulation);
         a.check("train_batch_size", self.train_batch_size.as_ref(), &factors, world * micro * accumulation);
         a.check("gradient_clipping", self.gradient_clipping.as_ref(), "max_grad_norm", t.max_grad_norm);
         a.check("optimizer.params.lr", params.and_then(|p| p.lr.as_ref()), "learning_rate", t.learning_rate);
@@ -253,56 +293,20 @@ impl DsConfig {
         a.check("fp16.enabled", self.fp16.as_ref().and_then(|f| f.enabled.as_ref()), "fp16", fp16);
         a.check("bf16.enabled", self.bf16.as_ref().and_then(|b| b.enabled.as_ref()), "bf16", bf16);
         a.check("scheduler.params.warmup_max_lr", scheduler.and_then(|s| s.warmup_max_lr.as_ref()), "learning_rate", t.learning_rate);
-        if !agreement.0.is_empty() {
-            return Err(bad(format!(
-                "values that mismatch the command line (set them to \"auto\" or make them agree):\n{}",
-                agreement.0.join("\n")
-            )));
-        }
-        if let Some(optimizer) = optimizer {
-            match optimizer.kind.as_str() {
-                "AdamW" => {}
-                "Adam" if optimizer.params.adam_w_mode == Some(false) => {
-                    return Err(bad("optimizer.params.adam_w_mode false (L2-coupled Adam) is not supported".into()))
-                }
-                "Adam" => {}
-                kind => return Err(bad(format!("optimizer.type {kind:?}: only Adam/AdamW (decoupled weight decay) is supported"))),
+        a.0
+    }
+
+    /// Only Adam with decoupled weight decay (AdamW) is trained.
+    fn check_optimizer(&self) -> std::result::Result<(), String> {
+        let Some(optimizer) = &self.optimizer else { return Ok(()) };
+        match optimizer.kind.as_str() {
+            "AdamW" => Ok(()),
+            "Adam" if optimizer.params.adam_w_mode == Some(false) => {
+                Err("optimizer.params.adam_w_mode false (L2-coupled Adam) is not supported".into())
             }
+            "Adam" => Ok(()),
+            kind => Err(format!("optimizer.type {kind:?}: only Adam/AdamW (decoupled weight decay) is supported")),
         }
-        if let Some(scheduler) = &self.scheduler {
-            self.apply_scheduler(scheduler, plan, args).map_err(bad)?;
-        }
-        let enabled = |section: Option<&Auto<bool>>| section.and_then(Auto::value).copied().unwrap_or(false);
-        let ds_fp16 = enabled(self.fp16.as_ref().and_then(|f| f.enabled.as_ref()));
-        let ds_bf16 = enabled(self.bf16.as_ref().and_then(|b| b.enabled.as_ref()));
-        plan.training.precision = precision(fp16 || ds_fp16, bf16 || ds_bf16, false)?;
-        if let (Precision::Fp16, Some(f)) = (plan.training.precision, &self.fp16) {
-            if let Some(scale) = f.loss_scale.filter(|&s| s != 0.0) {
-                return Err(bad(format!("fp16.loss_scale {scale}: only dynamic loss scaling (0) is supported")));
-            }
-            let default = LossScaler::default();
-            // Whole numbers in range (DeepSpeed configs often write 1e3, or 1000.0).
-            let whole = |key: &str, value: Option<f64>, default: u32, range: std::ops::RangeInclusive<u32>| match value {
-                None => Ok(default),
-                Some(v) if v.fract() == 0.0 && range.contains(&(v as u32)) && v >= 0.0 => Ok(v as u32),
-                Some(v) => Err(bad(format!("fp16.{key} {v}: expected a whole number in [{}, {}]", range.start(), range.end()))),
-            };
-            let min_scale = f.min_loss_scale.unwrap_or(default.min_scale);
-            if !(min_scale.is_finite() && min_scale > 0.0) {
-                return Err(bad(format!("fp16.min_loss_scale {min_scale}: expected a finite number above 0")));
-            }
-            plan.training.loss_scaler = LossScaler {
-                // 2^64 and beyond is no longer a finite fp32 scale.
-                initial_scale_power: whole("initial_scale_power", f.initial_scale_power, default.initial_scale_power, 0..=63)?,
-                window: whole("loss_scale_window", f.loss_scale_window, default.window, 1..=u32::MAX)?,
-                hysteresis: whole("hysteresis", f.hysteresis, default.hysteresis, 1..=u32::MAX)?,
-                min_scale,
-                abort_at_min_scale: true,
-            };
-        }
-        plan.zero = self.zero().map_err(bad)?;
-        plan.training.gradient_checkpointing |= self.activation_checkpointing.is_some();
-        Ok(())
     }
 
     fn apply_scheduler(&self, scheduler: &Scheduler, plan: &mut TrainPlan, args: &TrainArgs) -> std::result::Result<(), String> {

@@ -85,7 +85,7 @@ pub struct DataPlan {
     pub text_column: String,
     pub validation_split_percentage: u32,
     /// `--block_size` as asked; `None`: the model's default (`CodeGenConfig::default_block_size`),
-    /// which `prepare` resolves into `Prepared::block_size`. Never filled in later.
+    /// which `prepare` resolves into `PreparedRun::block_size`. Never filled in later.
     pub block_size: Option<usize>,
     pub filter: Filter,
     /// Secrets, dedup, leakage and document size settings of the data pipeline.

@@ -80,7 +80,10 @@ fn auto_values_take_the_flags() {
     let plan =
         TrainPlan::resolve(&parse(&["--deepspeed", &path, "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"])).unwrap();
     assert_eq!((plan.batch.micro, plan.training.optimizer.lr), (2, 1e-3));
-    assert_eq!(plan.zero, ZeroSettings { stage: 2, offload_optimizer: true, reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET });
+    assert_eq!(
+        plan.zero,
+        ZeroSettings { stage: 2, offload_optimizer: true, reduce_bucket_size: zerotune_proto::plan::DEFAULT_REDUCE_BUCKET }
+    );
 }
 
 #[test]

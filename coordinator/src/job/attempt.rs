@@ -10,7 +10,7 @@ use zerotune_proto::plan::{Resume, WorkerPlan};
 use zerotune_proto::{hostname, KEEPALIVE, KEEPALIVE_TIMEOUT};
 
 use super::commands::produce_commands;
-use super::driver::{Job, JobSpec};
+use super::driver::{JobSpec, RunningJob};
 use super::pace::Pace;
 use super::{Outcome, Run};
 use crate::config::{LaunchPlan, Launcher, TrainPlan};
@@ -78,7 +78,7 @@ pub(super) async fn attempt(
     drop(events_tx);
 
     let (mut progress, checkpoints) = progress_from(plan, run, worker_plan.resume.as_ref(), first_step)?;
-    let mut job = Job::new(JobSpec {
+    let mut job = RunningJob::new(JobSpec {
         world,
         output_dir: run.cadence.output_dir.clone(),
         tokenizer_files: &run.tokenizer_files,

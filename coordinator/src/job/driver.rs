@@ -3,7 +3,7 @@
 //! --ddp_timeout), and the verdict on a failure (`blame.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use crate::events::{Control, Event, ExitStatus, Signal};
 use crate::progress::Progress;
 use crate::sampler::Sampler;
 use zerotune_proto::state::{DataIdentity, SamplerPosition, TrainerState};
-use zerotune_proto::v1::{FailureKind, SaveKind};
+use zerotune_proto::v1::{FailureKind, SaveKind, SavedReport};
 
 /// After the first failure, how long to wait for the other ranks' reports before blaming one.
 const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -28,9 +28,16 @@ const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What an event means for the event loop.
+/// A failure as an event reports it: its cause, the rank it names (none for srun's own exit), and
+/// the error the job ends with if it is the first.
+/// Each rank's last heartbeat: when, and at which step.
+type Beats = BTreeMap<u32, (Instant, u64)>;
+
+type Failure = (Cause, Option<u32>, CoordinatorError);
+
 enum Next {
     /// Go on; with a failure to weigh when the event was one.
-    Continue(Option<(Cause, Option<u32>, CoordinatorError)>),
+    Continue(Option<Failure>),
     /// The run is over: every process finished, or the ranks were started by hand and saved.
     Finished,
 }
@@ -41,7 +48,7 @@ struct Watch {
     last_progress: Instant,
     last_step: BTreeMap<u32, u64>,
     /// When each working rank last beat, and its step then.
-    beats: BTreeMap<u32, (Instant, u64)>,
+    beats: Beats,
 }
 
 impl Watch {
@@ -85,7 +92,7 @@ pub(super) struct JobSpec<'a> {
 }
 
 /// The driver's bookkeeping while workers run.
-pub(super) struct Job<'a> {
+pub(super) struct RunningJob<'a> {
     spec: JobSpec<'a>,
     pub hosts: BTreeMap<u32, String>,
     /// Acknowledgements per (step, directory) saved.
@@ -111,7 +118,7 @@ pub(super) struct Job<'a> {
     pub stopped_at: Option<u64>,
 }
 
-impl<'a> Job<'a> {
+impl<'a> RunningJob<'a> {
     pub fn new(spec: JobSpec<'a>) -> Self {
         Self {
             spec,
@@ -216,13 +223,7 @@ impl<'a> Job<'a> {
 
     /// What one report, exit or signal means: bookkeeping, and a failure to weigh if it is one.
     /// `healthy`: no failure so far (after one, steps are no longer progress to show).
-    fn on_event(
-        &mut self,
-        event: Event,
-        healthy: bool,
-        beats: &mut BTreeMap<u32, (Instant, u64)>,
-        progress: &mut Progress,
-    ) -> Result<Next> {
+    fn on_event(&mut self, event: Event, healthy: bool, beats: &mut Beats, progress: &mut Progress) -> Result<Next> {
         let failure = match event {
             Event::Registered { rank, local_rank, host, device, pid } => {
                 progress.note(&format!("rank {rank} joined: {host} {device} pid {pid} local rank {local_rank}"));
@@ -250,56 +251,66 @@ impl<'a> Job<'a> {
                 self.eval(report, progress)?;
                 None
             }
-            Event::Saved(report) => {
-                let last = Path::new(&report.dir) == self.spec.output_dir || self.spec.pace.at(report.step).1;
-                if last {
-                    beats.remove(&report.rank); // its work is done: it exits without beating again
-                    self.done.insert(report.rank);
-                }
-                if self.saved(report, last, healthy, progress)? {
-                    return Ok(Next::Finished); // started by hand: nothing of ours to wait for
-                }
-                None
-            }
-            Event::Disconnected { rank } => {
-                // It cannot beat any more: its silence is no news. Not an end yet: the rank's own
-                // report may still follow.
-                beats.remove(&rank);
-                self.disconnected.insert(rank, Instant::now());
-                (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
-                    let message =
-                        "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
-                    (Cause::Disconnected, Some(rank), self.worker_error(rank, message.into()))
-                })
-            }
+            Event::Saved(report) => return self.on_saved(report, healthy, beats, progress),
+            Event::Disconnected { rank } => self.on_disconnected(rank, beats),
             Event::Failed { rank, kind, message } => {
                 self.ended.insert(rank);
                 beats.remove(&rank);
                 let cause = if kind == FailureKind::PeerLost { Cause::PeerLost } else { Cause::OwnError };
                 Some((cause, Some(rank), self.worker_error(rank, message)))
             }
-            Event::Exited { rank, status } => {
-                self.exited += 1;
-                if let Some(rank) = rank {
-                    self.ended.insert(rank);
-                    beats.remove(&rank);
-                }
-                if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
-                    if self.exited == self.spec.processes && healthy {
-                        return Ok(Next::Finished);
-                    }
-                    None
-                } else if let Some(rank) = rank {
-                    let cause = if matches!(status, ExitStatus::Signal(_)) { Cause::Killed } else { Cause::Exited };
-                    let message = format!("the worker process exited ({status}) before the run finished");
-                    Some((cause, Some(rank), self.worker_error(rank, message)))
-                } else {
-                    let message = format!("srun (every rank) exited ({status}) before the run finished");
-                    Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
-                }
-            }
+            Event::Exited { rank, status } => return Ok(self.on_exited(rank, status, healthy, beats)),
         };
         Ok(Next::Continue(failure))
+    }
+
+    /// One rank's save: its last (the final model, or the checkpoint a stop asked for) means its
+    /// work is done and it exits without beating again.
+    fn on_saved(&mut self, report: SavedReport, healthy: bool, beats: &mut Beats, progress: &mut Progress) -> Result<Next> {
+        let last = report.kind() == SaveKind::FinalModel || self.spec.pace.at(report.step).1;
+        if last {
+            beats.remove(&report.rank);
+            self.done.insert(report.rank);
+        }
+        if self.saved(report, last, healthy, progress)? {
+            return Ok(Next::Finished); // started by hand: nothing of ours to wait for
+        }
+        Ok(Next::Continue(None))
+    }
+
+    /// A rank's connection closed: it cannot beat any more, so its silence is no news. A failure
+    /// unless its work was done; not an end yet, as the rank's own report may still follow.
+    fn on_disconnected(&mut self, rank: u32, beats: &mut Beats) -> Option<Failure> {
+        beats.remove(&rank);
+        self.disconnected.insert(rank, Instant::now());
+        (self.finished < self.spec.world && !self.done.contains(&rank)).then(|| {
+            let message = "its connection to the coordinator closed before the run finished (the process died or its host is unreachable)";
+            (Cause::Disconnected, Some(rank), self.worker_error(rank, message.into()))
+        })
+    }
+
+    /// A watched process ended (`rank` none: srun, which runs every rank): the run's end once
+    /// every process has exited after its work, else a failure.
+    fn on_exited(&mut self, rank: Option<u32>, status: ExitStatus, healthy: bool, beats: &mut Beats) -> Next {
+        self.exited += 1;
+        if let Some(rank) = rank {
+            self.ended.insert(rank);
+            beats.remove(&rank);
+        }
+        let failure = if status.success() && rank.map_or(self.finished == self.spec.world, |rank| self.done.contains(&rank)) {
+            if self.exited == self.spec.processes && healthy {
+                return Next::Finished;
+            }
+            None
+        } else if let Some(rank) = rank {
+            let cause = if matches!(status, ExitStatus::Signal(_)) { Cause::Killed } else { Cause::Exited };
+            let message = format!("the worker process exited ({status}) before the run finished");
+            Some((cause, Some(rank), self.worker_error(rank, message)))
+        } else {
+            let message = format!("srun (every rank) exited ({status}) before the run finished");
+            Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
+        };
+        Next::Continue(failure)
     }
 
     /// Adds one rank's share of an evaluation; once every rank's is in, records it.
@@ -317,7 +328,7 @@ impl<'a> Job<'a> {
 
     /// Counts one rank's acknowledgement of a save; once every rank's is in (and nothing failed),
     /// completes the checkpoint or the final model. True when that ends a job started by hand.
-    fn saved(&mut self, report: zerotune_proto::v1::SavedReport, last: bool, healthy: bool, progress: &mut Progress) -> Result<bool> {
+    fn saved(&mut self, report: SavedReport, last: bool, healthy: bool, progress: &mut Progress) -> Result<bool> {
         let acks = self.saves.entry((report.step, report.dir.clone())).or_default();
         let kind = report.kind();
         *acks += 1;
@@ -414,138 +425,5 @@ impl<'a> Job<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use zerotune_proto::v1::SavedReport;
-
-    /// Drives a 2-rank job of 4 steps, with `processes` watched processes, through `events`
-    /// (each sent after its delay in seconds, on tokio's clock).
-    async fn drive(dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
-        drive_under(Launcher::Local, dir, processes, events).await
-    }
-
-    async fn drive_under(launcher: Launcher, dir: &Path, processes: u32, events: Vec<(u64, Event)>) -> (Result<()>, u32) {
-        let mut plan = super::super::test_plan(dir, &["--num_workers", "2"]);
-        plan.launch.launcher = launcher;
-        let spec = JobSpec {
-            world: 2,
-            output_dir: dir.to_path_buf(),
-            tokenizer_files: &[],
-            plan: &plan,
-            total_steps: 4,
-            sampler: Sampler { blocks: 100, world: 2, micro_batch: 1, accumulation: 1, seed: 0 },
-            processes,
-            pace: Arc::new(Pace::new(2, 1)),
-            checkpoints: vec![],
-            data: &DataIdentity {
-                documents_hash: "0".into(),
-                train_documents: 1,
-                validation_documents: 0,
-                train_blocks: 100,
-                validation_blocks: 0,
-            },
-            block_size: 8,
-        };
-        let mut job = Job::new(spec);
-        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
-        let (_controls_tx, mut controls) = mpsc::unbounded_channel();
-        let sender = tokio::spawn(async move {
-            for (delay, event) in events {
-                tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
-                let _ = events_tx.send(event);
-            }
-        });
-        let mut progress = Progress::new(dir, 4, 50, 1, false).unwrap();
-        let result = job.drive(&mut events_rx, &mut controls, &mut progress).await;
-        sender.abort();
-        (result, job.finished)
-    }
-
-    fn registered(rank: u32) -> Event {
-        Event::Registered { rank, local_rank: 0, host: format!("node-{rank}"), device: "cpu".into(), pid: 1 }
-    }
-
-    /// With ZeRO stage 0, rank 1 has nothing to write for the final model: it acknowledges at once
-    /// and exits while rank 0 still saves. That is a finished rank, not a failed one.
-    #[tokio::test]
-    async fn a_rank_may_exit_once_its_final_save_is_acknowledged() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().to_string_lossy().into_owned();
-        let saved = |rank| Event::Saved(SavedReport { rank, step: 4, dir: out.clone(), kind: SaveKind::FinalModel.into() });
-        let exited = |rank| Event::Exited { rank: Some(rank), status: ExitStatus::Code(0) };
-        let events = [saved(1), exited(1), Event::Disconnected { rank: 1 }, saved(0), exited(0)];
-        let (result, finished) = drive(dir.path(), 2, events.into_iter().map(|e| (0, e)).collect()).await;
-        assert!(result.is_ok(), "{result:?}");
-        assert_eq!(finished, 2);
-    }
-
-    /// The Slurm case of the flaky launch test: rank 1 is SIGKILLed under srun. Its stream drops;
-    /// rank 0's ring breaks, it reports the lost peer and disconnects; srun exits 137. Whatever
-    /// the order, and however late rank 1's disconnect comes within the grace period, rank 1 is
-    /// blamed.
-    #[tokio::test(start_paused = true)]
-    async fn the_killed_rank_is_blamed_in_every_order_and_with_delays() {
-        let dir = tempfile::tempdir().unwrap();
-        let failures = || {
-            [
-                Event::Disconnected { rank: 1 },
-                Event::Disconnected { rank: 0 },
-                Event::Failed { rank: 0, kind: FailureKind::PeerLost, message: "collective failed: lost rank 1".into() },
-                Event::Exited { rank: None, status: ExitStatus::Code(137) },
-            ]
-        };
-        let mut orders = vec![vec![]];
-        for n in 0..4 {
-            orders =
-                orders.into_iter().flat_map(|o: Vec<usize>| (0..=o.len()).map(move |at| [&o[..at], &[n], &o[at..]].concat())).collect();
-        }
-        assert_eq!(orders.len(), 24);
-        for (i, order) in orders.into_iter().enumerate() {
-            let mut slots: Vec<Option<Event>> = failures().into_iter().map(Some).collect();
-            // Delays of 0 to 3 s between the reports (at most 9 s in all); in every sixth order the
-            // last one comes 9 s after the others (the grace period is 10 s).
-            let mut events = vec![(0, registered(0)), (0, registered(1))];
-            for (k, &at) in order.iter().enumerate() {
-                let delay = match (k, i % 6) {
-                    (0, _) => 0,
-                    (3, 0) => 9,
-                    (_, 0) => 0,
-                    _ => ((i + k) % 4) as u64,
-                };
-                events.push((delay, slots[at].take().unwrap()));
-            }
-            let (result, _) = drive(dir.path(), 1, events).await;
-            let err = result.unwrap_err().to_string();
-            assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "order {order:?}: {err}");
-        }
-    }
-
-    /// Under srun a SIGKILLed task's connection closes at once, the survivor reports the lost
-    /// peer, and srun itself lives on (the other task ignores SIGTERM until Slurm's KillWait):
-    /// the attempt ends DISCONNECT_GRACE after the last connection closed, not after FAILURE_GRACE.
-    #[tokio::test(start_paused = true)]
-    async fn under_srun_a_killed_task_ends_the_attempt_without_waiting_for_srun() {
-        let dir = tempfile::tempdir().unwrap();
-        let lost = Event::Failed { rank: 0, kind: FailureKind::PeerLost, message: "collective failed: lost rank 1".into() };
-        let events = vec![
-            (0, registered(0)),
-            (0, registered(1)),
-            (0, Event::Disconnected { rank: 1 }),
-            (0, lost),
-            (0, Event::Disconnected { rank: 0 }),
-            (60, Event::Exited { rank: None, status: ExitStatus::Code(137) }),
-        ];
-        let started = Instant::now();
-        let (result, _) = drive_under(Launcher::Slurm { world_from: "SLURM_NTASKS=2".into() }, dir.path(), 1, events).await;
-        let err = result.unwrap_err().to_string();
-        assert!(err.starts_with("worker rank 1 (node-1) failed: its connection"), "{err}");
-        assert_eq!(started.elapsed(), DISCONNECT_GRACE, "on tokio's paused clock");
-        // With one process per rank (ssh, local) the process's exit is still what ends a rank.
-        let late = Event::Exited { rank: Some(0), status: ExitStatus::Code(1) };
-        let events = vec![(0, registered(0)), (0, registered(1)), (0, Event::Disconnected { rank: 1 }), (60, late)];
-        let started = Instant::now();
-        let (result, _) = drive(dir.path(), 2, events).await;
-        assert!(result.is_err());
-        assert_eq!(started.elapsed(), FAILURE_GRACE, "on tokio's paused clock");
-    }
-}
+#[path = "driver_tests.rs"]
+mod tests;

@@ -24,7 +24,7 @@ use crate::error::{io_err, CoordinatorError, Result};
 use crate::events::Signal;
 use crate::launch;
 use crate::lock::{self, OutputLock};
-use crate::prepare::{prepare, Prepared};
+use crate::prepare::{prepare, PreparedRun};
 use crate::sampler::Sampler;
 use crate::{completion_eval, report};
 use attempt::{attempt, forward_signals};
@@ -101,7 +101,7 @@ fn check_before_writing(plan: &TrainPlan) -> Result<Option<(Resume, TrainerState
 }
 
 /// The line that says what is trained, how long, in which batches and where.
-fn announce(plan: &TrainPlan, prepared: &Prepared) {
+fn announce(plan: &TrainPlan, prepared: &PreparedRun) {
     let world_from = match &plan.launch.launcher {
         Launcher::Slurm { world_from } => format!(" from {world_from}"),
         _ => String::new(),
@@ -178,7 +178,7 @@ struct Run {
 
 impl Run {
     /// What the attempts of `plan` share, from its prepared data, writing into `output_dir`.
-    fn new(plan: &TrainPlan, prepared: Prepared, worker_plan: WorkerPlan, output_dir: PathBuf) -> Run {
+    fn new(plan: &TrainPlan, prepared: PreparedRun, worker_plan: WorkerPlan, output_dir: PathBuf) -> Run {
         Run {
             cadence: Cadence {
                 total_steps: prepared.total_steps,
@@ -230,7 +230,7 @@ fn check_output_dir(plan: &TrainPlan) -> Result<()> {
     Ok(())
 }
 
-fn worker_plan(plan: &TrainPlan, prepared: &Prepared) -> Result<WorkerPlan> {
+fn worker_plan(plan: &TrainPlan, prepared: &PreparedRun) -> Result<WorkerPlan> {
     let model = match &plan.model {
         ModelChoice::Pretrained(dir) => {
             let dir = dir.canonicalize().map_err(io_err(dir))?;
@@ -268,7 +268,7 @@ fn collectives(plan: &TrainPlan) -> Collectives {
     }
 }
 
-fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &Prepared, worker: &WorkerPlan) -> Result<()> {
+fn write_run_json(output_dir: &Path, plan: &TrainPlan, prepared: &PreparedRun, worker: &WorkerPlan) -> Result<()> {
     let model = match &plan.model {
         ModelChoice::Pretrained(dir) => dir.display().to_string(),
         ModelChoice::Scratch(_) => "from scratch".to_string(),

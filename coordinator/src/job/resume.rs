@@ -11,7 +11,7 @@ use zerotune_proto::state::TrainerState;
 
 use crate::config::{ResumeFrom, TrainPlan};
 use crate::error::{io_err, CoordinatorError, Result};
-use crate::prepare::Prepared;
+use crate::prepare::PreparedRun;
 
 /// Why a resume is refused.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,7 @@ pub fn tokenizer_dir(resume: &Resume) -> PathBuf {
 /// Refuses a resume with no step left, and, unless --ignore_data_skip, one whose data order would
 /// change: another block size, global batch (micro x accumulation x world; its factors may
 /// change) or other data.
-pub fn check(plan: &TrainPlan, prepared: &Prepared, resume: &Resume, state: &TrainerState) -> Result<()> {
+pub fn check(plan: &TrainPlan, prepared: &PreparedRun, resume: &Resume, state: &TrainerState) -> Result<()> {
     let refused = |reason| CoordinatorError::Resume { dir: resume.dir.clone().into(), reason };
     let total_steps = prepared.total_steps;
     if total_steps <= resume.step {
@@ -82,7 +82,7 @@ pub fn check(plan: &TrainPlan, prepared: &Prepared, resume: &Resume, state: &Tra
 }
 
 /// What differs from the checkpoint in what determines the data order, each said with both values.
-fn data_order_changes(plan: &TrainPlan, prepared: &Prepared, state: &TrainerState) -> Vec<String> {
+fn data_order_changes(plan: &TrainPlan, prepared: &PreparedRun, state: &TrainerState) -> Vec<String> {
     let mut changes = vec![];
     let (block, data) = (prepared.block_size, &prepared.data);
     if let Some(saved) = state.block_size.filter(|&saved| saved != block) {
