@@ -66,10 +66,5 @@ impl Source {
 
 /// Parses `fp32|fp16|bf16` (and torch spellings).
 pub fn parse_dtype(name: &str) -> Result<Dtype> {
-    match name {
-        "fp32" | "float32" => Ok(Dtype::F32),
-        "fp16" | "float16" => Ok(Dtype::F16),
-        "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-        other => Err(ConvertError::Invalid(format!("--dtype {other:?}: expected fp32, fp16 or bf16"))),
-    }
+    Dtype::float_named(name).ok_or_else(|| ConvertError::Invalid(format!("--dtype {name:?}: expected fp32, fp16 or bf16")))
 }

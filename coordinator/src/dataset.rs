@@ -193,7 +193,7 @@ impl CacheWriter {
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> CoordinatorError {
         let path = self.tmp.clone();
-        move |source| CoordinatorError::Io { path, source }
+        move |source| zerotune_hf::io_err(path)(source).into()
     }
 
     fn write_header(&mut self) -> Result<()> {

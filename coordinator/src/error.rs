@@ -28,8 +28,8 @@ pub enum CoordinatorError {
     Data { path: PathBuf, message: String },
     #[error("{path}:{line}: {message}")]
     Line { path: PathBuf, line: usize, message: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] zerotune_hf::PathIo),
     /// The operating system refused something that is no user's file.
     #[error("{what}: {source}")]
     Os { what: &'static str, source: std::io::Error },
@@ -125,10 +125,7 @@ fn spaced(value: &str) -> String {
     }
 }
 
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CoordinatorError {
-    let path = path.into();
-    move |source| CoordinatorError::Io { path, source }
-}
+pub(crate) use zerotune_hf::io_err;
 
 /// The file `flag` names could not be read.
 pub(crate) fn flag_file_err(flag: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CoordinatorError {

@@ -9,8 +9,6 @@ use zerotune_proto::plan::Precision;
 
 use crate::advice::{advise, Advice};
 
-/// Parameters per partition are rounded up to a multiple of this (worker zero.rs ALIGN).
-const ALIGN: u64 = 128;
 /// (B, T, C) tensors autograd keeps per CodeGen block in the compute dtype (measured on CPU ranks,
 /// bench/rank_memory.sh): ln_1's input and output, qkv (3), rotated q and k, attention output and
 /// its reshaped copy, fc_in's output (4 C) and gelu's (4 C).
@@ -99,7 +97,7 @@ impl MemoryJob {
 
     /// Elements per rank's partition (the padded flat buffer is world x this).
     pub fn partition(&self) -> u64 {
-        self.shape.params.div_ceil(self.world).div_ceil(ALIGN).max(1) * ALIGN
+        zerotune_proto::plan::zero_partition(self.shape.params as usize, self.world as usize) as u64
     }
 
     /// Elements this rank's optimizer updates.

@@ -91,49 +91,10 @@ pub fn select(nodes: Vec<Node>, s: &Selection) -> Result<Vec<Node>> {
         let message = "--num_nodes / --num_gpus cannot be combined with --include / --exclude (as in deepspeed)";
         return Err(CoordinatorError::flags(&["--num_nodes", "--num_gpus", "--include", "--exclude"], message));
     }
-    let known = |host: &str, flag: &'static str| {
-        if nodes.iter().any(|n| n.host == host) {
-            Ok(())
-        } else {
-            Err(CoordinatorError::flag(flag, "", format!("host {host} is not in the hostfile")))
-        }
-    };
-    let check_slots = |node: &Node, slots: &[usize], flag: &'static str| match slots.iter().find(|s| !node.slots.contains(s)) {
-        Some(s) => {
-            Err(CoordinatorError::flag(flag, "", format!("{}:{s} is not a slot of {} (it has {})", node.host, node.host, node.slots.len())))
-        }
-        None => Ok(()),
-    };
-    let mut selected = if let Some(spec) = s.include {
-        let mut out = vec![];
-        for (host, slots) in parse_filter(spec, "--include")? {
-            known(&host, "--include")?;
-            let node = nodes.iter().find(|n| n.host == host).expect("known");
-            if let Some(slots) = &slots {
-                check_slots(node, slots, "--include")?;
-            }
-            out.push(Node { host, slots: slots.unwrap_or_else(|| node.slots.clone()) });
-        }
-        // Keep hostfile order so ranks stay node-major in hostfile order.
-        out.sort_by_key(|n| nodes.iter().position(|m| m.host == n.host));
-        out
-    } else if let Some(spec) = s.exclude {
-        let mut out = nodes.clone();
-        for (host, slots) in parse_filter(spec, "--exclude")? {
-            known(&host, "--exclude")?;
-            let node = out.iter_mut().find(|n| n.host == host).expect("known");
-            match slots {
-                Some(slots) => {
-                    check_slots(node, &slots, "--exclude")?;
-                    node.slots.retain(|x| !slots.contains(x));
-                }
-                None => node.slots.clear(),
-            }
-        }
-        out.retain(|n| !n.slots.is_empty());
-        out
-    } else {
-        nodes
+    let mut selected = match (s.include, s.exclude) {
+        (Some(spec), _) => include(&nodes, spec)?,
+        (None, Some(spec)) => exclude(nodes, spec)?,
+        (None, None) => nodes,
     };
     if let Some(n) = s.num_nodes {
         if n == 0 || n > selected.len() {
@@ -153,6 +114,53 @@ pub fn select(nodes: Vec<Node>, s: &Selection) -> Result<Vec<Node>> {
         return Err(CoordinatorError::flags(&["--include", "--exclude"], "no slots left after --include / --exclude"));
     }
     Ok(selected)
+}
+
+/// `--include`: only the hosts (and slots) it names, in hostfile order so that ranks stay
+/// node-major in that order.
+fn include(nodes: &[Node], spec: &str) -> Result<Vec<Node>> {
+    let mut out = vec![];
+    for (host, slots) in parse_filter(spec, "--include")? {
+        let node = known_node(nodes, &host, "--include")?;
+        if let Some(slots) = &slots {
+            check_slots(node, slots, "--include")?;
+        }
+        out.push(Node { slots: slots.unwrap_or_else(|| node.slots.clone()), host });
+    }
+    out.sort_by_key(|n| nodes.iter().position(|m| m.host == n.host));
+    Ok(out)
+}
+
+/// `--exclude`: every host but those it names whole, and without the slots it names.
+fn exclude(mut nodes: Vec<Node>, spec: &str) -> Result<Vec<Node>> {
+    for (host, slots) in parse_filter(spec, "--exclude")? {
+        known_node(&nodes, &host, "--exclude")?;
+        let node = nodes.iter_mut().find(|n| n.host == host).expect("known");
+        match slots {
+            Some(slots) => {
+                check_slots(node, &slots, "--exclude")?;
+                node.slots.retain(|x| !slots.contains(x));
+            }
+            None => node.slots.clear(),
+        }
+    }
+    nodes.retain(|n| !n.slots.is_empty());
+    Ok(nodes)
+}
+
+/// The hostfile's node `host`, refused under `flag` when there is none.
+fn known_node<'n>(nodes: &'n [Node], host: &str, flag: &'static str) -> Result<&'n Node> {
+    nodes.iter().find(|n| n.host == host).ok_or_else(|| CoordinatorError::flag(flag, "", format!("host {host} is not in the hostfile")))
+}
+
+/// Refuses, under `flag`, a slot that `node` does not have.
+fn check_slots(node: &Node, slots: &[usize], flag: &'static str) -> Result<()> {
+    match slots.iter().find(|s| !node.slots.contains(s)) {
+        Some(s) => {
+            Err(CoordinatorError::flag(flag, "", format!("{}:{s} is not a slot of {} (it has {})", node.host, node.host, node.slots.len())))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Global ranks, node-major.

@@ -30,7 +30,7 @@ impl OutputLock {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io_err(&path)(err));
+                return Err(io_err(&path)(err).into());
             }
             let holder = if holder.is_empty() { "a job starting up".to_string() } else { holder };
             return Err(CoordinatorError::OutputLocked { dir: dir.into(), holder, lock: path });

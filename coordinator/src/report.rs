@@ -58,7 +58,7 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
             .map(Some)
             .map_err(|e| CoordinatorError::Data { path: path.into(), message: format!("not what zerotune writes there: {e}") }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(CoordinatorError::Io { path: path.into(), source: e }),
+        Err(e) => Err(io_err(path)(e).into()),
     }
 }
 
@@ -68,7 +68,7 @@ fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(CoordinatorError::Io { path: path.into(), source: e }),
+        Err(e) => Err(io_err(path)(e).into()),
     }
 }
 

@@ -6,6 +6,8 @@ use std::io::BufRead;
 use std::path::Path;
 
 use crate::files2jsonl::{self, Filter};
+use zerotune_hf::io_err;
+
 use crate::{DataError, Result};
 
 /// One document (a source file, a JSON or CSV row, a .txt file).
@@ -43,10 +45,6 @@ pub fn load_documents(path: &Path, text_column: &str, filter: &Filter) -> Result
 
 fn data(path: &Path, message: impl Into<String>) -> DataError {
     DataError::File { path: path.into(), message: message.into() }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.into(), source }
 }
 
 /// JSON Lines (one object per line), or a single JSON array of objects.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
@@ -162,7 +162,7 @@ fn keep(path: &Path, url: &str, filter: &Filter) -> Result<std::result::Result<S
     if filter.exclude.is_match(url) || (!filter.extensions.is_empty() && !filter.extensions.contains(&ext)) {
         return Ok(Err(Skip::Excluded));
     }
-    let io = |e: std::io::Error| DataError::Io { path: PathBuf::from(path), source: e };
+    let io = |e: std::io::Error| DataError::from(zerotune_hf::io_err(path)(e));
     if std::fs::metadata(path).map_err(io)?.len() > filter.max_bytes {
         return Ok(Err(Skip::TooLarge));
     }
@@ -193,7 +193,7 @@ fn keep(path: &Path, url: &str, filter: &Filter) -> Result<std::result::Result<S
 
 /// Writes the files as JSON Lines, one `{"text", "url"}` object per line.
 pub fn write_jsonl(files: &[SourceFile], out: &Path) -> Result<()> {
-    let io = |e: std::io::Error| DataError::Io { path: out.into(), source: e };
+    let io = |e: std::io::Error| DataError::from(zerotune_hf::io_err(out)(e));
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(io)?);
     for file in files {
         serde_json::to_writer(&mut w, file).expect("strings serialise");

@@ -83,8 +83,8 @@ pub enum DataError {
     File { path: PathBuf, message: String },
     #[error("{path}:{line}: {message}")]
     Line { path: PathBuf, line: usize, message: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] zerotune_hf::PathIo),
     /// A filter flag (a glob) is malformed; the message names it.
     #[error("{0}")]
     Flag(String),

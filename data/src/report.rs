@@ -228,7 +228,7 @@ impl DataReport {
     /// Writes the report as pretty JSON to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).expect("plain data serialises");
-        std::fs::write(path, json + "\n").map_err(|source| DataError::Io { path: path.into(), source })
+        std::fs::write(path, json + "\n").map_err(|source| DataError::from(zerotune_hf::io_err(path)(source)))
     }
 }
 

@@ -39,6 +39,22 @@ impl Dtype {
         }
     }
 
+    /// A floating-point type to write weights in, by its short (`fp16`) or torch (`float16`) name.
+    pub fn float_named(name: &str) -> Option<Self> {
+        [Dtype::F32, Dtype::F16, Dtype::Bf16].into_iter().find(|d| name == d.torch_name() || name == d.short_name())
+    }
+
+    /// `fp32`, `fp16`, `bf16`: the flag spelling of a floating-point type.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "fp32",
+            Dtype::F16 => "fp16",
+            Dtype::Bf16 => "bf16",
+            Dtype::F64 => "fp64",
+            other => other.torch_name(),
+        }
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::F64)
     }
@@ -104,6 +120,17 @@ impl Dtype {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float_types_are_named_both_ways_and_nothing_else_is() {
+        for (short, torch, dtype) in [("fp32", "float32", Dtype::F32), ("fp16", "float16", Dtype::F16), ("bf16", "bfloat16", Dtype::Bf16)] {
+            assert_eq!((Dtype::float_named(short), Dtype::float_named(torch)), (Some(dtype), Some(dtype)));
+            assert_eq!((dtype.short_name(), dtype.torch_name()), (short, torch));
+        }
+        for other in ["float64", "fp64", "int8", "FP16", ""] {
+            assert_eq!(Dtype::float_named(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn nonfinite_values_are_counted_in_every_float_type() {

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 /// Everything that can go wrong reading or writing a model directory, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] PathIo),
     #[error("{path}: not valid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
     #[error("{path}: {message}")]
@@ -45,9 +45,18 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+/// A file operation that failed, naming the file: every crate's `Io` error carries one.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct PathIo {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Names `path` in the I/O error of an operation on it (`.map_err(io_err(&path))?`).
+pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> PathIo {
     let path = path.into();
-    move |source| Error::Io { path, source }
+    move |source| PathIo { path, source }
 }
 
 pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Error {

@@ -59,7 +59,7 @@ impl Manifest {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(e) => return Err(io_err(&path)(e).into()),
         };
         serde_json::from_str(&text).map(Some).map_err(|e| invalid(&path, format!("not a zerotune manifest ({e}); the save was damaged")))
     }

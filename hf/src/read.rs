@@ -177,7 +177,7 @@ impl WeightFiles {
         let path = &self.paths[file];
         self.files[file].read_exact_at(into, at as u64).map_err(|source| match source.kind() {
             std::io::ErrorKind::UnexpectedEof => Error::Shrank { path: path.clone(), needed: (at + into.len()) as u64 },
-            _ => Error::Io { path: path.clone(), source },
+            _ => io_err(path.clone())(source).into(),
         })
     }
 

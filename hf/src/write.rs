@@ -106,7 +106,7 @@ fn write_shard(path: &Path, entries: &[Entry], shard: &[usize], produce: &mut im
     header.resize(header.len().next_multiple_of(8), b' ');
     let file = std::fs::File::create(path).map_err(io_err(path))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let io = |e| crate::Error::Io { path: path.into(), source: e };
+    let io = |e| crate::Error::from(io_err(path)(e));
     w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
     for &i in shard {
@@ -116,13 +116,13 @@ fn write_shard(path: &Path, entries: &[Entry], shard: &[usize], produce: &mut im
         }
         w.write_all(&bytes).map_err(io)?;
     }
-    w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io_err(path))
+    Ok(w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io_err(path))?)
 }
 
 /// Writes pretty JSON with a trailing newline.
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
-    std::fs::write(path, text).map_err(io_err(path))
+    Ok(std::fs::write(path, text).map_err(io_err(path))?)
 }
 
 /// `dir/generation_config.json` as HF writes it beside a model saved from its config: the

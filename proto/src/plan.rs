@@ -76,6 +76,16 @@ pub enum Collectives {
     Nccl,
 }
 
+/// ZeRO partitions are a multiple of this many elements (256 bytes of 16-bit values).
+pub const PARTITION_ALIGN: usize = 128;
+
+/// Elements per rank's ZeRO partition of `numel` elements over `world` ranks: equal, aligned, at
+/// least one alignment unit (the padded flat buffer is `world` x this). The worker shards by it;
+/// the memory planner counts by it.
+pub fn zero_partition(numel: usize, world: usize) -> usize {
+    numel.div_ceil(world).div_ceil(PARTITION_ALIGN).max(1) * PARTITION_ALIGN
+}
+
 /// DeepSpeed's default `reduce_bucket_size`.
 pub const DEFAULT_REDUCE_BUCKET: usize = 500_000_000;
 

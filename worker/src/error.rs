@@ -26,8 +26,8 @@ pub enum WorkerError {
     BadDevice(#[from] zerotune_proto::device::BadDevice),
     #[error("device {0:?} is not available: {1}")]
     Device(String, String),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] zerotune_hf::PathIo),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// A collective failed because another rank went away.
@@ -112,7 +112,4 @@ pub enum EmptyEval {
     NoLines,
 }
 
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> WorkerError {
-    let path = path.into();
-    move |source| WorkerError::Io { path, source }
-}
+pub(crate) use zerotune_hf::io_err;

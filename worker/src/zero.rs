@@ -6,8 +6,7 @@ use std::ops::Range;
 
 use crate::optim::adamw::Segment;
 
-/// Partitions are a multiple of this many elements (256 bytes of 16-bit values).
-pub const ALIGN: usize = 128;
+pub use zerotune_proto::plan::PARTITION_ALIGN as ALIGN;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardMap {
@@ -20,7 +19,7 @@ pub struct ShardMap {
 impl ShardMap {
     pub fn new(numel: usize, world: usize) -> Self {
         assert!(world > 0, "world size must be positive");
-        let partition = numel.div_ceil(world).div_ceil(ALIGN).max(1) * ALIGN;
+        let partition = zerotune_proto::plan::zero_partition(numel, world);
         Self { numel, world, partition }
     }
 

@@ -28,6 +28,28 @@ pub enum Launcher {
 
 /// The ranks in global order, and the launcher that starts them.
 pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpose) -> Result<(Vec<Placement>, Launcher)> {
+    let per_node = ranks_per_node(args, device)?;
+    if args.launcher == Some(LauncherKind::Slurm) {
+        let env = |key: &str| std::env::var(key).ok();
+        let flags = SlurmFlags { num_nodes: args.num_nodes, num_gpus: args.num_gpus, num_workers: args.num_workers };
+        let allocation = slurm::slurm_allocation(&env, &flags)?;
+        return Ok((allocation.placements, Launcher::Slurm { world_from: allocation.world_from }));
+    }
+    let nodes = nodes(args, device, purpose, per_node)?;
+    let selection = hosts::Selection {
+        include: args.include.as_deref(),
+        exclude: args.exclude.as_deref(),
+        num_nodes: args.num_nodes,
+        num_gpus: if args.hostfile.is_some() { per_node } else { None },
+    };
+    let placements = hosts::placements(&hosts::select(nodes, &selection)?);
+    let remote = placements.iter().find(|p| !hosts::is_local(&p.host)).map(|p| p.host.clone());
+    Ok((placements, launcher(args, remote)?))
+}
+
+/// Ranks per node that --num_gpus or --num_workers ask for, each flag with its device (`cuda:N`
+/// names one rank's GPU, not several).
+fn ranks_per_node(args: &LaunchArgs, device: Device) -> Result<Option<usize>> {
     let (gpus, workers) = (args.num_gpus, args.num_workers);
     match (gpus, workers) {
         (Some(_), Some(_)) => {
@@ -63,13 +85,12 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
             ));
         }
     }
-    if args.launcher == Some(LauncherKind::Slurm) {
-        let env = |key: &str| std::env::var(key).ok();
-        let flags = SlurmFlags { num_nodes: args.num_nodes, num_gpus: gpus, num_workers: workers };
-        let allocation = slurm::slurm_allocation(&env, &flags)?;
-        return Ok((allocation.placements, Launcher::Slurm { world_from: allocation.world_from }));
-    }
-    let nodes = match &args.hostfile {
+    Ok(per_node)
+}
+
+/// The nodes ranks may run on: the hostfile's, an estimate's planned ones, or this machine.
+fn nodes(args: &LaunchArgs, device: Device, purpose: Purpose, per_node: Option<usize>) -> Result<Vec<Node>> {
+    Ok(match &args.hostfile {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(flag_file_err("--hostfile", path))?;
             hosts::parse_hostfile(&text, path)?
@@ -86,16 +107,12 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
             ))
         }
         None => vec![Node { host: "localhost".into(), slots: local_slots(args, device, per_node) }],
-    };
-    let selection = hosts::Selection {
-        include: args.include.as_deref(),
-        exclude: args.exclude.as_deref(),
-        num_nodes: args.num_nodes,
-        num_gpus: if args.hostfile.is_some() { per_node } else { None },
-    };
-    let placements = hosts::placements(&hosts::select(nodes, &selection)?);
-    let remote = placements.iter().find(|p| !hosts::is_local(&p.host)).map(|p| p.host.clone());
-    let launcher = match (args.launcher, remote) {
+    })
+}
+
+/// The launcher asked for, or the default: ssh when a rank runs on another host, else local.
+fn launcher(args: &LaunchArgs, remote: Option<String>) -> Result<Launcher> {
+    Ok(match (args.launcher, remote) {
         (None, Some(_)) | (Some(LauncherKind::Ssh), _) => Launcher::Ssh { command: ssh_command(&args.ssh_command)? },
         (Some(LauncherKind::Local), Some(host)) => {
             return Err(CoordinatorError::flags(
@@ -106,8 +123,7 @@ pub fn placements_and_launcher(args: &LaunchArgs, device: Device, purpose: Purpo
         (None | Some(LauncherKind::Local), None) => Launcher::Local,
         (Some(LauncherKind::Slurm), _) => unreachable!("a Slurm launch returned above"),
         (Some(LauncherKind::Manual), _) => Launcher::Manual,
-    };
-    Ok((placements, launcher))
+    })
 }
 
 /// This machine's slots: the ones asked for, its GPUs (for --include/--exclude), or the one

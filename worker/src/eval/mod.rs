@@ -81,6 +81,26 @@ impl Report {
 pub fn run(options: &EvalOptions) -> Result<Report> {
     check_numbers(options)?;
     let documents = zerotune_data::load_documents(&options.validation, &options.text_column, &options.filter)?;
+    let (positions, total) = positions_in(options, &documents)?;
+    check_tokenizers(options)?;
+    let mut models: Vec<(EvalModel, &Path)> = vec![];
+    if let Some(base) = &options.base {
+        models.push((EvalModel::Base, base));
+    }
+    models.push((EvalModel::FineTuned, &options.model));
+    let mut report = Report { positions: positions.len(), candidates: total, models: vec![] };
+    let mut lines = vec![];
+    for (name, dir) in models {
+        let loaded = Loaded::open(dir, options.device, options.precision, options.nonfinite)?;
+        let scores = evaluate(&loaded, name, options, &documents, &positions, &mut lines)?;
+        report.models.push((name, scores));
+    }
+    write_outputs(&options.output_dir, &report, &lines)?;
+    Ok(report)
+}
+
+/// The positions drawn from `documents`' candidate lines, and how many candidates there were.
+fn positions_in(options: &EvalOptions, documents: &[Document]) -> Result<(Vec<Position>, usize)> {
     let nothing = |reason| WorkerError::NothingToEvaluate { file: options.validation.clone(), reason };
     if documents.is_empty() {
         return Err(nothing(EmptyEval::NoDocuments));
@@ -98,68 +118,72 @@ pub fn run(options: &EvalOptions) -> Result<Report> {
             options.num_positions
         );
     }
-    let tokenizer_dir = |dir: &Path| zerotune_hf::model_dir(dir);
-    let tokenizer = zerotune_hf::tokenizer::load(&tokenizer_dir(&options.model))?;
-    if let Some(base) = &options.base {
-        let theirs = zerotune_hf::tokenizer::load(&tokenizer_dir(base))?;
-        if theirs.get_vocab(true) != tokenizer.get_vocab(true) {
-            return Err(WorkerError::TokenizersDiffer { base: base.clone(), model: options.model.clone() });
-        }
+    Ok((positions, total))
+}
+
+/// A base model is compared on the same token ids only: its tokenizer must be the model's.
+fn check_tokenizers(options: &EvalOptions) -> Result<()> {
+    let Some(base) = &options.base else { return Ok(()) };
+    let load = |dir: &Path| zerotune_hf::tokenizer::load(&zerotune_hf::model_dir(dir));
+    if load(base)?.get_vocab(true) != load(&options.model)?.get_vocab(true) {
+        return Err(WorkerError::TokenizersDiffer { base: base.clone(), model: options.model.clone() });
     }
-    let mut models: Vec<(EvalModel, &Path)> = vec![];
-    if let Some(base) = &options.base {
-        models.push((EvalModel::Base, base));
+    Ok(())
+}
+
+/// One model's scores: its greedy completion of every position (each added to `lines`), and its
+/// held-out loss over `documents` in blocks.
+fn evaluate(
+    loaded: &Loaded,
+    name: EvalModel,
+    options: &EvalOptions,
+    documents: &[Document],
+    positions: &[Position],
+    lines: &mut Vec<Prediction>,
+) -> Result<Scores> {
+    let context = loaded.config.n_positions;
+    let limit = options.context_tokens.min(context.saturating_sub(options.max_new_tokens));
+    if limit == 0 {
+        return Err(WorkerError::NoRoomForPrompt { max_new_tokens: options.max_new_tokens, context });
     }
-    models.push((EvalModel::FineTuned, &options.model));
-    let mut report = Report { positions: positions.len(), candidates: total, models: vec![] };
-    let mut lines = vec![];
-    for (name, dir) in models {
-        let loaded = Loaded::open(dir, options.device, options.precision, options.nonfinite)?;
-        let limit = options.context_tokens.min(loaded.config.n_positions.saturating_sub(options.max_new_tokens));
-        if limit == 0 {
-            return Err(WorkerError::NoRoomForPrompt { max_new_tokens: options.max_new_tokens, context: loaded.config.n_positions });
-        }
-        let block = options.block_size.unwrap_or(loaded.config.default_block_size());
-        if block > loaded.config.n_positions {
-            return Err(WorkerError::BlockAboveContext { block, context: loaded.config.n_positions });
-        }
-        let prompts: Vec<Vec<u32>> = positions
-            .iter()
-            .map(|p| Ok(cut_left(&loaded.encode(&documents[p.doc].text[..p.start])?, limit).to_vec()))
-            .collect::<Result<_>>()?;
-        let started = std::time::Instant::now();
-        let predictions = predict(&loaded, &prompts, options.max_new_tokens, options.batch);
-        let predicting = started.elapsed().as_secs_f64();
-        let (mut em, mut es) = (0.0, 0.0);
-        for (p, prediction) in positions.iter().zip(&predictions) {
-            let (exact, similarity) = (metrics::exact_match(prediction, &p.target), metrics::edit_similarity(prediction, &p.target));
-            em += exact;
-            es += similarity;
-            lines.push(Prediction {
-                model: name,
-                url: url(&documents, p.doc),
-                line: p.line,
-                prompt_tail: prompt_tail(&documents[p.doc].text[..p.start]),
-                target: p.target.clone(),
-                prediction: prediction.clone(),
-                exact_match: exact,
-                edit_similarity: similarity,
-            });
-        }
-        let started = std::time::Instant::now();
-        let (loss, tokens) = held_out_loss(&loaded, &documents, block)?;
-        tracing::info!(
-            "eval {}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
-            name.name(),
-            positions.len(),
-            positions.len() as f64 / predicting,
-            started.elapsed().as_secs_f64()
-        );
-        let n = positions.len() as f64;
-        report.models.push((name, Scores { exact_match: em / n, edit_similarity: es / n, loss, perplexity: loss.exp() }));
+    let block = options.block_size.unwrap_or(loaded.config.default_block_size());
+    if block > context {
+        return Err(WorkerError::BlockAboveContext { block, context });
     }
-    write_outputs(&options.output_dir, &report, &lines)?;
-    Ok(report)
+    let prompts: Vec<Vec<u32>> = positions
+        .iter()
+        .map(|p| Ok(cut_left(&loaded.encode(&documents[p.doc].text[..p.start])?, limit).to_vec()))
+        .collect::<Result<_>>()?;
+    let started = std::time::Instant::now();
+    let predictions = predict(loaded, &prompts, options.max_new_tokens, options.batch);
+    let predicting = started.elapsed().as_secs_f64();
+    let (mut em, mut es) = (0.0, 0.0);
+    for (p, prediction) in positions.iter().zip(&predictions) {
+        let (exact, similarity) = (metrics::exact_match(prediction, &p.target), metrics::edit_similarity(prediction, &p.target));
+        em += exact;
+        es += similarity;
+        lines.push(Prediction {
+            model: name,
+            url: url(documents, p.doc),
+            line: p.line,
+            prompt_tail: prompt_tail(&documents[p.doc].text[..p.start]),
+            target: p.target.clone(),
+            prediction: prediction.clone(),
+            exact_match: exact,
+            edit_similarity: similarity,
+        });
+    }
+    let started = std::time::Instant::now();
+    let (loss, tokens) = held_out_loss(loaded, documents, block)?;
+    tracing::info!(
+        "eval {}: {} positions predicted in {predicting:.2} s ({:.3}/s); held-out loss over {tokens} tokens in {:.2} s",
+        name.name(),
+        positions.len(),
+        positions.len() as f64 / predicting,
+        started.elapsed().as_secs_f64()
+    );
+    let n = positions.len() as f64;
+    Ok(Scores { exact_match: em / n, edit_similarity: es / n, loss, perplexity: loss.exp() })
 }
 
 /// Refuses, before anything is read, numbers that would make the evaluation meaningless.
@@ -271,5 +295,5 @@ fn write_outputs(dir: &Path, report: &Report, lines: &[Prediction]) -> Result<()
     }
     out.flush().map_err(io_err(&partial))?;
     drop(out);
-    std::fs::rename(&partial, &path).map_err(io_err(&path))
+    Ok(std::fs::rename(&partial, &path).map_err(io_err(&path))?)
 }
