@@ -1,7 +1,9 @@
-//! HF model directories without libtorch: CodeGen's config.json, tensors read from any HF weight
-//! layout (safetensors, pytorch_model.bin, sharded indexes), and sharded safetensors writing.
+//! HF model directories without libtorch: CodeGen's config.json and the Llama decoder family's
+//! (`decoder.rs`), tensors read from any HF weight layout (safetensors, pytorch_model.bin, sharded
+//! indexes), and sharded safetensors writing.
 
 pub mod config;
+pub mod decoder;
 pub mod dtype;
 pub mod layout;
 pub mod manifest;
@@ -11,6 +13,7 @@ pub mod tokenizer;
 pub mod write;
 
 pub use config::{CodeGenConfig, MP_NUM};
+pub use decoder::DecoderConfig;
 pub use dtype::Dtype;
 pub use layout::model_dir;
 pub use read::{f32_bytes, RawTensor, WeightFiles};

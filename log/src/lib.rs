@@ -107,41 +107,39 @@ impl Visit for Fields {
     }
 }
 
+/// What `log` writes through the subscriber of `format` and `filter`'s directives, for tests of
+/// what a crate's events read like.
+pub fn written_by(format: LogFormat, filter: &str, log: impl FnOnce()) -> String {
+    let buffer = Buffer::default();
+    let sink = buffer.clone();
+    tracing::subscriber::with_default(subscriber(format, EnvFilter::new(filter), move || sink.clone()), log);
+    let bytes = buffer.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A writer into memory, shared with the caller.
+#[derive(Clone, Default)]
+struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
     use serde_json::Value;
 
     use super::*;
 
-    /// A writer into memory, shared with the test.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// What `log` writes in `format` (with `filter`'s directives).
-    fn written(format: LogFormat, filter: &str, log: impl FnOnce()) -> String {
-        let buffer = Buffer::default();
-        let sink = buffer.clone();
-        tracing::subscriber::with_default(subscriber(format, EnvFilter::new(filter), move || sink.clone()), log);
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
-    }
-
     #[test]
     fn text_is_our_message_after_its_level_word_and_others_with_their_target() {
-        let text = written(LogFormat::Text, "info", || {
+        let text = written_by(LogFormat::Text, "info", || {
             tracing::info!(target: "zerotune_coordinator::job", step = 4, "resuming from checkpoint-4 at step 4");
             tracing::warn!(target: "zerotune_coordinator::lock", "could not clear out/.lock");
             tracing::error!(target: "zerotune_worker::serve", "the engine failed");
@@ -154,7 +152,8 @@ mod tests {
 
     #[test]
     fn json_keeps_the_level_apart_from_the_message() {
-        let text = written(LogFormat::Json, "info", || tracing::warn!(target: "zerotune_coordinator::lock", held = 2, "could not clear"));
+        let text =
+            written_by(LogFormat::Json, "info", || tracing::warn!(target: "zerotune_coordinator::lock", held = 2, "could not clear"));
         let line: Value = serde_json::from_str(text.trim_end()).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert_eq!((line["message"].as_str(), line["level"].as_str()), (Some("could not clear"), Some("WARN")));
         assert_eq!((line["held"].as_u64(), line["target"].as_str()), (Some(2), Some("zerotune_coordinator::lock")));
@@ -163,7 +162,7 @@ mod tests {
 
     #[test]
     fn a_filter_of_warn_drops_info_lines() {
-        let text = written(LogFormat::Text, "warn", || {
+        let text = written_by(LogFormat::Text, "warn", || {
             tracing::info!(target: "zerotune_coordinator::prepare", "token cache hit");
             tracing::warn!(target: "zerotune_coordinator::prepare", "no complete block");
         });

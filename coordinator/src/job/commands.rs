@@ -23,6 +23,20 @@ pub(super) struct Cadence {
     pub(super) output_dir: PathBuf,
 }
 
+impl Cadence {
+    /// Whether an evaluation follows `step`: one every `eval_steps` (the last step's comes after
+    /// the finish instead).
+    pub(super) fn evaluates_after(&self, step: u64) -> bool {
+        self.do_eval && self.eval_steps.is_some_and(|n| step % n == 0) && step != self.total_steps
+    }
+
+    /// Whether a save follows `step` (after its evaluation): one every `save_steps`, or one the
+    /// user `requested` (by signal) that lands on this step.
+    pub(super) fn saves_after(&self, step: u64, requested: bool) -> bool {
+        requested || self.save_steps.is_some_and(|n| step % n == 0)
+    }
+}
+
 /// The ordered commands for one rank; stops early if the rank's stream is gone.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn produce_commands(
@@ -54,11 +68,11 @@ pub(super) fn produce_commands(
         if !send(command::Kind::Step(TrainStep { step, micro_batches })) {
             return;
         }
-        if cadence.do_eval && cadence.eval_steps.is_some_and(|n| step % n == 0) && step != cadence.total_steps && !send(evaluate(step)) {
+        if cadence.evaluates_after(step) && !send(evaluate(step)) {
             return;
         }
         let (requested, stop) = pace.at(step);
-        if requested || cadence.save_steps.is_some_and(|n| step % n == 0) {
+        if cadence.saves_after(step, requested) {
             let dir = partial_dir(&cadence.output_dir, step).to_string_lossy().into_owned();
             if !send(command::Kind::Save(Save { step, dir })) {
                 return;
@@ -74,4 +88,38 @@ pub(super) fn produce_commands(
     }
     let dir = cadence.output_dir.to_string_lossy().into_owned();
     send(command::Kind::Finish(Finish { step: cadence.total_steps, dir }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cadence(eval_steps: Option<u64>, do_eval: bool, save_steps: Option<u64>) -> Cadence {
+        Cadence { total_steps: 10, eval_steps, do_eval, save_steps, eval_batch: 1, output_dir: "out".into() }
+    }
+
+    fn steps_where(pick: impl Fn(u64) -> bool) -> Vec<u64> {
+        (1..=10).filter(|&s| pick(s)).collect()
+    }
+
+    #[test]
+    fn evaluations_follow_their_steps_and_the_last_step_evaluates_once() {
+        let c = cadence(Some(4), true, None);
+        assert_eq!(steps_where(|s| c.evaluates_after(s)), [4, 8]);
+        let c = cadence(Some(5), true, None);
+        assert_eq!(steps_where(|s| c.evaluates_after(s)), [5], "step 10 is the run's end: its evaluation follows the finish");
+        let c = cadence(Some(4), false, None);
+        assert_eq!(steps_where(|s| c.evaluates_after(s)), Vec::<u64>::new(), "no --do_eval");
+        let c = cadence(None, true, None);
+        assert_eq!(steps_where(|s| c.evaluates_after(s)), Vec::<u64>::new(), "no --eval_steps");
+    }
+
+    #[test]
+    fn saves_follow_save_steps_and_requests() {
+        let c = cadence(None, false, Some(3));
+        assert_eq!(steps_where(|s| c.saves_after(s, false)), [3, 6, 9]);
+        assert_eq!(steps_where(|s| c.saves_after(s, s == 7)), [3, 6, 7, 9]);
+        let c = cadence(None, false, None);
+        assert_eq!(steps_where(|s| c.saves_after(s, false)), Vec::<u64>::new(), "--save_steps 0");
+    }
 }

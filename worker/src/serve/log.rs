@@ -24,37 +24,10 @@ pub fn request(method: &str, path: &str, status: u16, prompt_tokens: u64, comple
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
     use serde_json::Value;
-
-    use zerotune_log::{subscriber, EnvFilter};
+    use zerotune_log::written_by as written;
 
     use super::*;
-
-    /// A writer into memory, shared with the test.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buffer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// What `log` writes in `format` (with `filter`'s directives).
-    fn written(format: LogFormat, filter: &str, log: impl FnOnce()) -> String {
-        let buffer = Buffer::default();
-        let sink = buffer.clone();
-        tracing::subscriber::with_default(subscriber(format, EnvFilter::new(filter), move || sink.clone()), log);
-        let bytes = buffer.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
-    }
 
     fn two_requests() {
         request("POST", "/v1/completions", 200, 3, 16, 0.1234);

@@ -1,0 +1,59 @@
+//! The decoder config against HF transformers: each tiny model of the family that
+//! tests/fixtures/decoders.py saved is read back, and what we resolve (parameters in order with
+//! their shapes, KV heads, head_dim, rope, windows, tied head, eps) equals what HF resolved from
+//! the same config.json, and the weight file holds exactly those parameters.
+
+use serde_json::Value;
+use zerotune_hf::decoder::RopeScaling;
+use zerotune_hf::{DecoderConfig, WeightFiles};
+
+fn variants() -> Vec<(String, std::path::PathBuf)> {
+    let dir = zerotune_tests::fixtures().join("decoders");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").exists())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    out.sort();
+    assert_eq!(out.len(), 5, "llama, llama-mqa-tied, llama-v4-rope, qwen2, starcoder2 in {}", dir.display());
+    out
+}
+
+#[test]
+fn every_variant_resolves_as_hf_resolved_it() {
+    for (name, dir) in variants() {
+        let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let hf: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let theirs: Vec<(String, Vec<usize>)> = serde_json::from_value(hf["parameters"].clone()).unwrap();
+        assert_eq!(config.parameter_shapes(), theirs, "{name}: parameters in named_parameters order");
+        assert_eq!(config.num_parameters() as u64, hf["num_parameters"].as_u64().unwrap(), "{name}");
+        assert_eq!(config.family.model_type(), hf["model_type"], "{name}");
+        assert_eq!(config.num_key_value_heads as u64, hf["num_key_value_heads"].as_u64().unwrap(), "{name}");
+        assert_eq!(config.head_dim as u64, hf["head_dim"].as_u64().unwrap(), "{name}");
+        assert_eq!(config.rope_theta, hf["rope_theta"].as_f64().unwrap(), "{name}");
+        let scaling = match hf["rope_type"].as_str().unwrap() {
+            "linear" => RopeScaling::Linear { factor: hf["rope_factor"].as_f64().unwrap() },
+            "default" => RopeScaling::None,
+            other => panic!("{name}: a fixture with rope type {other}"),
+        };
+        assert_eq!(config.rope_scaling, scaling, "{name}");
+        let windows: Vec<Option<usize>> = serde_json::from_value(hf["windows"].clone()).unwrap();
+        assert_eq!(config.windows, windows, "{name}");
+        assert_eq!(Value::from(config.tie_word_embeddings), hf["tie_word_embeddings"], "{name}");
+        assert_eq!(config.norm_eps, hf["norm_eps"].as_f64().unwrap(), "{name}");
+    }
+}
+
+#[test]
+fn the_weight_files_hold_exactly_the_resolved_parameters() {
+    for (name, dir) in variants().into_iter().filter(|(_, dir)| dir.join("model.safetensors").exists()) {
+        let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
+        let files = WeightFiles::open(&dir).unwrap();
+        let mut stored: Vec<&str> = files.names().collect();
+        let mut ours: Vec<String> = config.parameter_shapes().into_iter().map(|(n, _)| n).collect();
+        stored.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(stored, ours, "{name}: a tied head is saved as the embedding alone");
+    }
+}
