@@ -25,9 +25,13 @@ impl Slot {
 
 /// The flat layout: every parameter of `config` in HF module order, back to back.
 pub fn layout(config: &CodeGenConfig) -> Vec<Slot> {
+    layout_of(config.parameter_shapes())
+}
+
+/// The flat layout of these parameters, in this order, back to back.
+pub fn layout_of(shapes: Vec<(String, Vec<usize>)>) -> Vec<Slot> {
     let mut offset = 0;
-    config
-        .parameter_shapes()
+    shapes
         .into_iter()
         .map(|(name, shape)| {
             let numel = shape.iter().product();
@@ -57,7 +61,11 @@ impl ParamSet {
     /// Like `zeros`, with the flat buffer at least `len` long (ZeRO pads it to world x partition;
     /// the padding belongs to no parameter).
     pub fn zeros_padded(config: &CodeGenConfig, kind: Kind, device: Device, trainable: bool, len: usize) -> Self {
-        let slots = layout(config);
+        Self::zeros_laid_out(layout(config), kind, device, trainable, len)
+    }
+
+    /// Zero-filled parameters laid out by `slots` (of any architecture), the buffer at least `len`.
+    pub fn zeros_laid_out(slots: Vec<Slot>, kind: Kind, device: Device, trainable: bool, len: usize) -> Self {
         let total = slots.last().map_or(0, |s| s.offset + s.numel).max(len);
         let flat = Tensor::zeros([total as i64], (kind, device));
         let tensors = slots

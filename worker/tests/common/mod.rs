@@ -6,8 +6,10 @@ use zerotune_hf::WeightFiles;
 use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
 pub use zerotune_tests::{fixtures, meta};
 
+#[allow(dead_code)] // not every test binary reads the CodeGen reference
 pub struct Reference(WeightFiles);
 
+#[allow(dead_code)]
 impl Reference {
     pub fn load() -> Self {
         Self(WeightFiles::open_file(&fixtures().join("reference.safetensors")).unwrap())
