@@ -1,7 +1,8 @@
 //! The Llama decoder family's forward pass against HF transformers (rung 2 of the ladder for
 //! llama, qwen2 and starcoder2): every tiny model tests/fixtures/decoders.py saved (grouped and
 //! multi-query heads, tied and untied, biases, head_dim unlike hidden/heads, rope θ 1e5 with
-//! linear scaling and 1e6, sliding windows shorter than the input) gives HF's eager logits.
+//! linear scaling and 1e6, sliding windows shorter than the input) gives HF's eager logits, loss
+//! and gradients (a tied head's summed into the embedding's).
 
 mod common;
 
@@ -13,6 +14,7 @@ use zerotune_worker::model::decoder::Decoder;
 use zerotune_worker::model::params::{layout_of, ParamSet};
 
 const LOGITS_REL: f64 = 1e-5;
+const GRAD_REL: f64 = 1e-4;
 
 #[test]
 fn logits_match_hf_for_every_variant() {
@@ -27,6 +29,28 @@ fn logits_match_hf_for_every_variant() {
         let logits = tch::no_grad(|| Decoder::new(&config, &params).forward(&ids));
         let err = rel_err(name, &logits, &tensor_from(&reference, &format!("{name}.logits")));
         assert!(err < LOGITS_REL, "{name}: logits differ from HF's by {err:.3e}");
+    }
+}
+
+#[test]
+fn loss_and_every_gradient_match_hf_for_every_variant() {
+    let dir = fixtures().join("decoders");
+    let reference = WeightFiles::open_file(&dir.join("reference.safetensors")).unwrap();
+    let ids = tensor_from(&reference, "input_ids");
+    for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
+        let model_dir = dir.join(name);
+        let config = DecoderConfig::from_file(&model_dir.join("config.json")).unwrap();
+        let mut params = ParamSet::zeros_laid_out(layout_of(config.parameter_shapes()), Kind::Float, Device::Cpu, true, 0);
+        load_weights(&mut params, &model_dir).unwrap();
+        let loss = Decoder::new(&config, &params).loss(&ids);
+        let err = rel_err(name, &loss.reshape([1]), &tensor_from(&reference, &format!("{name}.loss")));
+        assert!(err < LOGITS_REL, "{name}: loss differs from HF's by {err:.3e}");
+        loss.backward();
+        for (slot, tensor) in params.slots.iter().zip(&params.tensors) {
+            let hf = tensor_from(&reference, &format!("{name}.grad.{}", slot.name));
+            let err = rel_err(&slot.name, &tensor.grad(), &hf);
+            assert!(err < GRAD_REL, "{name}: the gradient of {} differs from HF's by {err:.3e}", slot.name);
+        }
     }
 }
 

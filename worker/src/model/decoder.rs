@@ -8,7 +8,7 @@
 //! This is the forward pass the HF ladder checks first; training, caches and serving reach the
 //! family through the model layer in later steps.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 use zerotune_hf::decoder::RopeScaling;
 use zerotune_hf::DecoderConfig;
 
@@ -154,6 +154,16 @@ impl Decoder {
             h = &h + self.mlp(block, &block.post_attention_layernorm.forward(&h));
         }
         self.norm.forward(&h).matmul(&self.lm_head.tr()).to_kind(Kind::Float)
+    }
+
+    /// Mean next-token cross-entropy of each row predicting itself shifted by one (HF labels =
+    /// input_ids).  ids: (B, T) -> scalar f32
+    pub fn loss(&self, ids: &Tensor) -> Tensor {
+        let (_, t) = ids.size2().expect("ids are (B, T)");
+        let logits = self.forward(ids);
+        let v = logits.size()[2];
+        let predicted = logits.narrow(1, 0, t - 1).reshape([-1, v]);
+        predicted.cross_entropy_loss::<Tensor>(&ids.narrow(1, 1, t - 1).reshape([-1]), None, Reduction::Mean, -100, 0.0)
     }
 
     /// Causal attention (within the block's window) of every token over those before it.
