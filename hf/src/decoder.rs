@@ -315,51 +315,23 @@ impl DecoderConfig {
 /// Shape presets (`--config_name`): the published code models' shapes with random init, for
 /// plans, benches and from-scratch runs, and `tiny-llama` for tests. The vocabulary is the
 /// model's own; a from-scratch run resizes it to its tokenizer's.
+#[rustfmt::skip]
 const PRESETS: [(&str, Family, [usize; 7], bool, &str); 7] = [
-    // name, family, [E, I, L, H, KV, V, max_pos], tied, the rest of config.json
-    (
-        "deepseek-coder-1.3b",
-        Family::Llama,
-        [2048, 5504, 24, 16, 16, 32256, 16384],
-        false,
-        r#"{"rope_theta": 100000, "rope_scaling": {"type": "linear", "factor": 4.0}, "bos_token_id": 32013, "eos_token_id": 32014}"#,
-    ),
-    (
-        "codellama-7b",
-        Family::Llama,
-        [4096, 11008, 32, 32, 32, 32016, 16384],
-        false,
-        r#"{"rope_theta": 1000000, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}"#,
-    ),
-    (
-        "qwen2.5-coder-0.5b",
-        Family::Qwen2,
-        [896, 4864, 24, 14, 2, 151936, 32768],
-        true,
-        r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#,
-    ),
-    (
-        "qwen2.5-coder-1.5b",
-        Family::Qwen2,
-        [1536, 8960, 28, 12, 2, 151936, 32768],
-        true,
-        r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#,
-    ),
-    (
-        "qwen2.5-coder-7b",
-        Family::Qwen2,
-        [3584, 18944, 28, 28, 4, 152064, 32768],
-        false,
-        r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#,
-    ),
-    (
-        "starcoder2-3b",
-        Family::Starcoder2,
-        [3072, 12288, 30, 24, 2, 49152, 16384],
-        true,
-        r#"{"rope_theta": 999999.4420358813, "sliding_window": 4096, "bos_token_id": 0, "eos_token_id": 0}"#,
-    ),
-    ("tiny-llama", Family::Llama, [64, 96, 2, 4, 2, 1003, 64], false, r#"{"bos_token_id": 0, "eos_token_id": 0}"#),
+    // name, family, [E, I, L, H, KV, V, max_position_embeddings], tied, the rest of config.json
+    ("deepseek-coder-1.3b", Family::Llama, [2048, 5504, 24, 16, 16, 32256, 16384], false,
+     r#"{"rope_theta": 100000, "rope_scaling": {"type": "linear", "factor": 4.0}, "bos_token_id": 32013, "eos_token_id": 32014}"#),
+    ("codellama-7b", Family::Llama, [4096, 11008, 32, 32, 32, 32016, 16384], false,
+     r#"{"rope_theta": 1000000, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}"#),
+    ("qwen2.5-coder-0.5b", Family::Qwen2, [896, 4864, 24, 14, 2, 151936, 32768], true,
+     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
+    ("qwen2.5-coder-1.5b", Family::Qwen2, [1536, 8960, 28, 12, 2, 151936, 32768], true,
+     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
+    ("qwen2.5-coder-7b", Family::Qwen2, [3584, 18944, 28, 28, 4, 152064, 32768], false,
+     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
+    ("starcoder2-3b", Family::Starcoder2, [3072, 12288, 30, 24, 2, 49152, 16384], true,
+     r#"{"rope_theta": 999999.4420358813, "sliding_window": 4096, "bos_token_id": 0, "eos_token_id": 0}"#),
+    ("tiny-llama", Family::Llama, [64, 96, 2, 4, 2, 1003, 64], false,
+     r#"{"bos_token_id": 0, "eos_token_id": 0}"#),
 ];
 
 impl DecoderConfig {

@@ -16,16 +16,25 @@ use zerotune_worker::model::params::{layout_of, ParamSet};
 const LOGITS_REL: f64 = 1e-5;
 const GRAD_REL: f64 = 1e-4;
 
+/// The fixture variant `name`: its config and its weights (tracking gradients when `trainable`).
+fn load(name: &str, trainable: bool) -> (DecoderConfig, ParamSet) {
+    let dir = fixtures().join("decoders").join(name);
+    let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut params = ParamSet::zeros_laid_out(layout_of(config.parameter_shapes()), Kind::Float, Device::Cpu, trainable, 0);
+    load_weights(&mut params, &dir).unwrap();
+    (config, params)
+}
+
+fn reference() -> WeightFiles {
+    WeightFiles::open_file(&fixtures().join("decoders").join("reference.safetensors")).unwrap()
+}
+
 #[test]
 fn logits_match_hf_for_every_variant() {
-    let dir = fixtures().join("decoders");
-    let reference = WeightFiles::open_file(&dir.join("reference.safetensors")).unwrap();
+    let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
     for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
-        let model_dir = dir.join(name);
-        let config = DecoderConfig::from_file(&model_dir.join("config.json")).unwrap();
-        let mut params = ParamSet::zeros_laid_out(layout_of(config.parameter_shapes()), Kind::Float, Device::Cpu, false, 0);
-        load_weights(&mut params, &model_dir).unwrap();
+        let (config, params) = load(name, false);
         let logits = tch::no_grad(|| Decoder::new(&config, &params).forward(&ids));
         let err = rel_err(name, &logits, &tensor_from(&reference, &format!("{name}.logits")));
         assert!(err < LOGITS_REL, "{name}: logits differ from HF's by {err:.3e}");
@@ -34,14 +43,10 @@ fn logits_match_hf_for_every_variant() {
 
 #[test]
 fn loss_and_every_gradient_match_hf_for_every_variant() {
-    let dir = fixtures().join("decoders");
-    let reference = WeightFiles::open_file(&dir.join("reference.safetensors")).unwrap();
+    let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
     for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
-        let model_dir = dir.join(name);
-        let config = DecoderConfig::from_file(&model_dir.join("config.json")).unwrap();
-        let mut params = ParamSet::zeros_laid_out(layout_of(config.parameter_shapes()), Kind::Float, Device::Cpu, true, 0);
-        load_weights(&mut params, &model_dir).unwrap();
+        let (config, params) = load(name, true);
         let loss = Decoder::new(&config, &params).loss(&ids);
         let err = rel_err(name, &loss.reshape([1]), &tensor_from(&reference, &format!("{name}.loss")));
         assert!(err < LOGITS_REL, "{name}: loss differs from HF's by {err:.3e}");
@@ -57,14 +62,10 @@ fn loss_and_every_gradient_match_hf_for_every_variant() {
 /// The window is real in the fixtures: the same weights without it give other logits.
 #[test]
 fn the_window_changes_the_logits_it_should() {
-    let dir = fixtures().join("decoders");
-    let reference = WeightFiles::open_file(&dir.join("reference.safetensors")).unwrap();
+    let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
-    let model_dir = dir.join("starcoder2");
-    let windowed = DecoderConfig::from_file(&model_dir.join("config.json")).unwrap();
-    let full = DecoderConfig { windows: vec![None; windowed.num_hidden_layers], ..windowed.clone() };
-    let mut params = ParamSet::zeros_laid_out(layout_of(windowed.parameter_shapes()), Kind::Float, Device::Cpu, false, 0);
-    load_weights(&mut params, &model_dir).unwrap();
+    let (windowed, params) = load("starcoder2", false);
+    let full = DecoderConfig { windows: vec![None; windowed.num_hidden_layers], ..windowed };
     let hf = tensor_from(&reference, "starcoder2.logits");
     let without = tch::no_grad(|| Decoder::new(&full, &params).forward(&ids));
     assert!(rel_err("no window", &without, &hf) > 1e-3, "a window of 5 over 16 tokens must matter");
