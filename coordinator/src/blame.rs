@@ -91,9 +91,11 @@ mod tests {
                 let mut blame = Blame::default();
                 for i in order {
                     let (cause, rank) = failures[i];
-                    blame.add(cause, rank, CoordinatorError::Launcher(format!("{cause:?} {rank:?}")));
+                    let message = format!("{cause:?} {rank:?}");
+                    blame.add(cause, rank, CoordinatorError::Worker { rank: rank.unwrap_or(0), host: "test".into(), message });
                 }
-                blame.verdict().unwrap().to_string()
+                let verdict = blame.verdict().unwrap().to_string();
+                verdict.split_once("failed: ").map_or(verdict.clone(), |(_, message)| message.to_string())
             })
             .collect()
     }

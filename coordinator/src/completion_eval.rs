@@ -11,7 +11,7 @@ use zerotune_data::Document;
 use zerotune_proto::plan::Precision;
 
 use crate::config::{Device, ModelChoice, TrainPlan};
-use crate::error::{CoordinatorError, Result};
+use crate::error::{CoordinatorError, EvalFailure, Result};
 
 pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_size: usize) -> Result<()> {
     let worker = &plan.launch.worker_bin;
@@ -31,8 +31,8 @@ pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_si
         };
         command.args(["--dtype", dtype]);
     }
-    let failed = |message: String| CoordinatorError::Launcher(format!("the completion evaluation ({} eval) {message}", worker.display()));
-    let mut child = command.stdin(Stdio::piped()).spawn().map_err(|e| failed(format!("cannot start: {e}")))?;
+    let failed = |failure| CoordinatorError::CompletionEval { worker: worker.clone(), output_dir: output_dir.into(), failure };
+    let mut child = command.stdin(Stdio::piped()).spawn().map_err(|e| failed(EvalFailure::Start(e)))?;
     {
         let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
         for doc in documents {
@@ -43,9 +43,9 @@ pub fn run(plan: &TrainPlan, output_dir: &Path, documents: &[Document], block_si
         }
         let _ = stdin.flush();
     }
-    let status = child.wait().map_err(|e| failed(format!("could not be waited for: {e}")))?;
+    let status = child.wait().map_err(|e| failed(EvalFailure::Wait(e)))?;
     if !status.success() {
-        return Err(failed(format!("failed ({status}); the trained model in {} is complete", output_dir.display())));
+        return Err(failed(EvalFailure::Exited(status)));
     }
     Ok(())
 }

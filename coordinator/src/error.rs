@@ -91,9 +91,12 @@ pub enum CoordinatorError {
     Resume { dir: PathBuf, reason: crate::job::ResumeConflict },
     #[error("worker rank {rank} ({host}) failed: {message}")]
     Worker { rank: u32, host: String, message: String },
-    /// A process that runs every rank (srun), or the completion evaluation, failed.
-    #[error("{0}")]
-    Launcher(String),
+    /// srun, the one process that runs every rank, ended before the run did.
+    #[error("srun (every rank) exited ({status}) before the run finished")]
+    SrunExited { status: crate::events::ExitStatus },
+    /// The completion evaluation at the end of --do_eval could not start, or failed.
+    #[error("the completion evaluation ({} eval) {failure}; the trained model in {} is complete", worker.display(), output_dir.display())]
+    CompletionEval { worker: PathBuf, output_dir: PathBuf, failure: EvalFailure },
     /// The GPU's precision rule refuses the asked precision.
     #[error("{gpu}: --bf16: {refusal}; train in fp32 (drop --bf16) or --fp16")]
     Precision { gpu: String, refusal: zerotune_proto::precision::NoBf16 },
@@ -136,4 +139,43 @@ pub(crate) fn flag_file_err(flag: &'static str, path: impl Into<PathBuf>) -> imp
 /// What the OS refused, when it is not a user's file.
 pub(crate) fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> CoordinatorError {
     move |source| CoordinatorError::Os { what, source }
+}
+
+/// How the completion evaluation's worker process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalFailure {
+    #[error("cannot start: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("could not be waited for: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("failed ({0})")]
+    Exited(std::process::ExitStatus),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+    use crate::events::ExitStatus;
+
+    #[test]
+    fn launcher_and_evaluation_failures_say_what_ended_and_what_is_safe() {
+        let srun = CoordinatorError::SrunExited { status: ExitStatus::Code(1) };
+        assert_eq!(srun.to_string(), "srun (every rank) exited (exit status 1) before the run finished");
+        let (worker, output_dir) = (PathBuf::from("/opt/worker"), PathBuf::from("out"));
+        let failed =
+            CoordinatorError::CompletionEval { worker, output_dir, failure: EvalFailure::Exited(std::process::ExitStatus::from_raw(256)) };
+        assert_eq!(
+            failed.to_string(),
+            "the completion evaluation (/opt/worker eval) failed (exit status: 1); the trained model in out is complete"
+        );
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let unstarted =
+            CoordinatorError::CompletionEval { worker: "w".into(), output_dir: "o".into(), failure: EvalFailure::Start(missing) };
+        assert!(
+            matches!(&unstarted, CoordinatorError::CompletionEval { failure: EvalFailure::Start(e), .. } if e.kind() == std::io::ErrorKind::NotFound)
+        );
+        assert!(unstarted.to_string().starts_with("the completion evaluation (w eval) cannot start: "), "{unstarted}");
+    }
 }

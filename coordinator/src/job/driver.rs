@@ -307,8 +307,7 @@ impl<'a> RunningJob<'a> {
             let message = format!("the worker process exited ({status}) before the run finished");
             Some((cause, Some(rank), self.worker_error(rank, message)))
         } else {
-            let message = format!("srun (every rank) exited ({status}) before the run finished");
-            Some((Cause::LauncherExited, None, CoordinatorError::Launcher(message)))
+            Some((Cause::LauncherExited, None, CoordinatorError::SrunExited { status }))
         };
         Next::Continue(failure)
     }
