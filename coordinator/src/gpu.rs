@@ -157,7 +157,7 @@ pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> MemoryJob {
         world: plan.world_size() as u64,
         ranks_per_host: per_host.values().copied().max().unwrap_or(1),
         micro: plan.batch.micro as u64,
-        block: plan.data.block_size.unwrap_or(config.n_positions.min(1024)) as u64,
+        block: plan.data.block_size.unwrap_or(config.default_block_size()) as u64,
         precision: plan.training.precision,
         zero_stage: plan.zero.stage,
         offload: plan.zero.offload_optimizer,

@@ -239,7 +239,7 @@ fn watch(
 /// `.deepspeed_env` file of the current directory or the home directory (as DeepSpeed reads it).
 pub fn propagated_env() -> Result<Vec<(String, String)>> {
     let mut env: Vec<(String, String)> =
-        std::env::vars().filter(|(k, _)| k.starts_with("NCCL_") || k.starts_with("UCX_") || k == "ZEROTUNE_NCCL").collect();
+        std::env::vars().filter(|(k, _)| k.starts_with("NCCL_") || k.starts_with("UCX_") || k == "ZEROTUNE_NCCL" || k == "RUST_LOG").collect();
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let files = [Some(PathBuf::from(".deepspeed_env")), home.map(|h| h.join(".deepspeed_env"))];
     if let Some(path) = files.into_iter().flatten().find(|p| p.is_file()) {

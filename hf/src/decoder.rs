@@ -201,7 +201,11 @@ impl DecoderConfig {
             intermediate_size: keys.usize("intermediate_size", d.intermediate_size)?,
             num_hidden_layers,
             num_attention_heads,
-            num_key_value_heads: keys.usize("num_key_value_heads", d.num_key_value_heads.unwrap_or(num_attention_heads))?,
+            // Absent: the class default; null: as many as the query heads (every class's rule).
+            num_key_value_heads: match keys.0.get("num_key_value_heads") {
+                None => d.num_key_value_heads.unwrap_or(num_attention_heads),
+                Some(_) => keys.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads),
+            },
             head_dim: keys.usize("head_dim", if num_attention_heads == 0 { 0 } else { hidden_size / num_attention_heads })?,
             norm_eps: keys.f64(d.eps_key, d.eps)?,
             qkv_bias,
@@ -395,10 +399,12 @@ fn rope(raw: &Map<String, Value>) -> std::result::Result<(f64, RopeScaling), Str
     if !(theta.is_finite() && theta > 0.0) {
         return Err(format!("rope_theta {theta} must be a positive number"));
     }
-    if let Some(partial) = number(raw.get("partial_rotary_factor"), "partial_rotary_factor")?.filter(|&p| p != 1.0) {
+    let partial = number(params.get("partial_rotary_factor"), &format!("{key}.partial_rotary_factor"))?;
+    if let Some(partial) = partial.or(number(raw.get("partial_rotary_factor"), "partial_rotary_factor")?).filter(|&p| p != 1.0) {
         return Err(format!("partial_rotary_factor {partial} is not supported (these models rotate the whole head)"));
     }
-    let kind = params.get("rope_type").or(params.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let named = |k: &str| params.get(k).filter(|v| !v.is_null());
+    let kind = named("rope_type").or(named("type")).and_then(Value::as_str).unwrap_or("default");
     let scaling = match kind {
         "default" | "dynamic" => RopeScaling::None,
         "linear" => match number(params.get("factor"), &format!("{key}.factor"))? {
@@ -419,7 +425,12 @@ fn windows(family: Family, keys: &Keys, layers: usize) -> std::result::Result<Ve
         Family::Starcoder2 => Ok(vec![keys.opt_usize("sliding_window")?; layers]),
         Family::Qwen2 => {
             let used = keys.bool("use_sliding_window", false)?;
-            let window = if used { keys.opt_usize("sliding_window")?.or(Some(4096)) } else { None };
+            // Absent: the class default 4096; null: no window at all.
+            let window = match keys.0.get("sliding_window") {
+                _ if !used => None,
+                None => Some(4096),
+                Some(_) => keys.opt_usize("sliding_window")?,
+            };
             let first = keys.usize("max_window_layers", 28)?;
             let sliding: Vec<bool> = match keys.0.get("layer_types") {
                 Some(Value::Array(types)) if types.len() == layers => {

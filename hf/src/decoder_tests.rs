@@ -48,6 +48,8 @@ fn absent_keys_take_each_familys_class_default() {
     // Qwen2's KV heads default to 32 whatever the query heads are; q/k/v always have a bias.
     let qwen = parse(json!({"model_type": "qwen2", "num_attention_heads": 32}));
     assert_eq!((qwen.num_key_value_heads, qwen.qkv_bias, qwen.o_bias, qwen.bos_token_id), (32, true, false, None));
+    let null_kv = parse(json!({"model_type": "qwen2", "num_attention_heads": 8, "num_key_value_heads": null}));
+    assert_eq!(null_kv.num_key_value_heads, 8, "null: as many as the query heads");
     assert_eq!(qwen.windows, vec![None; 32], "no use_sliding_window: no window");
     // StarCoder2: 2 KV heads, tied, LayerNorms with bias, a GELU MLP, biases on by default.
     let star = parse(json!({"model_type": "starcoder2", "use_bias": false}));
@@ -76,6 +78,10 @@ fn both_rope_spellings_read_the_same_and_others_are_refused() {
     );
     assert!(refusal(json!({"model_type": "llama", "rope_scaling": {"type": "linear"}})).contains("factor"));
     assert!(refusal(json!({"model_type": "llama", "partial_rotary_factor": 0.5})).contains("partial_rotary_factor 0.5"));
+    let inside = json!({"model_type": "llama", "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}});
+    assert!(refusal(inside).contains("partial_rotary_factor 0.5"), "also inside rope_parameters");
+    let null_type = parse(json!({"model_type": "llama", "rope_scaling": {"rope_type": null, "type": "linear", "factor": 2.0}}));
+    assert_eq!(null_type.rope_scaling, RopeScaling::Linear { factor: 2.0 }, "a null rope_type falls back to type");
 }
 
 #[test]
@@ -90,6 +96,12 @@ fn windows_follow_qwen2s_layer_types_and_starcoder2s_sliding_window() {
     assert!(refusal(unused).contains("use_sliding_window is false"));
     assert_eq!(parse(json!({"model_type": "starcoder2", "num_hidden_layers": 3, "sliding_window": 4096})).windows, [Some(4096); 3]);
     assert_eq!(parse(json!({"model_type": "llama", "sliding_window": 4})).windows, vec![None; 32], "Llama has no window");
+    // A null window is none, where an absent one is the class default.
+    let null =
+        json!({"model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": true, "sliding_window": null, "max_window_layers": 1});
+    assert_eq!(parse(null).windows, [None, None]);
+    let absent = json!({"model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": true, "max_window_layers": 1});
+    assert_eq!(parse(absent).windows, [None, Some(4096)]);
 }
 
 #[test]

@@ -50,7 +50,7 @@ impl std::fmt::Display for InferenceNote {
             }
             PrecisionNote::EmulatedBf16 { capability: (major, minor) } => write!(
                 f,
-                "warning: bf16 on a GPU of compute capability {major}.{minor}: bf16 is emulated there, far below its fp16 rate; fp16 is usually faster"
+                "bf16 on a GPU of compute capability {major}.{minor}: bf16 is emulated there, far below its fp16 rate; fp16 is usually faster"
             ),
             PrecisionNote::Fp32OnOldGpu { capability: (major, minor) } => write!(
                 f,
@@ -58,7 +58,7 @@ impl std::fmt::Display for InferenceNote {
             ),
             PrecisionNote::SlowFp16 { capability: (major, minor) } => write!(
                 f,
-                "warning: fp16 on a GPU of compute capability {major}.{minor}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 is usually faster"
+                "fp16 on a GPU of compute capability {major}.{minor}: its fp16 math runs far below its fp32 rate (1/64 on a P40); fp32 is usually faster"
             ),
         }
     }
@@ -136,7 +136,7 @@ mod tests {
         assert_eq!(plain(DtypeChoice::Auto, gpu, Some((8, 0))), Precision::Bf16, "Ampere");
         let (precision, warning) = resolve(DtypeChoice::Bf16, gpu, Some((7, 5))).unwrap();
         assert_eq!(precision, Precision::Bf16, "asked for: emulated, but it runs");
-        assert!(warning.unwrap().to_string().starts_with("warning: bf16 on a GPU of compute capability 7.5: bf16 is emulated"));
+        assert!(warning.unwrap().to_string().starts_with("bf16 on a GPU of compute capability 7.5: bf16 is emulated"));
         assert_eq!(plain(DtypeChoice::Auto, gpu, None), Precision::Bf16, "unknown capability: bf16, as before");
         let (precision, note) = resolve(DtypeChoice::Auto, gpu, P40).unwrap();
         assert_eq!((precision, note), (Precision::Fp32, Some(InferenceNote(PrecisionNote::Fp32OnOldGpu { capability: (6, 1) }))));
@@ -158,7 +158,7 @@ mod tests {
         let (precision, warning) = resolve(DtypeChoice::Fp16, gpu, P40).unwrap();
         let warning = warning.unwrap();
         assert!(precision == Precision::Fp16 && warning.is_warning());
-        assert!(warning.to_string().starts_with("warning: fp16 on a GPU of compute capability 6.1"), "{warning}");
+        assert!(warning.to_string().starts_with("fp16 on a GPU of compute capability 6.1"), "{warning}");
         assert_eq!(plain(DtypeChoice::Fp32, Device::Cpu, None), Precision::Fp32);
         for dtype in [DtypeChoice::Bf16, DtypeChoice::Fp16] {
             let err = resolve(dtype, Device::Cpu, None).unwrap_err();

@@ -73,14 +73,16 @@ impl TrainPlan {
         check_numbers(t)?;
         let (model, tokenizer) = model_and_tokenizer(&args.model, purpose)?;
         let device = resolve_device(&args.launch, purpose);
-        let launch = launch_plan(&args.launch, device, purpose)?;
         let output_dir = needed(&t.output_dir, purpose, "--output_dir", "where the run writes its checkpoints and model")?;
+        let (batch, data) = (batch_plan(t)?, args.data.plan_for(purpose)?);
+        // Last: it looks for the worker binary and reads the TLS files, after every flag's check.
+        let launch = launch_plan(&args.launch, device, purpose)?;
         let mut plan = Self {
             purpose,
             model,
             tokenizer,
-            batch: batch_plan(t)?,
-            data: args.data.plan_for(purpose)?,
+            batch,
+            data,
             training: training_plan(t),
             // Without a ds_config: ranks keep whole optimizers, and a CPU rank's optimizer is
             // already in host memory, so it runs the host kernel.

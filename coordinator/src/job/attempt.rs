@@ -205,7 +205,8 @@ impl Server {
         Ok(Server { url: format!("{scheme}://{host}:{port}"), stop, serving })
     }
 
-    /// Stops serving once every worker process is gone (before a restart starts new ones).
+    /// Stops serving, then waits until every worker process and the server are gone (before a
+    /// restart starts new ones).
     async fn stop_after(self, watchers: Vec<JoinHandle<()>>) {
         let _ = self.stop.send(());
         for watcher in watchers {

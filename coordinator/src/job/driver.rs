@@ -27,14 +27,14 @@ const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// under srun ends the job about this long after its connection closed.
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What an event means for the event loop.
-/// A failure as an event reports it: its cause, the rank it names (none for srun's own exit), and
-/// the error the job ends with if it is the first.
 /// Each rank's last heartbeat: when, and at which step.
 type Beats = BTreeMap<u32, (Instant, u64)>;
 
+/// A failure as an event reports it: its cause, the rank it names (none for srun's own exit), and
+/// the error the job ends with if it is the first.
 type Failure = (Cause, Option<u32>, CoordinatorError);
 
+/// What an event means for the event loop.
 enum Next {
     /// Go on; with a failure to weigh when the event was one.
     Continue(Option<Failure>),

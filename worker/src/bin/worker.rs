@@ -120,8 +120,9 @@ struct EvalArgs {
 fn precision_on(dtype: &DtypeArgs, device: tch::Device) -> anyhow::Result<Precision> {
     let (precision, note) = dtype.resolve(device)?;
     match note {
-        Some(note) if note.is_warning() => tracing::warn!(%note, "{note}"),
-        Some(note) => tracing::info!(%note, "{note}"),
+        // The library's target: shown as our own lines, whatever the binary's crate is called.
+        Some(note) if note.is_warning() => tracing::warn!(target: "zerotune_worker", "{note}"),
+        Some(note) => tracing::info!(target: "zerotune_worker", "{note}"),
         None => {}
     }
     Ok(precision)

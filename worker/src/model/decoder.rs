@@ -148,7 +148,9 @@ impl Decoder {
 
     /// Logits in f32.  ids: (B, T) int64 -> (B, T, V)
     pub fn forward(&self, ids: &Tensor) -> Tensor {
-        let mut h = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        // The pad row (`pad_token_id`) gets no gradient from the lookup, as nn.Embedding's padding_idx.
+        let pad = self.config.pad_token_id.unwrap_or(-1);
+        let mut h = Tensor::embedding(&self.embed_tokens, ids, pad, false, false);
         for block in &self.blocks {
             h = &h + self.attention(block, &block.input_layernorm.forward(&h));
             h = &h + self.mlp(block, &block.post_attention_layernorm.forward(&h));

@@ -88,8 +88,8 @@ pub fn main(args: ServeArgs, nonfinite: NonFinite) -> Result<()> {
 fn open_model(args: &ServeArgs, device: Device, nonfinite: NonFinite) -> Result<(Loaded, Precision)> {
     let (precision, note) = args.dtype.resolve(device)?;
     match note {
-        Some(note) if note.is_warning() => tracing::warn!(%note, "{note}"),
-        Some(note) => tracing::info!(%note, "worker: {note}"),
+        Some(note) if note.is_warning() => tracing::warn!("{note}"),
+        Some(note) => tracing::info!("{note}"),
         None => {}
     }
     Ok((Loaded::open(&args.model, device, precision, nonfinite)?, precision))
