@@ -6,8 +6,6 @@ use std::ops::Range;
 
 use crate::optim::adamw::Segment;
 
-pub use zerotune_proto::plan::PARTITION_ALIGN as ALIGN;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShardMap {
     pub numel: usize,
@@ -48,6 +46,8 @@ impl ShardMap {
 
 #[cfg(test)]
 mod tests {
+    use zerotune_proto::plan::PARTITION_ALIGN;
+
     use super::*;
 
     #[test]
@@ -55,8 +55,8 @@ mod tests {
         for numel in [1, 127, 128, 129, 1000, 12_345, 356_712_448] {
             for world in 1..=9 {
                 let map = ShardMap::new(numel, world);
-                assert_eq!(map.partition % ALIGN, 0);
-                assert!(map.padded() >= numel && map.padded() - numel < world * ALIGN + world, "{numel} {world}: little padding");
+                assert_eq!(map.partition % PARTITION_ALIGN, 0);
+                assert!(map.padded() >= numel && map.padded() - numel < world * PARTITION_ALIGN + world, "{numel} {world}: little padding");
                 let mut next = 0;
                 for rank in 0..world {
                     let r = map.range(rank);

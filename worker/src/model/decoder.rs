@@ -108,11 +108,7 @@ pub struct Decoder {
 impl Decoder {
     /// Binds the model to `params` (laid out by `config.parameter_shapes()`).
     pub fn new(config: &DecoderConfig, params: &ParamSet) -> Decoder {
-        let has = |name: &str| params.slots.iter().any(|s| s.name == name);
-        let linear = |name: &str| Linear {
-            weight: params.get(&format!("{name}.weight")),
-            bias: has(&format!("{name}.bias")).then(|| params.get(&format!("{name}.bias"))),
-        };
+        let linear = |name: &str| Linear { weight: params.get(&format!("{name}.weight")), bias: params.find(&format!("{name}.bias")) };
         let norm = |name: &str| {
             let Linear { weight, bias } = linear(name);
             Norm { weight, bias, eps: config.norm_eps }

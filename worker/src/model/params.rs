@@ -85,8 +85,12 @@ impl ParamSet {
 
     /// The parameter called `name` (a handle sharing storage).
     pub fn get(&self, name: &str) -> Tensor {
-        let i = *self.by_name.get(name).unwrap_or_else(|| panic!("no parameter {name} in the layout"));
-        self.tensors[i].shallow_clone()
+        self.find(name).unwrap_or_else(|| panic!("no parameter {name} in the layout"))
+    }
+
+    /// The parameter called `name`, if the layout has one (an optional bias, say).
+    pub fn find(&self, name: &str) -> Option<Tensor> {
+        self.by_name.get(name).map(|&i| self.tensors[i].shallow_clone())
     }
 
     /// Sets every gradient to zero (keeps the buffers).
