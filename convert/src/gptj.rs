@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 use zerotune_hf::tokenizer;
 use zerotune_hf::write::{stream_safetensors, write_generation_config, write_json, Entry, MAX_SHARD_BYTES};
-use zerotune_hf::Dtype;
+use zerotune_hf::{Dtype, ModelConfig};
 
 use crate::qkv::split_qkv;
 use crate::source::Source;
@@ -51,7 +51,7 @@ pub fn convert(source: &Source, out: &Path, dtype: Dtype) -> Result<()> {
         Ok(bytes)
     })?;
     write_json(&out.join("config.json"), &gptj_config(source, dtype))?;
-    write_generation_config(out, config)?;
+    write_generation_config(out, &ModelConfig::CodeGen(config.clone()))?;
     tokenizer::write_files(out, &tokenizer::read_files(&source.dir)?)?;
     Ok(())
 }

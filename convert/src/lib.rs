@@ -19,6 +19,9 @@ pub enum ConvertError {
     /// The output directory overlaps the input (`--force` would delete the input).
     #[error("the output {} {overlap} the input {}: writing it would replace what is being converted; choose an output outside {}", output.display(), input.display(), input.display())]
     OutputOverlapsInput { output: std::path::PathBuf, input: std::path::PathBuf, overlap: output::Overlap },
+    /// A model of another architecture: FasterTransformer, Triton and GPT-J layouts are CodeGen's.
+    #[error("{}: a {model_type} model cannot be converted: FasterTransformer, Triton/FauxPilot and GPT-J hold CodeGen models only. Serve this model with `worker serve --model {}` (it speaks the same completions API); GGUF export for llama.cpp is planned separately", dir.display(), dir.display())]
+    NotCodeGen { dir: std::path::PathBuf, model_type: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, ConvertError>;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use zerotune_hf::manifest::NonFinite;
-use zerotune_hf::{CodeGenConfig, Dtype, RawTensor, WeightFiles};
+use zerotune_hf::{CodeGenConfig, Dtype, ModelConfig, RawTensor, WeightFiles};
 
 use crate::cast::cast_into;
 use crate::{ConvertError, Result};
@@ -22,7 +22,10 @@ impl Source {
     pub fn open(dir: &Path, nonfinite: NonFinite) -> Result<Self> {
         zerotune_hf::manifest::verify_model_dir(dir, nonfinite)?;
         let dir = zerotune_hf::model_dir(dir);
-        let config = CodeGenConfig::from_dir(&dir)?;
+        let config = match ModelConfig::from_dir(&dir)? {
+            ModelConfig::CodeGen(config) => config,
+            other => return Err(ConvertError::NotCodeGen { dir, model_type: other.model_type() }),
+        };
         let weights = WeightFiles::open(&dir)?;
         weights.check(&dir, config.parameter_shapes().iter().map(|(name, shape)| (name.as_str(), shape.as_slice())))?;
         Ok(Self { dir, config, weights })

@@ -9,10 +9,6 @@ use zerotune_proto::plan::Precision;
 
 use crate::advice::{advise, Advice};
 
-/// (B, T, C) tensors autograd keeps per CodeGen block in the compute dtype (measured on CPU ranks,
-/// bench/rank_memory.sh): ln_1's input and output, qkv (3), rotated q and k, attention output and
-/// its reshaped copy, fc_in's output (4 C) and gelu's (4 C).
-const SAVED_PER_BLOCK: u64 = 17;
 /// Bytes per (B, T, V) element of the logits at their peak, in fp32: the projection (upcast from
 /// 16 bits, which adds that copy), the shifted copy and log-softmax's output at the end of the
 /// forward pass; log-softmax's output and the gradients in and out of it at the start of the
@@ -30,6 +26,20 @@ pub struct Shape {
     pub n_layer: u64,
     pub n_embd: u64,
     pub vocab: u64,
+    /// Values autograd keeps per token of one block (`ModelConfig::saved_values_per_token_per_block`).
+    pub saved_per_block: u64,
+}
+
+impl Shape {
+    pub fn of(config: &zerotune_hf::ModelConfig) -> Shape {
+        Shape {
+            params: config.num_parameters() as u64,
+            n_layer: config.num_layers() as u64,
+            n_embd: config.hidden_size() as u64,
+            vocab: config.vocab_size() as u64,
+            saved_per_block: config.saved_values_per_token_per_block() as u64,
+        }
+    }
 }
 
 /// A job's memory-relevant settings.
@@ -159,12 +169,12 @@ pub fn terms(job: &MemoryJob) -> Vec<Term> {
         out.push(Term { phase: Phase::Step, ..term("optimizer step temporaries", Place::Device, bytes, format!("{owned} x 16 B")) });
     }
     let (b, t, c, l, v) = (job.micro, job.block, job.shape.n_embd, job.shape.n_layer, job.shape.vocab);
-    let btc = b * t * c;
+    let saved = job.shape.saved_per_block;
     let activations = if job.checkpointing {
-        let bytes = (l + SAVED_PER_BLOCK + 4) * btc * k;
-        (bytes, format!("{l} block inputs + 1 recomputed block ({SAVED_PER_BLOCK} + 4) x {b}x{t}x{c} x {k} B"))
+        let bytes = (l * c + saved + 4 * c) * b * t * k;
+        (bytes, format!("{l} block inputs of {c} + 1 recomputed block ({saved} + {}) x {b}x{t} x {k} B", 4 * c))
     } else {
-        (l * SAVED_PER_BLOCK * btc * k, format!("{l} blocks x {SAVED_PER_BLOCK} x {b}x{t}x{c} x {k} B"))
+        (l * saved * b * t * k, format!("{l} blocks x {saved} x {b}x{t} x {k} B"))
     };
     out.push(Term { phase: Phase::Backward, ..term("activations", Place::Device, activations.0, activations.1) });
     let per_logit = LOGIT_BYTES_F32 + if k == 2 { 2 } else { 0 };

@@ -7,7 +7,7 @@ const GIB: u64 = 1 << 30;
 
 /// codegen-350M-multi (hf config.rs checks the count).
 fn shape_350m() -> Shape {
-    Shape { params: 356_712_448, n_layer: 20, n_embd: 1024, vocab: 51200 }
+    Shape { params: 356_712_448, n_layer: 20, n_embd: 1024, vocab: 51200, saved_per_block: 17 * 1024 }
 }
 
 fn job(world: u64, offload: bool, checkpointing: bool) -> MemoryJob {
@@ -217,8 +217,7 @@ fn a_job_too_large_is_refused_naming_its_largest_term_and_a_fix() {
 
 /// A shape hf config.rs has built in (`--config_name`).
 fn builtin(name: &str) -> Shape {
-    let c = zerotune_hf::CodeGenConfig::builtin(name).unwrap();
-    Shape { params: c.num_parameters() as u64, n_layer: c.n_layer as u64, n_embd: c.n_embd as u64, vocab: c.vocab_size as u64 }
+    Shape::of(&zerotune_hf::ModelConfig::builtin(name).unwrap())
 }
 
 fn shape_16b() -> Shape {

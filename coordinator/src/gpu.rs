@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::ModelConfig;
 use zerotune_proto::plan::Precision;
 use zerotune_proto::precision::{gpu_precision, NoBf16, PrecisionNote};
 
@@ -126,34 +126,29 @@ fn training_note(note: PrecisionNote) -> String {
 
 /// The model config a plan trains, without loading weights: from scratch with a trained tokenizer
 /// the embedding is sized to it (prepare.rs), at most the asked size rounded up to 64.
-pub fn plan_config(plan: &TrainPlan) -> Result<CodeGenConfig> {
+pub fn plan_config(plan: &TrainPlan) -> Result<ModelConfig> {
     match &plan.model {
         ModelChoice::Scratch(config) => {
             let mut config = (**config).clone();
             if let TokenizerChoice::Train { vocab_size } = plan.tokenizer {
-                config.vocab_size = vocab_size.div_ceil(64) * 64;
+                config.set_vocab_size(vocab_size.div_ceil(64) * 64);
             }
             Ok(config)
         }
-        ModelChoice::Pretrained(dir) => Ok(CodeGenConfig::from_dir(dir)
+        ModelChoice::Pretrained(dir) => Ok(ModelConfig::from_dir(dir)
             .or_else(|_| config_by_name(&dir.to_string_lossy()))
             .map_err(|e| CoordinatorError::flag("--model_name_or_path", dir.display(), e.to_string()))?),
     }
 }
 
 /// The memory planner's view of `plan`.
-pub fn job_of(plan: &TrainPlan, config: &CodeGenConfig) -> MemoryJob {
+pub fn job_of(plan: &TrainPlan, config: &ModelConfig) -> MemoryJob {
     let mut per_host = std::collections::BTreeMap::<&str, u64>::new();
     for p in &plan.launch.placements {
         *per_host.entry(p.host.as_str()).or_default() += 1;
     }
     MemoryJob {
-        shape: Shape {
-            params: config.num_parameters() as u64,
-            n_layer: config.n_layer as u64,
-            n_embd: config.n_embd as u64,
-            vocab: config.vocab_size as u64,
-        },
+        shape: Shape::of(config),
         world: plan.world_size() as u64,
         ranks_per_host: per_host.values().copied().max().unwrap_or(1),
         micro: plan.batch.micro as u64,

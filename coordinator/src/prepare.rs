@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
-use zerotune_hf::{tokenizer, CodeGenConfig, WeightFiles};
+use zerotune_hf::{tokenizer, ModelConfig, WeightFiles};
 use zerotune_proto::state::DataIdentity;
 
 use crate::config::{DataPlan, ModelChoice, TokenizerChoice, TrainPlan};
@@ -20,7 +20,7 @@ use crate::sampler::Sampler;
 
 /// The data and model facts a run needs, all checked.
 pub struct PreparedRun {
-    pub config: CodeGenConfig,
+    pub config: ModelConfig,
     /// Tokenizer files (name, bytes) to copy next to every saved model.
     pub tokenizer_files: Vec<(String, Vec<u8>)>,
     pub cache: TokenCache,
@@ -45,17 +45,17 @@ pub fn prepare(plan: &TrainPlan, keep_tokenizer: Option<&Path>) -> Result<Prepar
     }
     let (tok, tokenizer_files, tokenizer_file) = tokenizer_for(plan, &data.train, keep_tokenizer)?;
     let config = model_config(plan, &tok)?;
-    let config_eos = u32::try_from(config.eos_token_id).ok();
+    let config_eos = config.eos_token_id().and_then(|id| u32::try_from(id).ok());
     let eos = tokenizer::eos_for(&tok, config_eos, &tokenizer_file)?;
 
     let block_size = plan.data.block_size.unwrap_or(config.default_block_size());
-    if block_size > config.n_positions {
-        let message =
-            format!("--block_size {block_size} is above the model's context of {} tokens (n_positions); lower it", config.n_positions);
+    if block_size > config.context() {
+        let (context, key) = (config.context(), config.context_key());
+        let message = format!("--block_size {block_size} is above the model's context of {context} tokens ({key}); lower it");
         return Err(CoordinatorError::flags(&["--block_size"], message));
     }
     check_enough(&plan.data.train_file, &data.train, block_size)?;
-    let (cache, documents_hash) = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size, &plan.data.cache_dir)?;
+    let (cache, documents_hash) = tokenize_cached(&mut data, &tok, eos, block_size, config.vocab_size(), &plan.data.cache_dir)?;
     let data_identity = DataIdentity {
         documents_hash,
         train_documents: data.train.len(),
@@ -228,11 +228,11 @@ pub fn tokenize_cached(
 }
 
 /// The model config, with its vocabulary checked against the tokenizer.
-fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
+fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<ModelConfig> {
     let ids = tok.get_vocab_size(true);
     let (config, source) = match &plan.model {
         ModelChoice::Pretrained(dir) => {
-            let config = CodeGenConfig::from_dir(dir)?;
+            let config = ModelConfig::from_dir(dir)?;
             WeightFiles::open(dir)?; // fail before launching anything
             (config, dir.join("config.json").display().to_string())
         }
@@ -240,15 +240,15 @@ fn model_config(plan: &TrainPlan, tok: &Tokenizer) -> Result<CodeGenConfig> {
             let mut config = (**config).clone();
             if matches!(plan.tokenizer, TokenizerChoice::Train { .. }) {
                 // A fresh tokenizer: size the embedding to it (rounded up to a multiple of 64).
-                config.vocab_size = ids.div_ceil(64) * 64;
-                config.eos_token_id = tokenizer::eos_id(tok).unwrap_or(0) as i64;
-                config.bos_token_id = config.eos_token_id;
+                config.set_vocab_size(ids.div_ceil(64) * 64);
+                let eos = tokenizer::eos_id(tok).unwrap_or(0) as i64;
+                config.set_token_ids(eos, eos);
             }
             (config, "--config_name".to_string())
         }
     };
-    if ids > config.vocab_size {
-        return Err(CoordinatorError::VocabTooSmall { ids, from: source, rows: config.vocab_size });
+    if ids > config.vocab_size() {
+        return Err(CoordinatorError::VocabTooSmall { ids, from: source, rows: config.vocab_size() });
     }
     Ok(config)
 }

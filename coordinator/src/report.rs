@@ -237,10 +237,10 @@ fn plan_section(run: Option<&RunRecord>) -> String {
     let rows = [
         (
             "model",
-            format!(
-                "{} ({} parameters, {} layers, n_embd {}, context {})",
-                run.model_name_or_path, run.num_parameters, config["n_layer"], config["n_embd"], config["n_positions"]
-            ),
+            match zerotune_hf::ModelConfig::from_value(config.clone()) {
+                Ok(model) => format!("{} ({})", run.model_name_or_path, model.summary()),
+                Err(_) => format!("{} ({} parameters)", run.model_name_or_path, run.num_parameters),
+            },
         ),
         (
             "data",

@@ -1,12 +1,13 @@
-//! HF model directories without libtorch: CodeGen's config.json and the Llama decoder family's
-//! (`decoder.rs`), tensors read from any HF weight layout (safetensors, pytorch_model.bin, sharded
-//! indexes), and sharded safetensors writing.
+//! HF model directories without libtorch: any supported architecture's config.json (`model.rs`:
+//! CodeGen's, `config.rs`, or the Llama decoder family's, `decoder/`), tensors read from any HF
+//! weight layout (safetensors, pytorch_model.bin, sharded indexes), and sharded safetensors writing.
 
 pub mod config;
 pub mod decoder;
 pub mod dtype;
 pub mod layout;
 pub mod manifest;
+pub mod model;
 pub mod os;
 pub mod read;
 pub mod tokenizer;
@@ -16,6 +17,7 @@ pub use config::{CodeGenConfig, MP_NUM};
 pub use decoder::DecoderConfig;
 pub use dtype::Dtype;
 pub use layout::model_dir;
+pub use model::{Init, ModelConfig};
 pub use read::{f32_bytes, RawTensor, WeightFiles};
 
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::{invalid, io_err, CodeGenConfig, Dtype, RawTensor, Result};
+use crate::{invalid, io_err, Dtype, ModelConfig, RawTensor, Result};
 
 /// HF's default `max_shard_size` ("5GB", decimal).
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -126,14 +126,9 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 /// `dir/generation_config.json` as HF writes it beside a model saved from its config: the
-/// config's bos and eos ids.
-pub fn write_generation_config(dir: &Path, config: &CodeGenConfig) -> Result<()> {
-    let generation = serde_json::json!({
-        "_from_model_config": true,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-    });
-    write_json(&dir.join("generation_config.json"), &generation)
+/// config's token ids.
+pub fn write_generation_config(dir: &Path, config: &ModelConfig) -> Result<()> {
+    write_json(&dir.join("generation_config.json"), &config.generation_config())
 }
 
 #[cfg(test)]
@@ -170,7 +165,8 @@ mod tests {
     #[test]
     fn generation_config_has_the_config_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let config = CodeGenConfig { bos_token_id: 1, eos_token_id: 2, ..CodeGenConfig::builtin("tiny").unwrap() };
+        let codegen = crate::CodeGenConfig { bos_token_id: 1, eos_token_id: 2, ..crate::CodeGenConfig::builtin("tiny").unwrap() };
+        let config = ModelConfig::CodeGen(codegen);
         write_generation_config(dir.path(), &config).unwrap();
         let text = std::fs::read_to_string(dir.path().join("generation_config.json")).unwrap();
         assert_eq!(text, "{\n  \"_from_model_config\": true,\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n");

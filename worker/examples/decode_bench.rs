@@ -18,7 +18,7 @@ fn main() {
     tch::set_num_threads(args.next().map_or(2, |a| a.parse().unwrap()));
     let loaded = Loaded::open(&dir, Device::Cpu, Precision::Fp32, zerotune_hf::manifest::NonFinite::Refuse).unwrap();
     let _guard = tch::no_grad_guard();
-    let mut batch = BatchCache::new(loaded.config.n_positions as i64);
+    let mut batch = BatchCache::new(loaded.config.context() as i64);
     for r in 0..rows {
         let mut cache = KvCache::default();
         let ids = Tensor::arange_start(1 + r, tokens + 1 + 2 * r, (tch::Kind::Int64, Device::Cpu)).view([1, -1]);

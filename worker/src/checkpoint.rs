@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use zerotune_hf::write::{stream_file, stream_safetensors, write_generation_config, write_json, Entry, MAX_SHARD_BYTES};
-use zerotune_hf::{f32_bytes, CodeGenConfig, Dtype, WeightFiles};
+use zerotune_hf::{f32_bytes, Dtype, ModelConfig, WeightFiles};
 use zerotune_proto::plan::ModelSource;
 use zerotune_proto::state::{OptimizerLayout, LAYOUT_FILE};
 
@@ -20,26 +20,24 @@ use crate::model::ParamSet;
 pub const OPTIMIZER_STATE: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
 
 /// Loads `source` into a fresh `ParamSet` of `kind` on `device`.
-pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(CodeGenConfig, ParamSet)> {
+pub fn load_params(source: &ModelSource, kind: Kind, device: Device, trainable: bool, seed: u64) -> Result<(ModelConfig, ParamSet)> {
     let config = model_config(source)?;
     let params = load_params_padded(source, &config, kind, device, trainable, seed, 0)?;
     Ok((config, params))
 }
 
 /// The config.json of `source`.
-pub fn model_config(source: &ModelSource) -> Result<CodeGenConfig> {
+pub fn model_config(source: &ModelSource) -> Result<ModelConfig> {
     Ok(match source {
-        ModelSource::Pretrained { dir } => CodeGenConfig::from_dir(Path::new(dir))?,
-        ModelSource::Scratch { config } => {
-            CodeGenConfig::from_value(config.clone()).map_err(|reason| WorkerError::ModelConfig { reason })?
-        }
+        ModelSource::Pretrained { dir } => ModelConfig::from_dir(Path::new(dir))?,
+        ModelSource::Scratch { config } => ModelConfig::from_value(config.clone()).map_err(|reason| WorkerError::ModelConfig { reason })?,
     })
 }
 
 /// Like `load_params`, the flat buffer at least `len` long (ZeRO's padding).
 pub fn load_params_padded(
     source: &ModelSource,
-    config: &CodeGenConfig,
+    config: &ModelConfig,
     kind: Kind,
     device: Device,
     trainable: bool,
@@ -70,9 +68,9 @@ pub fn load_weights(params: &mut ParamSet, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `master` (the flat fp32 weights in `params`' layout) as an HF CodeGen directory, one
+/// Writes `master` (the flat fp32 weights in `params`' layout) as an HF model directory, one
 /// tensor's bytes in memory at a time besides `master`.
-pub fn save_model(dir: &Path, config: &CodeGenConfig, params: &ParamSet, master: &[f32]) -> Result<()> {
+pub fn save_model(dir: &Path, config: &ModelConfig, params: &ParamSet, master: &[f32]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
     let entries: Vec<Entry> =
         params.slots.iter().map(|s| Entry { name: s.name.clone(), dtype: Dtype::F32, shape: s.shape.clone() }).collect();

@@ -8,7 +8,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{BatchCache, CodeGen};
+use crate::model::{BatchCache, Model};
 use crate::prefix::PrefixCache;
 use crate::sample::{logprobs, TokenSampler};
 
@@ -70,7 +70,7 @@ struct Active<K> {
 }
 
 pub struct Engine<'m, K> {
-    model: &'m CodeGen,
+    model: &'m Model,
     device: Device,
     eos: Option<u32>,
     cache: BatchCache,
@@ -82,8 +82,8 @@ pub struct Engine<'m, K> {
 }
 
 impl<'m, K: Clone> Engine<'m, K> {
-    pub fn new(model: &'m CodeGen, device: Device, eos: Option<u32>) -> Self {
-        let cache = BatchCache::new(model.config.n_positions as i64);
+    pub fn new(model: &'m Model, device: Device, eos: Option<u32>) -> Self {
+        let cache = BatchCache::new(model.config.context() as i64);
         Self { model, device, eos, cache, seqs: vec![], prefix: None, reused_tokens: 0 }
     }
 
@@ -113,7 +113,7 @@ impl<'m, K: Clone> Engine<'m, K> {
     /// batch. Returns the prompt's logprobs (when asked) and what each choice got.
     pub fn admit(&mut self, prompt: &Prompt, choices: Vec<(K, TokenSampler)>) -> (Vec<Option<Logprob>>, Vec<Emitted<K>>) {
         let _guard = tch::no_grad_guard();
-        let n_positions = self.model.config.n_positions;
+        let n_positions = self.model.config.context();
         assert!(!prompt.ids.is_empty() && prompt.ids.len() <= n_positions, "the caller checks the prompt against the context");
         // The prompt's own logprobs need every position's logits: a whole prefill.
         let found = self.prefix.as_mut().filter(|_| !prompt.prompt_logprobs).and_then(|p| p.lookup(&prompt.ids));

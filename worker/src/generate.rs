@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use tch::Device;
 use tokenizers::Tokenizer;
 use zerotune_hf::manifest::NonFinite;
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::ModelConfig;
 use zerotune_proto::plan::ModelSource;
 
 use crate::checkpoint::load_params;
 use crate::engine::{Engine, Finish, Prompt};
 use crate::error::{Result, WorkerError};
-use crate::model::CodeGen;
+use crate::model::Model;
 use crate::sample::{Rng, SamplingParams, TokenSampler};
 
 /// The compute precision of a loaded model (`precision.rs` says which for `--dtype`).
@@ -23,8 +23,8 @@ pub use zerotune_proto::plan::Precision;
 pub struct Loaded {
     /// The HF model directory the weights came from.
     pub dir: PathBuf,
-    pub config: CodeGenConfig,
-    pub model: CodeGen,
+    pub config: ModelConfig,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub eos: Option<u32>,
     pub device: Device,
@@ -39,8 +39,9 @@ impl Loaded {
         let tokenizer = zerotune_hf::tokenizer::load(&dir)?;
         let source = ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() };
         let (config, params) = load_params(&source, crate::dtype::precision_kind(precision), device, false, 0)?;
-        let model = CodeGen::new(&config, &params);
-        let eos = zerotune_hf::tokenizer::eos_id(&tokenizer).or(u32::try_from(config.eos_token_id).ok());
+        let model = Model::new(&config, &params);
+        // HF generate stops at the config's eos; a tokenizer's `<|endoftext|>` where the config has none.
+        let eos = config.eos_token_id().and_then(|id| u32::try_from(id).ok()).or(zerotune_hf::tokenizer::eos_id(&tokenizer));
         Ok(Self { dir, config, model, tokenizer, eos, device })
     }
 
@@ -96,7 +97,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let loaded = Loaded::open(&args.model, args.device, args.precision, args.nonfinite)?;
     let out = generate(&loaded, &args.prompt, args.max_new_tokens, args.params, args.seed)?;
     if out.finish == Finish::Context {
-        tracing::info!("note: the completion stopped at the model's context of {} tokens", loaded.config.n_positions);
+        tracing::info!("note: the completion stopped at the model's context of {} tokens", loaded.config.context());
     }
     if args.json {
         let reply = serde_json::json!({
@@ -118,7 +119,7 @@ pub fn generate(loaded: &Loaded, prompt: &str, max_new_tokens: usize, params: Sa
     if prompt_ids.is_empty() {
         return Err(WorkerError::EmptyPrompt);
     }
-    let n_positions = loaded.config.n_positions;
+    let n_positions = loaded.config.context();
     if prompt_ids.len() >= n_positions {
         return Err(WorkerError::PromptTooLong { tokens: prompt_ids.len(), n_positions });
     }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::ModelConfig;
 use zerotune_proto::plan::{Precision, WorkerPlan};
 use zerotune_proto::state::{LayoutSlot, OptimizerLayout, OPTIMIZER_DIR};
 
@@ -17,7 +17,7 @@ use crate::checkpoint::{load_optimizer, load_params_padded, model_config, save_m
 use crate::comm::{Collective, Single};
 use crate::error::{Result, WorkerError};
 use crate::grads::GradBuffers;
-use crate::model::{CodeGen, ParamSet};
+use crate::model::{Model, ParamSet};
 use crate::optim::adamw::{AdamState, Segment};
 use crate::optim::device_adam::DeviceAdam;
 use crate::optim::loss_scale::LossScaler;
@@ -44,11 +44,11 @@ enum Optimizer {
 }
 
 pub struct Trainer {
-    pub config: CodeGenConfig,
+    pub config: ModelConfig,
     plan: WorkerPlan,
     device: Device,
     params: ParamSet,
-    model: CodeGen,
+    model: Model,
     comm: Box<dyn Collective>,
     shard: ShardMap,
     /// Elements this rank's optimizer updates: its partition (stages 1, 2) or all (stage 0).
@@ -89,7 +89,7 @@ impl Trainer {
         };
         let segments = ShardMap::clip(&decay_segments(&params), &owned);
         let scaler = (plan.precision == Precision::Fp16).then(|| LossScaler::new(plan.loss_scaler));
-        let model = CodeGen::new(&config, &params);
+        let model = Model::new(&config, &params);
         let resume = plan.resume.clone();
         let mut trainer = Self { config, plan, device, params, model, comm, shard, owned, grads, optimizer, segments, scaler, step: 0 };
         if let Some(resume) = resume {

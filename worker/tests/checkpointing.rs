@@ -8,7 +8,7 @@ use common::{fixtures, rel_err, train_plan, Reference};
 use tch::{Device, Kind, Tensor};
 use zerotune_proto::plan::{ModelSource, WorkerPlan};
 use zerotune_worker::checkpoint::load_params;
-use zerotune_worker::model::CodeGen;
+use zerotune_worker::model::Model;
 use zerotune_worker::train::Trainer;
 
 /// fp32, relative: the recomputation runs the same kernels on the same values.
@@ -33,7 +33,7 @@ fn tiny_with_dropout(p: f64) -> ModelSource {
 /// without checkpointing, from the same generator state.
 fn gradients(source: &ModelSource, ids: &Tensor, checkpointing: bool) -> (f64, Vec<(String, Tensor)>) {
     let (config, params) = load_params(source, Kind::Float, Device::Cpu, true, 0).unwrap();
-    let model = CodeGen::new(&config, &params);
+    let model = Model::new(&config, &params);
     tch::manual_seed(7);
     let loss = model.loss_backward(ids, true, 0.5, checkpointing).unwrap().double_value(&[]);
     let after = Tensor::randint(1 << 30, [4], (Kind::Int64, Device::Cpu));

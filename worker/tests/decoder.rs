@@ -35,7 +35,7 @@ fn logits_match_hf_for_every_variant() {
     let ids = tensor_from(&reference, "input_ids");
     for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
         let (config, params) = load(name, false);
-        let logits = tch::no_grad(|| Decoder::new(&config, &params).forward(&ids));
+        let logits = tch::no_grad(|| Decoder::new(&config, &params).forward(&ids, false));
         let err = rel_err(name, &logits, &tensor_from(&reference, &format!("{name}.logits")));
         assert!(err < LOGITS_REL, "{name}: logits differ from HF's by {err:.3e}");
     }
@@ -47,7 +47,7 @@ fn loss_and_every_gradient_match_hf_for_every_variant() {
     let ids = tensor_from(&reference, "input_ids");
     for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
         let (config, params) = load(name, true);
-        let loss = Decoder::new(&config, &params).loss(&ids);
+        let loss = Decoder::new(&config, &params).loss(&ids, false);
         let err = rel_err(name, &loss.reshape([1]), &tensor_from(&reference, &format!("{name}.loss")));
         assert!(err < LOGITS_REL, "{name}: loss differs from HF's by {err:.3e}");
         loss.backward();
@@ -67,6 +67,6 @@ fn the_window_changes_the_logits_it_should() {
     let (windowed, params) = load("starcoder2", false);
     let full = DecoderConfig { windows: vec![None; windowed.num_hidden_layers], ..windowed };
     let hf = tensor_from(&reference, "starcoder2.logits");
-    let without = tch::no_grad(|| Decoder::new(&full, &params).forward(&ids));
+    let without = tch::no_grad(|| Decoder::new(&full, &params).forward(&ids, false));
     assert!(rel_err("no window", &without, &hf) > 1e-3, "a window of 5 over 16 tokens must matter");
 }

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use zerotune_proto::plan::{LossScaler, ModelSource, Precision, WorkerPlan};
 use zerotune_worker::checkpoint::load_params;
 use zerotune_worker::engine::{Engine, Prompt};
-use zerotune_worker::model::{BatchCache, CodeGen, KvCache};
+use zerotune_worker::model::{BatchCache, KvCache, Model};
 use zerotune_worker::sample::{Rng, SamplingParams, TokenSampler};
 use zerotune_worker::train::Trainer;
 
@@ -25,7 +25,7 @@ const TRAIN_PARAM_REL: f64 = 1e-5;
 fn logits_loss_and_gradients_match_hf() {
     let reference = Reference::load();
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, true, 0).unwrap();
-    let model = CodeGen::new(&config, &params);
+    let model = Model::new(&config, &params);
     let ids = reference.tensor("input_ids");
     let logits = model.forward(&ids, false);
     assert!(rel_err("logits", &logits, &reference.tensor("logits")) < LOGITS_REL);
@@ -42,7 +42,7 @@ fn logits_loss_and_gradients_match_hf() {
 fn fp16_pytorch_model_bin_with_legacy_buffers_loads() {
     let reference = Reference::load();
     let (config, params) = load_params(&pretrained("tiny-bin"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    let logits = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+    let logits = Model::new(&config, &params).forward(&reference.tensor("input_ids"), false);
     assert!(rel_err("logits from fp16 .bin", &logits, &reference.tensor("logits_fp16_weights")) < LOGITS_REL);
 }
 
@@ -110,7 +110,7 @@ fn ten_training_steps_match_a_pytorch_loop() {
         .unwrap();
     assert!(status.success(), "HF could not load the saved model");
     let hf = tensor_from(&zerotune_hf::WeightFiles::open_file(&out).unwrap(), "logits");
-    let ours = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+    let ours = Model::new(&config, &params).forward(&reference.tensor("input_ids"), false);
     assert!(rel_err("HF logits of our checkpoint", &ours, &hf) < LOGITS_REL);
 }
 
@@ -122,7 +122,7 @@ fn greedy_generation_matches_hf_generate() {
     let ids: Vec<i64> = tokenizer.encode(prompt.as_str(), false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
     assert_eq!(ids, Vec::<i64>::try_from(reference.tensor("prompt_ids")).unwrap(), "tokenizer ids differ from Python's");
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    let model = CodeGen::new(&config, &params);
+    let model = Model::new(&config, &params);
     // HF was run with eos_token_id 0; the engine stops at EOS without emitting it.
     let mut engine = Engine::new(&model, Device::Cpu, Some(0));
     let prompt = Prompt { ids: ids.iter().map(|&i| i as u32).collect(), max_new_tokens: 20, logprobs: None, prompt_logprobs: false };
@@ -146,7 +146,7 @@ fn greedy_generation_matches_hf_generate() {
 #[test]
 fn batched_decode_gives_each_row_its_lone_logits() {
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
+    assert_batched_decode_is_lone_decode(&Model::new(&config, &params), config.context());
 }
 
 /// The same through libtorch's masked attention, which runs where `attend.rs` does not apply (on
@@ -154,7 +154,8 @@ fn batched_decode_gives_each_row_its_lone_logits() {
 #[test]
 fn batched_decode_through_the_masked_attention_too() {
     let (tiny, _) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    let config = zerotune_hf::CodeGenConfig { n_embd: 40, n_head: 4, rotary_dim: 4, ..tiny };
+    let zerotune_hf::ModelConfig::CodeGen(tiny) = tiny else { panic!("the tiny fixture is CodeGen") };
+    let config = zerotune_hf::ModelConfig::CodeGen(zerotune_hf::CodeGenConfig { n_embd: 40, n_head: 4, rotary_dim: 4, ..tiny });
     let mut params = zerotune_worker::model::ParamSet::zeros(&config, Kind::Float, Device::Cpu, false);
     params.init_like_hf(&config, 3);
     let (mut keys, mut values) =
@@ -163,7 +164,7 @@ fn batched_decode_through_the_masked_attention_too() {
     let declined = zerotune_worker::model::attend::decode_step(&query, (&query, &query), (&mut keys, &mut values), &[1]).is_none();
     assert!(declined, "attend.rs declines D = 10");
     assert!(keys.equal(&values) && keys.count_nonzero(None::<i64>).int64_value(&[]) == 0, "and writes nothing");
-    assert_batched_decode_is_lone_decode(&CodeGen::new(&config, &params), config.n_positions);
+    assert_batched_decode_is_lone_decode(&Model::new(&config, &params), config.context());
 }
 
 /// A prompt prefilled after a cached prefix of it (the server's prefix cache: cut from the cache of
@@ -172,7 +173,7 @@ fn batched_decode_through_the_masked_attention_too() {
 #[test]
 fn a_prompt_continued_from_a_cached_prefix_equals_its_whole_prefill() {
     let (config, params) = load_params(&pretrained("tiny"), Kind::Float, Device::Cpu, false, 0).unwrap();
-    let model = CodeGen::new(&config, &params);
+    let model = Model::new(&config, &params);
     let _guard = tch::no_grad_guard();
     let prompt: Vec<i64> = (0..40).map(|i| (i * 37) % 500 + 1).collect();
     let ids = Tensor::from_slice(&prompt).view([1, -1]);
@@ -196,7 +197,7 @@ fn a_prompt_continued_from_a_cached_prefix_equals_its_whole_prefill() {
     }
 }
 
-fn assert_batched_decode_is_lone_decode(model: &CodeGen, n_positions: usize) {
+fn assert_batched_decode_is_lone_decode(model: &Model, n_positions: usize) {
     let _guard = tch::no_grad_guard();
     let prompts: Vec<Vec<i64>> = vec![(1..12).collect(), vec![5, 9, 2], (20..45).collect()];
     let next = |step: i64, row: usize| (7 * step + 3 * row as i64) % 300 + 1;
@@ -259,7 +260,7 @@ fn sharded_safetensors_and_sharded_bin_checkpoints_load() {
     let reference = Reference::load();
     for dir in ["tiny-sharded", "tiny-sharded-bin"] {
         let (config, params) = load_params(&pretrained(dir), Kind::Float, Device::Cpu, false, 0).unwrap();
-        let logits = CodeGen::new(&config, &params).forward(&reference.tensor("input_ids"), false);
+        let logits = Model::new(&config, &params).forward(&reference.tensor("input_ids"), false);
         assert!(rel_err(dir, &logits, &reference.tensor("logits")) < LOGITS_REL);
     }
 }

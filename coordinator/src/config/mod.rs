@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use zerotune_data::{Filter, Hygiene};
 use zerotune_hf::manifest::NonFinite;
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::ModelConfig;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, ScheduleKind};
 
 use crate::error::{CoordinatorError, Result};
@@ -32,7 +32,7 @@ use crate::hosts::Placement;
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelChoice {
     Pretrained(PathBuf),
-    Scratch(Box<CodeGenConfig>),
+    Scratch(Box<ModelConfig>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -84,7 +84,7 @@ pub struct DataPlan {
     pub validation_file: Option<PathBuf>,
     pub text_column: String,
     pub validation_split_percentage: u32,
-    /// `--block_size` as asked; `None`: the model's default (`CodeGenConfig::default_block_size`),
+    /// `--block_size` as asked; `None`: the model's default (`ModelConfig::default_block_size`),
     /// which `prepare` resolves into `PreparedRun::block_size`. Never filled in later.
     pub block_size: Option<usize>,
     pub filter: Filter,

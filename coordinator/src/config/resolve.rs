@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use zerotune_hf::manifest::NonFinite;
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::ModelConfig;
 use zerotune_proto::plan::{AdamW, LossScaler, Precision, DEFAULT_REDUCE_BUCKET};
 
 use super::placement;
@@ -315,17 +315,17 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
 }
 
 /// A built-in config name, or a config.json file / directory holding one.
-pub fn config_by_name(name: &str) -> Result<CodeGenConfig> {
-    if let Some(config) = CodeGenConfig::builtin(name) {
+pub fn config_by_name(name: &str) -> Result<ModelConfig> {
+    if let Some(config) = ModelConfig::builtin(name) {
         return Ok(config);
     }
     let path = Path::new(name);
     if path.is_dir() {
-        return Ok(CodeGenConfig::from_dir(path)?);
+        return Ok(ModelConfig::from_dir(path)?);
     }
     if path.is_file() {
-        return Ok(CodeGenConfig::from_file(path)?);
+        return Ok(ModelConfig::from_file(path)?);
     }
-    let reason = format!("not a built-in config ({}) nor a config.json path", CodeGenConfig::BUILTIN_NAMES);
+    let reason = format!("not a built-in config ({}) nor a config.json path", ModelConfig::builtin_names());
     Err(CoordinatorError::flag("--config_name", format!("{name:?}"), reason))
 }

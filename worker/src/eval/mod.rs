@@ -141,7 +141,7 @@ fn evaluate(
     positions: &[Position],
     lines: &mut Vec<Prediction>,
 ) -> Result<Scores> {
-    let context = loaded.config.n_positions;
+    let context = loaded.config.context();
     let limit = options.context_tokens.min(context.saturating_sub(options.max_new_tokens));
     if limit == 0 {
         return Err(WorkerError::NoRoomForPrompt { max_new_tokens: options.max_new_tokens, context });

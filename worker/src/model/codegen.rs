@@ -2,9 +2,6 @@
 //! qkv_proj split as [mp_num=4] chunks of (query, value, key), GPT-J rotary, causal attention
 //! through `scaled_dot_product_attention`, gelu_new MLP, untied lm_head with bias.
 //! Shapes: B batch, T tokens, C = n_embd, H heads, D = C/H, V vocab rows.
-//! Gradient checkpointing (`loss_backward`) keeps only each block's input through the forward
-//! pass and recomputes the block in the backward pass, as `torch.utils.checkpoint` does for HF's
-//! `gradient_checkpointing_enable()`.
 
 use tch::{Kind, Reduction, TchError, Tensor};
 use zerotune_hf::CodeGenConfig;
@@ -12,6 +9,7 @@ use zerotune_hf::CodeGenConfig;
 use super::kv::{BatchCache, KvCache, Step};
 use super::params::ParamSet;
 use super::rotary::{Angles, Rotary};
+use super::shared::{project, token_loss, Stack};
 
 /// CodeGen's qkv_proj chunk count, as an i64 for tensor shapes.
 const MP_NUM: i64 = zerotune_hf::MP_NUM as i64;
@@ -124,22 +122,12 @@ impl CodeGen {
         self.logits(&self.ln_f.forward(&xs)).squeeze_dim(1)
     }
 
-    /// The final hidden states after ln_f.  ids: (B, T) -> (B, T, C)
-    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        self.hidden_seeded(ids, cache, train, &DropoutSeeds::draw(train && self.has_dropout()))
-    }
-
-    fn hidden_seeded(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool, seeds: &DropoutSeeds) -> Tensor {
+    /// The final hidden states after ln_f, appending to `cache` when given.  ids: (B, T) -> (B, T, C)
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let mut h = self.embed(ids, train, seeds);
+        let mut h = self.embed(ids, train);
         for (l, block) in self.blocks.iter().enumerate() {
-            seeds.block(l);
-            let layer = cache.as_deref_mut().map(|c| {
-                if c.layers.len() <= l {
-                    c.layers.push((Tensor::new(), Tensor::new()));
-                }
-                &mut c.layers[l]
-            });
+            let layer = cache.as_deref_mut().map(|c| c.layer(l));
             h = self.block(block, &h, Context::Sequence { start, cache: layer }, train);
         }
         self.ln_f.forward(&h)
@@ -154,87 +142,23 @@ impl CodeGen {
     /// Mean next-token cross-entropy of each block predicting itself shifted by one (HF labels =
     /// input_ids).  ids: (B, T) -> scalar f32
     pub fn loss(&self, ids: &Tensor, train: bool) -> Tensor {
-        self.token_loss(ids, train, Reduction::Mean)
+        super::shared::loss(self, ids, train, Reduction::Mean)
     }
 
     /// Summed next-token cross-entropy, for evaluation over many batches.  ids: (B, T) -> scalar
     pub fn loss_sum(&self, ids: &Tensor) -> Tensor {
-        self.token_loss(ids, false, Reduction::Sum)
+        super::shared::loss(self, ids, false, Reduction::Sum)
     }
 
-    fn token_loss(&self, ids: &Tensor, train: bool, reduction: Reduction) -> Tensor {
-        self.loss_of_hidden(ids, &self.hidden(ids, None, train), reduction)
-    }
-
-    /// The token loss from the final hidden states `h` (B, T, C) of `ids` (B, T).
-    fn loss_of_hidden(&self, ids: &Tensor, h: &Tensor, reduction: Reduction) -> Tensor {
-        let (_, t) = ids.size2().expect("ids are (B, T)");
-        let logits = self.logits(h);
-        let v = logits.size()[2];
-        let predicted = logits.narrow(1, 0, t - 1).reshape([-1, v]);
-        let targets = ids.narrow(1, 1, t - 1).reshape([-1]);
-        predicted.cross_entropy_loss::<Tensor>(&targets, None, reduction, -100, 0.0)
-    }
-
-    /// The training loss of `ids` (B, T), with the gradients of `loss * grad_scale` added into the
-    /// parameters' `.grad`; returns the loss (scalar f32, detached). With `checkpointing` the blocks
-    /// run forward without autograd, keeping only their inputs (B, T, C) each; the backward pass
-    /// then goes block by block from the top, recomputing each block with autograd from its saved
-    /// input (dropout replays its seed) and back-propagating the gradient of its output into its
-    /// parameters and its input. Same operations on the same values: the same gradients.
+    /// The training loss, its gradients (times `grad_scale`) added into the parameters' `.grad`,
+    /// with or without gradient checkpointing (`shared::loss_backward`).
     pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
-        let seeds = DropoutSeeds::draw(train && self.has_dropout());
-        let loss = if checkpointing {
-            self.checkpointed_backward(ids, train, grad_scale, &seeds)?
-        } else {
-            let loss = self.loss_of_hidden(ids, &self.hidden_seeded(ids, None, train, &seeds), Reduction::Mean);
-            loss.f_mul_scalar(grad_scale)?.f_backward()?;
-            loss
-        };
-        // Both paths leave the generator in the same state, whatever the recomputation drew.
-        seeds.finish(self.blocks.len());
-        Ok(loss.detach())
-    }
-
-    fn checkpointed_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, seeds: &DropoutSeeds) -> Result<Tensor, TchError> {
-        let sequence = || Context::Sequence { start: 0, cache: None };
-        let embedded = self.embed(ids, train, seeds);
-        let mut inputs = Vec::with_capacity(self.blocks.len());
-        let mut h = embedded.detach();
-        {
-            let _guard = tch::no_grad_guard();
-            for (l, block) in self.blocks.iter().enumerate() {
-                seeds.block(l);
-                let out = self.block(block, &h, sequence(), train);
-                inputs.push(std::mem::replace(&mut h, out));
-            }
-        }
-        let top = h.set_requires_grad(true);
-        let loss = self.loss_of_hidden(ids, &self.ln_f.forward(&top), Reduction::Mean);
-        loss.f_mul_scalar(grad_scale)?.f_backward()?;
-        let mut grad = top.grad();
-        drop(top);
-        for (l, block) in self.blocks.iter().enumerate().rev() {
-            let input = inputs.pop().expect("one input per block").set_requires_grad(true);
-            seeds.block(l);
-            let out = self.block(block, &input, sequence(), train);
-            backward_with(&out, &grad)?;
-            grad = input.grad();
-        }
-        backward_with(&embedded, &grad)?;
-        Ok(loss)
+        super::shared::loss_backward(self, ids, train, grad_scale, checkpointing)
     }
 
     /// Token embeddings with embedding dropout.  ids: (B, T) -> (B, T, C)
-    fn embed(&self, ids: &Tensor, train: bool, seeds: &DropoutSeeds) -> Tensor {
-        seeds.embedding();
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
         Tensor::embedding(&self.wte, ids, -1, false, false).dropout(self.config.embd_pdrop, train)
-    }
-
-    /// Whether training draws dropout masks at all.
-    fn has_dropout(&self) -> bool {
-        let c = &self.config;
-        c.embd_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.attn_pdrop > 0.0
     }
 
     /// Parallel residual (GPT-J/CodeGen): x + attn(ln(x)) + mlp(ln(x)).  xs: (B, T, C) -> (B, T, C)
@@ -301,65 +225,25 @@ impl CodeGen {
     }
 }
 
-/// Back-propagates `grad` (the gradient of `out`, same shape) through `out`'s graph, adding into
-/// the leaves' `.grad`. tch's `backward` takes no gradient: the scalar (out · grad).sum() has
-/// exactly `grad` as its gradient with respect to `out` (1 x grad, rounded to itself).
-fn backward_with(out: &Tensor, grad: &Tensor) -> Result<(), TchError> {
-    out.f_mul(grad)?.f_sum(Kind::Float)?.f_backward()
-}
-
-/// Dropout seeds of one training pass, so a recomputed block draws the masks its first pass drew:
-/// with dropout on, the pass draws one base seed from the run's generator and reseeds it before
-/// the embedding and each block, and with its own value at the end; without dropout it touches
-/// no generator (and the run's random stream is as without checkpointing).
-struct DropoutSeeds(Option<i64>);
-
-impl DropoutSeeds {
-    fn draw(active: bool) -> Self {
-        Self(active.then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, tch::Device::Cpu)).int64_value(&[0])))
+impl Stack for CodeGen {
+    fn layers(&self) -> usize {
+        self.blocks.len()
     }
 
-    fn embedding(&self) {
-        self.reseed(0);
+    fn has_dropout(&self) -> bool {
+        let c = &self.config;
+        c.embd_pdrop > 0.0 || c.resid_pdrop > 0.0 || c.attn_pdrop > 0.0
     }
 
-    fn block(&self, layer: usize) {
-        self.reseed(layer as i64 + 1);
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
+        CodeGen::embed(self, ids, train)
     }
 
-    fn finish(&self, layers: usize) {
-        self.reseed(layers as i64 + 1);
+    fn block(&self, layer: usize, xs: &Tensor, train: bool) -> Tensor {
+        CodeGen::block(self, &self.blocks[layer], xs, Context::Sequence { start: 0, cache: None }, train)
     }
 
-    fn reseed(&self, offset: i64) {
-        if let Some(base) = self.0 {
-            tch::manual_seed(base.wrapping_add(offset) & i64::MAX);
-        }
-    }
-}
-
-/// Rows from which a CPU decode step multiplies as w · xs^T.
-const WEIGHT_MAJOR_ROWS: i64 = 8;
-
-/// xs · w^T + b.  xs: (B, T, in), w: (out, in) -> (B, T, out). A CPU decode step of `rows` rows
-/// (T = 1; 0 otherwise) of up to 8 goes to `matvec.rs`, which streams w once on all of torch's
-/// threads (codegen-350M, 2 cores: one row 77 -> 42 ms per step, ~30 with `attend.rs`). Beyond
-/// that, or without AVX2, MKL's small-M GEMM would repack all of w on every call, which costs
-/// more than reading w once; computed as w · xs^T (M = out, N = rows) the weights stream through
-/// once.
-fn project(xs: &Tensor, w: &Tensor, b: Option<&Tensor>, rows: i64) -> Tensor {
-    if rows > 0 {
-        if let Some(y) = super::matvec::project(xs, w, b) {
-            return y;
-        }
-    }
-    if rows < WEIGHT_MAJOR_ROWS || xs.device() != tch::Device::Cpu {
-        return xs.linear(w, b);
-    }
-    let (n, t, k) = xs.size3().expect("(B, T, in)");
-    let out = w.mm(&xs.reshape([n * t, k]).tr()).tr().reshape([n, t, -1]);
-    match b {
-        Some(b) => out + b,
-        None => out,
+    fn head_loss(&self, ids: &Tensor, top: &Tensor, reduction: Reduction) -> Tensor {
+        token_loss(ids, &self.logits(&self.ln_f.forward(top)), reduction)
     }
 }

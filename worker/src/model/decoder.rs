@@ -1,18 +1,19 @@
 //! The Llama decoder family (HF `modeling_llama.py`, `modeling_qwen2.py`,
 //! `modeling_starcoder2.py`) in tch: sequential pre-norm blocks (RMSNorm, or LayerNorm with bias
-//! for StarCoder2), separate q/k/v projections with NeoX rotary over the whole head, grouped-query
-//! attention (KV heads each serving H / KV query heads), per-layer sliding windows, a SwiGLU MLP
-//! (or StarCoder2's GELU one), a final norm and an lm_head that may be the embedding.
+//! for StarCoder2), separate q/k/v projections with NeoX rotary over the whole head (`rope.rs`),
+//! grouped-query attention (KV heads each serving H / KV query heads; caches hold the KV heads
+//! only), per-layer sliding windows, a SwiGLU MLP (or StarCoder2's GELU one), a final norm and an
+//! lm_head that may be the embedding; StarCoder2's embedding, residual and attention dropout.
 //! Shapes: B batch, T tokens, E hidden, H query heads, KV key/value heads, D head_dim, I MLP
-//! width, V vocab rows.
-//! This is the forward pass the HF ladder checks first; training, caches and serving reach the
-//! family through the model layer in later steps.
+//! width, V vocab rows, N rows of a decode step.
 
-use tch::{Device, Kind, Reduction, Tensor};
-use zerotune_hf::decoder::RopeScaling;
+use tch::{Device, Kind, Reduction, TchError, Tensor};
 use zerotune_hf::DecoderConfig;
 
+use super::kv::{BatchCache, KvCache, Step};
 use super::params::ParamSet;
+use super::rope::{Rope, RowAngles};
+use super::shared::{project, token_loss, Stack};
 
 /// RMSNorm (Llama, Qwen2) or LayerNorm with bias (StarCoder2).
 struct Norm {
@@ -43,8 +44,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.linear(&self.weight, self.bias.as_ref())
+    /// `rows`: the rows of a CPU decode step (0 otherwise), for `shared::project`.
+    fn forward(&self, xs: &Tensor, rows: i64) -> Tensor {
+        project(xs, &self.weight, self.bias.as_ref(), rows)
     }
 }
 
@@ -61,36 +63,23 @@ struct Block {
     window: Option<i64>,
 }
 
-/// NeoX rotary tables for every position: cos and sin (T, D), each half of a head rotated with the
-/// other (`rotate_half`).
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+/// Where a block's attention finds its positions and past keys.
+enum Context<'a> {
+    /// Tokens at positions `start..`, causal among themselves, appended to `cache` when given.
+    Sequence { start: i64, cache: Option<&'a mut (Tensor, Tensor)> },
+    /// One token per row at the step's positions: its key and value are written into the batch
+    /// cache's `layer`, and it attends to its row's positions up to its own.
+    Batch { step: &'a Step, angles: &'a RowAngles, layer: &'a mut (Tensor, Tensor) },
 }
 
-impl Rope {
-    /// HF's default inv_freq `1 / θ^(2i/D)` in f32 (divided by the factor for linear scaling),
-    /// angles `pos · inv_freq` repeated for both halves, kept in `kind` on `device`.
-    fn new(config: &DecoderConfig, kind: Kind, device: Device) -> Rope {
-        let d = config.head_dim as i64;
-        let exponent = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
-        let mut inv_freq = Tensor::from(config.rope_theta as f32).pow(&exponent).reciprocal();
-        if let RopeScaling::Linear { factor } = config.rope_scaling {
-            inv_freq = inv_freq / factor;
+impl Context<'_> {
+    /// The rows of a decode step (0 for a sequence), for `shared::project`.
+    fn rows(&self, xs: &Tensor) -> i64 {
+        if matches!(self, Context::Batch { .. }) {
+            xs.size()[0]
+        } else {
+            0
         }
-        let positions = Tensor::arange(config.max_position_embeddings as i64, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float);
-        let angles = positions.outer(&inv_freq);
-        let angles = Tensor::cat(&[&angles, &angles], -1);
-        Rope { cos: angles.cos().to_kind(kind).to_device(device), sin: angles.sin().to_kind(kind).to_device(device) }
-    }
-
-    /// xs (B, heads, T, D) at positions `start..start + T`, rotated.
-    fn apply(&self, xs: &Tensor, start: i64) -> Tensor {
-        let (t, d) = (xs.size()[2], xs.size()[3]);
-        let (cos, sin) = (self.cos.narrow(0, start, t), self.sin.narrow(0, start, t));
-        let half = d / 2;
-        let rotated = Tensor::cat(&[-xs.narrow(3, half, half), xs.narrow(3, 0, half)], 3);
-        xs * cos + rotated * sin
     }
 }
 
@@ -143,78 +132,236 @@ impl Decoder {
     }
 
     /// Logits in f32.  ids: (B, T) int64 -> (B, T, V)
-    pub fn forward(&self, ids: &Tensor) -> Tensor {
-        // The pad row (`pad_token_id`) gets no gradient from the lookup, as nn.Embedding's padding_idx.
-        let pad = self.config.pad_token_id.unwrap_or(-1);
-        let mut h = Tensor::embedding(&self.embed_tokens, ids, pad, false, false);
-        for block in &self.blocks {
-            h = &h + self.attention(block, &block.input_layernorm.forward(&h));
-            h = &h + self.mlp(block, &block.post_attention_layernorm.forward(&h));
+    pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
+        self.forward_cached(ids, None, train)
+    }
+
+    /// Forward pass that appends to `cache` when given (prompt first, then one token at a time).
+    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        self.logits(&self.hidden(ids, cache, train))
+    }
+
+    /// The prompt's pass that fills `cache`, with the logits of its last position only (all
+    /// positions when `all`).  ids: (B, T) -> (B, 1 or T, V)
+    pub fn prefill(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
+        let h = self.hidden(ids, Some(cache), false);
+        let t = h.size()[1];
+        self.logits(&if all { h } else { h.narrow(1, t - 1, 1) })
+    }
+
+    /// One new token per row of `cache`, each at its own position (the row's length): each row's
+    /// logits are those it would get alone.  ids: (N, 1) -> (N, V)
+    pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
+        let step = cache.step();
+        let angles = self.rope.at(&step.positions);
+        let mut xs = self.embed(ids, false);
+        for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            xs = self.block(block, &xs, Context::Batch { step: &step, angles: &angles, layer }, false);
         }
-        self.norm.forward(&h).matmul(&self.lm_head.tr()).to_kind(Kind::Float)
+        cache.advance();
+        self.logits(&self.norm.forward(&xs)).squeeze_dim(1)
     }
 
     /// Mean next-token cross-entropy of each row predicting itself shifted by one (HF labels =
     /// input_ids).  ids: (B, T) -> scalar f32
-    pub fn loss(&self, ids: &Tensor) -> Tensor {
-        let (_, t) = ids.size2().expect("ids are (B, T)");
-        let logits = self.forward(ids);
-        let v = logits.size()[2];
-        let predicted = logits.narrow(1, 0, t - 1).reshape([-1, v]);
-        predicted.cross_entropy_loss::<Tensor>(&ids.narrow(1, 1, t - 1).reshape([-1]), None, Reduction::Mean, -100, 0.0)
+    pub fn loss(&self, ids: &Tensor, train: bool) -> Tensor {
+        super::shared::loss(self, ids, train, Reduction::Mean)
     }
 
-    /// Causal attention (within the block's window) of every token over those before it.
+    /// Summed next-token cross-entropy, for evaluation over many batches.  ids: (B, T) -> scalar
+    pub fn loss_sum(&self, ids: &Tensor) -> Tensor {
+        super::shared::loss(self, ids, false, Reduction::Sum)
+    }
+
+    /// The training loss, its gradients (times `grad_scale`) added into the parameters' `.grad`,
+    /// with or without gradient checkpointing (`shared::loss_backward`).
+    pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
+        super::shared::loss_backward(self, ids, train, grad_scale, checkpointing)
+    }
+
+    /// The final hidden states after the norm, appending to `cache` when given.  (B, T) -> (B, T, E)
+    fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let mut h = self.embed(ids, train);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let layer = cache.as_deref_mut().map(|c| c.layer(l));
+            h = self.block(block, &h, Context::Sequence { start, cache: layer }, train);
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Token embeddings with embedding dropout. The pad row (`pad_token_id`) gets no gradient from
+    /// the lookup, as nn.Embedding's padding_idx.  ids: (B, T) -> (B, T, E)
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
+        let pad = self.config.pad_token_id.unwrap_or(-1);
+        Tensor::embedding(&self.embed_tokens, ids, pad, false, false).dropout(self.config.dropout.embedding, train)
+    }
+
+    /// Logits in f32.  (B, T, E) -> (B, T, V)
+    fn logits(&self, h: &Tensor) -> Tensor {
+        let rows = if h.size()[1] == 1 { h.size()[0] } else { 0 };
+        project(h, &self.lm_head, None, rows).to_kind(Kind::Float)
+    }
+
+    /// Pre-norm residual: h = x + attn(norm(x)), then h + mlp(norm(h)).  (B, T, E) -> (B, T, E)
+    fn block(&self, block: &Block, xs: &Tensor, context: Context, train: bool) -> Tensor {
+        let rows = context.rows(xs);
+        let residual = self.config.dropout.residual;
+        let h = xs + self.attention(block, &block.input_layernorm.forward(xs), context, train).dropout(residual, train);
+        let normed = block.post_attention_layernorm.forward(&h);
+        let mlp = match block.mlp.as_slice() {
+            [gate, up, down] => down.forward(&(gate.forward(&normed, rows).silu() * up.forward(&normed, rows)), rows),
+            [fc, proj] => proj.forward(&fc.forward(&normed, rows).gelu("tanh"), rows),
+            _ => unreachable!("an MLP of 2 or 3 matrices"),
+        };
+        &h + mlp.dropout(residual, train)
+    }
+
+    /// Attention of every token over those before it, within the block's window.
     /// xs: (B, T, E) -> (B, T, E)
-    fn attention(&self, block: &Block, xs: &Tensor) -> Tensor {
+    fn attention(&self, block: &Block, xs: &Tensor, context: Context, train: bool) -> Tensor {
         let (b, t, _) = xs.size3().expect("(B, T, E)");
         let c = &self.config;
         let (h, kv, d) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
-        let heads = |proj: &Linear, n: i64| proj.forward(xs).view([b, t, n, d]).transpose(1, 2);
-        let query = self.rope.apply(&heads(&block.q_proj, h), 0);
-        let key = self.rope.apply(&heads(&block.k_proj, kv), 0);
-        let value = heads(&block.v_proj, kv);
-        // Grouped-query attention: KV head j serves query heads j·g .. j·g + g - 1.
-        let group = |x: Tensor| if h == kv { x } else { x.repeat_interleave_self_int(h / kv, Some(1), None) };
-        let (key, value) = (group(key), group(value));
-        let out = match block.window.filter(|&w| w < t) {
-            None => Tensor::scaled_dot_product_attention(&query, &key, &value, None::<Tensor>, 0.0, true, None, false),
-            Some(w) => {
-                let mask = window_mask(t, w, xs.device());
-                Tensor::scaled_dot_product_attention(&query, &key, &value, Some(mask), 0.0, false, None, false)
+        let rows = context.rows(xs);
+        let heads = |proj: &Linear, n: i64| proj.forward(xs, rows).view([b, t, n, d]).transpose(1, 2);
+        let (query, key, value) = (heads(&block.q_proj, h), heads(&block.k_proj, kv), heads(&block.v_proj, kv));
+        let dropout = if train { c.dropout.attention } else { 0.0 };
+        let out = match context {
+            Context::Sequence { start, cache } => {
+                let (query, mut key, mut value) = (self.rope.apply(&query, start), self.rope.apply(&key, start), value);
+                if let Some((past_k, past_v)) = cache {
+                    if past_k.defined() {
+                        key = Tensor::cat(&[&*past_k, &key], 2);
+                        value = Tensor::cat(&[&*past_v, &value], 2);
+                    }
+                    (*past_k, *past_v) = (key.shallow_clone(), value.shallow_clone());
+                }
+                let (causal, mask) = sequence_mask(t, key.size()[2], block.window, xs.device());
+                let (key, value) = (self.group(key), self.group(value));
+                Tensor::scaled_dot_product_attention(&query, &key, &value, mask.as_ref(), dropout, causal, None, false)
+            }
+            Context::Batch { step, angles, layer } => {
+                let (query, key) = (self.rope.apply_rows(&query, angles), self.rope.apply_rows(&key, angles));
+                self.decode_attention(&query, (&key, &value), layer, step, block.window)
             }
         };
-        block.o_proj.forward(&out.transpose(1, 2).reshape([b, t, h * d]))
+        block.o_proj.forward(&out.transpose(1, 2).reshape([b, t, h * d]), rows)
     }
 
-    /// xs: (B, T, E) -> (B, T, E)
-    fn mlp(&self, block: &Block, xs: &Tensor) -> Tensor {
-        match block.mlp.as_slice() {
-            [gate, up, down] => down.forward(&(gate.forward(xs).silu() * up.forward(xs))),
-            [fc, proj] => proj.forward(&fc.forward(xs).gelu("tanh")),
-            _ => unreachable!("an MLP of 2 or 3 matrices"),
+    /// A decode step's attention: each row's new key and value go into its cache row at its
+    /// position, and its query attends to its own positions (the last `window` of them).
+    /// query (N, H, 1, D), new (N, KV, 1, D) each -> (N, H, 1, D)
+    fn decode_attention(
+        &self,
+        query: &Tensor,
+        new: (&Tensor, &Tensor),
+        layer: &mut (Tensor, Tensor),
+        step: &Step,
+        window: Option<i64>,
+    ) -> Tensor {
+        let (cache_k, cache_v) = layer;
+        if self.config.group() == 1 && window.is_none() {
+            if let Some(out) = super::attend::decode_step(query, new, (cache_k, cache_v), &step.attended) {
+                return out;
+            }
+        }
+        let index = step.positions.view([-1, 1, 1, 1]).expand_as(new.0);
+        let _ = cache_k.scatter_(2, &index, new.0);
+        let _ = cache_v.scatter_(2, &index, new.1);
+        let (keys, values) = (self.group(cache_k.narrow(2, 0, step.width)), self.group(cache_v.narrow(2, 0, step.width)));
+        let windowed: Tensor;
+        let mask = match window {
+            None => step.mask(),
+            Some(w) => {
+                let n = step.attended.len() as i64;
+                let columns = Tensor::arange(step.width, (Kind::Int64, query.device())).view([1, step.width]);
+                let positions = step.positions.view([n, 1]);
+                windowed = columns.le_tensor(&positions).logical_and(&columns.gt_tensor(&(&positions - w))).view([n, 1, 1, step.width]);
+                Some(&windowed)
+            }
+        };
+        Tensor::scaled_dot_product_attention(query, &keys, &values, mask, 0.0, false, None, false)
+    }
+
+    /// Grouped-query attention: KV head j serves query heads j·g .. j·g + g - 1 (HF `repeat_kv`).
+    /// (B, KV, T, D) -> (B, H, T, D)
+    fn group(&self, xs: Tensor) -> Tensor {
+        match self.config.group() {
+            1 => xs,
+            g => xs.repeat_interleave_self_int(g as i64, Some(1), None),
         }
     }
 }
 
-/// True where query row `q` may see key column `k`: causal, and within the last `w` positions
-/// (itself included).  -> (T, T) bool
-fn window_mask(t: i64, w: i64, device: Device) -> Tensor {
-    let rows = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
-    let cols = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
-    cols.le_tensor(&rows).logical_and(&cols.gt_tensor(&(&rows - w)))
+impl Stack for Decoder {
+    fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn has_dropout(&self) -> bool {
+        self.config.dropout.any()
+    }
+
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
+        Decoder::embed(self, ids, train)
+    }
+
+    fn block(&self, layer: usize, xs: &Tensor, train: bool) -> Tensor {
+        Decoder::block(self, &self.blocks[layer], xs, Context::Sequence { start: 0, cache: None }, train)
+    }
+
+    fn head_loss(&self, ids: &Tensor, top: &Tensor, reduction: Reduction) -> Tensor {
+        token_loss(ids, &self.logits(&self.norm.forward(top)), reduction)
+    }
+}
+
+/// How T new tokens attend to `keys` keys (the last T of them theirs): whether plain causal
+/// masking does, or else the mask (T, keys) of what each may see: up to its own position and,
+/// with a window, the last `window` positions, itself included. None where nothing is hidden.
+fn sequence_mask(t: i64, keys: i64, window: Option<i64>, device: Device) -> (bool, Option<Tensor>) {
+    let past = keys - t;
+    let binds = window.is_some_and(|w| w < keys);
+    if !binds && past == 0 {
+        return (true, None);
+    }
+    if !binds && t == 1 {
+        return (false, None);
+    }
+    let rows = Tensor::arange_start(past, keys, (Kind::Int64, device)).unsqueeze(1);
+    let cols = Tensor::arange(keys, (Kind::Int64, device)).unsqueeze(0);
+    let mut mask = cols.le_tensor(&rows);
+    if let Some(w) = window {
+        mask = mask.logical_and(&cols.gt_tensor(&(&rows - w)));
+    }
+    (false, Some(mask))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn rows_of(mask: &Tensor) -> Vec<Vec<bool>> {
+        (0..mask.size()[0]).map(|r| Vec::<bool>::try_from(mask.get(r)).unwrap()).collect()
+    }
+
     #[test]
     fn a_window_lets_each_token_see_w_keys_itself_included() {
-        let mask = window_mask(5, 2, Device::Cpu);
-        let rows: Vec<Vec<bool>> = (0..5).map(|r| Vec::<bool>::try_from(mask.get(r)).unwrap()).collect();
+        let (causal, mask) = sequence_mask(5, 5, Some(2), Device::Cpu);
+        let rows = rows_of(&mask.unwrap());
+        assert!(!causal);
         assert_eq!(rows[0], [true, false, false, false, false]);
         assert_eq!(rows[1], [true, true, false, false, false]);
         assert_eq!(rows[4], [false, false, false, true, true]);
+    }
+
+    #[test]
+    fn tokens_after_a_cache_see_it_and_a_window_that_cannot_bind_is_no_mask() {
+        assert!(matches!(sequence_mask(4, 4, Some(4), Device::Cpu), (true, None)), "W = T: plain causal");
+        assert!(matches!(sequence_mask(1, 9, None, Device::Cpu), (false, None)), "one token sees the whole cache");
+        let (_, mask) = sequence_mask(2, 5, None, Device::Cpu);
+        assert_eq!(rows_of(&mask.unwrap()), [[true, true, true, true, false], [true; 5]]);
+        let (_, mask) = sequence_mask(1, 5, Some(3), Device::Cpu);
+        assert_eq!(rows_of(&mask.unwrap()), [[false, false, true, true, true]]);
     }
 }

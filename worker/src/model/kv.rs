@@ -1,7 +1,7 @@
 //! Key/value caches for incremental decoding: one sequence's (`KvCache`, grown by its own
 //! forward passes), and several sequences decoding together (`BatchCache`), each row at its own
 //! length, in preallocated tensors that a decode step writes in place.
-//! Shapes: N rows, H heads, T tokens, D = head dim.
+//! Shapes: N rows, H cached heads (the key/value heads), T tokens, D = head dim.
 
 use std::cell::OnceCell;
 
@@ -21,6 +21,14 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Layer `l`'s keys and values (undefined tensors until its first pass writes them).
+    pub(crate) fn layer(&mut self, l: usize) -> &mut (Tensor, Tensor) {
+        while self.layers.len() <= l {
+            self.layers.push((Tensor::new(), Tensor::new()));
+        }
+        &mut self.layers[l]
     }
 
     /// The first `len` tokens' keys and values (views), for a prompt that begins with them.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
-use zerotune_hf::CodeGenConfig;
+use zerotune_hf::{Init, ModelConfig};
 
 /// Where one parameter lives in the flat buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,14 +17,14 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// HF Trainer's rule (`get_decay_parameter_names`): no weight decay on biases and LayerNorms.
+    /// HF Trainer's rule (`get_decay_parameter_names`): no weight decay on biases and norms.
     pub fn decays(&self) -> bool {
-        !(self.name.ends_with(".bias") || self.name.contains("ln_"))
+        zerotune_hf::model::decays(&self.name)
     }
 }
 
 /// The flat layout: every parameter of `config` in HF module order, back to back.
-pub fn layout(config: &CodeGenConfig) -> Vec<Slot> {
+pub fn layout(config: &ModelConfig) -> Vec<Slot> {
     layout_of(config.parameter_shapes())
 }
 
@@ -54,13 +54,13 @@ pub struct ParamSet {
 
 impl ParamSet {
     /// Zero-filled parameters of `config`, `kind` on `device`, tracking gradients when `trainable`.
-    pub fn zeros(config: &CodeGenConfig, kind: Kind, device: Device, trainable: bool) -> Self {
+    pub fn zeros(config: &ModelConfig, kind: Kind, device: Device, trainable: bool) -> Self {
         Self::zeros_padded(config, kind, device, trainable, 0)
     }
 
     /// Like `zeros`, with the flat buffer at least `len` long (ZeRO pads it to world x partition;
     /// the padding belongs to no parameter).
-    pub fn zeros_padded(config: &CodeGenConfig, kind: Kind, device: Device, trainable: bool, len: usize) -> Self {
+    pub fn zeros_padded(config: &ModelConfig, kind: Kind, device: Device, trainable: bool, len: usize) -> Self {
         Self::zeros_laid_out(layout(config), kind, device, trainable, len)
     }
 
@@ -100,19 +100,24 @@ impl ParamSet {
         }
     }
 
-    /// HF `_init_weights`: Linear and Embedding weights ~ N(0, range), biases 0, LayerNorm (1, 0).
-    pub fn init_like_hf(&mut self, config: &CodeGenConfig, seed: u64) {
+    /// HF `_init_weights`: Linear and Embedding weights ~ N(0, range), biases 0, norms (1, 0), and
+    /// the padding row of the embedding 0.
+    pub fn init_like_hf(&mut self, config: &ModelConfig, seed: u64) {
         tch::manual_seed(seed as i64);
         let _guard = tch::no_grad_guard();
         for (slot, tensor) in self.slots.iter().zip(self.tensors.iter_mut()) {
-            let values = if slot.name.contains("ln_") && slot.name.ends_with(".weight") {
-                Tensor::ones([slot.numel as i64], (Kind::Float, Device::Cpu))
-            } else if slot.name.ends_with(".bias") {
-                Tensor::zeros([slot.numel as i64], (Kind::Float, Device::Cpu))
-            } else {
-                Tensor::randn([slot.numel as i64], (Kind::Float, Device::Cpu)) * config.initializer_range
+            let n = slot.numel as i64;
+            let values = match config.init_of(&slot.name) {
+                Init::Ones => Tensor::ones([n], (Kind::Float, Device::Cpu)),
+                Init::Zeros => Tensor::zeros([n], (Kind::Float, Device::Cpu)),
+                Init::Normal(std) => Tensor::randn([n], (Kind::Float, Device::Cpu)) * std,
             };
             tensor.view(-1).copy_(&values);
+        }
+        if let Some((name, pad)) = config.padding_row() {
+            if let Some(embedding) = self.find(name).filter(|e| (0..e.size()[0]).contains(&pad)) {
+                let _ = embedding.get(pad).zero_();
+            }
         }
     }
 }
@@ -123,7 +128,7 @@ mod tests {
 
     #[test]
     fn layout_is_dense_and_views_share_the_buffer() {
-        let config = CodeGenConfig::builtin("tiny").unwrap();
+        let config = ModelConfig::builtin("tiny").unwrap();
         let slots = layout(&config);
         for pair in slots.windows(2) {
             assert_eq!(pair[0].offset + pair[0].numel, pair[1].offset);

@@ -16,14 +16,14 @@ use super::api::{chunk_json, ChoiceLogprobs, FinishReason};
 use super::metrics::Metrics;
 use super::requests::{InFlight, Live, Part, PendingRequest, Reply};
 use crate::engine::{Emitted, Engine, Finish, Logprob, Prompt};
-use crate::model::CodeGen;
+use crate::model::Model;
 use crate::sample::{fresh_seed, Rng, SamplingParams, TokenSampler};
 use crate::test_hook::Hold;
 use crate::text::TextState;
 
 /// What the engine thread needs besides its queue.
 pub struct Batcher {
-    pub model: CodeGen,
+    pub model: Model,
     pub device: tch::Device,
     pub eos: Option<u32>,
     pub tokenizer: Arc<Tokenizer>,

@@ -110,7 +110,7 @@ fn bind(runtime: &Runtime, host: &str, port: u16) -> Result<TcpListener> {
 /// and tests read the address from).
 fn announce(loaded: &Loaded, precision: Precision, device: Device, listener: &TcpListener, options: &ServeOptions) -> Result<()> {
     let addr = listener.local_addr().map_err(WorkerError::Os)?;
-    let (parameters, context) = (loaded.config.num_parameters(), loaded.config.n_positions);
+    let (parameters, context) = (loaded.config.num_parameters(), loaded.config.context());
     let (max_batch, max_queue) = (options.max_batch, options.max_queue);
     tracing::info!(
         target: LIFECYCLE,

@@ -100,7 +100,7 @@ fn engine_and_app(loaded: Loaded, options: ServeOptions) -> (Batcher, Arc<App>, 
     let (queue, requests) = mpsc::channel(options.max_queue);
     let (max_batch, prefix_cache_tokens) = (options.max_batch, options.prefix_cache_tokens);
     let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
-    let limits = PromptLimits { n_positions: config.n_positions, vocab_rows: config.vocab_size, eos };
+    let limits = PromptLimits { n_positions: config.context(), vocab_rows: config.vocab_size(), eos };
     (batcher, Arc::new(App { options, tokenizer, limits, queue, metrics }), requests)
 }
 

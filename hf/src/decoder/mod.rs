@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::{invalid, io_err, Error, Result};
+use keys::{biases, dropout, rope, windows, Keys};
 
 /// Which member of the family (config.json's `model_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +136,22 @@ pub enum RopeScaling {
     Linear { factor: f64 },
 }
 
+/// Dropout probabilities in training: on the embedding, on each residual branch before its add
+/// (after o_proj and the MLP), and on the attention probabilities. StarCoder2 has all three;
+/// Llama and Qwen2 only `attention_dropout`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dropout {
+    pub embedding: f64,
+    pub residual: f64,
+    pub attention: f64,
+}
+
+impl Dropout {
+    pub fn any(&self) -> bool {
+        self.embedding > 0.0 || self.residual > 0.0 || self.attention > 0.0
+    }
+}
+
 /// The family's config, every default and spelling resolved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecoderConfig {
@@ -165,6 +182,7 @@ pub struct DecoderConfig {
     /// before it).
     pub windows: Vec<Option<usize>>,
     pub initializer_range: f64,
+    pub dropout: Dropout,
     pub bos_token_id: Option<i64>,
     /// One id or several (`eos_token_id` may be a list).
     pub eos_token_ids: Vec<i64>,
@@ -217,6 +235,7 @@ impl DecoderConfig {
             tie_word_embeddings: keys.bool("tie_word_embeddings", d.tie_word_embeddings)?,
             windows: windows(family, &keys, num_hidden_layers)?,
             initializer_range: keys.f64("initializer_range", d.initializer_range)?,
+            dropout: dropout(family, &keys)?,
             bos_token_id: keys.id("bos_token_id", d.bos_token_id)?,
             eos_token_ids: keys.ids("eos_token_id", d.eos_token_id)?,
             pad_token_id: keys.id("pad_token_id", None)?,
@@ -310,188 +329,62 @@ impl DecoderConfig {
         self.parameter_shapes().iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
     }
 
+    /// config.json as `save_pretrained` writes it: the file's own keys, every resolved field written
+    /// back (a resized vocabulary, new token ids), and the rope in both spellings, transformers 4's
+    /// `rope_theta` + `rope_scaling` and 5's `rope_parameters`, so that either version loads it.
+    pub fn to_hf_json(&self, torch_dtype: &str) -> Value {
+        let mut map = self.raw.clone();
+        let (rope_scaling, mut rope_parameters) = match self.rope_scaling {
+            RopeScaling::None => (Value::Null, json!({"rope_type": "default"})),
+            RopeScaling::Linear { factor } => {
+                (json!({"rope_type": "linear", "factor": factor}), json!({"rope_type": "linear", "factor": factor}))
+            }
+        };
+        rope_parameters["rope_theta"] = self.rope_theta.into();
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        let family = self.family;
+        let fields = [
+            ("model_type", family.model_type().into()),
+            ("architectures", json!([family.architecture()])),
+            ("vocab_size", self.vocab_size.into()),
+            ("hidden_size", self.hidden_size.into()),
+            ("intermediate_size", self.intermediate_size.into()),
+            ("num_hidden_layers", self.num_hidden_layers.into()),
+            ("num_attention_heads", self.num_attention_heads.into()),
+            ("num_key_value_heads", self.num_key_value_heads.into()),
+            ("head_dim", self.head_dim.into()),
+            (family.defaults().eps_key, self.norm_eps.into()),
+            ("max_position_embeddings", self.max_position_embeddings.into()),
+            ("tie_word_embeddings", self.tie_word_embeddings.into()),
+            ("initializer_range", self.initializer_range.into()),
+            ("bos_token_id", self.bos_token_id.into()),
+            ("eos_token_id", eos),
+            ("pad_token_id", self.pad_token_id.into()),
+            ("rope_theta", self.rope_theta.into()),
+            ("rope_scaling", rope_scaling),
+            ("rope_parameters", rope_parameters),
+            ("torch_dtype", torch_dtype.into()),
+        ];
+        map.extend(fields.map(|(k, v)| (k.to_string(), v)));
+        if map.contains_key("dtype") {
+            map.insert("dtype".into(), torch_dtype.into());
+        }
+        map.entry("use_cache").or_insert(true.into());
+        Value::Object(map)
+    }
+
     /// Values the KV cache holds per token: keys and values of every layer's KV heads.
     pub fn kv_values_per_token(&self) -> usize {
         2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
     }
 }
 
-/// Shape presets (`--config_name`): the published code models' shapes with random init, for
-/// plans, benches and from-scratch runs, and `tiny-llama` for tests. The vocabulary is the
-/// model's own; a from-scratch run resizes it to its tokenizer's.
-#[rustfmt::skip]
-const PRESETS: [(&str, Family, [usize; 7], bool, &str); 7] = [
-    // name, family, [E, I, L, H, KV, V, max_position_embeddings], tied, the rest of config.json
-    ("deepseek-coder-1.3b", Family::Llama, [2048, 5504, 24, 16, 16, 32256, 16384], false,
-     r#"{"rope_theta": 100000, "rope_scaling": {"type": "linear", "factor": 4.0}, "bos_token_id": 32013, "eos_token_id": 32014}"#),
-    ("codellama-7b", Family::Llama, [4096, 11008, 32, 32, 32, 32016, 16384], false,
-     r#"{"rope_theta": 1000000, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}"#),
-    ("qwen2.5-coder-0.5b", Family::Qwen2, [896, 4864, 24, 14, 2, 151936, 32768], true,
-     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
-    ("qwen2.5-coder-1.5b", Family::Qwen2, [1536, 8960, 28, 12, 2, 151936, 32768], true,
-     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
-    ("qwen2.5-coder-7b", Family::Qwen2, [3584, 18944, 28, 28, 4, 152064, 32768], false,
-     r#"{"rope_theta": 1000000, "bos_token_id": 151643, "eos_token_id": 151643}"#),
-    ("starcoder2-3b", Family::Starcoder2, [3072, 12288, 30, 24, 2, 49152, 16384], true,
-     r#"{"rope_theta": 999999.4420358813, "sliding_window": 4096, "bos_token_id": 0, "eos_token_id": 0}"#),
-    ("tiny-llama", Family::Llama, [64, 96, 2, 4, 2, 1003, 64], false,
-     r#"{"bos_token_id": 0, "eos_token_id": 0}"#),
-];
-
-impl DecoderConfig {
-    /// The preset of this name.
-    pub fn builtin(name: &str) -> Option<DecoderConfig> {
-        let (_, family, [e, i, l, h, kv, v, positions], tied, rest) = *PRESETS.iter().find(|p| p.0 == name)?;
-        let Value::Object(mut config) = serde_json::from_str(rest).expect("a preset's keys are JSON") else { unreachable!() };
-        let shape = [
-            ("hidden_size", e),
-            ("intermediate_size", i),
-            ("num_hidden_layers", l),
-            ("num_attention_heads", h),
-            ("num_key_value_heads", kv),
-            ("vocab_size", v),
-            ("max_position_embeddings", positions),
-        ];
-        config.extend(shape.map(|(k, n)| (k.to_string(), Value::from(n))));
-        config.insert("model_type".into(), family.model_type().into());
-        config.insert("architectures".into(), Value::from(vec![family.architecture()]));
-        config.insert("tie_word_embeddings".into(), tied.into());
-        Some(Self::from_value(Value::Object(config)).expect("presets are valid"))
-    }
-
-    /// The preset names, for messages.
-    pub fn builtin_names() -> Vec<&'static str> {
-        PRESETS.iter().map(|p| p.0).collect()
-    }
-}
-
-/// q/k/v, o and MLP bias: Llama's `attention_bias` (all four projections) and `mlp_bias`; Qwen2's
-/// fixed q/k/v bias; StarCoder2's `use_bias` on every matrix.
-fn biases(family: Family, keys: &Keys) -> std::result::Result<(bool, bool, bool), String> {
-    Ok(match family {
-        Family::Llama => {
-            let attention = keys.bool("attention_bias", false)?;
-            (attention, attention, keys.bool("mlp_bias", false)?)
-        }
-        Family::Qwen2 => (true, false, false),
-        Family::Starcoder2 => {
-            let all = keys.bool("use_bias", true)?;
-            (all, all, all)
-        }
-    })
-}
-
-/// θ and the scaling, by transformers 5's reading of both spellings: a non-null v4 `rope_scaling`,
-/// else v5's `rope_parameters`; θ from that dict, else the top-level `rope_theta`, else 10000.
-fn rope(raw: &Map<String, Value>) -> std::result::Result<(f64, RopeScaling), String> {
-    let empty = Map::new();
-    let (key, params) = match (raw.get("rope_scaling"), raw.get("rope_parameters")) {
-        (Some(Value::Object(p)), _) => ("rope_scaling", p),
-        (_, Some(Value::Object(p))) => ("rope_parameters", p),
-        _ => ("rope_parameters", &empty),
-    };
-    let number = |value: Option<&Value>, name: &str| match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{name} is {v}, not a number")),
-    };
-    let theta =
-        number(params.get("rope_theta"), &format!("{key}.rope_theta"))?.or(number(raw.get("rope_theta"), "rope_theta")?).unwrap_or(10000.0);
-    if !(theta.is_finite() && theta > 0.0) {
-        return Err(format!("rope_theta {theta} must be a positive number"));
-    }
-    let partial = number(params.get("partial_rotary_factor"), &format!("{key}.partial_rotary_factor"))?;
-    if let Some(partial) = partial.or(number(raw.get("partial_rotary_factor"), "partial_rotary_factor")?).filter(|&p| p != 1.0) {
-        return Err(format!("partial_rotary_factor {partial} is not supported (these models rotate the whole head)"));
-    }
-    let named = |k: &str| params.get(k).filter(|v| !v.is_null());
-    let kind = named("rope_type").or(named("type")).and_then(Value::as_str).unwrap_or("default");
-    let scaling = match kind {
-        "default" | "dynamic" => RopeScaling::None,
-        "linear" => match number(params.get("factor"), &format!("{key}.factor"))? {
-            Some(factor) if factor.is_finite() && factor >= 1.0 => RopeScaling::Linear { factor },
-            other => return Err(format!("{key}.factor {other:?}: a linear rope scaling needs a factor of at least 1")),
-        },
-        other => return Err(format!("{key}: rope type {other:?} is not supported yet (default, dynamic and linear are)")),
-    };
-    Ok((theta, scaling))
-}
-
-/// Each layer's window. Qwen2: layers marked `sliding_attention` in `layer_types` (by default
-/// those from `max_window_layers` on), and only with `use_sliding_window`; StarCoder2: every
-/// layer when `sliding_window` is set; Llama: none.
-fn windows(family: Family, keys: &Keys, layers: usize) -> std::result::Result<Vec<Option<usize>>, String> {
-    match family {
-        Family::Llama => Ok(vec![None; layers]),
-        Family::Starcoder2 => Ok(vec![keys.opt_usize("sliding_window")?; layers]),
-        Family::Qwen2 => {
-            let used = keys.bool("use_sliding_window", false)?;
-            // Absent: the class default 4096; null: no window at all.
-            let window = match keys.0.get("sliding_window") {
-                _ if !used => None,
-                None => Some(4096),
-                Some(_) => keys.opt_usize("sliding_window")?,
-            };
-            let first = keys.usize("max_window_layers", 28)?;
-            let sliding: Vec<bool> = match keys.0.get("layer_types") {
-                Some(Value::Array(types)) if types.len() == layers => {
-                    types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
-                }
-                Some(Value::Array(types)) => return Err(format!("layer_types has {} entries for num_hidden_layers {layers}", types.len())),
-                _ => (0..layers).map(|l| window.is_some() && l >= first).collect(),
-            };
-            if !used && sliding.contains(&true) {
-                return Err("layer_types names sliding_attention layers but use_sliding_window is false".into());
-            }
-            Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
-        }
-    }
-}
-
-/// Typed reads of config.json keys, each absent or null key taking its default.
-struct Keys<'a>(&'a Map<String, Value>);
-
-impl Keys<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.0.get(key).filter(|v| !v.is_null())
-    }
-
-    fn usize(&self, key: &str, default: usize) -> std::result::Result<usize, String> {
-        Ok(self.opt_usize(key)?.unwrap_or(default))
-    }
-
-    fn opt_usize(&self, key: &str) -> std::result::Result<Option<usize>, String> {
-        self.get(key).map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| format!("{key} is {v}, not a whole number"))).transpose()
-    }
-
-    fn f64(&self, key: &str, default: f64) -> std::result::Result<f64, String> {
-        self.get(key).map_or(Ok(default), |v| v.as_f64().ok_or_else(|| format!("{key} is {v}, not a number")))
-    }
-
-    fn bool(&self, key: &str, default: bool) -> std::result::Result<bool, String> {
-        self.get(key).map_or(Ok(default), |v| v.as_bool().ok_or_else(|| format!("{key} is {v}, not true or false")))
-    }
-
-    fn str<'s>(&'s self, key: &str, default: &'s str) -> std::result::Result<&'s str, String> {
-        self.get(key).map_or(Ok(default), |v| v.as_str().ok_or_else(|| format!("{key} is {v}, not a string")))
-    }
-
-    fn id(&self, key: &str, default: Option<i64>) -> std::result::Result<Option<i64>, String> {
-        match self.0.get(key) {
-            None => Ok(default),
-            Some(Value::Null) => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| format!("{key} is {v}, not a token id")),
-        }
-    }
-
-    /// One id or a list of them.
-    fn ids(&self, key: &str, default: Option<i64>) -> std::result::Result<Vec<i64>, String> {
-        match self.0.get(key) {
-            Some(Value::Array(ids)) => ids.iter().map(|v| v.as_i64().ok_or_else(|| format!("{key} holds {v}, not a token id"))).collect(),
-            _ => Ok(self.id(key, default)?.into_iter().collect()),
-        }
-    }
-}
+mod keys;
+mod presets;
 
 #[cfg(test)]
-#[path = "decoder_tests.rs"]
 mod tests;

@@ -23,6 +23,9 @@ fn presets_have_the_published_parameter_counts() {
         ("qwen2.5-coder-1.5b", 1_543_714_304),
         ("qwen2.5-coder-7b", 7_615_616_512),
         ("starcoder2-3b", 3_030_371_328),
+        ("deepseek-coder-6.7b", 6_740_512_768),
+        ("starcoder2-7b", 7_173_923_840),
+        ("starcoder2-15b", 15_957_889_024),
     ] {
         assert_eq!(DecoderConfig::builtin(name).unwrap().num_parameters(), params, "{name}");
     }
