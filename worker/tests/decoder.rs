@@ -1,28 +1,35 @@
-//! The Llama decoder family's forward pass against HF transformers (rung 2 of the ladder for
-//! llama, qwen2 and starcoder2): every tiny model tests/fixtures/decoders.py saved (grouped and
+//! The Llama decoder family (llama, qwen2, starcoder2) against HF transformers, rung by rung as
+//! CodeGen's numerics.rs: every tiny model tests/fixtures/decoders.py saved (grouped and
 //! multi-query heads, tied and untied, biases, head_dim unlike hidden/heads, rope θ 1e5 with
 //! linear scaling and 1e6, sliding windows shorter than the input) gives HF's eager logits, loss
-//! and gradients (a tied head's summed into the embedding's).
+//! and gradients (a tied head's summed into the embedding's); checkpointing changes no gradient;
+//! greedy decoding equals HF `generate`; batched and prefix-cached decoding equal lone decoding;
+//! and 10 AdamW steps equal the PyTorch loop, with HF loading what we save.
 
 mod common;
 
-use common::{fixtures, rel_err, tensor_from};
-use tch::{Device, Kind};
-use zerotune_hf::{DecoderConfig, WeightFiles};
-use zerotune_worker::checkpoint::load_weights;
-use zerotune_worker::model::decoder::Decoder;
-use zerotune_worker::model::params::{layout_of, ParamSet};
+use common::decode::{assert_a_cached_prefix_continues_as_the_whole_prefill, assert_batched_decode_is_lone_decode};
+use common::{fixtures, pretrained, rel_err, tensor_from, train_plan};
+use tch::{Device, Kind, Tensor};
+use zerotune_hf::{ModelConfig, WeightFiles};
+use zerotune_proto::plan::{ModelSource, WorkerPlan};
+use zerotune_worker::checkpoint::load_params;
+use zerotune_worker::model::{BatchCache, KvCache, Model, ParamSet};
+use zerotune_worker::train::Trainer;
 
 const LOGITS_REL: f64 = 1e-5;
 const GRAD_REL: f64 = 1e-4;
+const TRAIN_LOSS_REL: f64 = 1e-4;
+const GRAD_NORM_REL: f64 = 1e-6;
+const TRAIN_PARAM_REL: f64 = 1e-5;
 
-/// The fixture variant `name`: its config and its weights (tracking gradients when `trainable`).
-fn load(name: &str, trainable: bool) -> (DecoderConfig, ParamSet) {
-    let dir = fixtures().join("decoders").join(name);
-    let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
-    let mut params = ParamSet::zeros_laid_out(layout_of(config.parameter_shapes()), Kind::Float, Device::Cpu, trainable, 0);
-    load_weights(&mut params, &dir).unwrap();
-    (config, params)
+const VARIANTS: [&str; 4] = ["llama", "llama-mqa-tied", "qwen2", "starcoder2"];
+/// The variants decoders.py trained for 10 steps (from `<name>-train/`, at HF's init range).
+const TRAINED: [&str; 3] = ["llama", "qwen2", "starcoder2"];
+
+/// The fixture variant `name`, loaded as any model is (tracking gradients when `trainable`).
+fn load(name: &str, trainable: bool) -> (ModelConfig, ParamSet) {
+    load_params(&pretrained(&format!("decoders/{name}")), Kind::Float, Device::Cpu, trainable, 0).unwrap()
 }
 
 fn reference() -> WeightFiles {
@@ -33,9 +40,9 @@ fn reference() -> WeightFiles {
 fn logits_match_hf_for_every_variant() {
     let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
-    for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
+    for name in VARIANTS {
         let (config, params) = load(name, false);
-        let logits = tch::no_grad(|| Decoder::new(&config, &params).forward(&ids, false));
+        let logits = tch::no_grad(|| Model::new(&config, &params).forward(&ids, false));
         let err = rel_err(name, &logits, &tensor_from(&reference, &format!("{name}.logits")));
         assert!(err < LOGITS_REL, "{name}: logits differ from HF's by {err:.3e}");
     }
@@ -45,9 +52,9 @@ fn logits_match_hf_for_every_variant() {
 fn loss_and_every_gradient_match_hf_for_every_variant() {
     let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
-    for name in ["llama", "llama-mqa-tied", "qwen2", "starcoder2"] {
+    for name in VARIANTS {
         let (config, params) = load(name, true);
-        let loss = Decoder::new(&config, &params).loss(&ids, false);
+        let loss = Model::new(&config, &params).loss(&ids, false);
         let err = rel_err(name, &loss.reshape([1]), &tensor_from(&reference, &format!("{name}.loss")));
         assert!(err < LOGITS_REL, "{name}: loss differs from HF's by {err:.3e}");
         loss.backward();
@@ -65,8 +72,121 @@ fn the_window_changes_the_logits_it_should() {
     let reference = reference();
     let ids = tensor_from(&reference, "input_ids");
     let (windowed, params) = load("starcoder2", false);
-    let full = DecoderConfig { windows: vec![None; windowed.num_hidden_layers], ..windowed };
+    let ModelConfig::Decoder(config) = windowed else { panic!("starcoder2 is a decoder") };
+    let full = ModelConfig::Decoder(zerotune_hf::DecoderConfig { windows: vec![None; config.num_hidden_layers], ..config });
     let hf = tensor_from(&reference, "starcoder2.logits");
-    let without = tch::no_grad(|| Decoder::new(&full, &params).forward(&ids, false));
+    let without = tch::no_grad(|| Model::new(&full, &params).forward(&ids, false));
     assert!(rel_err("no window", &without, &hf) > 1e-3, "a window of 5 over 16 tokens must matter");
+}
+
+/// StarCoder2 with every dropout at 0.1, from its fixture's config (HF's init).
+fn starcoder2_with_dropout() -> ModelSource {
+    let text = std::fs::read_to_string(fixtures().join("decoders/starcoder2/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["attention_dropout", "embedding_dropout", "residual_dropout"] {
+        config[key] = 0.1.into();
+    }
+    ModelSource::Scratch { config }
+}
+
+/// Gradient checkpointing recomputes each block with the masks its first pass drew: the same loss
+/// and gradients as the ordinary pass, with and without dropout.
+#[test]
+fn checkpointing_gives_the_gradients_of_the_ordinary_pass() {
+    let ids = tensor_from(&reference(), "input_ids");
+    let sources = [("qwen2", pretrained("decoders/qwen2")), ("starcoder2 + dropout", starcoder2_with_dropout())];
+    for (label, source) in sources {
+        let run = |checkpointing: bool| {
+            let (config, params) = load_params(&source, Kind::Float, Device::Cpu, true, 0).unwrap();
+            tch::manual_seed(7);
+            let loss = Model::new(&config, &params).loss_backward(&ids, true, 0.5, checkpointing).unwrap().double_value(&[]);
+            let grads: Vec<Tensor> = params.tensors.iter().map(|t| t.grad().copy()).collect();
+            (loss, grads, params.slots)
+        };
+        let ((plain_loss, plain, slots), (ckpt_loss, ckpt, _)) = (run(false), run(true));
+        assert!(((ckpt_loss - plain_loss) / plain_loss).abs() < 1e-6, "{label}: loss {ckpt_loss} vs {plain_loss}");
+        for ((slot, want), ours) in slots.iter().zip(&plain).zip(&ckpt) {
+            assert!(want.abs().max().double_value(&[]) > 0.0, "{label}: {} got no gradient", slot.name);
+            let err = rel_err(&slot.name, ours, want);
+            assert!(err < 1e-6, "{label}: the gradient of {} differs by {err:.3e}", slot.name);
+        }
+    }
+}
+
+/// Prefill, then one token at a time through the batch decode path: HF generate's greedy ids
+/// after a prompt longer than the windows.
+#[test]
+fn greedy_decoding_matches_hf_generate() {
+    let reference = reference();
+    let _guard = tch::no_grad_guard();
+    for name in VARIANTS {
+        let (config, params) = load(name, false);
+        let model = Model::new(&config, &params);
+        let prompt = tensor_from(&reference, &format!("{name}.prompt_ids")).to_kind(Kind::Int64);
+        let want = Vec::<i64>::try_from(tensor_from(&reference, &format!("{name}.greedy_new_ids")).to_kind(Kind::Int64)).unwrap();
+        let mut cache = KvCache::default();
+        let mut next = model.prefill(&prompt.view([1, -1]), &mut cache, false).view(-1).argmax(0, false).int64_value(&[]);
+        let mut batch = BatchCache::new(config.context() as i64);
+        batch.push(&cache);
+        let mut got = vec![next];
+        while got.len() < want.len() {
+            next = model.decode(&Tensor::from_slice(&[next]).view([1, 1]), &mut batch).get(0).argmax(0, false).int64_value(&[]);
+            got.push(next);
+        }
+        assert_eq!(got, want, "{name}: greedy ids");
+    }
+}
+
+#[test]
+fn batched_and_prefix_cached_decoding_equal_lone_decoding() {
+    for name in VARIANTS {
+        let (config, params) = load(name, false);
+        let model = Model::new(&config, &params);
+        assert_batched_decode_is_lone_decode(&model, config.context());
+        assert_a_cached_prefix_continues_as_the_whole_prefill(&model);
+    }
+}
+
+#[test]
+fn ten_training_steps_match_a_pytorch_loop_and_hf_loads_the_result() {
+    let reference = reference();
+    let batches = tensor_from(&reference, "train_batches").to_kind(Kind::Int64);
+    for name in TRAINED {
+        let plan = WorkerPlan { model: pretrained(&format!("decoders/{name}-train")), ..train_plan() };
+        let accumulation = plan.gradient_accumulation_steps as i64;
+        let mut trainer = Trainer::new(plan.clone(), Device::Cpu).unwrap();
+        let (losses, norms) =
+            (tensor_from(&reference, &format!("{name}.train_losses")), tensor_from(&reference, &format!("{name}.train_grad_norms")));
+        for step in 0..plan.schedule.total_steps as i64 {
+            let micro: Vec<Tensor> = (0..accumulation).map(|k| batches.get(step * accumulation + k)).collect();
+            let outcome = trainer.train_step(&micro).unwrap();
+            let (want, norm) = (losses.double_value(&[step]), norms.double_value(&[step]));
+            let norm_rel = ((outcome.grad_norm - norm) / norm).abs();
+            assert!(((outcome.loss - want) / want).abs() < TRAIN_LOSS_REL, "{name} step {step}: loss {} vs {want}", outcome.loss);
+            assert!(norm_rel < GRAD_NORM_REL, "{name} step {step}: grad norm {} vs {norm} (rel {norm_rel:.2e})", outcome.grad_norm);
+            assert!(norm > plan.max_grad_norm, "{name}: the fixture must exercise clipping");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        trainer.save_model(dir.path()).unwrap();
+        let (config, params) =
+            load_params(&ModelSource::Pretrained { dir: dir.path().to_string_lossy().into() }, Kind::Float, Device::Cpu, false, 0).unwrap();
+        for (slot, tensor) in params.slots.iter().zip(&params.tensors) {
+            let err = rel_err(&slot.name, tensor, &tensor_from(&reference, &format!("{name}.final.{}", slot.name)));
+            assert!(err < TRAIN_PARAM_REL, "{name}: final {} differs: {err:.3e}", slot.name);
+        }
+        // HF's AutoModelForCausalLM loads what we wrote (a tied head from the embedding alone) and
+        // computes our logits.
+        let out = dir.path().join("hf_logits.safetensors");
+        let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_forward.py");
+        let inputs = fixtures().join("decoders/reference.safetensors");
+        let status = std::process::Command::new(python)
+            .args([script, &dir.path().to_string_lossy(), &inputs.to_string_lossy(), &out.to_string_lossy()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name}: HF could not load the saved model");
+        let hf = tensor_from(&WeightFiles::open_file(&out).unwrap(), "logits");
+        let ours = tch::no_grad(|| Model::new(&config, &params).forward(&tensor_from(&reference, "input_ids"), false));
+        assert!(rel_err(&format!("{name}: HF logits of our save"), &ours, &hf) < LOGITS_REL);
+    }
 }

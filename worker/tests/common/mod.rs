@@ -6,6 +6,8 @@ use zerotune_hf::WeightFiles;
 use zerotune_proto::plan::{AdamW, Collectives, LossScaler, ModelSource, Precision, Schedule, ScheduleKind, WorkerPlan};
 pub use zerotune_tests::{fixtures, meta};
 
+pub mod decode;
+
 #[allow(dead_code)] // not every test binary reads the CodeGen reference
 pub struct Reference(WeightFiles);
 
