@@ -93,6 +93,37 @@ fn train_from_scratch_writes_model_checkpoints_and_metrics_then_generates() {
     assert!(stderr(&again).contains("token cache hit"), "{}", stderr(&again));
 }
 
+/// A Llama-family model from scratch: `--config_name tiny-llama` with a trained tokenizer trains,
+/// saves a directory that HF's AutoModelForCausalLM and AutoTokenizer load, and `worker generate`
+/// on it gives HF's greedy ids.
+#[test]
+fn a_tiny_llama_from_scratch_saves_what_hf_loads_and_generates_its_greedy_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, cache) = (tmp.path().join("run"), tmp.path().join("cache"));
+    let args = ["--config_name", "tiny-llama", "--train_tokenizer", "400", "--train_file", &s(&source_dir()), "--output_dir", &s(&out)];
+    let flags = ["--do_train", "--block_size", "32", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_steps", "6"];
+    let run = train(&cache, &[&args[..], &flags].concat());
+    assert!(run.status.success(), "{}", stderr(&run));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["vocab_size"].as_u64()), (Some("llama"), Some(448)), "resized to the tokenizer");
+
+    let gen = Command::new(binary("worker"))
+        .args(["generate", "--model", &s(&out), "--prompt", "pub fn ", "--max_new_tokens", "6", "--json"])
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", stderr(&gen));
+    let ours: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON is set by scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/hf_greedy.py");
+    let hf = Command::new(python).args([script, &s(&out), "pub fn ", "6"]).output().unwrap();
+    assert!(hf.status.success(), "HF could not load the saved model: {}", stderr(&hf));
+    let hf: serde_json::Value = serde_json::from_slice(&hf.stdout).unwrap();
+    assert!(hf["min_margin"].as_f64().unwrap() > 1e-4, "a near tie in HF's greedy choice: {hf}");
+    assert_eq!(ours["prompt_ids"], hf["prompt_ids"], "AutoTokenizer encodes as we do");
+    let new_ids = ours["new_ids"].as_array().unwrap();
+    assert_eq!(new_ids[..], hf["new_ids"].as_array().unwrap()[..new_ids.len()], "greedy ids (ours stop at eos)");
+}
+
 #[test]
 fn worker_generate_cli_matches_hf_greedy() {
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("meta.json")).unwrap()).unwrap();
