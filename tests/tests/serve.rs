@@ -4,99 +4,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::http::{self, Stream};
-use common::{binary, fixtures, s, signal};
+use common::server::Server;
+use common::{fixtures, signal};
 use serde_json::{json, Value};
 use zerotune_tests::meta;
 
-/// A `worker serve` process and its log.
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
-}
-
-impl Server {
-    fn start(extra: &[&str], env: &[(&str, &Path)]) -> Self {
-        Self::start_model(&model(), extra, env)
-    }
-
-    fn start_model(model: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Self {
-        let mut child = Command::new(binary("worker"))
-            .args(["serve", "--model", &s(model), "--port", "0", "--device", "cpu", "--threads", "1"])
-            .args(extra)
-            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap);
-        let mut seen = vec![];
-        let addr = loop {
-            let line = lines.next().unwrap_or_else(|| panic!("the server exited before listening:\n{}", seen.join("\n")));
-            if let Some(rest) = line.split(" at http://").nth(1) {
-                break rest.split('/').next().unwrap().to_string();
-            }
-            seen.push(line);
-        };
-        let log = Arc::new((Mutex::new(seen), Condvar::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines {
-                sink.0.lock().unwrap().push(line);
-                sink.1.notify_all();
-            }
-        });
-        Self { child, addr, log }
-    }
-
-    fn post(&self, path: &str, body: Value) -> http::Reply {
-        http::post(&self.addr, path, &body.to_string())
-    }
-
-    /// Waits (30 s at most) for a log line containing `text`.
-    fn wait_for_log(&self, text: &str) {
-        let (lines, changed) = &*self.log;
-        let mut lines = lines.lock().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !lines.iter().any(|l| l.contains(text)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no log line {text:?} in:\n{}", lines.join("\n"));
-            lines = changed.wait_timeout(lines, left).unwrap().0;
-        }
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
-    }
-
-    /// A value from GET /metrics.
-    fn metric(&self, name: &str) -> f64 {
-        let text = http::get(&self.addr, "/metrics").body;
-        let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name} in\n{text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    }
-
-    /// Polls GET /metrics (30 s at most) until `name` equals `value`: the engine's own account.
-    fn wait_for_metric(&self, name: &str, value: f64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.metric(name) != value {
-            assert!(Instant::now() < deadline, "{name} is {} after 30 s, not {value}", self.metric(name));
-            std::thread::sleep(Duration::from_millis(5)); // polling the server's state
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server of the tiny CodeGen.
+fn start(extra: &[&str], env: &[(&str, &Path)]) -> Server {
+    Server::start_model(&model(), extra, env)
 }
 
 /// The tiny CodeGen whose greedy completions vary with the prompt.
@@ -115,7 +35,7 @@ fn greedy(prompt: &Value) -> Value {
 
 #[test]
 fn the_openai_sdk_gets_hf_greedy_text_plain_and_streamed_logprobs_and_seeded_choices() {
-    let server = Server::start(&[], &[]);
+    let server = start(&[], &[]);
     let cases = cases();
     let prompts: Vec<&Value> = cases.iter().map(|c| &c["prompt"]).collect();
     let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
@@ -158,7 +78,7 @@ fn the_openai_sdk_gets_hf_greedy_text_plain_and_streamed_logprobs_and_seeded_cho
 fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
     let tmp = tempfile::tempdir().unwrap();
     let hold = tmp.path().join("hold");
-    let server = Server::start(&["--max_batch", "8"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let server = start(&["--max_batch", "8"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
     let cases = cases();
     for case in &cases {
         let reply = server.post("/v1/completions", greedy(&case["prompt"]));
@@ -229,7 +149,7 @@ fn editors_next_requests_prefill_only_what_they_add_and_get_hf_text() {
         (&*format!("{}", a2_len + b1_len - 1), [0.0, 0.0, shared(a1, a2), 0.0, 0.0]),
         ("0", [0.0; 5]),
     ] {
-        let server = Server::start(&["--prefix_cache_tokens", budget], &[]);
+        let server = start(&["--prefix_cache_tokens", budget], &[]);
         let mut reused = vec![];
         let mut total = 0.0;
         for case in order {
@@ -250,7 +170,7 @@ fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
     let body = r#"{"model":"fastertransformer","prompt":"def add(a, b):\n    return","max_tokens":200,"temperature":0.1,"stop":["\n"]}"#;
     let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer dummy")];
     // 200 new tokens do not fit the tiny model's 64: a 400 that says both numbers.
-    let server = Server::start(&[], &[]);
+    let server = start(&[], &[]);
     let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
     assert_eq!(reply.status, 400, "{}", reply.body);
     let message = reply.json()["error"]["message"].as_str().unwrap().to_string();
@@ -300,7 +220,7 @@ fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
 
 #[test]
 fn client_mistakes_get_4xx_in_openais_error_shape_and_the_server_goes_on() {
-    let server = Server::start(&["--api_key", "sekret"], &[]);
+    let server = start(&["--api_key", "sekret"], &[]);
     let auth = [("Content-Type", "application/json"), ("Authorization", "Bearer sekret")];
     let post = |body: &str| http::request(&server.addr, "POST", "/v1/completions", &auth, body);
     let long = "x ".repeat(200);
@@ -358,7 +278,7 @@ fn a_full_queue_answers_429_and_a_departed_client_frees_its_slot() {
     let tmp = tempfile::tempdir().unwrap();
     let hold = tmp.path().join("hold");
     std::fs::write(&hold, "").unwrap();
-    let server = Server::start(&["--max_batch", "1", "--max_queue", "1"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let server = start(&["--max_batch", "1", "--max_queue", "1"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
     let long = json!({"prompt": "def add(a, b):\n", "max_tokens": 40, "temperature": 0, "stream": true}).to_string();
     let first = Stream::open(&server.addr, "/v1/completions", &long);
     assert_eq!(first.status, 200);
@@ -398,7 +318,7 @@ fn a_short_request_behind_a_big_one_gets_the_next_free_row() {
     let tmp = tempfile::tempdir().unwrap();
     let hold = tmp.path().join("hold");
     std::fs::write(&hold, "").unwrap();
-    let server = Server::start(&["--max_batch", "4"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let server = start(&["--max_batch", "4"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
     let cases = cases();
     let long: Vec<&Value> = cases.iter().filter(|c| c["new_ids"].as_array().unwrap().len() >= 2 && c["text"] != "").collect();
     let [a, b, held, short, ..] = &long[..] else { panic!("the fixture has 4 prompts with 2 tokens or more of text") };
@@ -449,7 +369,7 @@ fn sigterm_finishes_the_request_in_flight_then_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
     let hold = tmp.path().join("hold");
     std::fs::write(&hold, "").unwrap();
-    let mut server = Server::start(&[], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+    let mut server = start(&[], &[("ZEROTUNE_TEST_HOLD", &hold)]);
     let body = json!({"prompt": "import", "max_tokens": 16, "temperature": 0, "stream": true}).to_string();
     let stream = Stream::open(&server.addr, "/v1/completions", &body);
     server.wait_for_metric("zerotune_active_sequences", 1.0);

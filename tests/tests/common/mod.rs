@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod http;
+pub mod server;
 pub mod slurm;
 
 #[allow(unused_imports)] // each test binary uses its own few

@@ -1,0 +1,84 @@
+//! `worker serve` for the Llama decoder family: the official openai SDK gets HF `generate`'s
+//! greedy text and log-probabilities, plain and streamed, from a tied multi-query Qwen2 with a
+//! sliding window and an untied grouped-query Llama (tests/fixtures: meta.json
+//! "decoder_serve"); 8 concurrent clients, decoding in one batch, each get the text they get alone.
+
+mod common;
+
+use std::process::Command;
+
+use common::server::Server;
+use common::{fixtures, http};
+use serde_json::{json, Value};
+use zerotune_tests::meta;
+
+const FAMILY: [&str; 2] = ["qwen2", "llama"];
+
+fn cases(name: &str) -> Vec<Value> {
+    meta()["decoder_serve"][name].as_array().unwrap().clone()
+}
+
+#[test]
+fn the_openai_sdk_gets_hf_greedy_text_and_logprobs_from_each_family() {
+    let python = std::env::var("ZEROTUNE_PYTHON").expect("ZEROTUNE_PYTHON (the test venv's python) is set by scripts/test.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/openai_completions.py");
+    for name in FAMILY {
+        let server = Server::start_model(&fixtures().join("decoders").join(name), &[], &[]);
+        let cases = cases(name);
+        let prompts: Vec<&Value> = cases.iter().map(|c| &c["prompt"]).collect();
+        let out =
+            Command::new(&python).args([script, &format!("http://{}/v1", server.addr), &json!(prompts).to_string()]).output().unwrap();
+        assert!(out.status.success(), "{name}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.log().join("\n"));
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (got, want) in result["cases"].as_array().unwrap().iter().zip(&cases) {
+            let prompt = &want["prompt"];
+            assert_eq!((&got["text"], &got["finish_reason"]), (&want["text"], &want["finish_reason"]), "{name} {prompt:?}");
+            assert_eq!(got["streamed"], got["text"], "{name} {prompt:?}: the stream joins to the plain text");
+            assert_eq!(got["usage"]["prompt_tokens"], want["prompt_tokens"], "{name} {prompt:?}");
+            let ours: Vec<f64> = got["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let theirs: Vec<f64> = want["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(ours.len(), theirs.len(), "{name} {prompt:?}");
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!((a - b).abs() < 1e-4, "{name} {prompt:?}: logprob {a} vs HF {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn eight_concurrent_clients_get_hf_greedy_text_from_each_family() {
+    for name in FAMILY {
+        // The first 8 requests are held until all are in: 8 rows of different lengths step together.
+        let tmp = tempfile::tempdir().unwrap();
+        let hold = tmp.path().join("hold");
+        std::fs::write(&hold, "").unwrap();
+        let server = Server::start_model(&fixtures().join("decoders").join(name), &["--max_batch", "8"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
+        let cases = cases(name);
+        let clients: Vec<_> = (0..8)
+            .map(|client| {
+                let (addr, cases) = (server.addr.clone(), cases.clone());
+                std::thread::spawn(move || {
+                    for k in 0..cases.len() {
+                        let case = &cases[(k + client) % cases.len()];
+                        let body = json!({"prompt": case["prompt"], "max_tokens": 16, "temperature": 0});
+                        let reply = http::post(&addr, "/v1/completions", &body.to_string());
+                        assert_eq!(reply.status, 200, "{}", reply.body);
+                        let choice = &reply.json()["choices"][0];
+                        assert_eq!(
+                            (&choice["text"], &choice["finish_reason"]),
+                            (&case["text"], &case["finish_reason"]),
+                            "{}",
+                            case["prompt"]
+                        );
+                    }
+                })
+            })
+            .collect();
+        server.wait_for_metric("zerotune_active_sequences", 8.0);
+        std::fs::remove_file(&hold).unwrap();
+        for client in clients {
+            client.join().unwrap();
+        }
+        assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64, "{name}");
+    }
+}
