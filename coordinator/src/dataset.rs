@@ -49,18 +49,25 @@ pub fn pieces(text: &str, max: usize) -> Vec<&str> {
     out
 }
 
-/// Token ids of `docs`, each document followed by EOS, handed to `sink` one batch at a time.
+/// Token ids of `docs`, each document led by what the tokenizer puts before a text (a BOS, for
+/// DeepSeek-Coder's and CodeLlama's: `tokenizer::document_prefix`) and followed by EOS, handed to
+/// `sink` one batch at a time.
 pub fn tokenize_into(docs: &[Document], tokenizer: &Tokenizer, eos: u32, sink: &mut dyn FnMut(&[u32]) -> Result<()>) -> Result<()> {
+    let prefix = zerotune_hf::tokenizer::document_prefix(tokenizer);
     let mut batch: Vec<&str> = vec![];
+    let mut starts: Vec<bool> = vec![]; // whether a piece starts its document
     let mut ends: Vec<bool> = vec![]; // whether a piece ends its document
     let mut bytes = 0;
     let mut ids: Vec<u32> = vec![];
-    let mut flush = |batch: &mut Vec<&str>, ends: &mut Vec<bool>| -> Result<()> {
+    let mut flush = |batch: &mut Vec<&str>, starts: &mut Vec<bool>, ends: &mut Vec<bool>| -> Result<()> {
         let encodings = tokenizer
             .encode_batch_fast(std::mem::take(batch), false)
             .map_err(|e| CoordinatorError::Tokenizer { what: "tokenization failed", message: e.to_string() })?;
         ids.clear();
-        for (encoding, end) in encodings.iter().zip(ends.drain(..)) {
+        for ((encoding, start), end) in encodings.iter().zip(starts.drain(..)).zip(ends.drain(..)) {
+            if start {
+                ids.extend_from_slice(&prefix);
+            }
             ids.extend_from_slice(encoding.get_ids());
             if end {
                 ids.push(eos);
@@ -74,15 +81,16 @@ pub fn tokenize_into(docs: &[Document], tokenizer: &Tokenizer, eos: u32, sink: &
         for (k, part) in parts.into_iter().enumerate() {
             bytes += part.len();
             batch.push(part);
+            starts.push(k == 0);
             ends.push(k + 1 == n);
             if bytes >= BATCH_BYTES {
-                flush(&mut batch, &mut ends)?;
+                flush(&mut batch, &mut starts, &mut ends)?;
                 bytes = 0;
             }
         }
     }
     if !batch.is_empty() {
-        flush(&mut batch, &mut ends)?;
+        flush(&mut batch, &mut starts, &mut ends)?;
     }
     Ok(())
 }
@@ -113,7 +121,7 @@ pub struct CacheKey<'a> {
 impl CacheKey<'_> {
     pub fn hash(&self) -> String {
         let mut h = blake3::Hasher::new();
-        h.update(b"zerotune token cache v2");
+        h.update(b"zerotune token cache v3"); // v3: documents led by the tokenizer's prefix
         self.hash_documents(&mut h);
         h.update(self.tokenizer_json.as_bytes());
         h.update(&(self.block_size as u64).to_le_bytes());
@@ -332,6 +340,35 @@ mod tests {
         assert_eq!(blocks.len(), joined.len() / 4 * 4);
         assert_eq!(blocks[..], joined[..blocks.len()]);
         assert_eq!(blocks.iter().filter(|&&t| t == eos).count(), joined[..blocks.len()].iter().filter(|&&t| t == eos).count());
+    }
+
+    #[test]
+    fn a_tokenizer_that_adds_bos_leads_each_document_with_it_once() {
+        use tokenizers::processors::template::TemplateProcessing;
+        let texts = ["fn a() {}", "fn bb() { return; }"];
+        let mut tok = zerotune_hf::tokenizer::train(texts.iter().copied(), 300).unwrap();
+        assert!(zerotune_hf::tokenizer::document_prefix(&tok).is_empty(), "a byte-level BPE adds nothing");
+        let eos = zerotune_hf::tokenizer::eos_id(&tok).unwrap();
+        // DeepSeek-Coder's post-processor: BOS before every text (here <|endoftext|> stands in).
+        let bos = TemplateProcessing::builder()
+            .try_single("<|endoftext|> $A")
+            .unwrap()
+            .special_tokens(vec![("<|endoftext|>", eos)])
+            .build()
+            .unwrap();
+        tok.with_post_processor(Some(bos));
+        assert_eq!(zerotune_hf::tokenizer::document_prefix(&tok), [eos]);
+        // A document longer than a piece still gets one BOS, at its start.
+        let long: String = (0..6000).map(|i| format!("fn f{i}() {{}}\n")).collect();
+        assert!(pieces(&long, PIECE_BYTES).len() > 1);
+        let docs: Vec<Document> = [texts[0].to_string(), long.clone()].into_iter().map(|text| Document { text, url: None }).collect();
+        let mut want = vec![eos];
+        want.extend_from_slice(tok.encode(texts[0], false).unwrap().get_ids());
+        want.extend([eos, eos]);
+        want.extend_from_slice(tok.encode(long.as_str(), false).unwrap().get_ids());
+        want.push(eos);
+        let blocks = tokenize_blocks(&docs, &tok, eos, 1).unwrap();
+        assert_eq!(blocks, want);
     }
 
     #[test]

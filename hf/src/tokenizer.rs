@@ -74,6 +74,18 @@ pub fn eos_id(tokenizer: &Tokenizer) -> Option<u32> {
     tokenizer.token_to_id(EOS_TOKEN)
 }
 
+/// The ids the tokenizer's post-processor puts before a text when HF's `tokenizer(text)` adds
+/// special tokens: DeepSeek-Coder's and CodeLlama's BOS; nothing for CodeGen's, Qwen2's or
+/// StarCoder2's. Training puts them at each document's start, as run_clm.py's tokenization does.
+pub fn document_prefix(tokenizer: &Tokenizer) -> Vec<u32> {
+    let ids = |special: bool| tokenizer.encode("a", special).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+    let (with, without) = (ids(true), ids(false));
+    match with.len().checked_sub(without.len()) {
+        Some(extra) if with[extra..] == without[..] => with[..extra].to_vec(),
+        _ => vec![],
+    }
+}
+
 /// The file a tokenizer in `dir` is loaded from (for messages).
 pub fn file_in(dir: &Path) -> PathBuf {
     let json = dir.join("tokenizer.json");
@@ -84,19 +96,20 @@ pub fn file_in(dir: &Path) -> PathBuf {
     }
 }
 
-/// The id that ends each document: `<|endoftext|>`, else `config_eos` (the model config's
-/// eos_token_id) when the tokenizer holds it as a special token other than an unknown token.
-/// Anything else is refused naming `file`: training with EOS id 0 (`[UNK]`) teaches nothing.
+/// The id that ends each document: `config_eos` (the model config's eos_token_id, where
+/// generation stops) when the tokenizer holds it as a special token other than an unknown token,
+/// else `<|endoftext|>`. Anything else is refused naming `file`: training with EOS id 0 (`[UNK]`)
+/// teaches nothing.
 pub fn eos_for(tokenizer: &Tokenizer, config_eos: Option<u32>, file: &Path) -> Result<u32> {
-    if let Some(id) = eos_id(tokenizer) {
-        return Ok(id);
-    }
     if let Some(id) = config_eos {
         let special =
             tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special && !t.content.to_ascii_lowercase().contains("unk"));
         if special {
             return Ok(id);
         }
+    }
+    if let Some(id) = eos_id(tokenizer) {
+        return Ok(id);
     }
     let config = match config_eos {
         Some(id) => format!(" nor the config's eos_token_id {id} as a special token"),

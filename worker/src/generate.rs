@@ -46,7 +46,8 @@ impl Loaded {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|source| WorkerError::Tokenize { source })?;
+        // As HF's `tokenizer(text)`: with the special tokens its post-processor adds (a BOS).
+        let encoding = self.tokenizer.encode(text, true).map_err(|source| WorkerError::Tokenize { source })?;
         Ok(encoding.get_ids().to_vec())
     }
 

@@ -106,7 +106,7 @@ async fn tokenize(tokenizer: Arc<Tokenizer>, prompts: Vec<PromptInput>) -> Resul
             .map(|prompt| match prompt {
                 PromptInput::Text(text) => {
                     let encoding = tokenizer
-                        .encode(text.as_str(), false)
+                        .encode(text.as_str(), true) // HF's tokenizer(prompt): a BOS where the model's adds one
                         .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
                     Ok((encoding.get_ids().to_vec(), text))
                 }
