@@ -24,7 +24,7 @@ fn main() {
     for _ in 0..40 {
         let start = Instant::now();
         for (keys, values) in &mut caches {
-            let _ = decode_step(&query, (&key, &value), (keys, values), &attended).expect("fp32 on an AVX2 CPU");
+            let _ = decode_step(&query, (&key, &value), (keys, values), &attended, None).expect("fp32 on an AVX2 CPU");
         }
         times.push(start.elapsed().as_secs_f64() * 1e3);
         attended.iter_mut().for_each(|a| *a += 1);

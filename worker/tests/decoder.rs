@@ -147,6 +147,20 @@ fn batched_and_prefix_cached_decoding_equal_lone_decoding() {
     }
 }
 
+/// The same through libtorch's masked attention over repeated heads, where `attend.rs` does not
+/// apply (on a GPU, or a head_dim that is not a multiple of 8, as here: 10), windows included.
+#[test]
+fn batched_decoding_through_the_masked_attention_too() {
+    for name in ["qwen2", "starcoder2"] {
+        let text = std::fs::read_to_string(fixtures().join("decoders").join(name).join("config.json")).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        config["head_dim"] = 10.into();
+        let source = ModelSource::Scratch { config };
+        let (config, params) = load_params(&source, Kind::Float, Device::Cpu, false, 3).unwrap();
+        assert_batched_decode_is_lone_decode(&Model::new(&config, &params), config.context());
+    }
+}
+
 #[test]
 fn ten_training_steps_match_a_pytorch_loop_and_hf_loads_the_result() {
     let reference = reference();

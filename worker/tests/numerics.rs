@@ -162,7 +162,7 @@ fn batched_decode_through_the_masked_attention_too() {
     let (mut keys, mut values) =
         (Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu)), Tensor::zeros([1, 4, 8, 10], (Kind::Float, Device::Cpu)));
     let query = Tensor::zeros([1, 4, 1, 10], (Kind::Float, Device::Cpu));
-    let declined = zerotune_worker::model::attend::decode_step(&query, (&query, &query), (&mut keys, &mut values), &[1]).is_none();
+    let declined = zerotune_worker::model::attend::decode_step(&query, (&query, &query), (&mut keys, &mut values), &[1], None).is_none();
     assert!(declined, "attend.rs declines D = 10");
     assert!(keys.equal(&values) && keys.count_nonzero(None::<i64>).int64_value(&[]) == 0, "and writes nothing");
     assert_batched_decode_is_lone_decode(&Model::new(&config, &params), config.context());

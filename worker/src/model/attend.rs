@@ -1,7 +1,8 @@
 //! Attention of a CPU decode step: one new token per row against that row's own cached keys and
 //! values, read up to the row's own length (rows of different lengths need no mask, and nothing
 //! past a row's end is used). It first writes each row's new key and value into the cache at the
-//! row's position. HF's CodeGen order: scores q·k / √D, softmax (libtorch's), then the
+//! row's position. Grouped-query attention reads each KV head for its group of query heads, and a
+//! sliding window limits the positions read. HF's order: scores q·k / √D, softmax (libtorch's), then the
 //! probability-weighted sum of values. The sums are AVX2 + FMA on torch's OpenMP threads, which
 //! split the (row, head) pairs; reading the cache is the cost (codegen-350M, 500 cached tokens:
 //! 82 MB per row per step). A row's result does not depend on its batch: its sums are its own,
@@ -12,22 +13,33 @@ use tch::{Device, Kind, Tensor};
 use super::matvec::{available, horizontal_sum};
 use super::omp::{on_torch_threads, SharedOut};
 
-/// Writes each row's new key and value, `new` (N, H, 1, D) each, into the cache's keys and values
-/// (N, H, C, D) at the row's position, `attended[n] - 1`, then returns `softmax(q·kᵀ/√D)·v` for
-/// query (N, H, 1, D) over the row's first `attended[n]` positions -> (N, H, 1, D). None, having
-/// written nothing, where it does not apply (not fp32 on an AVX2 CPU, or D not a multiple of 8);
-/// then the caller writes the cache and runs libtorch's attention.
-pub fn decode_step(query: &Tensor, new: (&Tensor, &Tensor), cache: (&mut Tensor, &mut Tensor), attended: &[i64]) -> Option<Tensor> {
+/// Writes each row's new key and value, `new` (N, KV, 1, D) each, into the cache's keys and values
+/// (N, KV, C, D) at the row's position, `attended[n] - 1`, then returns `softmax(q·kᵀ/√D)·v` for
+/// query (N, H, 1, D) over the row's first `attended[n]` positions (the last `window` of them
+/// when given) -> (N, H, 1, D). Query head h reads key/value head h / (H / KV) (grouped-query
+/// attention; KV = H for CodeGen). None, having written nothing, where it does not apply (not
+/// fp32 on an AVX2 CPU, or D not a multiple of 8); then the caller writes the cache and runs
+/// libtorch's attention.
+pub fn decode_step(
+    query: &Tensor,
+    new: (&Tensor, &Tensor),
+    cache: (&mut Tensor, &mut Tensor),
+    attended: &[i64],
+    window: Option<i64>,
+) -> Option<Tensor> {
     let (n, h, t, d) = query.size4().ok()?;
     let (keys, values) = cache;
-    let (_, _, capacity, _) = keys.size4().ok()?;
+    let (_, kv, capacity, _) = keys.size4().ok()?;
     let applies = t == 1
         && d % 8 == 0
+        && kv > 0
+        && h % kv == 0
+        && window.is_none_or(|w| w > 0)
         && available()
         && [query, new.0, new.1, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
-        && new.0.size() == query.size()
-        && new.1.size() == query.size()
-        && keys.size() == [n, h, capacity, d]
+        && new.0.size() == [n, kv, 1, d]
+        && new.1.size() == new.0.size()
+        && keys.size() == [n, kv, capacity, d]
         && values.size() == keys.size()
         && keys.is_contiguous()
         && values.is_contiguous()
@@ -40,42 +52,51 @@ pub fn decode_step(query: &Tensor, new: (&Tensor, &Tensor), cache: (&mut Tensor,
     }
     let _guard = tch::no_grad_guard();
     let (query, new_key, new_value) = (query.contiguous(), new.0.contiguous(), new.1.contiguous());
-    let (pairs, h, d, capacity) = ((n * h) as usize, h as usize, d as usize, capacity as usize);
-    let length = |pair: usize| attended[pair / h] as usize;
-    // Row r's scores, then its probabilities: (H, attended[r]) each, so that every row's softmax
-    // runs over its own positions only (libtorch sums a row shorter than its vector width in
-    // another order than a padded one: a batch would change a short row's result).
-    let mut scores: Vec<Tensor> = attended.iter().map(|&len| Tensor::empty([h as i64, len], (Kind::Float, Device::Cpu))).collect();
+    let (pairs, h, kv, d, capacity) = ((n * h) as usize, h as usize, kv as usize, d as usize, capacity as usize);
+    // Each query pair's cache pair (its row's kv head), and the positions it attends to: the row's
+    // last `window` (all without one), `first..attended`.
+    let cache_pair = |pair: usize| pair / h * kv + pair % h / (h / kv);
+    let first = |pair: usize| window.map_or(0, |w| (attended[pair / h] - w).max(0)) as usize;
+    let span = |pair: usize| attended[pair / h] as usize - first(pair);
+    // Row r's scores, then its probabilities: (H, span) each, so that every row's softmax runs
+    // over its own positions only (libtorch sums a row shorter than its vector width in another
+    // order than a padded one: a batch would change a short row's result).
+    let mut scores: Vec<Tensor> =
+        (0..n as usize).map(|r| Tensor::empty([h as i64, span(r * h) as i64], (Kind::Float, Device::Cpu))).collect();
     let scale = (d as f32).sqrt();
-    // SAFETY (both blocks): contiguous fp32 CPU tensors of these element counts, alive for the
-    // call; each thread writes only its own pairs' slices of the cache, `scores` and `out` (fresh),
-    // and reads the cache only in its own pairs' slices, or after the region that wrote them; the
-    // CPU has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
+    // SAFETY (all blocks): contiguous fp32 CPU tensors of these element counts, alive for the
+    // call. The new entries are written first, on this thread; then each thread writes only its
+    // own pairs' slices of `scores` and `out` (fresh) and reads the cache, which no thread writes
+    // any more. The CPU has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
+    unsafe {
+        let new_k = std::slice::from_raw_parts(new_key.data_ptr() as *const f32, n as usize * kv * d);
+        let new_v = std::slice::from_raw_parts(new_value.data_ptr() as *const f32, n as usize * kv * d);
+        let (k, v) = (raw_mut(keys, n as usize * kv * capacity * d), raw_mut(values, n as usize * kv * capacity * d));
+        for c in 0..n as usize * kv {
+            let slot = (c * capacity + attended[c / kv] as usize - 1) * d;
+            k[slot..slot + d].copy_from_slice(&new_k[c * d..][..d]);
+            v[slot..slot + d].copy_from_slice(&new_v[c * d..][..d]);
+        }
+    }
     unsafe {
         let q = std::slice::from_raw_parts(query.data_ptr() as *const f32, pairs * d);
-        let new_k = std::slice::from_raw_parts(new_key.data_ptr() as *const f32, pairs * d);
-        let new_v = std::slice::from_raw_parts(new_value.data_ptr() as *const f32, pairs * d);
-        let (k, v) = (SharedOut::new(raw_mut(keys, pairs * capacity * d)), SharedOut::new(raw_mut(values, pairs * capacity * d)));
+        let k = std::slice::from_raw_parts(keys.data_ptr() as *const f32, n as usize * kv * capacity * d);
         let s: Vec<SharedOut> = scores.iter_mut().map(|t| SharedOut::new(raw_mut(t, t.numel()))).collect();
-        for_pairs(pairs, &length, &|pair| {
-            let (len, at) = (length(pair), pair * capacity * d);
-            let slot = at + (len - 1) * d;
-            std::ptr::copy_nonoverlapping(new_k[pair * d..].as_ptr(), k.get().wrapping_add(slot), d);
-            std::ptr::copy_nonoverlapping(new_v[pair * d..].as_ptr(), v.get().wrapping_add(slot), d);
-            let keys = std::slice::from_raw_parts(k.get().wrapping_add(at), len * d);
-            score(&q[pair * d..][..d], keys, scale, s[pair / h].get().wrapping_add(pair % h * len));
+        for_pairs(pairs, &span, &|pair| {
+            let (len, at) = (span(pair), (cache_pair(pair) * capacity + first(pair)) * d);
+            score(&q[pair * d..][..d], &k[at..][..len * d], scale, s[pair / h].get().wrapping_add(pair % h * len));
         });
     }
     let probabilities: Vec<Tensor> = scores.iter().map(|t| t.softmax(-1, Kind::Float)).collect();
     let out = Tensor::empty([n, h as i64, 1, d as i64], (Kind::Float, Device::Cpu));
     unsafe {
         let p: Vec<&[f32]> = probabilities.iter().map(|t| std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel())).collect();
-        let v = std::slice::from_raw_parts(values.data_ptr() as *const f32, pairs * capacity * d);
+        let v = std::slice::from_raw_parts(values.data_ptr() as *const f32, n as usize * kv * capacity * d);
         let o = SharedOut::new(std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, pairs * d));
-        for_pairs(pairs, &length, &|pair| {
-            let len = length(pair);
+        for_pairs(pairs, &span, &|pair| {
+            let (len, at) = (span(pair), (cache_pair(pair) * capacity + first(pair)) * d);
             let p = &p[pair / h][pair % h * len..][..len];
-            weighted_sum(p, &v[pair * capacity * d..][..len * d], o.get().wrapping_add(pair * d), d);
+            weighted_sum(p, &v[at..][..len * d], o.get().wrapping_add(pair * d), d);
         });
     }
     Some(out)
@@ -258,12 +279,12 @@ mod tests {
         let cache = Tensor::zeros([1, 2, 8, 8], (Kind::Float, Device::Cpu));
         let (mut keys, mut values) = (cache.narrow(1, 0, 1), cache.narrow(1, 1, 1)); // halves of one tensor: disjoint
         let query = Tensor::ones([1, 1, 1, 8], (Kind::Float, Device::Cpu));
-        assert!(decode_step(&query, (&query, &query.copy()), (&mut keys, &mut values), &[1]).is_some());
+        assert!(decode_step(&query, (&query, &query.copy()), (&mut keys, &mut values), &[1], None).is_some());
         let before = cache.copy();
         let mut same = keys.shallow_clone();
-        assert!(decode_step(&query, (&query, &query), (&mut keys, &mut same), &[2]).is_none(), "keys and values are one tensor");
+        assert!(decode_step(&query, (&query, &query), (&mut keys, &mut same), &[2], None).is_none(), "keys and values are one tensor");
         let new_key = keys.narrow(2, 0, 1);
-        assert!(decode_step(&query, (&new_key, &query), (&mut keys, &mut values), &[2]).is_none(), "the new key lies in the cache");
+        assert!(decode_step(&query, (&new_key, &query), (&mut keys, &mut values), &[2], None).is_none(), "the new key lies in the cache");
         assert!(cache.equal(&before), "nothing was written");
     }
 
@@ -284,7 +305,7 @@ mod tests {
             let index = Tensor::from_slice(&attended.map(|a| a - 1)).view([n, 1, 1, 1]).expand([n, h, 1, d], false);
             let (want_keys, want_values) = (keys.scatter(2, &index, &new_key), values.scatter(2, &index, &new_value));
             let (mut got_keys, mut got_values) = (keys.copy(), values.copy());
-            let got = decode_step(&query, (&new_key, &new_value), (&mut got_keys, &mut got_values), &attended).expect("applies");
+            let got = decode_step(&query, (&new_key, &new_value), (&mut got_keys, &mut got_values), &attended, None).expect("applies");
             assert!(got_keys.equal(&want_keys) && got_values.equal(&want_values), "d {d}: the cache holds the new entries");
             for (row, &len) in attended.iter().enumerate() {
                 let r = |t: &Tensor| t.narrow(0, row as i64, 1);
@@ -294,8 +315,40 @@ mod tests {
                 assert!(diff < 1e-5, "d {d}, row {row} of {len} positions: off by {diff}");
                 // Alone, the row gets exactly what it got beside longer and shorter rows.
                 let (mut k, mut v) = (r(&keys).copy(), r(&values).copy());
-                let alone = decode_step(&r(&query), (&r(&new_key), &r(&new_value)), (&mut k, &mut v), &[len]).expect("applies");
+                let alone = decode_step(&r(&query), (&r(&new_key), &r(&new_value)), (&mut k, &mut v), &[len], None).expect("applies");
                 assert!(alone.equal(&r(&got)), "d {d}, row {row}: differs alone and in the batch");
+            }
+        }
+    }
+
+    /// Grouped and multi-query heads and windows: each query head reads its group's cache head over
+    /// its row's last `window` positions, as libtorch's attention over repeated heads and a mask.
+    #[test]
+    fn grouped_heads_and_windows_equal_libtorch_attention_over_repeated_heads() {
+        if !available() {
+            return;
+        }
+        tch::manual_seed(9);
+        let (n, h, capacity, d) = (4, 6, 30, 16);
+        let randn = |shape: [i64; 4]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let attended = [30, 1, 7, 12];
+        for (kv, window) in [(2, None), (1, Some(5)), (3, Some(40)), (6, Some(1))] {
+            let query = randn([n, h, 1, d]);
+            let (new_key, new_value) = (randn([n, kv, 1, d]), randn([n, kv, 1, d]));
+            let (mut keys, mut values) = (randn([n, kv, capacity, d]), randn([n, kv, capacity, d]));
+            let index = Tensor::from_slice(&attended.map(|a| a - 1)).view([n, 1, 1, 1]).expand([n, kv, 1, d], false);
+            let (want_keys, want_values) = (keys.scatter(2, &index, &new_key), values.scatter(2, &index, &new_value));
+            let got = decode_step(&query, (&new_key, &new_value), (&mut keys, &mut values), &attended, window).expect("applies");
+            assert!(keys.equal(&want_keys) && values.equal(&want_values), "kv {kv}: the cache holds the new entries once");
+            for (row, &len) in attended.iter().enumerate() {
+                let first = window.map_or(0, |w| (len - w).max(0));
+                let r =
+                    |t: &Tensor| t.narrow(0, row as i64, 1).narrow(2, first, len - first).repeat_interleave_self_int(h / kv, Some(1), None);
+                let q = query.narrow(0, row as i64, 1);
+                let want =
+                    Tensor::scaled_dot_product_attention::<Tensor>(&q, &r(&want_keys), &r(&want_values), None, 0.0, false, None, false);
+                let diff = (got.narrow(0, row as i64, 1) - want).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "kv {kv}, window {window:?}, row {row} of {len}: off by {diff}");
             }
         }
     }

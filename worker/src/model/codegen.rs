@@ -210,7 +210,7 @@ impl CodeGen {
                 let query = self.rotary.rotate(&query, angles).permute([0, 2, 1, 3]);
                 let key = self.rotary.rotate(&key, angles).permute([0, 2, 1, 3]);
                 let value = value.permute([0, 2, 1, 3]);
-                super::attend::decode_step(&query, (&key, &value), (cache_k, cache_v), &step.attended).unwrap_or_else(|| {
+                super::attend::decode_step(&query, (&key, &value), (cache_k, cache_v), &step.attended, None).unwrap_or_else(|| {
                     // Each row's new entries to its own position: (N, H, 1, D) indices.
                     let index = step.positions.view([-1, 1, 1, 1]).expand_as(&key);
                     let _ = cache_k.scatter_(2, &index, &key);

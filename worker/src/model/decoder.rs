@@ -261,10 +261,8 @@ impl Decoder {
         window: Option<i64>,
     ) -> Tensor {
         let (cache_k, cache_v) = layer;
-        if self.config.group() == 1 && window.is_none() {
-            if let Some(out) = super::attend::decode_step(query, new, (cache_k, cache_v), &step.attended) {
-                return out;
-            }
+        if let Some(out) = super::attend::decode_step(query, new, (cache_k, cache_v), &step.attended, window) {
+            return out;
         }
         let index = step.positions.view([-1, 1, 1, 1]).expand_as(new.0);
         let _ = cache_k.scatter_(2, &index, new.0);
