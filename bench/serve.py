@@ -1,10 +1,11 @@
 """Serving on CPU: `worker serve` vs HF transformers `generate`, in the same run, same threads.
 
-The codegen-350M shape with random weights, fp32. A request like the FauxPilot extension's: a
-prompt of PROMPT tokens, NEW new tokens, greedy. The tokenizer is a word-level stand-in whose every
-one of the 51200 ids decodes to text, so each new token is one streamed event.
+A model shape with random weights, fp32: codegen-350M, or with SHAPE=qwen2.5-coder-0.5b the Qwen2.5-Coder
+0.5B shape (grouped-query attention with 2 KV heads, a tied head). A request like the FauxPilot
+extension's: a prompt of PROMPT tokens, NEW new tokens, greedy. The tokenizer is a word-level stand-in
+whose every id decodes to text, so each new token is one streamed event.
 
-    .venv/bin/python bench/serve.py WORKDIR [THREADS]
+    SHAPE=codegen-350M .venv/bin/python bench/serve.py WORKDIR [THREADS]
 
 Prints markdown tables: one client (time to first token, decode tokens/s p50/p95, next to the
 floor the weight bytes and the measured memory bandwidth set), then 1/4/8 concurrent clients
@@ -22,23 +23,36 @@ import threading
 import time
 from pathlib import Path
 
+import os
+
 import torch
-from transformers import CodeGenConfig, CodeGenForCausalLM
+from transformers import AutoModelForCausalLM, CodeGenConfig, CodeGenForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT, NEW, VOCAB, EOS, EDIT = 500, 64, 51200, 50256, 16
+SHAPE = os.environ.get("SHAPE", "codegen-350M")
+# name -> (HF class, its config)
+SHAPES = {
+    "codegen-350M": (CodeGenForCausalLM, lambda: CodeGenConfig(
+        vocab_size=51200, n_positions=2048, n_ctx=2048, n_embd=1024, n_layer=20, n_head=16, rotary_dim=32,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False)),
+    "qwen2.5-coder-0.5b": (Qwen2ForCausalLM, lambda: Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643)),
+}
+MODEL_CLASS, MAKE_CONFIG = SHAPES[SHAPE]
+VOCAB, EOS = MAKE_CONFIG().vocab_size, MAKE_CONFIG().eos_token_id
+PROMPT, NEW, EDIT = 500, 64, 16
 CLIENTS, ROUNDS = (1, 4, 8), 3
-CONFIG = dict(vocab_size=VOCAB, n_positions=2048, n_ctx=2048, n_embd=1024, n_layer=20, n_head=16, rotary_dim=32,
-              bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False, torch_dtype="float32")
 
 
 def make_model(work: Path) -> Path:
-    out = work / "codegen-350M-random"
+    out = work / f"{SHAPE}-random"
     if (out / "model.safetensors").exists():
         return out
     torch.manual_seed(0)
-    model = CodeGenForCausalLM(CodeGenConfig(**CONFIG)).float().eval()
+    model = MODEL_CLASS(MAKE_CONFIG()).float().eval()
     model.save_pretrained(out, safe_serialization=True)
     vocab = {f"w{i}": i for i in range(VOCAB)}
     vocab["<|endoftext|>"] = EOS
@@ -85,7 +99,7 @@ class Clock(BaseStreamer):
 
 def hf_generate(model_dir: Path, threads: int, runs: int = 2):
     torch.set_num_threads(threads)
-    model = CodeGenForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results = []
     for run in range(runs):
         ids = torch.tensor([prompt_ids(run)])
@@ -139,9 +153,13 @@ def percentile(xs, p):
 def main(work: Path, threads: int):
     work.mkdir(parents=True, exist_ok=True)
     model_dir = make_model(work)
-    n_params = sum(p.numel() for p in CodeGenForCausalLM(CodeGenConfig(**CONFIG)).parameters())
-    # A decode step reads every weight matrix once; of the embedding table only one row.
-    read_bytes = (n_params - VOCAB * CONFIG["n_embd"]) * 4
+    config = MAKE_CONFIG()
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in MODEL_CLASS(config).parameters())
+    # A decode step reads every weight matrix once; of the embedding table only one row, unless
+    # it is also the head (tied), which reads all of it.
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    read_bytes = (n_params - (0 if config.tie_word_embeddings else VOCAB * hidden)) * 4
     gbs = bandwidth_gbs(threads)
     floor_ms = read_bytes / (gbs * 1e9) * 1e3
 
@@ -156,7 +174,7 @@ def main(work: Path, threads: int):
         p50, p95 = percentile(steps, 50), percentile(steps, 95)
         return f"| {name} | {ttft:.2f} | {1 / p50:.2f} | {1 / p95:.2f} | {p50 * 1e3:.1f} | {p50 * 1e3 / floor_ms:.2f}x | {runs[0][2]} |", ttft, p50
 
-    print(f"\ncodegen-350M shape, random weights, fp32, CPU, {threads} threads; prompt {PROMPT} tokens, {NEW} new, greedy.")
+    print(f"\n{SHAPE} shape, random weights, fp32, CPU, {threads} threads; prompt {PROMPT} tokens, {NEW} new, greedy.")
     print(f"Memory bandwidth (triad, same run): {gbs:.1f} GB/s; weights read per decode step {read_bytes / 1e9:.2f} GB "
           f"-> floor {floor_ms:.1f} ms/token ({1e3 / floor_ms:.1f} tokens/s).\n")
     print("| one client | time to first token s | decode tokens/s p50 | decode tokens/s p95 | ms/token p50 | vs floor | tokens |")

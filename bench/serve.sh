@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Serving benchmark on CPU: `worker serve` vs HF transformers `generate` on the codegen-350M shape
-# (random weights, fp32), THREADS threads (2), in the same run; prints the tables of bench/serve.py.
+# Serving benchmark on CPU: `worker serve` vs HF transformers `generate` on the codegen-350M shape, or
+# SHAPE=qwen2.5-coder-0.5b (random weights, fp32), THREADS threads (2), in the same run; prints the
+# tables of bench/serve.py.
 # The random model (1.4 GB) is kept in WORK (default .bench-serve/) between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -107,7 +107,9 @@ fn tokenizer_for(plan: &TrainPlan, train: &[Document], kept: Option<&Path>) -> R
                 .to_string(true)
                 .map_err(|e| CoordinatorError::Tokenizer { what: "cannot serialise the trained tokenizer", message: e.to_string() })?;
             tracing::info!("trained a byte-level BPE tokenizer of {} tokens", tok.get_vocab_size(true));
-            Ok((tok, vec![("tokenizer.json".to_string(), json.into_bytes())], "--train_tokenizer".into()))
+            let mut files = vec![("tokenizer.json".to_string(), json.into_bytes())];
+            files.extend(tokenizer::trained_tokenizer_files());
+            Ok((tok, files, "--train_tokenizer".into()))
         }
     }
 }

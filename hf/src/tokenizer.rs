@@ -86,6 +86,19 @@ pub fn document_prefix(tokenizer: &Tokenizer) -> Vec<u32> {
     }
 }
 
+/// The files HF's `AutoTokenizer` reads beside a tokenizer.json we trained, so that it loads with
+/// the same special tokens: `<|endoftext|>` as bos and eos (`tokenizer_config.json`,
+/// `special_tokens_map.json`), as `PreTrainedTokenizerFast`.
+pub fn trained_tokenizer_files() -> Vec<(String, Vec<u8>)> {
+    let specials = serde_json::json!({"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN});
+    let mut config = specials.clone();
+    config["tokenizer_class"] = "PreTrainedTokenizerFast".into();
+    config["add_bos_token"] = false.into();
+    config["clean_up_tokenization_spaces"] = false.into();
+    let text = |value: &serde_json::Value| serde_json::to_string_pretty(value).expect("JSON values serialise").into_bytes();
+    vec![("tokenizer_config.json".into(), text(&config)), ("special_tokens_map.json".into(), text(&specials))]
+}
+
 /// The file a tokenizer in `dir` is loaded from (for messages).
 pub fn file_in(dir: &Path) -> PathBuf {
     let json = dir.join("tokenizer.json");

@@ -120,6 +120,8 @@ fn a_tiny_llama_from_scratch_saves_what_hf_loads_and_generates_its_greedy_ids() 
     let hf: serde_json::Value = serde_json::from_slice(&hf.stdout).unwrap();
     assert!(hf["min_margin"].as_f64().unwrap() > 1e-4, "a near tie in HF's greedy choice: {hf}");
     assert_eq!(ours["prompt_ids"], hf["prompt_ids"], "AutoTokenizer encodes as we do");
+    let specials = (&hf["eos_token_id"], &hf["bos_token_id"]);
+    assert_eq!(specials, (&config["eos_token_id"], &config["bos_token_id"]), "AutoTokenizer has the config's special tokens");
     let new_ids = ours["new_ids"].as_array().unwrap();
     assert_eq!(new_ids[..], hf["new_ids"].as_array().unwrap()[..new_ids.len()], "greedy ids (ours stop at eos)");
 }

@@ -1,5 +1,5 @@
 //! `worker eval` through the real binary: its predictions equal HF `generate` for every position
-//! with the same prompts, its files agree, its positions are seeded, and bad input is refused
+//! with the same prompts (CodeGen and the Llama decoder family), its files agree, its positions are seeded, and bad input is refused
 //! with the file or flag named. (The metrics against rapidfuzz: worker/tests/eval_metrics.rs.)
 
 mod common;
@@ -39,10 +39,23 @@ fn read_lines(path: &Path) -> Vec<Value> {
 
 #[test]
 fn predictions_equal_hf_generate_for_every_position_and_the_files_agree() {
+    assert_predictions_equal_hf(&fixtures().join("tiny-decode"), &fixtures().join("tiny"));
+}
+
+/// The same, unchanged, for the Llama decoder family: a Qwen2 (tied, one KV head, a window)
+/// against a Llama base (grouped KV heads, biases), sharing the fixtures' tokenizer.
+#[test]
+fn the_decoder_family_evaluates_as_hf_generates() {
+    assert_predictions_equal_hf(&fixtures().join("decoders/qwen2"), &fixtures().join("decoders/llama"));
+}
+
+/// `worker eval` of `model` against `base` on `documents()`: every prediction is HF's greedy next
+/// line, and the summary is the mean of the lines.
+fn assert_predictions_equal_hf(model: &Path, base: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     let docs = documents(tmp.path());
     let out = tmp.path().join("out");
-    let (model, base) = (fixtures().join("tiny-decode"), fixtures().join("tiny"));
+    let (model, base) = (model.to_path_buf(), base.to_path_buf());
     let run = eval(&["--model", &s(&model), "--base", &s(&base), "--validation_file", &s(&docs), "--output_dir", &s(&out)]);
     assert!(run.status.success(), "{}", stderr(&run));
     let err = stderr(&run);

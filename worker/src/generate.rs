@@ -77,7 +77,7 @@ impl Generation {
 
 /// `worker generate`: what to complete with which model.
 pub struct GenerateArgs {
-    /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+    /// A zerotune output dir, a checkpoint-<step>/ or an HF model dir (CodeGen, Llama, Qwen2, StarCoder2).
     pub model: PathBuf,
     pub prompt: String,
     pub max_new_tokens: usize,

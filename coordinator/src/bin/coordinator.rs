@@ -9,7 +9,10 @@ use zerotune_data::files2jsonl::{self, Filter};
 use zerotune_proto::plan::Precision;
 
 #[derive(Parser)]
-#[command(version, about = "zerotune coordinator: fine-tune CodeGen on your code")]
+#[command(
+    version,
+    about = "zerotune coordinator: fine-tune a code model (CodeGen, Qwen2.5-Coder, DeepSeek-Coder, CodeLlama, StarCoder2) on your code"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -31,7 +31,8 @@ pub struct TrainArgs {
 #[derive(clap::Args, Debug, Clone)]
 #[command(rename_all = "snake_case")]
 pub struct ModelArgs {
-    /// HF-layout CodeGen directory to fine-tune (config.json + weights + tokenizer).
+    /// HF model directory to fine-tune (config.json + weights + tokenizer): CodeGen, or a Llama,
+    /// Qwen2 or StarCoder2 (DeepSeek-Coder, CodeLlama, Qwen2.5-Coder, StarCoder2) model.
     #[arg(long)]
     pub model_name_or_path: Option<PathBuf>,
     /// Train from scratch: a built-in config (tiny, codegen-350M, codegen-2B, codegen-6B,

@@ -44,7 +44,7 @@ enum Command {
     /// Complete a prompt with a saved model (greedy unless --temperature > 0).
     #[command(rename_all = "snake_case")]
     Generate {
-        /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+        /// A zerotune output dir, a checkpoint-<step>/ or an HF model dir (CodeGen, Llama, Qwen2, StarCoder2).
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -78,7 +78,7 @@ enum Command {
 #[derive(clap::Args)]
 #[command(rename_all = "snake_case")]
 struct EvalArgs {
-    /// The model to evaluate: a zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+    /// The model to evaluate: a zerotune output dir, a checkpoint-<step>/ or an HF model dir (CodeGen, Llama, Qwen2, StarCoder2).
     #[arg(long)]
     model: PathBuf,
     /// The model it started from, evaluated on the same positions (its tokenizer must be the same).

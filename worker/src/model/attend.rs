@@ -27,29 +27,12 @@ pub fn decode_step(
     attended: &[i64],
     window: Option<i64>,
 ) -> Option<Tensor> {
-    let (n, h, t, d) = query.size4().ok()?;
     let (keys, values) = cache;
-    let (_, kv, capacity, _) = keys.size4().ok()?;
-    let applies = t == 1
-        && d % 8 == 0
-        && kv > 0
-        && h % kv == 0
-        && window.is_none_or(|w| w > 0)
-        && available()
-        && [query, new.0, new.1, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
-        && new.0.size() == [n, kv, 1, d]
-        && new.1.size() == new.0.size()
-        && keys.size() == [n, kv, capacity, d]
-        && values.size() == keys.size()
-        && keys.is_contiguous()
-        && values.is_contiguous()
-        && query.numel() > 0 // no empty slices from libtorch's null data pointers
-        && attended.len() == n as usize
-        && attended.iter().all(|&a| 1 <= a && a <= capacity)
-        && disjoint(&[new.0, new.1, keys, values]);
-    if !applies {
+    if !applies(query, new, (keys, values), attended, window) {
         return None;
     }
+    let (n, h, _, d) = query.size4().ok()?;
+    let (_, kv, capacity, _) = keys.size4().ok()?;
     let _guard = tch::no_grad_guard();
     let (query, new_key, new_value) = (query.contiguous(), new.0.contiguous(), new.1.contiguous());
     let (pairs, h, kv, d, capacity) = ((n * h) as usize, h as usize, kv as usize, d as usize, capacity as usize);
@@ -64,20 +47,11 @@ pub fn decode_step(
     let mut scores: Vec<Tensor> =
         (0..n as usize).map(|r| Tensor::empty([h as i64, span(r * h) as i64], (Kind::Float, Device::Cpu))).collect();
     let scale = (d as f32).sqrt();
-    // SAFETY (all blocks): contiguous fp32 CPU tensors of these element counts, alive for the
-    // call. The new entries are written first, on this thread; then each thread writes only its
-    // own pairs' slices of `scores` and `out` (fresh) and reads the cache, which no thread writes
-    // any more. The CPU has AVX2 + FMA (`available()`), which `score` and `weighted_sum` enable.
-    unsafe {
-        let new_k = std::slice::from_raw_parts(new_key.data_ptr() as *const f32, n as usize * kv * d);
-        let new_v = std::slice::from_raw_parts(new_value.data_ptr() as *const f32, n as usize * kv * d);
-        let (k, v) = (raw_mut(keys, n as usize * kv * capacity * d), raw_mut(values, n as usize * kv * capacity * d));
-        for c in 0..n as usize * kv {
-            let slot = (c * capacity + attended[c / kv] as usize - 1) * d;
-            k[slot..slot + d].copy_from_slice(&new_k[c * d..][..d]);
-            v[slot..slot + d].copy_from_slice(&new_v[c * d..][..d]);
-        }
-    }
+    write_new_entries((&new_key, &new_value), (keys, values), attended);
+    // SAFETY (both blocks): contiguous fp32 CPU tensors of these element counts, alive for the
+    // call; each thread writes only its own pairs' slices of `scores` and `out` (fresh) and reads
+    // the cache, which no thread writes any more. The CPU has AVX2 + FMA (`available()`), which
+    // `score` and `weighted_sum` enable.
     unsafe {
         let q = std::slice::from_raw_parts(query.data_ptr() as *const f32, pairs * d);
         let k = std::slice::from_raw_parts(keys.data_ptr() as *const f32, n as usize * kv * capacity * d);
@@ -100,6 +74,49 @@ pub fn decode_step(
         });
     }
     Some(out)
+}
+
+/// Whether `decode_step` applies: one fp32 CPU token per row, D a multiple of 8, whole groups of
+/// query heads per KV head, contiguous disjoint caches that hold every row's positions, AVX2.
+fn applies(query: &Tensor, new: (&Tensor, &Tensor), cache: (&Tensor, &Tensor), attended: &[i64], window: Option<i64>) -> bool {
+    let (Ok((n, h, t, d)), Ok((_, kv, capacity, _))) = (query.size4(), cache.0.size4()) else { return false };
+    let (keys, values) = cache;
+    t == 1
+        && d % 8 == 0
+        && kv > 0
+        && h % kv == 0
+        && window.is_none_or(|w| w > 0)
+        && available()
+        && [query, new.0, new.1, keys, values].iter().all(|x| x.kind() == Kind::Float && x.device() == Device::Cpu)
+        && new.0.size() == [n, kv, 1, d]
+        && new.1.size() == new.0.size()
+        && keys.size() == [n, kv, capacity, d]
+        && values.size() == keys.size()
+        && keys.is_contiguous()
+        && values.is_contiguous()
+        && query.numel() > 0 // no empty slices from libtorch's null data pointers
+        && attended.len() == n as usize
+        && attended.iter().all(|&a| 1 <= a && a <= capacity)
+        && disjoint(&[new.0, new.1, keys, values])
+}
+
+/// Copies each row's new key and value (N, KV, 1, D), contiguous, into its cache rows (N, KV, C, D)
+/// at the row's last attended position, on this thread, before any thread reads the cache.
+fn write_new_entries(new: (&Tensor, &Tensor), cache: (&mut Tensor, &mut Tensor), attended: &[i64]) {
+    let (n, kv, capacity, d) = cache.0.size4().expect("(N, KV, C, D)");
+    let (n, kv, capacity, d) = (n as usize, kv as usize, capacity as usize, d as usize);
+    // SAFETY: `decode_step` checked the shapes, kinds, contiguity and disjointness of these
+    // tensors; this thread is the only one touching them here.
+    unsafe {
+        let new_k = std::slice::from_raw_parts(new.0.data_ptr() as *const f32, n * kv * d);
+        let new_v = std::slice::from_raw_parts(new.1.data_ptr() as *const f32, n * kv * d);
+        let (k, v) = (raw_mut(cache.0, n * kv * capacity * d), raw_mut(cache.1, n * kv * capacity * d));
+        for c in 0..n * kv {
+            let slot = (c * capacity + attended[c / kv] as usize - 1) * d;
+            k[slot..slot + d].copy_from_slice(&new_k[c * d..][..d]);
+            v[slot..slot + d].copy_from_slice(&new_v[c * d..][..d]);
+        }
+    }
 }
 
 /// The `len` floats of a contiguous fp32 tensor, writable.

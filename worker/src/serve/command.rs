@@ -19,7 +19,7 @@ use crate::precision::DtypeArgs;
 #[derive(clap::Args, Debug)]
 #[command(rename_all = "snake_case")]
 pub struct ServeArgs {
-    /// A zerotune output dir, a checkpoint-<step>/ or an HF CodeGen dir.
+    /// A zerotune output dir, a checkpoint-<step>/ or an HF model dir (CodeGen, Llama, Qwen2, StarCoder2).
     #[arg(long)]
     pub model: PathBuf,
     /// The address to listen on (loopback unless told otherwise).
@@ -112,6 +112,10 @@ fn announce(loaded: &Loaded, precision: Precision, device: Device, listener: &Tc
     let addr = listener.local_addr().map_err(WorkerError::Os)?;
     let (parameters, context) = (loaded.config.num_parameters(), loaded.config.context());
     let (max_batch, max_queue) = (options.max_batch, options.max_queue);
+    // The prefix cache holds keys and values of the model's key/value heads only.
+    let value_bytes = crate::dtype::precision_kind(precision).elt_size_in_bytes();
+    let prefix_cache_mib = loaded.config.kv_values_per_token() * value_bytes * options.prefix_cache_tokens / (1 << 20);
+    let prefix_cache_tokens = options.prefix_cache_tokens;
     tracing::info!(
         target: LIFECYCLE,
         model = %loaded.dir.display(),
@@ -122,7 +126,9 @@ fn announce(loaded: &Loaded, precision: Precision, device: Device, listener: &Tc
         %addr,
         max_batch,
         max_queue,
-        "serving {} ({parameters} parameters, {precision:?} on {device:?}, context {context}) at http://{addr}/v1 (max batch {max_batch}, queue {max_queue})",
+        prefix_cache_tokens,
+        prefix_cache_mib,
+        "serving {} ({parameters} parameters, {precision:?} on {device:?}, context {context}) at http://{addr}/v1 (max batch {max_batch}, queue {max_queue}, prefix cache {prefix_cache_tokens} tokens = {prefix_cache_mib} MiB)",
         loaded.dir.display(),
     );
     Ok(())
