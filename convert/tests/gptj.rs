@@ -56,6 +56,24 @@ fn refuses_existing_output_and_non_codegen_input() {
     assert!(!err.contains("panicked"));
 }
 
+/// The Llama decoder family has no FasterTransformer, Triton or GPT-J layout: each conversion is
+/// refused by the model's type, pointing to `worker serve`, and writes nothing.
+#[test]
+fn the_decoder_family_is_refused_by_name_and_pointed_to_worker_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen = fixtures().join("decoders/qwen2").to_string_lossy().into_owned();
+    let out = tmp.path().join("out").to_string_lossy().into_owned();
+    let store = tmp.path().join("store").to_string_lossy().into_owned();
+    for args in [vec!["gptj", &qwen, &out], vec!["fastertransformer", &qwen, &out], vec!["triton", &qwen, "--model_store", &store]] {
+        let run = convert(&args);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?}");
+        assert!(err.contains("a qwen2 model cannot be converted") && err.contains("worker serve --model"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "nothing was written");
+}
+
 #[test]
 fn a_source_that_shrinks_during_the_conversion_is_an_error_and_leaves_nothing() {
     use zerotune_convert::{gptj, output::Staged, source::Source};

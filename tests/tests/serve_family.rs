@@ -1,7 +1,8 @@
 //! `worker serve` for the Llama decoder family: the official openai SDK gets HF `generate`'s
 //! greedy text and log-probabilities, plain and streamed, from a tied multi-query Qwen2 with a
 //! sliding window and an untied grouped-query Llama (tests/fixtures: meta.json
-//! "decoder_serve"); 8 concurrent clients, decoding in one batch, each get the text they get alone.
+//! "decoder_serve"); 8 concurrent clients, decoding in one batch, each get the text they get alone;
+//! the FauxPilot extension's exact request is answered.
 
 mod common;
 
@@ -81,4 +82,29 @@ fn eight_concurrent_clients_get_hf_greedy_text_from_each_family() {
         }
         assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64, "{name}");
     }
+}
+
+/// The FauxPilot extension's exact request (Venthe/vscode-fauxpilot 1.2.0, 200 new tokens) to a
+/// Qwen2 whose context holds them: a completion cut at the stop string, the model echoed back.
+#[test]
+fn the_fauxpilot_extensions_exact_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen2-256");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("decoders/qwen2")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(256);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let server = Server::start_model(&dir, &[], &[]);
+    let body = r#"{"model":"fastertransformer","prompt":"def add(a, b):\n    return","max_tokens":200,"temperature":0.1,"stop":["\n"]}"#;
+    let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer dummy")];
+    let reply = http::request(&server.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let v = reply.json();
+    assert!(!v["choices"][0]["text"].as_str().unwrap().contains('\n'), "the stop string is cut: {v}");
+    assert!(["stop", "length"].contains(&v["choices"][0]["finish_reason"].as_str().unwrap()), "{v}");
+    assert_eq!(v["model"], "fastertransformer", "model is echoed back");
 }

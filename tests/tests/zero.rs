@@ -33,15 +33,21 @@ fn ds_config(dir: &Path, stage: u8, offload: bool) -> PathBuf {
 /// `coordinator train` fine-tuning the tiny fixture into `out` on `world` CPU ranks, with the
 /// ZeRO settings of `ds`, plus `extra` flags.
 fn coordinator(t: &Path, out: &Path, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> Command {
-    coordinator_of(&fixtures().join("tiny"), t, out, world, accumulation, ds, extra)
+    coordinator_of(&pretrained(&fixtures().join("tiny")), t, out, world, accumulation, ds, extra)
 }
 
-/// The same, fine-tuning the model in `model`.
-fn coordinator_of(model: &Path, t: &Path, out: &Path, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> Command {
+/// `--model_name_or_path DIR`.
+fn pretrained(dir: &Path) -> Vec<String> {
+    vec!["--model_name_or_path".into(), s(dir)]
+}
+
+/// The same, training the model `model` names (`pretrained`, or `--config_name` flags).
+fn coordinator_of(model: &[String], t: &Path, out: &Path, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(binary("coordinator"));
     command
         .args(["train", "--device", "cpu", "--cache_dir", &s(&t.join("cache"))])
-        .args(["--model_name_or_path", &s(model), "--train_file", &s(&source_dir()), "--output_dir", &s(out)])
+        .args(model)
+        .args(["--train_file", &s(&source_dir()), "--output_dir", &s(out)])
         .args(["--do_train", "--num_workers", &world.to_string(), "--gradient_accumulation_steps", &accumulation.to_string()])
         .args(["--per_device_train_batch_size", "1", "--block_size", "32", "--learning_rate", "2e-3", "--weight_decay", "0.1"])
         .args(["--adam_epsilon", "1e-6", "--warmup_steps", "2", "--max_grad_norm", "0.5", "--logging_steps", "1"])
@@ -52,11 +58,11 @@ fn coordinator_of(model: &Path, t: &Path, out: &Path, world: usize, accumulation
 
 /// Runs `coordinator(..)` to success into `t/name`; returns the output dir.
 fn run(t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
-    run_of(&fixtures().join("tiny"), t, name, world, accumulation, ds, extra)
+    run_of(&pretrained(&fixtures().join("tiny")), t, name, world, accumulation, ds, extra)
 }
 
-/// The same for the model in `model`.
-fn run_of(model: &Path, t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
+/// The same for the model `model` names.
+fn run_of(model: &[String], t: &Path, name: &str, world: usize, accumulation: usize, ds: &Path, extra: &[&str]) -> PathBuf {
     let out = t.join(name);
     let result = coordinator_of(model, t, &out, world, accumulation, ds, extra).output().unwrap();
     let err = stderr(&result);
@@ -113,22 +119,36 @@ fn zero_ranks_equal_single_rank_training_on_the_same_global_batches() {
     }
 }
 
+/// A Llama with one KV head and an untied head, from scratch (`--config_name`, HF's init), with
+/// the fixtures' tokenizer.
+fn mqa_untied(t: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(fixtures().join("decoders/llama-mqa-tied/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["tie_word_embeddings"] = false.into();
+    config["initializer_range"] = 0.02.into();
+    let path = t.join("llama-mqa-untied.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    ["--config_name", &s(&path), "--tokenizer_name", &s(&fixtures().join("tiny"))].map(String::from).to_vec()
+}
+
 /// The decoder family trains across ranks as CodeGen does: grouped KV heads with a tied head (one
-/// parameter, partitioned, reduced and clipped once) and with an untied one, sliding windows
-/// inside the blocks, on 2 and 3 ranks with ZeRO-2 and offload; then a resume on 3 ranks from
-/// a 2-rank checkpoint.
+/// parameter, partitioned, reduced and clipped once) and with an untied one, one KV head with an
+/// untied head, sliding windows inside the blocks, on 2 and 3 ranks with ZeRO-2 and offload; then
+/// a resume on 3 ranks from a 2-rank checkpoint.
 #[test]
 fn decoder_models_train_on_any_world_size_as_on_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let ds = ds_config(t, 2, true);
-    for name in ["starcoder2", "llama"] {
-        // At HF's init range (0.02): with 0.2, gradient noise between orders of summation reaches
-        // Adam's eps in a few weights (the per-step loss and norm still agree to 1e-8).
-        let model = fixtures().join("decoders").join(format!("{name}-train"));
+    // At HF's init range (0.02): with 0.2, gradient noise between orders of summation reaches
+    // Adam's eps in a few weights (the per-step loss and norm still agree to 1e-8).
+    let dir = |name: &str| pretrained(&fixtures().join("decoders").join(format!("{name}-train")));
+    let models = [("starcoder2", dir("starcoder2")), ("llama", dir("llama")), ("llama-mqa-untied", mqa_untied(t))];
+    for (name, model) in models {
         let steps = ["--max_steps", "6", "--save_steps", "3"];
         let reference = run_of(&model, t, &format!("{name}-single"), 1, 12, &ds, &steps);
-        assert!(weights_rel_err(&reference, &model) > 1e-3, "{name}: training changed the weights");
+        let halfway = reference.join("checkpoint-3/model");
+        assert!(weights_rel_err(&reference, &halfway) > 1e-3, "{name}: training changed the weights");
         for world in [2, 3] {
             let out = run_of(&model, t, &format!("{name}-w{world}"), world, 12 / world, &ds, &steps);
             let err = weights_rel_err(&out, &reference);
