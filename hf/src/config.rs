@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::{invalid, io_err, Error, Result};
+use crate::Result;
 
 /// CodeGen-1's qkv_proj holds its heads in this many chunks (`mp_num` in HF's modeling_codegen.py;
 /// CodeGen2 uses 8, not supported).
@@ -69,9 +69,7 @@ impl CodeGenConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
-        Self::from_value(value).map_err(|message| invalid(path, message))
+        crate::read_config(path, Self::from_value)
     }
 
     /// Parses and validates config.json content; the error is a sentence for the user.

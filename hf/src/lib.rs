@@ -64,6 +64,13 @@ pub fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> PathIo
     move |source| PathIo { path, source }
 }
 
+/// Reads the config.json at `path` and parses it with `parse`, naming the file in any error.
+pub(crate) fn read_config<T>(path: &std::path::Path, parse: impl FnOnce(serde_json::Value) -> std::result::Result<T, String>) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
+    parse(value).map_err(|message| invalid(path, message))
+}
+
 pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> Error {
     Error::Invalid { path: path.into(), message: message.into() }
 }

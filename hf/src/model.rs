@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::decoder::Family;
-use crate::{invalid, io_err, CodeGenConfig, DecoderConfig, Error, Result};
+use crate::{CodeGenConfig, DecoderConfig, Result};
 
 /// A validated config.json of any supported architecture.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,9 +35,7 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
-        Self::from_value(value).map_err(|message| invalid(path, message))
+        crate::read_config(path, Self::from_value)
     }
 
     /// Parses and validates config.json content by its `model_type` (absent: CodeGen, as older

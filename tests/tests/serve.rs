@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::http::{self, Stream};
 use common::server::Server;
-use common::{fixtures, signal};
+use common::{fixtures, model_with, signal};
 use serde_json::{json, Value};
 use zerotune_tests::meta;
 
@@ -178,15 +178,7 @@ fn the_fauxpilot_extensions_exact_request_and_the_other_routes() {
     // The same weights with a context of 256 (CodeGen has no position embeddings: n_positions
     // only bounds the context) answer the exact request.
     let tmp = tempfile::tempdir().unwrap();
-    let long_context = tmp.path().join("tiny-decode-256");
-    std::fs::create_dir(&long_context).unwrap();
-    for entry in std::fs::read_dir(model()).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, long_context.join(path.file_name().unwrap())).unwrap();
-    }
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(long_context.join("config.json")).unwrap()).unwrap();
-    config["n_positions"] = json!(256);
-    std::fs::write(long_context.join("config.json"), config.to_string()).unwrap();
+    let long_context = model_with(&model(), &tmp.path().join("tiny-decode-256"), "n_positions", json!(256));
     let long = Server::start_model(&long_context, &[], &[]);
     let reply = http::request(&long.addr, "POST", "/v1/engines/codegen/completions", &headers, body);
     assert_eq!(reply.status, 200, "{}", reply.body);

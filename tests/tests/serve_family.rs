@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::server::Server;
-use common::{fixtures, http};
+use common::{fixtures, http, model_with};
 use serde_json::{json, Value};
 use zerotune_tests::meta;
 
@@ -89,15 +89,7 @@ fn eight_concurrent_clients_get_hf_greedy_text_from_each_family() {
 #[test]
 fn the_fauxpilot_extensions_exact_request() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("qwen2-256");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures().join("decoders/qwen2")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    config["max_position_embeddings"] = json!(256);
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let dir = model_with(&fixtures().join("decoders/qwen2"), &tmp.path().join("qwen2-256"), "max_position_embeddings", json!(256));
     let server = Server::start_model(&dir, &[], &[]);
     let body = r#"{"model":"fastertransformer","prompt":"def add(a, b):\n    return","max_tokens":200,"temperature":0.1,"stop":["\n"]}"#;
     let headers = [("Content-Type", "application/json"), ("Authorization", "Bearer dummy")];

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::{invalid, io_err, Error, Result};
+use crate::Result;
 use keys::{biases, dropout, rope, windows, Keys};
 
 /// Which member of the family (config.json's `model_type`).
@@ -194,9 +194,7 @@ pub struct DecoderConfig {
 impl DecoderConfig {
     /// Reads and validates `path` (a config.json of the family).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.into(), source })?;
-        Self::from_value(value).map_err(|message| invalid(path, message))
+        crate::read_config(path, Self::from_value)
     }
 
     /// Parses and validates config.json content; the error is a sentence naming the key.

@@ -26,6 +26,21 @@ pub fn source_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../coordinator/src")
 }
 
+/// A copy of the model directory `from` at `to` (files only), with config.json's `key` set to
+/// `value`: the same weights under another setting.
+#[allow(dead_code)] // not every test binary edits a model
+pub fn model_with(from: &Path, to: &Path, key: &str, value: serde_json::Value) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(to.join("config.json")).unwrap()).unwrap();
+    config[key] = value;
+    std::fs::write(to.join("config.json"), config.to_string()).unwrap();
+    to.to_path_buf()
+}
+
 /// `coordinator train` with the given flags plus a private token cache; returns its output.
 pub fn train(cache: &Path, args: &[&str]) -> Output {
     let out = Command::new(binary("coordinator"))

@@ -3,7 +3,7 @@
 //! through `scaled_dot_product_attention`, gelu_new MLP, untied lm_head with bias.
 //! Shapes: B batch, T tokens, C = n_embd, H heads, D = C/H, V vocab rows.
 
-use tch::{Kind, Reduction, TchError, Tensor};
+use tch::{Kind, Reduction, Tensor};
 use zerotune_hf::CodeGenConfig;
 
 use super::kv::{BatchCache, KvCache, Step};
@@ -89,25 +89,6 @@ impl CodeGen {
         }
     }
 
-    /// Logits in f32 (HF upcasts them).  ids: (B, T) int64 -> (B, T, V)
-    pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        self.forward_cached(ids, None, train)
-    }
-
-    /// Forward pass that appends to `cache` when given (prompt first, then one token at a time).
-    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        self.logits(&self.hidden(ids, cache, train))
-    }
-
-    /// The prompt's pass that fills `cache`, with the logits of its last position only (all
-    /// positions when `all`): the lm_head over a long prompt costs as much as a few layers.
-    /// ids: (B, T) -> (B, 1 or T, V)
-    pub fn prefill(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
-        let h = self.hidden(ids, Some(cache), false);
-        let t = h.size()[1];
-        self.logits(&if all { h } else { h.narrow(1, t - 1, 1) })
-    }
-
     /// One new token per row of `cache`, each at its own position (the row's length): rows of
     /// different lengths decode together, and each row's logits are those it would get alone.
     /// ids: (N, 1) -> (N, V)
@@ -137,23 +118,6 @@ impl CodeGen {
     fn logits(&self, h: &Tensor) -> Tensor {
         let rows = if h.size()[1] == 1 { h.size()[0] } else { 0 };
         project(h, &self.lm_head_weight, Some(&self.lm_head_bias), rows).to_kind(Kind::Float)
-    }
-
-    /// Mean next-token cross-entropy of each block predicting itself shifted by one (HF labels =
-    /// input_ids).  ids: (B, T) -> scalar f32
-    pub fn loss(&self, ids: &Tensor, train: bool) -> Tensor {
-        super::shared::loss(self, ids, train, Reduction::Mean)
-    }
-
-    /// Summed next-token cross-entropy, for evaluation over many batches.  ids: (B, T) -> scalar
-    pub fn loss_sum(&self, ids: &Tensor) -> Tensor {
-        super::shared::loss(self, ids, false, Reduction::Sum)
-    }
-
-    /// The training loss, its gradients (times `grad_scale`) added into the parameters' `.grad`,
-    /// with or without gradient checkpointing (`shared::loss_backward`).
-    pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
-        super::shared::loss_backward(self, ids, train, grad_scale, checkpointing)
     }
 
     /// Token embeddings with embedding dropout.  ids: (B, T) -> (B, T, C)
@@ -226,6 +190,14 @@ impl CodeGen {
 }
 
 impl Stack for CodeGen {
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        CodeGen::hidden(self, ids, cache, train)
+    }
+
+    fn logits(&self, h: &Tensor) -> Tensor {
+        CodeGen::logits(self, h)
+    }
+
     fn layers(&self) -> usize {
         self.blocks.len()
     }

@@ -7,7 +7,7 @@
 //! Shapes: B batch, T tokens, E hidden, H query heads, KV key/value heads, D head_dim, I MLP
 //! width, V vocab rows, N rows of a decode step.
 
-use tch::{Device, Kind, Reduction, TchError, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 use zerotune_hf::DecoderConfig;
 
 use super::kv::{BatchCache, KvCache, Step};
@@ -131,24 +131,6 @@ impl Decoder {
         }
     }
 
-    /// Logits in f32.  ids: (B, T) int64 -> (B, T, V)
-    pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        self.forward_cached(ids, None, train)
-    }
-
-    /// Forward pass that appends to `cache` when given (prompt first, then one token at a time).
-    pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        self.logits(&self.hidden(ids, cache, train))
-    }
-
-    /// The prompt's pass that fills `cache`, with the logits of its last position only (all
-    /// positions when `all`).  ids: (B, T) -> (B, 1 or T, V)
-    pub fn prefill(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
-        let h = self.hidden(ids, Some(cache), false);
-        let t = h.size()[1];
-        self.logits(&if all { h } else { h.narrow(1, t - 1, 1) })
-    }
-
     /// One new token per row of `cache`, each at its own position (the row's length): each row's
     /// logits are those it would get alone.  ids: (N, 1) -> (N, V)
     pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
@@ -160,23 +142,6 @@ impl Decoder {
         }
         cache.advance();
         self.logits(&self.norm.forward(&xs)).squeeze_dim(1)
-    }
-
-    /// Mean next-token cross-entropy of each row predicting itself shifted by one (HF labels =
-    /// input_ids).  ids: (B, T) -> scalar f32
-    pub fn loss(&self, ids: &Tensor, train: bool) -> Tensor {
-        super::shared::loss(self, ids, train, Reduction::Mean)
-    }
-
-    /// Summed next-token cross-entropy, for evaluation over many batches.  ids: (B, T) -> scalar
-    pub fn loss_sum(&self, ids: &Tensor) -> Tensor {
-        super::shared::loss(self, ids, false, Reduction::Sum)
-    }
-
-    /// The training loss, its gradients (times `grad_scale`) added into the parameters' `.grad`,
-    /// with or without gradient checkpointing (`shared::loss_backward`).
-    pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
-        super::shared::loss_backward(self, ids, train, grad_scale, checkpointing)
     }
 
     /// The final hidden states after the norm, appending to `cache` when given.  (B, T) -> (B, T, E)
@@ -293,6 +258,14 @@ impl Decoder {
 }
 
 impl Stack for Decoder {
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        Decoder::hidden(self, ids, cache, train)
+    }
+
+    fn logits(&self, h: &Tensor) -> Tensor {
+        Decoder::logits(self, h)
+    }
+
     fn layers(&self) -> usize {
         self.blocks.len()
     }

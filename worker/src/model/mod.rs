@@ -22,7 +22,7 @@ pub use decoder::Decoder;
 pub use kv::{BatchCache, KvCache};
 pub use params::ParamSet;
 
-use tch::{TchError, Tensor};
+use tch::{Reduction, TchError, Tensor};
 use zerotune_hf::ModelConfig;
 
 /// A model bound to its parameters.
@@ -56,39 +56,42 @@ impl Model {
         Model { config: config.clone(), architecture }
     }
 
-    /// Logits in f32.  ids: (B, T) int64 -> (B, T, V)
+    /// Logits in f32 (HF upcasts them).  ids: (B, T) int64 -> (B, T, V)
     pub fn forward(&self, ids: &Tensor, train: bool) -> Tensor {
-        each!(self, m => m.forward(ids, train))
+        each!(self, m => shared::forward_cached(m, ids, None, train))
     }
 
     /// Forward pass that appends to `cache` when given (prompt first, then one token at a time).
     pub fn forward_cached(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        each!(self, m => m.forward_cached(ids, cache, train))
+        each!(self, m => shared::forward_cached(m, ids, cache, train))
     }
 
     /// The prompt's pass that fills `cache`, with the logits of its last position only (all
     /// positions when `all`).  ids: (B, T) -> (B, 1 or T, V)
     pub fn prefill(&self, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
-        each!(self, m => m.prefill(ids, cache, all))
+        each!(self, m => shared::prefill(m, ids, cache, all))
     }
 
-    /// One new token per row of `cache`, each at its own position.  ids: (N, 1) -> (N, V)
+    /// One new token per row of `cache`, each at its own position (the row's length): rows of
+    /// different lengths decode together, and each row's logits are those it would get alone.
+    /// ids: (N, 1) -> (N, V)
     pub fn decode(&self, ids: &Tensor, cache: &mut BatchCache) -> Tensor {
         each!(self, m => m.decode(ids, cache))
     }
 
     /// Mean next-token cross-entropy (HF labels = input_ids).  ids: (B, T) -> scalar f32
     pub fn loss(&self, ids: &Tensor, train: bool) -> Tensor {
-        each!(self, m => m.loss(ids, train))
+        each!(self, m => shared::loss(m, ids, train, Reduction::Mean))
     }
 
     /// Summed next-token cross-entropy, for evaluation over many batches.
     pub fn loss_sum(&self, ids: &Tensor) -> Tensor {
-        each!(self, m => m.loss_sum(ids))
+        each!(self, m => shared::loss(m, ids, false, Reduction::Sum))
     }
 
-    /// The training loss, its gradients (times `grad_scale`) added into the parameters' `.grad`.
+    /// The training loss (detached), its gradients times `grad_scale` added into the parameters'
+    /// `.grad`, with or without gradient checkpointing (`shared::loss_backward`).
     pub fn loss_backward(&self, ids: &Tensor, train: bool, grad_scale: f64, checkpointing: bool) -> Result<Tensor, TchError> {
-        each!(self, m => m.loss_backward(ids, train, grad_scale, checkpointing))
+        each!(self, m => shared::loss_backward(m, ids, train, grad_scale, checkpointing))
     }
 }

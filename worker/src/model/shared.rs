@@ -1,12 +1,21 @@
-//! What every architecture's training pass and decode step share, whatever its blocks hold: the
-//! projection that routes a CPU decode step to `matvec.rs`, the token loss, dropout seeds that a
-//! recomputed block replays, and the backward pass with or without gradient checkpointing.
+//! What every architecture's passes share, whatever its blocks hold: the forward pass and the
+//! prompt's prefill over its hidden states, the projection that routes a CPU decode step to
+//! `matvec.rs`, the token loss, dropout seeds that a recomputed block replays, and the backward
+//! pass with or without gradient checkpointing.
 
 use tch::{Kind, Reduction, TchError, Tensor};
 
-/// A model as its training pass sees it: an embedding, `layers()` blocks over a whole sequence,
-/// and a head that turns the last block's output into the token loss.
+use super::kv::KvCache;
+
+/// A model as its passes see it: an embedding, `layers()` blocks over a whole sequence, a head
+/// that turns the last block's output into the token loss, and the hidden states and logits of a
+/// pass that may append to a cache.
 pub(super) trait Stack {
+    /// The final hidden states (after the final norm), appending to `cache` when given.
+    /// ids: (B, T) -> (B, T, C)
+    fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor;
+    /// Logits in f32.  (B, T, C) -> (B, T, V)
+    fn logits(&self, h: &Tensor) -> Tensor;
     fn layers(&self) -> usize;
     /// Whether training draws dropout masks at all.
     fn has_dropout(&self) -> bool;
@@ -43,6 +52,20 @@ pub(super) fn loss_backward(
     // Both paths leave the generator in the same state, whatever the recomputation drew.
     seeds.finish(model.layers());
     Ok(loss.detach())
+}
+
+/// Logits of every position, appending to `cache` when given.  ids: (B, T) -> (B, T, V)
+pub(super) fn forward_cached(model: &impl Stack, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    model.logits(&model.hidden(ids, cache, train))
+}
+
+/// The prompt's pass that fills `cache`, with the logits of its last position only (all
+/// positions when `all`): the lm_head over a long prompt costs as much as a few layers.
+/// ids: (B, T) -> (B, 1 or T, V)
+pub(super) fn prefill(model: &impl Stack, ids: &Tensor, cache: &mut KvCache, all: bool) -> Tensor {
+    let h = model.hidden(ids, Some(cache), false);
+    let t = h.size()[1];
+    model.logits(&if all { h } else { h.narrow(1, t - 1, 1) })
 }
 
 /// The loss of a training or evaluation pass without a backward pass.
