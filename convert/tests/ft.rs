@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::{convert, convert_ok, fixtures, python_logits, reference, rel_err, s, stderr};
 use zerotune_hf::write::write_file;
-use zerotune_hf::{tokenizer, CodeGenConfig, RawTensor, WeightFiles};
+use zerotune_hf::{tokenizer, RawTensor, WeightFiles};
 
 const FP32_REL: f64 = 1e-4;
 const FP16_REL: f64 = 1e-2;
@@ -102,7 +102,7 @@ fn random_codegen(dir: &Path, vocab: usize, n_inner: usize) {
     config["n_inner"] = n_inner.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let mut state = 12345u64;
-    let tensors: Vec<(String, RawTensor)> = CodeGenConfig::from_dir(dir)
+    let tensors: Vec<(String, RawTensor)> = zerotune_hf::ModelConfig::from_dir(dir)
         .unwrap()
         .parameter_shapes()
         .into_iter()

@@ -1,11 +1,9 @@
 //! CodeGen's config.json (HF `CodeGenConfig`), validated, plus the shipped shapes as built-ins.
 
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::Result;
 
 /// CodeGen-1's qkv_proj holds its heads in this many chunks (`mp_num` in HF's modeling_codegen.py;
 /// CodeGen2 uses 8, not supported).
@@ -63,16 +61,8 @@ fn default_eos() -> i64 {
 }
 
 impl CodeGenConfig {
-    /// Reads and validates `dir/config.json`.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::from_file(&dir.join("config.json"))
-    }
-
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::read_config(path, Self::from_value)
-    }
-
-    /// Parses and validates config.json content; the error is a sentence for the user.
+    /// Parses and validates config.json content; the error is a sentence for the user. (Files are
+    /// read through `ModelConfig`, which dispatches on `model_type`.)
     pub fn from_value(value: Value) -> std::result::Result<Self, String> {
         let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("codegen");
         if model_type != "codegen" {

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 use zerotune_hf::decoder::RopeScaling;
-use zerotune_hf::{DecoderConfig, WeightFiles};
+use zerotune_hf::{DecoderConfig, ModelConfig, WeightFiles};
 
 fn variants() -> Vec<(String, std::path::PathBuf)> {
     let dir = zerotune_tests::fixtures().join("decoders");
@@ -20,10 +20,18 @@ fn variants() -> Vec<(String, std::path::PathBuf)> {
     out
 }
 
+/// The config.json in `dir`, read as any model's is.
+fn decoder(dir: &std::path::Path) -> DecoderConfig {
+    match ModelConfig::from_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        ModelConfig::Decoder(config) => config,
+        other => panic!("{}: a {} config", dir.display(), other.model_type()),
+    }
+}
+
 #[test]
 fn every_variant_resolves_as_hf_resolved_it() {
     for (name, dir) in variants() {
-        let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let config = decoder(&dir);
         let hf: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         let theirs: Vec<(String, Vec<usize>)> = serde_json::from_value(hf["parameters"].clone()).unwrap();
         assert_eq!(config.parameter_shapes(), theirs, "{name}: parameters in named_parameters order");
@@ -48,7 +56,7 @@ fn every_variant_resolves_as_hf_resolved_it() {
 #[test]
 fn the_weight_files_hold_exactly_the_resolved_parameters() {
     for (name, dir) in variants().into_iter().filter(|(_, dir)| dir.join("model.safetensors").exists()) {
-        let config = DecoderConfig::from_file(&dir.join("config.json")).unwrap();
+        let config = decoder(&dir);
         let files = WeightFiles::open(&dir).unwrap();
         let mut stored: Vec<&str> = files.names().collect();
         let mut ours: Vec<String> = config.parameter_shapes().into_iter().map(|(n, _)| n).collect();

@@ -3,11 +3,9 @@
 //! transformers 5 resolves them, the parameters it implies in HF's names and order, and shape
 //! presets of the published code models.
 
-use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::Result;
 use keys::{biases, dropout, rope, windows, Keys};
 
 /// Which member of the family (config.json's `model_type`).
@@ -192,11 +190,6 @@ pub struct DecoderConfig {
 }
 
 impl DecoderConfig {
-    /// Reads and validates `path` (a config.json of the family).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        crate::read_config(path, Self::from_value)
-    }
-
     /// Parses and validates config.json content; the error is a sentence naming the key.
     pub fn from_value(value: Value) -> std::result::Result<Self, String> {
         let Value::Object(raw) = value else { return Err("config.json is not a JSON object".into()) };
