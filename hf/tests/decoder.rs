@@ -16,7 +16,7 @@ fn variants() -> Vec<(String, std::path::PathBuf)> {
         .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
         .collect();
     out.sort();
-    assert_eq!(out.len(), 5, "llama, llama-mqa-tied, llama-v4-rope, qwen2, starcoder2 in {}", dir.display());
+    assert_eq!(out.len(), 7, "llama, llama-llama3, llama-mqa-tied, llama-v4-rope, llama-yarn, qwen2, starcoder2 in {}", dir.display());
     out
 }
 
@@ -40,12 +40,41 @@ fn every_variant_resolves_as_hf_resolved_it() {
         assert_eq!(config.num_key_value_heads as u64, hf["num_key_value_heads"].as_u64().unwrap(), "{name}");
         assert_eq!(config.head_dim as u64, hf["head_dim"].as_u64().unwrap(), "{name}");
         assert_eq!(config.rope_theta, hf["rope_theta"].as_f64().unwrap(), "{name}");
+        let rope = &hf["rope_parameters"];
+        let (number, whole) = (|key: &str| rope[key].as_f64().unwrap(), |key: &str| rope[key].as_u64().unwrap() as usize);
         let scaling = match hf["rope_type"].as_str().unwrap() {
             "linear" => RopeScaling::Linear { factor: hf["rope_factor"].as_f64().unwrap() },
             "default" => RopeScaling::None,
+            "llama3" => RopeScaling::Llama3 {
+                factor: number("factor"),
+                low_freq_factor: number("low_freq_factor"),
+                high_freq_factor: number("high_freq_factor"),
+                original_max_position_embeddings: whole("original_max_position_embeddings"),
+            },
+            "yarn" => RopeScaling::Yarn {
+                factor: number("factor"),
+                original_max_position_embeddings: whole("original_max_position_embeddings"),
+                attention_factor: hf["rope_attention_scaling"].as_f64().unwrap(),
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+            },
             other => panic!("{name}: a fixture with rope type {other}"),
         };
-        assert_eq!(config.rope_scaling, scaling, "{name}");
+        match (config.rope_scaling, scaling) {
+            // HF's attention factor is a Python float from the same formula; allow its last bits.
+            (RopeScaling::Yarn { attention_factor: ours, .. }, RopeScaling::Yarn { attention_factor: theirs, .. }) => {
+                assert!((ours - theirs).abs() < 1e-12, "{name}: attention factor {ours} vs HF {theirs}");
+                let strip = |s: RopeScaling| match s {
+                    RopeScaling::Yarn { attention_factor: _, factor, original_max_position_embeddings, beta_fast, beta_slow, truncate } => {
+                        (factor, original_max_position_embeddings, beta_fast, beta_slow, truncate)
+                    }
+                    _ => unreachable!(),
+                };
+                assert_eq!(strip(config.rope_scaling), strip(scaling), "{name}");
+            }
+            (ours, theirs) => assert_eq!(ours, theirs, "{name}"),
+        }
         let windows: Vec<Option<usize>> = serde_json::from_value(hf["windows"].clone()).unwrap();
         assert_eq!(config.windows, windows, "{name}");
         assert_eq!(Value::from(config.tie_word_embeddings), hf["tie_word_embeddings"], "{name}");

@@ -1,7 +1,8 @@
 //! The Llama decoder family (llama, qwen2, starcoder2) against HF transformers, rung by rung as
 //! CodeGen's numerics.rs: every tiny model tests/fixtures/decoders.py saved (grouped and
 //! multi-query heads, tied and untied, biases, head_dim unlike hidden/heads, rope θ 1e5 with
-//! linear scaling and 1e6, sliding windows shorter than the input) gives HF's eager logits, loss
+//! linear scaling and 1e6, Llama 3.1's rope and YaRN, sliding windows shorter than the input) gives
+//! HF's eager logits, loss
 //! and gradients (a tied head's summed into the embedding's); checkpointing changes no gradient;
 //! greedy decoding equals HF `generate`; batched and prefix-cached decoding equal lone decoding;
 //! and 10 AdamW steps equal the PyTorch loop, with HF loading what we save.
@@ -25,7 +26,7 @@ const TRAIN_PARAM_REL: f64 = 1e-5;
 /// bf16 keeps 8 bits: its losses track the fp32 run's to about a percent.
 const BF16_LOSS_REL: f64 = 1e-2;
 
-const VARIANTS: [&str; 4] = ["llama", "llama-mqa-tied", "qwen2", "starcoder2"];
+const VARIANTS: [&str; 6] = ["llama", "llama-llama3", "llama-yarn", "llama-mqa-tied", "qwen2", "starcoder2"];
 /// The variants decoders.py trained for 10 steps (from `<name>-train/`, at HF's init range).
 const TRAINED: [&str; 3] = ["llama", "qwen2", "starcoder2"];
 

@@ -41,7 +41,7 @@ pub(super) fn biases(family: Family, keys: &Keys) -> std::result::Result<(bool, 
 
 /// θ and the scaling, by transformers 5's reading of both spellings: a non-null v4 `rope_scaling`,
 /// else v5's `rope_parameters`; θ from that dict, else the top-level `rope_theta`, else 10000.
-pub(super) fn rope(raw: &Map<String, Value>) -> std::result::Result<(f64, RopeScaling), String> {
+pub(super) fn rope(raw: &Map<String, Value>, max_positions: usize) -> std::result::Result<(f64, RopeScaling), String> {
     let empty = Map::new();
     let (key, params) = match (raw.get("rope_scaling"), raw.get("rope_parameters")) {
         (Some(Value::Object(p)), _) => ("rope_scaling", p),
@@ -63,15 +63,61 @@ pub(super) fn rope(raw: &Map<String, Value>) -> std::result::Result<(f64, RopeSc
     }
     let named = |k: &str| params.get(k).filter(|v| !v.is_null());
     let kind = named("rope_type").or(named("type")).and_then(Value::as_str).unwrap_or("default");
-    let scaling = match kind {
-        "default" | "dynamic" => RopeScaling::None,
-        "linear" => match number(params.get("factor"), &format!("{key}.factor"))? {
-            Some(factor) if factor.is_finite() && factor >= 1.0 => RopeScaling::Linear { factor },
-            other => return Err(format!("{key}.factor {other:?}: a linear rope scaling needs a factor of at least 1")),
-        },
-        other => return Err(format!("{key}: rope type {other:?} is not supported yet (default, dynamic and linear are)")),
+    Ok((theta, scaling(kind, key, params, max_positions)?))
+}
+
+/// The scaling of rope type `kind`, its fields read from `params` (the dict at `key`), with HF's
+/// defaults (`original_max_position_embeddings`: the model's context).
+fn scaling(kind: &str, key: &str, params: &Map<String, Value>, max_positions: usize) -> std::result::Result<RopeScaling, String> {
+    let field = |name: &str| match params.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("{key}.{name} is {v}, not a number")),
     };
-    Ok((theta, scaling))
+    let original = field("original_max_position_embeddings")?.map_or(max_positions, |n| n as usize);
+    let factor = |required: bool| match field("factor")? {
+        Some(factor) if factor.is_finite() && factor >= 1.0 => Ok(factor),
+        None if !required => Ok(max_positions as f64 / original as f64),
+        other => Err(format!("{key}.factor {other:?}: a {kind} rope scaling needs a factor of at least 1")),
+    };
+    Ok(match kind {
+        "default" | "dynamic" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor(true)? },
+        "llama3" => {
+            let (low, high) = (field("low_freq_factor")?.unwrap_or(1.0), field("high_freq_factor")?.unwrap_or(4.0));
+            if !(low > 0.0 && high > low) {
+                return Err(format!("{key}: llama3 rope needs 0 < low_freq_factor ({low}) < high_freq_factor ({high})"));
+            }
+            RopeScaling::Llama3 {
+                factor: factor(true)?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            }
+        }
+        "yarn" => {
+            let factor = factor(false)?;
+            // HF's get_mscale: 0.1 · mscale · ln(factor) + 1 (1 at factor 1).
+            let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let attention_factor = match (field("attention_factor")?, field("mscale")?, field("mscale_all_dim")?) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+                _ => mscale(1.0),
+            };
+            let truncate = match params.get("truncate") {
+                None | Some(Value::Null) => true,
+                Some(v) => v.as_bool().ok_or_else(|| format!("{key}.truncate is {v}, not true or false"))?,
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                attention_factor,
+                beta_fast: field("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: field("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                truncate,
+            }
+        }
+        other => return Err(format!("{key}: rope type {other:?} is not supported (default, dynamic, linear, llama3 and yarn are)")),
+    })
 }
 
 /// Each layer's window. Qwen2: layers marked `sliding_attention` in `layer_types` (by default

@@ -3,7 +3,6 @@
 //! transformers 5 resolves them, the parameters it implies in HF's names and order, and shape
 //! presets of the published code models.
 
-
 use serde_json::{json, Map, Value};
 
 use keys::{biases, dropout, rope, windows, Keys};
@@ -132,6 +131,12 @@ pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (DeepSeek-Coder: 4).
     Linear { factor: f64 },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, the band between smoothed.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// YaRN (Qwen2.5's long-context recipe): frequencies ramped between interpolated and kept
+    /// over the dimensions `beta_fast`..`beta_slow` rotations select, cos and sin scaled by
+    /// `attention_factor` (resolved from `mscale`s or `0.1 ln factor + 1` when absent).
+    Yarn { factor: f64, original_max_position_embeddings: usize, attention_factor: f64, beta_fast: f64, beta_slow: f64, truncate: bool },
 }
 
 /// Dropout probabilities in training: on the embedding, on each residual branch before its add
@@ -147,6 +152,24 @@ pub struct Dropout {
 impl Dropout {
     pub fn any(&self) -> bool {
         self.embedding > 0.0 || self.residual > 0.0 || self.attention > 0.0
+    }
+}
+
+impl RopeScaling {
+    /// The rope dict as transformers writes it (without `rope_theta`).
+    fn to_json(self) -> Value {
+        match self {
+            RopeScaling::None => json!({"rope_type": "default"}),
+            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+            RopeScaling::Yarn { factor, original_max_position_embeddings, attention_factor, beta_fast, beta_slow, truncate } => json!({
+                "rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original_max_position_embeddings,
+                "attention_factor": attention_factor, "beta_fast": beta_fast, "beta_slow": beta_slow, "truncate": truncate,
+            }),
+        }
     }
 }
 
@@ -201,7 +224,8 @@ impl DecoderConfig {
         let hidden_size = keys.usize("hidden_size", d.hidden_size)?;
         let num_attention_heads = keys.usize("num_attention_heads", d.num_attention_heads)?;
         let num_hidden_layers = keys.usize("num_hidden_layers", d.num_hidden_layers)?;
-        let (rope_theta, rope_scaling) = rope(&raw)?;
+        let max_position_embeddings = keys.usize("max_position_embeddings", d.max_position_embeddings)?;
+        let (rope_theta, rope_scaling) = rope(&raw, max_position_embeddings)?;
         let (qkv_bias, o_bias, mlp_bias) = biases(family, &keys)?;
         let config = DecoderConfig {
             family,
@@ -222,7 +246,7 @@ impl DecoderConfig {
             mlp_bias,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: keys.usize("max_position_embeddings", d.max_position_embeddings)?,
+            max_position_embeddings,
             tie_word_embeddings: keys.bool("tie_word_embeddings", d.tie_word_embeddings)?,
             windows: windows(family, &keys, num_hidden_layers)?,
             initializer_range: keys.f64("initializer_range", d.initializer_range)?,
@@ -325,13 +349,10 @@ impl DecoderConfig {
     /// `rope_theta` + `rope_scaling` and 5's `rope_parameters`, so that either version loads it.
     pub fn to_hf_json(&self, torch_dtype: &str) -> Value {
         let mut map = self.raw.clone();
-        let (rope_scaling, mut rope_parameters) = match self.rope_scaling {
-            RopeScaling::None => (Value::Null, json!({"rope_type": "default"})),
-            RopeScaling::Linear { factor } => {
-                (json!({"rope_type": "linear", "factor": factor}), json!({"rope_type": "linear", "factor": factor}))
-            }
-        };
+        let scaling = self.rope_scaling.to_json();
+        let mut rope_parameters = scaling.clone();
         rope_parameters["rope_theta"] = self.rope_theta.into();
+        let rope_scaling = if self.rope_scaling == RopeScaling::None { Value::Null } else { scaling };
         let eos = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
             [one] => (*one).into(),

@@ -76,9 +76,8 @@ fn both_rope_spellings_read_the_same_and_others_are_refused() {
     assert_eq!(parse(json!({"model_type": "llama"})).rope_theta, 10000.0);
     let dynamic = parse(json!({"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}));
     assert_eq!(dynamic.rope_scaling, RopeScaling::None, "dynamic equals default within the context");
-    assert!(
-        refusal(json!({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})).contains("\"yarn\" is not supported")
-    );
+    assert!(refusal(json!({"model_type": "llama", "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}))
+        .contains("\"longrope\" is not supported"));
     assert!(refusal(json!({"model_type": "llama", "rope_scaling": {"type": "linear"}})).contains("factor"));
     assert!(refusal(json!({"model_type": "llama", "partial_rotary_factor": 0.5})).contains("partial_rotary_factor 0.5"));
     let inside = json!({"model_type": "llama", "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}});
@@ -129,4 +128,31 @@ fn eos_may_be_one_id_or_several() {
     assert_eq!(parse(json!({"model_type": "qwen2", "eos_token_id": [151645, 151643]})).eos_token_ids, [151645, 151643]);
     assert_eq!(parse(json!({"model_type": "qwen2", "eos_token_id": 7, "pad_token_id": 3})).pad_token_id, Some(3));
     assert!(parse(json!({"model_type": "llama", "eos_token_id": null})).eos_token_ids.is_empty());
+}
+
+#[test]
+fn llama3_and_yarn_take_hfs_defaults_and_round_trip() {
+    let max = json!({"model_type": "llama", "max_position_embeddings": 4096});
+    let with = |rope: Value| {
+        let mut config = max.clone();
+        config["rope_parameters"] = rope;
+        parse(config)
+    };
+    let llama3 = with(json!({"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}));
+    let want = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 4096 };
+    assert_eq!(llama3.rope_scaling, want, "the original context defaults to the model's");
+    // YaRN without a factor: the context over the original; the attention factor 0.1 ln f + 1.
+    let yarn = with(json!({"rope_type": "yarn", "original_max_position_embeddings": 1024, "truncate": false}));
+    let RopeScaling::Yarn { factor, attention_factor, truncate, .. } = yarn.rope_scaling else { panic!("{:?}", yarn.rope_scaling) };
+    assert_eq!((factor, truncate), (4.0, false));
+    assert!((attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+    let mscales = with(json!({"rope_type": "yarn", "factor": 4.0, "mscale": 2.0, "mscale_all_dim": 1.0}));
+    let RopeScaling::Yarn { attention_factor, .. } = mscales.rope_scaling else { unreachable!() };
+    assert!((attention_factor - (0.2 * 4f64.ln() + 1.0) / (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+    for config in [llama3, yarn] {
+        let back = parse(config.to_hf_json("float32"));
+        assert_eq!((back.rope_theta, back.rope_scaling), (config.rope_theta, config.rope_scaling), "written and read back");
+    }
+    assert!(refusal(json!({"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0}}))
+        .contains("low_freq_factor"));
 }
