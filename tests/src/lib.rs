@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 /// Must equal FIXTURE_VERSION in tests/fixtures/make_fixtures.py.
-pub const FIXTURE_VERSION: u64 = 10;
+pub const FIXTURE_VERSION: u64 = 11;
 
 /// The directory tests/fixtures/make_fixtures.py wrote (scripts/test.sh runs it first):
 /// `$ZEROTUNE_FIXTURES`, else `target/fixtures`. Panics with what to run when it is missing or stale.

@@ -133,8 +133,9 @@ fn mqa_untied(t: &Path) -> Vec<String> {
 
 /// The decoder family trains across ranks as CodeGen does: grouped KV heads with a tied head (one
 /// parameter, partitioned, reduced and clipped once) and with an untied one, one KV head with an
-/// untied head, sliding windows inside the blocks, on 2 and 3 ranks with ZeRO-2 and offload; then
-/// a resume on 3 ranks from a 2-rank checkpoint.
+/// untied head, sliding windows inside the blocks, on 2 and 3 ranks with ZeRO-2 and offload (the
+/// Llama also with stages 0 and 1 and without offload); then a resume on 3 ranks from a 2-rank
+/// checkpoint.
 #[test]
 fn decoder_models_train_on_any_world_size_as_on_one_rank() {
     let tmp = tempfile::tempdir().unwrap();
@@ -149,14 +150,23 @@ fn decoder_models_train_on_any_world_size_as_on_one_rank() {
         let reference = run_of(&model, t, &format!("{name}-single"), 1, 12, &ds, &steps);
         let halfway = reference.join("checkpoint-3/model");
         assert!(weights_rel_err(&reference, &halfway) > 1e-3, "{name}: training changed the weights");
-        for world in [2, 3] {
-            let out = run_of(&model, t, &format!("{name}-w{world}"), world, 12 / world, &ds, &steps);
+        // Every stage and offload on one of them; ZeRO-2 + offload on all.
+        let mut cases = vec![(2, 2, true), (3, 2, true)];
+        if name == "llama" {
+            cases.extend([(2, 0, true), (2, 1, false), (3, 2, false)]);
+        }
+        for (world, stage, offload) in cases {
+            let ds = ds_config(t, stage, offload);
+            let out = run_of(&model, t, &format!("{name}-w{world}-s{stage}-o{offload}"), world, 12 / world, &ds, &steps);
             let err = weights_rel_err(&out, &reference);
             let (loss, norm) = per_step_rel_err(&out, &reference);
-            println!("{name} world {world}: weights rel {err:.2e}, per-step loss {loss:.2e}, grad norm {norm:.2e} vs 1 rank");
-            assert!(err < REL && loss < STEP_REL && norm < STEP_REL, "{name} world {world}: weights {err}, loss {loss}, norm {norm}");
+            println!("{name} world {world} stage {stage} offload {offload}: weights rel {err:.2e}, per-step loss {loss:.2e}, grad norm {norm:.2e} vs 1 rank");
+            assert!(
+                err < REL && loss < STEP_REL && norm < STEP_REL,
+                "{name} world {world} stage {stage}: weights {err}, loss {loss}, norm {norm}"
+            );
         }
-        let checkpoint = s(&t.join(format!("{name}-w2/checkpoint-3")));
+        let checkpoint = s(&t.join(format!("{name}-w2-s2-otrue/checkpoint-3")));
         let resumed =
             run_of(&model, t, &format!("{name}-resumed"), 3, 4, &ds, &[&steps[..], &["--resume_from_checkpoint", &checkpoint]].concat());
         let err = weights_rel_err(&resumed, &reference);

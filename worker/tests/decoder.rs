@@ -69,6 +69,19 @@ fn loss_and_every_gradient_match_hf_for_every_variant() {
     }
 }
 
+/// A model as the hubs ship it, bf16 shards behind `model.safetensors.index.json`, loads into
+/// fp32 and gives HF's logits of the same rounded weights.
+#[test]
+fn sharded_bf16_safetensors_load_as_the_hub_ships_them() {
+    let reference = reference();
+    let dir = fixtures().join("decoders/qwen2-sharded-bf16");
+    assert!(dir.join("model.safetensors.index.json").is_file(), "the fixture is sharded");
+    let (config, params) = load_params(&pretrained("decoders/qwen2-sharded-bf16"), Kind::Float, Device::Cpu, false, 0).unwrap();
+    let logits = tch::no_grad(|| Model::new(&config, &params).forward(&tensor_from(&reference, "input_ids"), false));
+    let err = rel_err("bf16 shards", &logits, &tensor_from(&reference, "qwen2.logits_bf16_weights"));
+    assert!(err < LOGITS_REL, "logits of the bf16 shards differ from HF's by {err:.3e}");
+}
+
 /// The window is real in the fixtures: the same weights without it give other logits.
 #[test]
 fn the_window_changes_the_logits_it_should() {
