@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::http::{self, Stream};
-use common::server::Server;
+use common::server::{eight_clients_get_the_text_of, Server};
 use common::{fixtures, model_with, signal};
 use serde_json::{json, Value};
 use zerotune_tests::meta;
@@ -99,29 +99,8 @@ fn greedy_text_equals_hf_one_by_one_and_from_8_concurrent_clients() {
         assert_eq!(streamed, want, "{}: stop {stop:?}", case["prompt"]);
         assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     }
-    // 8 clients, each sending every prompt in its own order, all at once. The first 8 requests
-    // are held until all of them are in one batch: 8 rows of different lengths step together.
-    std::fs::write(&hold, "").unwrap();
-    let clients: Vec<_> = (0..8)
-        .map(|client| {
-            let (addr, cases) = (server.addr.clone(), cases.clone());
-            std::thread::spawn(move || {
-                for k in 0..cases.len() {
-                    let case = &cases[(k + client) % cases.len()];
-                    let reply = http::post(&addr, "/v1/engines/codegen/completions", &greedy(&case["prompt"]).to_string());
-                    assert_eq!(reply.status, 200, "{}", reply.body);
-                    let choice = &reply.json()["choices"][0];
-                    assert_eq!((&choice["text"], &choice["finish_reason"]), (&case["text"], &case["finish_reason"]), "{}", case["prompt"]);
-                }
-            })
-        })
-        .collect();
-    server.wait_for_metric("zerotune_active_sequences", 8.0);
-    std::fs::remove_file(&hold).unwrap();
-    for client in clients {
-        client.join().unwrap();
-    }
-    assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64);
+    // 8 clients at once, the first 8 requests held into one batch.
+    eight_clients_get_the_text_of(&server, &hold, "/v1/engines/codegen/completions", &cases);
 }
 
 /// Two editors' requests, interleaved, each repeating the file above its cursor: the server

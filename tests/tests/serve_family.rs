@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::server::Server;
+use common::server::{eight_clients_get_the_text_of, Server};
 use common::{fixtures, http, model_with};
 use serde_json::{json, Value};
 use zerotune_tests::meta;
@@ -49,38 +49,11 @@ fn the_openai_sdk_gets_hf_greedy_text_and_logprobs_from_each_family() {
 #[test]
 fn eight_concurrent_clients_get_hf_greedy_text_from_each_family() {
     for name in FAMILY {
-        // The first 8 requests are held until all are in: 8 rows of different lengths step together.
         let tmp = tempfile::tempdir().unwrap();
         let hold = tmp.path().join("hold");
-        std::fs::write(&hold, "").unwrap();
-        let server = Server::start_model(&fixtures().join("decoders").join(name), &["--max_batch", "8"], &[("ZEROTUNE_TEST_HOLD", &hold)]);
-        let cases = cases(name);
-        let clients: Vec<_> = (0..8)
-            .map(|client| {
-                let (addr, cases) = (server.addr.clone(), cases.clone());
-                std::thread::spawn(move || {
-                    for k in 0..cases.len() {
-                        let case = &cases[(k + client) % cases.len()];
-                        let body = json!({"prompt": case["prompt"], "max_tokens": 16, "temperature": 0});
-                        let reply = http::post(&addr, "/v1/completions", &body.to_string());
-                        assert_eq!(reply.status, 200, "{}", reply.body);
-                        let choice = &reply.json()["choices"][0];
-                        assert_eq!(
-                            (&choice["text"], &choice["finish_reason"]),
-                            (&case["text"], &case["finish_reason"]),
-                            "{}",
-                            case["prompt"]
-                        );
-                    }
-                })
-            })
-            .collect();
-        server.wait_for_metric("zerotune_active_sequences", 8.0);
-        std::fs::remove_file(&hold).unwrap();
-        for client in clients {
-            client.join().unwrap();
-        }
-        assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64, "{name}");
+        let env = [("ZEROTUNE_TEST_HOLD", hold.as_path())];
+        let server = Server::start_model(&fixtures().join("decoders").join(name), &["--max_batch", "8"], &env);
+        eight_clients_get_the_text_of(&server, &hold, "/v1/completions", &cases(name));
     }
 }
 

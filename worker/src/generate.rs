@@ -40,8 +40,11 @@ impl Loaded {
         let source = ModelSource::Pretrained { dir: dir.to_string_lossy().into_owned() };
         let (config, params) = load_params(&source, crate::dtype::precision_kind(precision), device, false, 0)?;
         let model = Model::new(&config, &params);
-        // HF generate stops at the config's eos; a tokenizer's `<|endoftext|>` where the config has none.
-        let eos = config.eos_token_id().and_then(|id| u32::try_from(id).ok()).or(zerotune_hf::tokenizer::eos_id(&tokenizer));
+        // The id training ended documents with (the config's eos where the tokenizer holds it,
+        // else `<|endoftext|>`); none when it has neither.
+        let config_eos = config.eos_token_id().and_then(|id| u32::try_from(id).ok());
+        let file = zerotune_hf::tokenizer::file_in(&dir);
+        let eos = zerotune_hf::tokenizer::eos_for(&tokenizer, config_eos, &file).ok();
         Ok(Self { dir, config, model, tokenizer, eos, device })
     }
 

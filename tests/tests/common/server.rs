@@ -86,6 +86,36 @@ impl Server {
     }
 }
 
+/// 8 clients, each sending every case's prompt (greedy, 16 tokens) to `path` in its own order, all
+/// at once, each asserting it gets the case's text and finish reason. `hold` is the file the
+/// server was started with as ZEROTUNE_TEST_HOLD: the first 8 requests wait until all are in one
+/// batch, so 8 rows of different lengths step together.
+pub fn eight_clients_get_the_text_of(server: &Server, hold: &Path, path: &'static str, cases: &[Value]) {
+    std::fs::write(hold, "").unwrap();
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let (addr, cases) = (server.addr.clone(), cases.to_vec());
+            std::thread::spawn(move || {
+                for k in 0..cases.len() {
+                    let case = &cases[(k + client) % cases.len()];
+                    let body = serde_json::json!({"prompt": case["prompt"], "max_tokens": 16, "temperature": 0});
+                    let reply = http::post(&addr, path, &body.to_string());
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    let choice = &reply.json()["choices"][0];
+                    let got = (&choice["text"], &choice["finish_reason"]);
+                    assert_eq!(got, (&case["text"], &case["finish_reason"]), "{}", case["prompt"]);
+                }
+            })
+        })
+        .collect();
+    server.wait_for_metric("zerotune_active_sequences", 8.0);
+    std::fs::remove_file(hold).unwrap();
+    for client in clients {
+        client.join().unwrap();
+    }
+    assert!(server.metric("zerotune_requests_total{status=\"200\"}") >= 8.0 * cases.len() as f64);
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
