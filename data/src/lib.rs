@@ -5,6 +5,7 @@
 //! generator that orders documents. The coordinator and `worker eval` read data the same way.
 
 pub mod dedup;
+pub mod fim;
 pub mod documents;
 pub mod files2jsonl;
 pub mod pipeline;
