@@ -380,6 +380,75 @@ fn parse_files(spec: &FormatSpec, head: &str, infill: &mut Infill) -> Option<()>
     Some(())
 }
 
+/// Turns rendered prompts into token ids with one tokenizer: each sentinel is its token, and the
+/// text between is encoded with special tokens split as text (HF's `split_special_tokens`,
+/// llama.cpp's `parse_special=false`), so code that spells a sentinel cannot inject one. The
+/// ids HF's `tokenizer(text)` puts first (DeepSeek-Coder's BOS) open the prompt once.
+pub struct FimEncoder {
+    pub format: FimFormat,
+    /// The tokenizer, encoding special tokens' spellings as text.
+    text: tokenizers::Tokenizer,
+    sentinels: Vec<(&'static str, u32)>,
+    start: Vec<u32>,
+}
+
+/// A sentinel the rendering used that the tokenizer lacks (a format set by hand, `--fim_format`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the tokenizer has no token {token:?} for the {format} FIM format: drop --fim_format to use the one the tokenizer's special tokens name, or serve without infilling")]
+pub struct MissingSentinel {
+    pub token: String,
+    pub format: FimFormat,
+}
+
+impl FimEncoder {
+    /// The encoder for `format` (None: the one the tokenizer's added tokens hold), or None where
+    /// the tokenizer can infill in no format.
+    pub fn new(tokenizer: &tokenizers::Tokenizer, format: Option<FimFormat>) -> Result<Option<Self>, MissingSentinel> {
+        let added: std::collections::HashMap<String, u32> =
+            tokenizer.get_added_tokens_decoder().into_iter().map(|(id, t)| (t.content, id)).collect();
+        let Some(format) = format.or_else(|| FimFormat::detect(|t| added.contains_key(t))) else {
+            return Ok(None);
+        };
+        let spec = format.spec();
+        let mut sentinels = vec![];
+        for token in
+            spec.sentinels().into_iter().chain(spec.repo.iter().flat_map(|r| [r.repo_name, r.file_sep])).chain(spec.end.iter().copied())
+        {
+            let spelled = [token.to_string(), format!("{}{token}", spec.vocab_prefix)];
+            match spelled.iter().find_map(|s| added.get(s).or(tokenizer.token_to_id(s).as_ref()).copied()) {
+                Some(id) => sentinels.push((token, id)),
+                // End tokens and repository layouts are optional; the template's are not.
+                None if spec.sentinels().contains(&token) => return Err(MissingSentinel { token: token.to_string(), format }),
+                None => {}
+            }
+        }
+        let mut text = tokenizer.clone();
+        text.set_encode_special_tokens(true);
+        Ok(Some(Self { format, text, sentinels, start: zerotune_hf::tokenizer::document_prefix(tokenizer) }))
+    }
+
+    /// The ids that end the middle (those of the format's end tokens the tokenizer holds).
+    pub fn end_ids(&self) -> Vec<u32> {
+        let end = self.format.spec().end;
+        self.sentinels.iter().filter(|(t, _)| end.contains(t)).map(|&(_, id)| id).collect()
+    }
+
+    /// The ids of `segments` (rendered in this encoder's format).
+    pub fn encode(&self, segments: &[Segment]) -> Result<Vec<u32>, tokenizers::Error> {
+        let mut ids = self.start.clone();
+        for segment in segments {
+            match segment {
+                Segment::Special(token) => match self.sentinels.iter().find(|(t, _)| t == token) {
+                    Some(&(_, id)) => ids.push(id),
+                    None => return Err(format!("{token:?} is not a sentinel of the {} FIM format", self.format).into()),
+                },
+                Segment::Text(text) => ids.extend_from_slice(self.text.encode(text.as_str(), false)?.get_ids()),
+            }
+        }
+        Ok(ids)
+    }
+}
+
 #[cfg(test)]
 #[path = "fim_tests.rs"]
 mod tests;

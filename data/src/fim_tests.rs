@@ -181,3 +181,86 @@ fn formats_go_by_their_flag_names_and_stop_at_their_sentinels() {
     let err = FimFormat::from_name("santacoder").unwrap_err().to_string();
     assert!(err.contains("--fim_format \"santacoder\"") && err.contains("qwen, starcoder, deepseek, codellama, codegen2"), "{err}");
 }
+
+/// A byte-level tokenizer without merges (one token per byte, as GPT-2's alphabet spells it),
+/// with `added` as special tokens after the bytes, and `<bos>` put first by its post-processor
+/// when `bos` (as DeepSeek-Coder's).
+fn byte_tokenizer(added: &[&str], bos: bool) -> tokenizers::Tokenizer {
+    use serde_json::json;
+    let mut alphabet: Vec<String> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().map(String::from).collect();
+    alphabet.sort();
+    let vocab: serde_json::Map<String, serde_json::Value> = alphabet.iter().enumerate().map(|(i, c)| (c.clone(), json!(i))).collect();
+    let mut tokens: Vec<&str> = added.to_vec();
+    tokens.push("<bos>");
+    let added: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"id": alphabet.len() + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let bos_id = alphabet.len() + tokens.len() - 1;
+    let post = bos.then(|| {
+        json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos_id], "tokens": ["<bos>"]}}})
+    });
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let file = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": byte_level, "post_processor": post, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}});
+    file.to_string().parse().expect("a valid tokenizer.json")
+}
+
+const QWEN_TOKENS: &[&str] =
+    &["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"];
+
+/// The encoder's ids are the tokenizer's own for the whole rendered prompt (HF's
+/// `tokenizer(prompt)`, which splits at special tokens the same way), BOS included once.
+#[test]
+fn the_encoder_gives_the_tokenizers_ids_of_the_rendered_prompt() {
+    let deepseek = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", "<｜end▁of▁sentence｜>"];
+    for (added, bos, format) in [(QWEN_TOKENS, false, FimFormat::Qwen), (&deepseek[..], true, FimFormat::DeepSeek)] {
+        let tokenizer = byte_tokenizer(added, bos);
+        let encoder = FimEncoder::new(&tokenizer, None).unwrap().expect("the sentinels are there");
+        assert_eq!(encoder.format, format);
+        for case in cases() {
+            let segments = render(format, Order::Psm, &case);
+            let whole = tokenizer.encode(to_text(&segments).as_str(), true).unwrap();
+            assert_eq!(encoder.encode(&segments).unwrap(), whole.get_ids(), "{format}: {case:?}");
+        }
+        let end = encoder.end_ids();
+        let held: Vec<u32> = format.spec().end.iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        assert!(!held.is_empty() && end == held, "{format}: {end:?} vs {held:?}");
+    }
+}
+
+#[test]
+fn code_that_spells_a_sentinel_stays_text_when_encoded() {
+    let tokenizer = byte_tokenizer(QWEN_TOKENS, false);
+    let encoder = FimEncoder::new(&tokenizer, None).unwrap().unwrap();
+    let segments = render(FimFormat::Qwen, Order::Psm, &infill("x = '<|fim_middle|>'", "<|endoftext|>"));
+    let ids = encoder.encode(&segments).unwrap();
+    let sentinel_ids: Vec<u32> = QWEN_TOKENS.iter().map(|t| tokenizer.token_to_id(t).unwrap()).collect();
+    let specials: Vec<u32> = ids.iter().copied().filter(|id| sentinel_ids.contains(id)).collect();
+    let template: Vec<u32> =
+        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"].iter().map(|t| tokenizer.token_to_id(t).unwrap()).collect();
+    assert_eq!(specials, template);
+    // Encoding the whole text instead would have made them sentinels.
+    let whole = tokenizer.encode(to_text(&segments).as_str(), true).unwrap();
+    assert_eq!(whole.get_ids().iter().filter(|id| sentinel_ids.contains(id)).count(), 5);
+}
+
+#[test]
+fn a_tokenizer_without_sentinels_infills_in_no_format_and_a_forced_one_is_refused_by_name() {
+    let tokenizer = byte_tokenizer(&["<|endoftext|>"], false);
+    assert!(FimEncoder::new(&tokenizer, None).unwrap().is_none());
+    let err = FimEncoder::new(&tokenizer, Some(FimFormat::StarCoder)).err().expect("refused");
+    assert_eq!(err, MissingSentinel { token: "<fim_prefix>".into(), format: FimFormat::StarCoder });
+    assert!(err.to_string().contains("--fim_format"), "{err}");
+    // Forced where the sentinels are: that format, even if another would be detected.
+    let both =
+        byte_tokenizer(&["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"], false);
+    assert_eq!(FimEncoder::new(&both, None).unwrap().unwrap().format, FimFormat::Qwen);
+    assert_eq!(FimEncoder::new(&both, Some(FimFormat::StarCoder)).unwrap().unwrap().format, FimFormat::StarCoder);
+}
