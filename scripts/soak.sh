@@ -15,7 +15,7 @@ hog=$!
 trap 'kill "$hog" 2>/dev/null' EXIT
 failed=0
 for run in $(seq 1 "$runs"); do
-    for target in "--test launch" "--test slurm" "--test zero" "--test serve" "--test serve_family" "--test failures"; do
+    for target in "--test launch" "--test slurm" "--test zero" "--test serve" "--test serve_family" "--test serve_fim" "--test failures"; do
         # shellcheck disable=SC2086
         out=$(cargo test -q -p zerotune-tests $target 2>&1) || failed=$((failed + 1))
         echo "run $run ${target#--test }: $(echo "$out" | grep 'test result' | tail -1)"

@@ -72,7 +72,8 @@ struct Active<K> {
 pub struct Engine<'m, K> {
     model: &'m Model,
     device: Device,
-    eos: Option<u32>,
+    /// Ids that end a sequence: EOS, and the end tokens of the served FIM format.
+    ends: Vec<u32>,
     cache: BatchCache,
     seqs: Vec<Active<K>>,
     /// Recent prompts' keys and values, when prompts may start from them.
@@ -84,7 +85,17 @@ pub struct Engine<'m, K> {
 impl<'m, K: Clone> Engine<'m, K> {
     pub fn new(model: &'m Model, device: Device, eos: Option<u32>) -> Self {
         let cache = BatchCache::new(model.config.context() as i64);
-        Self { model, device, eos, cache, seqs: vec![], prefix: None, reused_tokens: 0 }
+        Self { model, device, ends: eos.into_iter().collect(), cache, seqs: vec![], prefix: None, reused_tokens: 0 }
+    }
+
+    /// Also ends a sequence at each of `ids` (a FIM format's end-of-middle tokens), as at EOS.
+    pub fn with_end_ids(mut self, ids: &[u32]) -> Self {
+        for &id in ids {
+            if !self.ends.contains(&id) {
+                self.ends.push(id);
+            }
+        }
+        self
     }
 
     /// Keeps recent prompts' keys and values, up to `budget` tokens, so that a prompt beginning
@@ -188,7 +199,7 @@ impl<'m, K: Clone> Engine<'m, K> {
     fn advance(&self, seq: &mut Active<K>, mut row: Vec<f32>) -> Emitted<K> {
         let raw = seq.logprobs.map(|_| row.clone());
         let id = seq.sampler.pick(&mut row);
-        if Some(id) == self.eos {
+        if self.ends.contains(&id) {
             return Emitted { key: seq.key.clone(), token: None, finish: Some(Finish::Eos) };
         }
         seq.last = id;

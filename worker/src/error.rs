@@ -16,6 +16,9 @@ pub enum WorkerError {
     /// Input documents that cannot be read (`worker eval`); the message names the file and line.
     #[error(transparent)]
     Input(#[from] zerotune_data::DataError),
+    /// `--fim_format` names a format whose sentinels the tokenizer lacks.
+    #[error(transparent)]
+    Fim(#[from] zerotune_data::fim::MissingSentinel),
     #[error("the loss became {loss} at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]
     NonFiniteLoss { step: u64, loss: f64 },
     #[error("the gradients became non-finite (norm {norm}) at step {step}; stopped without saving (the last completed checkpoint is intact). Lower the learning rate or use --bf16")]

@@ -37,6 +37,8 @@ pub struct CompletionRequest {
     /// Echoed back; any string.
     pub model: String,
     pub prompts: Vec<PromptInput>,
+    /// The text after the insertion point: a FIM model fills in between prompt and suffix.
+    pub suffix: Option<String>,
     pub max_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
@@ -52,8 +54,8 @@ pub struct CompletionRequest {
     pub frequency_penalty: f64,
 }
 
-/// Reads a request body. Unknown fields (Copilot's `extra`, `nwo`, ...) and the fields CodeGen
-/// cannot use (`suffix`, `best_of`, `logit_bias`, `user`) are accepted and ignored.
+/// Reads a request body. Unknown fields (Copilot's `extra`, `nwo`, ...) and the fields the engine
+/// cannot use (`best_of`, `logit_bias`, `user`) are accepted and ignored.
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError { param: None, ..ApiError::invalid("", format!("the request body is not valid JSON: {e}")) })?;
@@ -92,6 +94,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
     Ok(CompletionRequest {
         model: f.string("model")?.unwrap_or_else(|| "codegen".into()),
         prompts,
+        suffix: f.string("suffix")?,
         max_tokens: f.integer("max_tokens", Some(16), 0, u32::MAX as u64)?.unwrap_or(16) as usize,
         temperature: f.number("temperature", 1.0, 0.0, 2.0)?,
         top_p: f.number("top_p", 1.0, 0.0, 1.0)?,
@@ -304,6 +307,8 @@ mod tests {
             .unwrap();
         assert_eq!(r.prompts.len(), 2);
         assert_eq!((r.stop.clone(), r.seed), (vec!["\n\n".to_string()], Some(-3i64 as u64)));
+        assert_eq!(r.suffix.as_deref(), Some("x"));
+        assert_eq!(parse(r#"{"suffix":null}"#).unwrap().suffix, None);
         assert_eq!(parse(r#"{"prompt":[1,2,3]}"#).unwrap().prompts, [PromptInput::Tokens(vec![1, 2, 3])]);
         assert_eq!(parse(r#"{"prompt":[[1],[2,3]]}"#).unwrap().prompts.len(), 2);
         assert_eq!(parse(r#"{"max_tokens":null,"stream":null}"#).unwrap().max_tokens, 16);
@@ -323,6 +328,7 @@ mod tests {
             (r#"{"prompt":5}"#, "prompt"),
             (r#"{"prompt":[-1]}"#, "prompt"),
             (r#"{"stop":[1]}"#, "stop"),
+            (r#"{"suffix":["x"]}"#, "suffix"),
             (r#"{"model":1}"#, "model"),
             (r#"{"seed":"x"}"#, "seed"),
         ] {

@@ -26,6 +26,8 @@ pub struct Batcher {
     pub model: Model,
     pub device: tch::Device,
     pub eos: Option<u32>,
+    /// The ids that end a fill-in-the-middle completion, besides `eos`.
+    pub fim_end: Vec<u32>,
     pub tokenizer: Arc<Tokenizer>,
     /// Sequences generating together (--max_batch).
     pub max_batch: usize,
@@ -107,7 +109,7 @@ impl Batcher {
     }
 
     fn engine(&self) -> Engine<'_, Key> {
-        Engine::new(&self.model, self.device, self.eos).with_prefix_cache(self.prefix_cache_tokens)
+        Engine::new(&self.model, self.device, self.eos).with_end_ids(&self.fim_end).with_prefix_cache(self.prefix_cache_tokens)
     }
 
     /// Delivers what the engine emitted, drops the choices a stop string ended, updates the gauge.

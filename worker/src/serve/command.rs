@@ -3,6 +3,7 @@
 //! and the line that says it stopped.
 
 use std::path::{Path, PathBuf};
+use zerotune_data::fim::{FimEncoder, FimFormat};
 
 use tch::Device;
 use tokio::net::TcpListener;
@@ -57,6 +58,11 @@ pub struct ServeArgs {
     /// per line, with its fields). RUST_LOG filters it (default info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// The fill-in-the-middle format prompts with a `suffix` are rendered in: qwen, starcoder,
+    /// deepseek, codellama or codegen2. Default: the one the tokenizer's special tokens hold;
+    /// a model with none is served prefix-only.
+    #[arg(long, value_parser = FimFormat::from_name)]
+    pub fim_format: Option<FimFormat>,
 }
 
 /// `worker serve`: serves the model until SIGTERM or SIGINT, then finishes the requests in
@@ -68,7 +74,9 @@ pub fn main(args: ServeArgs, nonfinite: NonFinite) -> Result<()> {
     }
     let device = crate::device::parse(&args.device)?;
     let (loaded, precision) = open_model(&args, device, nonfinite)?;
+    let fim_format = FimEncoder::new(&loaded.tokenizer, args.fim_format)?.map(|e| e.format);
     let options = ServeOptions {
+        fim_format,
         api_key: args.api_key.clone(),
         max_batch: args.max_batch,
         max_queue: args.max_queue,
@@ -131,6 +139,14 @@ fn announce(loaded: &Loaded, precision: Precision, device: Device, listener: &Tc
         "serving {} ({parameters} parameters, {precision:?} on {device:?}, context {context}) at http://{addr}/v1 (max batch {max_batch}, queue {max_queue}, prefix cache {prefix_cache_tokens} tokens = {prefix_cache_mib} MiB)",
         loaded.dir.display(),
     );
+    match options.fim_format {
+        Some(format) => {
+            tracing::info!(target: LIFECYCLE, fim_format = %format, "infilling: a prompt with a suffix, or rendered in any family's FIM format, is rendered in the {format} format ({})", format.spec().models)
+        }
+        None => {
+            tracing::info!(target: LIFECYCLE, "prefix-only: the tokenizer has no fill-in-the-middle tokens, so a request's suffix is not used")
+        }
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use zerotune_data::fim::{self, FimEncoder, Infill, Order};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -45,7 +46,7 @@ async fn start(app: &App, usage: &Usage, headers: &HeaderMap, body: &[u8]) -> Re
     authorize(app, headers)?;
     let body = parse_completion(body)?;
     check_sequences(body.prompts.len(), body.n, app.options.max_batch)?;
-    let tokenized = tokenize(app.tokenizer.clone(), body.prompts.clone()).await?;
+    let tokenized = tokenize(app.tokenizer.clone(), app.fim.clone(), body.prompts.clone(), body.suffix.clone()).await?;
     let (prompts, prompt_texts) = app.limits.check_prompts(tokenized, body.max_tokens)?;
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     usage.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
@@ -99,17 +100,17 @@ pub(super) fn check_sequences(prompts: usize, n: usize, max_batch: usize) -> Res
 
 /// Each prompt's token ids and text, tokenized on a blocking thread: a long prompt takes a
 /// while, and the async threads serve every connection.
-async fn tokenize(tokenizer: Arc<Tokenizer>, prompts: Vec<PromptInput>) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+async fn tokenize(
+    tokenizer: Arc<Tokenizer>,
+    fim: Option<Arc<FimEncoder>>,
+    prompts: Vec<PromptInput>,
+    suffix: Option<String>,
+) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
     let tokenized = tokio::task::spawn_blocking(move || -> Result<Vec<(Vec<u32>, String)>, ApiError> {
         prompts
             .into_iter()
             .map(|prompt| match prompt {
-                PromptInput::Text(text) => {
-                    let encoding = tokenizer
-                        .encode(text.as_str(), true) // HF's tokenizer(prompt): a BOS where the model's adds one
-                        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
-                    Ok((encoding.get_ids().to_vec(), text))
-                }
+                PromptInput::Text(text) => Ok((prompt_ids(&tokenizer, fim.as_deref(), &text, suffix.as_deref())?, text)),
                 PromptInput::Tokens(ids) => {
                     let text = tokenizer.decode(&ids, false).unwrap_or_default();
                     Ok((ids, text))
@@ -118,6 +119,23 @@ async fn tokenize(tokenizer: Arc<Tokenizer>, prompts: Vec<PromptInput>) -> Resul
             .collect()
     });
     tokenized.await.map_err(|_| server_error("tokenizing the prompt failed"))?
+}
+
+/// A text prompt's ids. An infill (a `suffix` given, or a prompt the client rendered in any
+/// family's FIM format) is rendered in the served model's format; a model without one gets the
+/// prefix only. Anything else is encoded as HF's `tokenizer(prompt)` does, a BOS included where
+/// the model's tokenizer adds one.
+fn prompt_ids(tokenizer: &Tokenizer, fim: Option<&FimEncoder>, text: &str, suffix: Option<&str>) -> Result<Vec<u32>, ApiError> {
+    let cannot = |e: tokenizers::Error| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}"));
+    let infill = match fim::parse(text) {
+        Some((_, _, infill)) => Some(infill),
+        None => suffix.map(|suffix| Infill { prefix: text.to_string(), suffix: suffix.to_string(), ..Default::default() }),
+    };
+    match (infill, fim) {
+        (Some(infill), Some(fim)) => fim.encode(&fim::render(fim.format, Order::Psm, &infill)).map_err(cannot),
+        (Some(infill), None) => Ok(tokenizer.encode(infill.prefix.as_str(), true).map_err(cannot)?.get_ids().to_vec()),
+        (None, _) => Ok(tokenizer.encode(text, true).map_err(cannot)?.get_ids().to_vec()),
+    }
 }
 
 /// What the model takes of a prompt, from its config and tokenizer.

@@ -29,6 +29,7 @@ use axum::Router;
 use serde_json::json;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
+use zerotune_data::fim::FimEncoder;
 
 use crate::generate::Loaded;
 use api::ApiError;
@@ -53,12 +54,17 @@ pub struct ServeOptions {
     /// Tokens of recent prompts kept, so that a prompt beginning like one of them prefills only
     /// the rest (0: none; `Engine::with_prefix_cache`).
     pub prefix_cache_tokens: usize,
+    /// The format infilling prompts are rendered in (checked against the tokenizer); None:
+    /// prefix-only.
+    pub fim_format: Option<zerotune_data::fim::FimFormat>,
 }
 
 /// What every handler shares.
 struct App {
     options: ServeOptions,
     tokenizer: Arc<Tokenizer>,
+    /// How infilling prompts become ids; None: the model is served prefix-only.
+    fim: Option<Arc<FimEncoder>>,
     /// What the model takes of a prompt (context, vocabulary, EOS).
     limits: PromptLimits,
     /// The engine thread's queue.
@@ -95,13 +101,17 @@ pub fn run(
 /// tokenizer, the limits, the sending end), sharing the metrics.
 fn engine_and_app(loaded: Loaded, options: ServeOptions) -> (Batcher, Arc<App>, mpsc::Receiver<PendingRequest>) {
     let Loaded { model, tokenizer, eos, device, config, .. } = loaded;
+    // Checked by `worker serve` against this tokenizer: a format it lacks was refused there.
+    let fim = options.fim_format.and_then(|format| FimEncoder::new(&tokenizer, Some(format)).ok().flatten()).map(Arc::new);
+    let fim_end = fim.as_ref().map(|f| f.end_ids()).unwrap_or_default();
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
     let (queue, requests) = mpsc::channel(options.max_queue);
     let (max_batch, prefix_cache_tokens) = (options.max_batch, options.prefix_cache_tokens);
-    let batcher = Batcher { model, device, eos, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
+    let batcher =
+        Batcher { model, device, eos, fim_end, tokenizer: tokenizer.clone(), max_batch, prefix_cache_tokens, metrics: metrics.clone() };
     let limits = PromptLimits { n_positions: config.context(), vocab_rows: config.vocab_size(), eos };
-    (batcher, Arc::new(App { options, tokenizer, limits, queue, metrics }), requests)
+    (batcher, Arc::new(App { options, tokenizer, fim, limits, queue, metrics }), requests)
 }
 
 /// The routes (docs/serving.md), OpenAI-shaped 404 and 405 answers, the body limit and the
@@ -152,7 +162,10 @@ async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(err) = authorize(&app, &headers) {
         return error(&err);
     }
-    let model = json!({"id": app.options.model_name, "object": "model", "created": unix_now(), "owned_by": "zerotune"});
+    // Beyond OpenAI's fields: whether a `suffix` is used, and the FIM format prompts take.
+    let fim_format = app.fim.as_ref().map(|f| f.format.to_string());
+    let model = json!({"id": app.options.model_name, "object": "model", "created": unix_now(), "owned_by": "zerotune",
+        "infill": fim_format.is_some(), "fim_format": fim_format});
     axum::Json(json!({"object": "list", "data": [model]})).into_response()
 }
 
