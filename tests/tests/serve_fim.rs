@@ -126,3 +126,28 @@ fn a_model_without_fim_tokens_is_served_prefix_only() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("qwen, starcoder, deepseek, codellama, codegen2"), "{stderr}");
 }
+
+/// Tabby's `openai/completion` backend's exact body (reference: `http-api-bindings`): a 200
+/// `text/event-stream` whose every event parses as `{"choices":[{"text", "finish_reason"}]}`,
+/// the first non-null `finish_reason` in the last event before `[DONE]` (Tabby stops there, and
+/// panics on a `[DONE]` before it).
+#[test]
+fn tabbys_openai_completion_body_gets_the_stream_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fim = fim_model(&dir.path().join("qwen-fim"));
+    // Room for Tabby's 64 new tokens after the prompt (the fixture's context is 64; rope has no
+    // learned positions to run out of).
+    let model = common::model_with(&fim, &dir.path().join("qwen-fim-512"), "max_position_embeddings", json!(512));
+    let server = Server::start_model(&model, &[], &[]);
+    let (prefix, suffix) = SIDES[0];
+    let body = json!({"model": "qwen-fim", "prompt": prefix, "suffix": suffix, "max_tokens": 64, "temperature": 0.1, "stream": true, "presence_penalty": 0.0});
+    let reply = server.post("/v1/completions", body);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.header("content-type").is_some_and(|v| v.starts_with("text/event-stream")), "{:?}", reply.headers);
+    let events: Vec<&str> = reply.body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{}", reply.body);
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["choices"][0]["text"].is_string()), "{chunks:?}");
+    let finished: Vec<usize> = (0..chunks.len()).filter(|&i| !chunks[i]["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finished, [chunks.len() - 1], "{chunks:?}");
+}
